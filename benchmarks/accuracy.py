@@ -1,0 +1,259 @@
+"""Estimate vs measurement: real short CPU training runs (gloo) against `dpplan estimate --device cpu`.
+
+Each case runs 3 optimizer steps on 1, 2 or 4 CPU processes launched through torchrun,
+measures every rank's exact peak of live tensor bytes from the second step on (the profiler's
+memory events, started before the model is built), and compares the largest per-rank peak with
+the estimate's ``peak_bytes``.
+
+    python benchmarks/accuracy.py                 # the whole suite (about 25 minutes on 2 cores)
+    python benchmarks/accuracy.py --quick         # a few cases
+    python benchmarks/accuracy.py --filter fsdp2  # cases whose label contains "fsdp2"
+    python benchmarks/accuracy.py --case benchmarks/models/gpt.py fsdp2 2 --precision bf16-mixed
+    python benchmarks/accuracy.py --json results.json --markdown table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dpplan.planner.config import PlanConfig  # noqa: E402
+from dpplan.planner.estimate import estimate  # noqa: E402
+from dpplan.profiler.cpu_run import RunFailed, run_cpu  # noqa: E402
+from dpplan.profiler.worker import RunConfig  # noqa: E402
+
+MODELS = ROOT / "benchmarks" / "models"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    model: str
+    strategy: str
+    ranks: int
+    batch_size: int = 2
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    grad_accum: int = 1
+    nodes: int = 1
+    wrap: str | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [Path(self.model).stem, self.strategy, f"{self.ranks}r", f"b{self.batch_size}", self.precision, self.optimizer]
+        if self.activation_checkpointing:
+            parts.append("ac")
+        if self.grad_accum > 1:
+            parts.append(f"ga{self.grad_accum}")
+        if self.nodes > 1:
+            parts.append(f"{self.nodes}nodes")
+        return " ".join(parts)
+
+
+@dataclass(kw_only=True)
+class Result:
+    case: Case
+    estimate_bytes: int | None = None
+    measured_bytes: int | None = None
+    measured_per_rank: list[int] = field(default_factory=list)
+    estimate_seconds: float = 0.0
+    run_seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def error_pct(self) -> float | None:
+        if self.estimate_bytes is None or not self.measured_bytes:
+            return None
+        return 100.0 * (self.estimate_bytes - self.measured_bytes) / self.measured_bytes
+
+
+def _m(name: str) -> str:
+    return str(MODELS / name)
+
+
+def suite() -> list[Case]:
+    """The benchmark cases: architectures x strategies x precisions x options."""
+    cases: list[Case] = []
+    strategies = ("single", "ddp", "zero1", "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp2")
+    for model in ("gpt.py", "llama.py"):
+        for strategy in strategies:
+            ranks = 1 if strategy == "single" else 2
+            cases.append(Case(model=_m(model), strategy=strategy, ranks=ranks))
+            cases.append(Case(model=_m(model), strategy=strategy, ranks=ranks, precision="bf16-mixed"))
+    for model in ("bert.py", "resnet.py", "t5.py", "moe.py", "custom.py", "vit.py"):
+        for strategy in ("single", "ddp", "fsdp-full", "fsdp2"):
+            ranks = 1 if strategy == "single" else 2
+            cases.append(Case(model=_m(model), strategy=strategy, ranks=ranks))
+        cases.append(Case(model=_m(model), strategy="fsdp2", ranks=2, precision="bf16-mixed"))
+    extra = [
+        Case(model=_m("gpt.py"), strategy="fsdp2", ranks=4),
+        Case(model=_m("gpt.py"), strategy="fsdp-full", ranks=4, precision="bf16-mixed"),
+        Case(model=_m("gpt.py"), strategy="zero1", ranks=4, optimizer="sgd-momentum"),
+        Case(model=_m("llama.py"), strategy="ddp", ranks=2, optimizer="sgd"),
+        Case(model=_m("llama.py"), strategy="fsdp2", ranks=2, activation_checkpointing=True),
+        Case(model=_m("llama.py"), strategy="fsdp-full", ranks=2, activation_checkpointing=True, precision="bf16-mixed"),
+        Case(model=_m("gpt.py"), strategy="ddp", ranks=2, grad_accum=2),
+        Case(model=_m("gpt.py"), strategy="fsdp2", ranks=2, grad_accum=2, precision="bf16-mixed"),
+        Case(model=_m("gpt.py"), strategy="single", ranks=1, precision="bf16"),
+        Case(model=_m("llama.py"), strategy="fsdp2", ranks=2, precision="bf16"),
+        Case(model=_m("gpt.py"), strategy="single", ranks=1, activation_checkpointing=True, precision="bf16-mixed"),
+        Case(model=_m("gpt.py"), strategy="fsdp-hybrid", ranks=4, nodes=2),
+    ]
+    return cases + extra
+
+
+def quick_suite() -> list[Case]:
+    return [
+        Case(model=_m("gpt.py"), strategy="single", ranks=1),
+        Case(model=_m("gpt.py"), strategy="ddp", ranks=2, precision="bf16-mixed"),
+        Case(model=_m("llama.py"), strategy="fsdp2", ranks=2, precision="bf16-mixed"),
+        Case(model=_m("gpt.py"), strategy="fsdp-full", ranks=2),
+        Case(model=_m("gpt.py"), strategy="zero1", ranks=2),
+    ]
+
+
+def estimate_case(case: Case) -> int:
+    config = PlanConfig(
+        model=case.model,
+        strategies=(case.strategy,),
+        gpus=(case.ranks,),
+        nodes=case.nodes,
+        batch_size=case.batch_size,
+        grad_accum=case.grad_accum,
+        precision=case.precision,
+        optimizer=case.optimizer,
+        activation_checkpointing=case.activation_checkpointing,
+        wrap=case.wrap,
+        device="cpu",
+    )
+    return estimate(config).estimates[0].peak_bytes
+
+
+def measure_case(case: Case) -> list[int]:
+    config = RunConfig(
+        model=case.model,
+        strategy=case.strategy,
+        batch_size=case.batch_size,
+        grad_accum=case.grad_accum,
+        precision=case.precision,
+        optimizer=case.optimizer,
+        activation_checkpointing=case.activation_checkpointing,
+        wrap=case.wrap,
+        nodes=case.nodes,
+        steps=3,
+    )
+    return [r["steady_peak_bytes"] for r in run_cpu(config, case.ranks)]
+
+
+def run_case(case: Case) -> Result:
+    result = Result(case=case)
+    try:
+        start = time.perf_counter()
+        result.estimate_bytes = estimate_case(case)
+        result.estimate_seconds = time.perf_counter() - start
+    except Exception as exc:  # reported in the table, the suite goes on
+        result.error = f"estimate: {type(exc).__name__}: {exc}"
+        return result
+    try:
+        start = time.perf_counter()
+        result.measured_per_rank = measure_case(case)
+        result.measured_bytes = max(result.measured_per_rank)
+        result.run_seconds = time.perf_counter() - start
+    except (RunFailed, Exception) as exc:
+        result.error = f"run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return result
+
+
+def summarize(results: list[Result]) -> dict:
+    errors = [abs(r.error_pct) for r in results if r.error_pct is not None]
+    return {
+        "cases": len(results),
+        "answered": len(errors),
+        "median_abs_error_pct": statistics.median(errors) if errors else None,
+        "max_abs_error_pct": max(errors) if errors else None,
+        "within_2pct": sum(e <= 2.0 for e in errors),
+    }
+
+
+def markdown(results: list[Result], summary: dict, command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| case | estimate (bytes) | measured max rank (bytes) | error |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        err = f"{r.error_pct:+.3f}%" if r.error_pct is not None else (r.error or "")
+        lines.append(f"| {r.case.label} | {r.estimate_bytes or ''} | {r.measured_bytes or ''} | {err} |")
+    lines += [
+        "",
+        f"Cases: {summary['cases']}, answered: {summary['answered']}, within 2%: {summary['within_2pct']}, "
+        f"median |error|: {summary['median_abs_error_pct']:.3f}%, max |error|: {summary['max_abs_error_pct']:.3f}%"
+        if summary["answered"]
+        else "No case answered.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="dpplan estimate vs real CPU runs")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--filter", default=None)
+    parser.add_argument("--case", nargs=3, metavar=("MODEL", "STRATEGY", "RANKS"))
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.case:
+        cases = [
+            Case(
+                model=args.case[0], strategy=args.case[1], ranks=int(args.case[2]),
+                batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
+                activation_checkpointing=args.activation_checkpointing, grad_accum=args.grad_accum,
+                nodes=args.nodes,
+            )
+        ]
+    else:
+        cases = quick_suite() if args.quick else suite()
+    if args.filter:
+        cases = [c for c in cases if args.filter in c.label]
+
+    results = []
+    print(f"{'case':<58} {'estimate':>12} {'measured':>12} {'error':>9}", flush=True)
+    for case in cases:
+        r = run_case(case)
+        results.append(r)
+        err = f"{r.error_pct:+.3f}%" if r.error_pct is not None else "-"
+        print(f"{case.label:<58} {r.estimate_bytes or '-':>12} {r.measured_bytes or '-':>12} {err:>9}"
+              + (f"  {r.error}" if r.error else ""), flush=True)
+    summary = summarize(results)
+    print(json.dumps(summary))
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"command": command, "summary": summary,
+             "results": [{**asdict(r.case), "label": r.case.label, "estimate_bytes": r.estimate_bytes,
+                          "measured_bytes": r.measured_bytes, "measured_per_rank": r.measured_per_rank,
+                          "error_pct": r.error_pct, "error": r.error} for r in results]},
+            indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(results, summary, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""PlanConfig: everything ``dpplan estimate`` is asked, validated once, written into every output."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
+from dpplan.planner.optimizers import OPTIMIZERS
+from dpplan.planner.strategies.layout import STRATEGIES
+from dpplan.planner.training_step import PRECISIONS
+
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+DEVICES = ("cuda", "cpu")
+DEFAULT_GPU_COUNTS = (1, 2, 4, 8)
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """One planning request. Field meanings match the ``dpplan estimate`` flags."""
+
+    model: str | None = None
+    """``path.py`` or ``path.py:factory``; None is the bundled default model."""
+    strategies: tuple[str, ...] = STRATEGIES
+    gpus: tuple[int, ...] = DEFAULT_GPU_COUNTS
+    """Total ranks (GPUs) to plan for, one estimate per count."""
+    nodes: int = 1
+    batch_size: int = 1
+    """Micro-batch per rank."""
+    grad_accum: int = 1
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    offload: str = "none"
+    wrap: str | None = None
+    """Class name of the FSDP / checkpointing unit; None: children of the largest ModuleList."""
+    gpu: str = DEFAULT_GPU
+    device: str = "cuda"
+    """cuda: plan GPU memory on ``gpu``; cpu: plan the tensor bytes of a CPU (gloo) run."""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.strategies:
+            raise ValueError("strategies must name at least one strategy")
+        for strategy in self.strategies:
+            _choice("strategy", strategy, STRATEGIES)
+        if not self.gpus or any(g < 1 for g in self.gpus):
+            raise ValueError(f"gpus must be positive integers (got {self.gpus})")
+        if self.nodes < 1:
+            raise ValueError(f"nodes must be >= 1 (got {self.nodes})")
+        for gpus in self.gpus:
+            if gpus % self.nodes:
+                raise ValueError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1 (got {self.grad_accum})")
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("offload", self.offload, OFFLOADS)
+        _choice("device", self.device, DEVICES)
+        if self.gpu.lower() not in GPU_CATALOG:
+            raise ValueError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["strategies"] = list(self.strategies)
+        data["gpus"] = list(self.gpus)
+        return data

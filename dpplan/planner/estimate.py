@@ -1,0 +1,280 @@
+"""Plan per-rank memory for every requested strategy and GPU count: the planner's entry point.
+
+model file -> trace (once per precision family) -> per strategy and rank: timeline -> peak,
+breakdown, largest micro-batch that fits -> ``Plan``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from dpplan.planner import gpu_overheads
+from dpplan.planner.config import PlanConfig
+from dpplan.planner.hardware import GpuSpec, lookup_gpu
+from dpplan.planner.model_file import ModelSpec, load_model_file
+from dpplan.planner.strategies import Layout, strategy_module
+from dpplan.planner.timeline import Peak, RankTimeline
+from dpplan.planner.trace import (
+    ACTIVATION,
+    AUTOCAST,
+    PARAM_CAST,
+    StepTrace,
+    TraceSettings,
+    trace_step,
+)
+
+BREAKDOWN_OF_CATEGORY = {
+    "parameter": "params",
+    "gradient": "grads",
+    "optimizer_state": "optimizer",
+    "optimizer_temporary": "optimizer",
+    "activation": "activations",
+    "temporary": "activations",
+    "buffer": "other",
+    "input": "other",
+    "other": "other",
+}
+BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "other")
+FSDP1_STRATEGIES = ("fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid")
+TOP_MODULES = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModuleActivation:
+    name: str
+    class_name: str
+    activation_bytes: int
+    """Bytes this module's forward keeps for backward, per micro-batch."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSummary:
+    name: str
+    path: str
+    num_params: int
+    num_trainable_params: int
+    num_units: int
+    unit_names: list[str]
+    checkpointing: str
+    top_activation_modules: list[ModuleActivation]
+    trace_seconds: float
+    num_traced_ops: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyEstimate:
+    """One strategy at one GPU count: the memory of its most loaded rank."""
+
+    strategy: str
+    gpus: int
+    nodes: int
+    batch_size: int
+    grad_accum: int
+    precision: str
+    optimizer: str
+    activation_checkpointing: bool
+    offload: str
+    device: str
+    gpu: str | None
+    breakdown: dict[str, int]
+    """Bytes at the peak by kind: params, grads, optimizer, activations, other."""
+    peak_bytes: int
+    """The largest per-rank peak: device memory on cuda (what NVML shows), tensor bytes on cpu."""
+    peak_allocated_bytes: int
+    """Comparable to torch.cuda.max_memory_allocated (cpu: live tensor bytes)."""
+    peak_reserved_bytes: int
+    """Comparable to torch.cuda.max_memory_reserved (cpu: same as allocated)."""
+    peak_rank: int
+    peak_phase: str
+    capacity_bytes: int
+    fits: bool
+    max_batch_size: int
+    """Largest micro-batch per rank whose peak fits ``capacity_bytes`` (0: none)."""
+    host_bytes: int | None = None
+    """Host RAM per node that offload needs (None without offload)."""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    config: PlanConfig
+    model: ModelSummary
+    estimates: list[StrategyEstimate]
+
+
+def trace_settings_for(strategy: str, config: PlanConfig) -> TraceSettings:
+    """The trace a strategy needs. Strategies with the same settings share one trace."""
+    mixed = config.precision in ("bf16-mixed", "fp16-mixed")
+    family = PARAM_CAST if (mixed and strategy.startswith("fsdp")) else AUTOCAST
+    return TraceSettings(
+        precision=config.precision,
+        family=family,
+        cast_buffers=family == PARAM_CAST and strategy in FSDP1_STRATEGIES,
+        optimizer=config.optimizer,
+        activation_checkpointing=config.activation_checkpointing,
+        num_micro_batches=2 if config.grad_accum > 1 else 1,
+        grad_accum=config.grad_accum,
+        wrap=config.wrap,
+        device_type=config.device,
+    )
+
+
+def capacity_for(config: PlanConfig, gpus: int) -> int:
+    if config.device == "cuda":
+        return lookup_gpu(config.gpu).memory_bytes
+    import psutil
+
+    ranks_per_node = max(1, gpus // config.nodes)
+    return psutil.virtual_memory().total // ranks_per_node
+
+
+def applicable(strategy: str, gpus: int, config: PlanConfig) -> bool:
+    if strategy == "single":
+        return gpus == 1
+    return True
+
+
+def estimate(config: PlanConfig, spec: ModelSpec | None = None) -> Plan:
+    spec = spec or load_model_file(config.model)
+    traces: dict[TraceSettings, StepTrace] = {}
+    trace_seconds = 0.0
+    estimates: list[StrategyEstimate] = []
+    for strategy in config.strategies:
+        settings = trace_settings_for(strategy, config)
+        if settings not in traces:
+            start = time.perf_counter()
+            traces[settings] = trace_step(spec, settings)
+            trace_seconds += time.perf_counter() - start
+        trace = traces[settings]
+        for gpus in config.gpus:
+            if not applicable(strategy, gpus, config):
+                continue
+            estimates.append(estimate_strategy(trace, strategy, gpus, config))
+    order = {s: i for i, s in enumerate(config.strategies)}
+    estimates.sort(key=lambda e: (e.gpus, order[e.strategy]))
+    first_trace = next(iter(traces.values()))
+    return Plan(config=config, model=summarize_model(spec, first_trace, config, trace_seconds), estimates=estimates)
+
+
+def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanConfig) -> StrategyEstimate:
+    module = strategy_module(strategy)
+    layout = Layout(
+        strategy=strategy,
+        world_size=gpus,
+        num_nodes=config.nodes,
+        precision=config.precision,
+        grad_accum=config.grad_accum,
+        offload=config.offload,
+        device_type=config.device,
+    )
+    capacity = capacity_for(config, gpus)
+    gpu = lookup_gpu(config.gpu) if config.device == "cuda" else None
+    best: tuple[int, int, Peak, RankTimeline, dict] | None = None
+    max_batch = None
+    for rank in module.ranks_to_evaluate(trace, layout):
+        timeline = module.plan_rank(trace, layout.with_rank(rank))
+        peak = timeline.peak(config.batch_size)
+        runtime = runtime_terms(timeline, peak, gpu, layout, config.batch_size)
+        total = runtime["device_bytes"]
+        if best is None or total > best[0]:
+            best = (total, rank, peak, timeline, runtime)
+        # The largest batch that fits on every rank.
+        fixed = runtime["device_bytes"] - peak.peak_bytes
+        rank_max = timeline.max_batch_size(capacity - fixed)
+        max_batch = rank_max if max_batch is None else min(max_batch, rank_max)
+    assert best is not None
+    total, rank, peak, timeline, runtime = best
+    breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
+    for category, nbytes in peak.bytes_by_category.items():
+        breakdown[BREAKDOWN_OF_CATEGORY[category]] += nbytes
+    breakdown["other"] += runtime["device_bytes"] - peak.peak_bytes
+    return StrategyEstimate(
+        strategy=strategy,
+        gpus=gpus,
+        nodes=config.nodes,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        precision=config.precision,
+        optimizer=config.optimizer,
+        activation_checkpointing=config.activation_checkpointing,
+        offload=config.offload,
+        device=config.device,
+        gpu=gpu.name if gpu else None,
+        breakdown=breakdown,
+        peak_bytes=total,
+        peak_allocated_bytes=runtime["allocated_bytes"],
+        peak_reserved_bytes=runtime["reserved_bytes"],
+        peak_rank=rank,
+        peak_phase=peak.phase,
+        capacity_bytes=capacity,
+        fits=total <= capacity,
+        max_batch_size=int(max_batch or 0),
+        host_bytes=getattr(timeline, "host_bytes", None),
+        notes=list(getattr(timeline, "notes", [])),
+    )
+
+
+def runtime_terms(timeline: RankTimeline, peak: Peak, gpu: GpuSpec | None, layout: Layout, batch_size: int) -> dict:
+    """allocated / reserved / device bytes at the peak (equal on cpu)."""
+    if gpu is None:
+        return {"allocated_bytes": peak.peak_bytes, "reserved_bytes": peak.peak_bytes, "device_bytes": peak.peak_bytes}
+    blocks = timeline.live_blocks_at(peak.position, batch_size)
+    rounded = [gpu_overheads.round_block(b) for b in blocks]
+    allocated = peak.peak_bytes + (sum(rounded) - sum(blocks)) + gpu_overheads.cublas_workspace_bytes(gpu)
+    reserved = allocated + gpu_overheads.segment_slack(rounded)
+    groups = strategy_module(layout.strategy).process_groups(layout) if hasattr(
+        strategy_module(layout.strategy), "process_groups"
+    ) else default_process_groups(layout)
+    device = reserved + gpu.cuda_context_bytes + gpu_overheads.nccl_bytes(groups)
+    return {"allocated_bytes": allocated, "reserved_bytes": reserved, "device_bytes": device}
+
+
+def default_process_groups(layout: Layout) -> list[gpu_overheads.ProcessGroup]:
+    if layout.strategy in ("single", "dp"):
+        return []
+    return [gpu_overheads.ProcessGroup(num_ranks=layout.world_size, spans_nodes=layout.num_nodes > 1)]
+
+
+def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace_seconds: float) -> ModelSummary:
+    num_params = sum(p.numel for p in trace.params)
+    trainable = sum(p.numel for p in trace.params if p.grad_storage >= 0)
+    return ModelSummary(
+        name=spec.name,
+        path=str(spec.path),
+        num_params=num_params,
+        num_trainable_params=trainable,
+        num_units=len(trace.unit_names) - 1,
+        unit_names=trace.unit_names[:-1],
+        checkpointing=trace.checkpointing,
+        top_activation_modules=top_activation_modules(trace, config.batch_size),
+        trace_seconds=trace_seconds,
+        num_traced_ops=trace.num_ops,
+    )
+
+
+def top_activation_modules(trace: StepTrace, batch_size: int, limit: int = TOP_MODULES) -> list[ModuleActivation]:
+    """Modules whose forward leaves the most bytes alive for backward (first micro-batch)."""
+    backward = trace.markers_of("backward")
+    if not backward:
+        return []
+    end_of_forward = backward[0].event
+    sizes = trace.storage_bytes_at(batch_size)
+    alive = np.zeros(len(sizes), dtype=np.int64)
+    np.add.at(alive, trace.event_storage[:end_of_forward], trace.event_sign[:end_of_forward])
+    kept = (alive > 0) & (trace.storage_category == ACTIVATION) & (trace.storage_module >= 0)
+    per_module = np.bincount(trace.storage_module[kept], weights=sizes[kept], minlength=len(trace.module_names))
+    order = np.argsort(-per_module)[:limit]
+    return [
+        ModuleActivation(
+            name=trace.module_names[i], class_name=trace.module_classes[i], activation_bytes=int(per_module[i])
+        )
+        for i in order
+        if per_module[i] > 0
+    ]
+
+
+def with_batch_size(config: PlanConfig, batch_size: int) -> PlanConfig:
+    return replace(config, batch_size=batch_size)

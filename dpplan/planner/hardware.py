@@ -1,0 +1,66 @@
+"""GPU catalog: memory capacity and the per-GPU runtime overheads dpplan adds on GPU targets.
+
+Capacities are the vendor's marketed memory. GB (10^9 bytes) and GiB (2^30) are kept apart:
+"80GB" on an H100 datasheet is 80 GiB of HBM3 as CUDA reports it (85,520,809,984 bytes
+total per nvidia-smi on H100 SXM: 81,559 MiB), so each entry stores the bytes CUDA reports
+where known, else the nominal GiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSpec:
+    name: str
+    """Catalog key used by ``--gpu``."""
+    description: str
+    memory_bytes: int
+    """Total device memory as CUDA reports it."""
+    compute_capability: tuple[int, int]
+    cuda_context_bytes: int
+    """Driver and CUDA context memory outside PyTorch's allocator, measured on this card with
+    CUDA lazy module loading where a source gives it, otherwise the 0.5 GiB middle of the
+    0.3-0.6 GiB range reported in pytorch#107667 / #109888."""
+
+
+# Sources for capacities: NVIDIA and AMD datasheets; totals as reported by nvidia-smi where
+# quoted in public issues. Context sizes: pytorch#107667, #109888 (ptrblck: ~300-400 MB with
+# lazy loading), unsloth-zoo#1053 (426 MiB on RTX 6000 Ada), llama.cpp#23604 (larger on
+# GPUs with more SMs). dpplan's own GPU validation replaces these when it has measured one.
+_DEFAULT_CONTEXT = 512 * MiB
+
+GPU_CATALOG: dict[str, GpuSpec] = {
+    spec.name: spec
+    for spec in (
+        GpuSpec(name="h100-80gb", description="NVIDIA H100 SXM 80GB", memory_bytes=81559 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="h100-pcie-80gb", description="NVIDIA H100 PCIe 80GB", memory_bytes=81559 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="h100-nvl-94gb", description="NVIDIA H100 NVL 94GB", memory_bytes=95830 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="h200-141gb", description="NVIDIA H200 141GB", memory_bytes=143771 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="b200-180gb", description="NVIDIA B200 180GB", memory_bytes=183359 * MiB, compute_capability=(10, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="gb200-186gb", description="NVIDIA GB200 (per GPU) 186GB", memory_bytes=189471 * MiB, compute_capability=(10, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="a100-80gb", description="NVIDIA A100 SXM 80GB", memory_bytes=81920 * MiB, compute_capability=(8, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="a100-40gb", description="NVIDIA A100 SXM 40GB", memory_bytes=40960 * MiB, compute_capability=(8, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="l40s-48gb", description="NVIDIA L40S 48GB", memory_bytes=46068 * MiB, compute_capability=(8, 9), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="l4-24gb", description="NVIDIA L4 24GB", memory_bytes=23034 * MiB, compute_capability=(8, 9), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="a10g-24gb", description="NVIDIA A10G 24GB", memory_bytes=23028 * MiB, compute_capability=(8, 6), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="rtx-4090-24gb", description="NVIDIA GeForce RTX 4090 24GB", memory_bytes=24564 * MiB, compute_capability=(8, 9), cuda_context_bytes=426 * MiB),
+        GpuSpec(name="rtx-6000-ada-48gb", description="NVIDIA RTX 6000 Ada 48GB", memory_bytes=49140 * MiB, compute_capability=(8, 9), cuda_context_bytes=426 * MiB),
+        GpuSpec(name="v100-32gb", description="NVIDIA V100 SXM2 32GB", memory_bytes=32768 * MiB, compute_capability=(7, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="v100-16gb", description="NVIDIA V100 SXM2 16GB", memory_bytes=16384 * MiB, compute_capability=(7, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="t4-16gb", description="NVIDIA T4 16GB", memory_bytes=15360 * MiB, compute_capability=(7, 5), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="mi300x-192gb", description="AMD Instinct MI300X 192GB (ROCm)", memory_bytes=192 * GiB, compute_capability=(9, 4), cuda_context_bytes=_DEFAULT_CONTEXT),
+    )
+}
+DEFAULT_GPU = "h100-80gb"
+
+
+def lookup_gpu(name: str) -> GpuSpec:
+    key = name.lower()
+    if key not in GPU_CATALOG:
+        raise ValueError(f"unknown GPU {name!r}; choose from {', '.join(GPU_CATALOG)}")
+    return GPU_CATALOG[key]

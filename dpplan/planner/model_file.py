@@ -1,0 +1,149 @@
+"""Load a user's model file: the contract every dpplan command shares.
+
+A model file defines
+    build_model() -> nn.Module            (or another factory named in ``file.py:factory``)
+    example_batch(batch_size) -> dict | tuple | Tensor   (the inputs of one micro-batch)
+    loss_fn(output, batch) -> Tensor      (optional)
+
+Without ``loss_fn`` the loss is ``output.loss`` when the output has one (Hugging Face),
+else ``output.float().mean()``. The planner calls ``build_model`` and ``example_batch``
+under ``torch.device("meta")``, so files must not force a device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_FACTORY = "build_model"
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "default_gpt.py"
+
+
+class ModelFileError(ValueError):
+    """A problem with the user's model file, reported as one line (exit code 2)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The callables of a loaded model file."""
+
+    path: Path
+    """Absolute path of the model file."""
+    factory_name: str
+    build_model: Callable[[], Any]
+    example_batch: Callable[[int], Any]
+    loss_fn: Callable[[Any, Any], Any] | None
+
+    @property
+    def name(self) -> str:
+        """A short display name: ``file.py`` or ``file.py:factory``."""
+        if self.factory_name == DEFAULT_FACTORY:
+            return self.path.name
+        return f"{self.path.name}:{self.factory_name}"
+
+
+def split_model_argument(model: str | None) -> tuple[Path, str]:
+    """``path.py[:factory]`` -> (path, factory). ``None`` is the bundled default model."""
+    if not model:
+        return BUNDLED_MODEL, DEFAULT_FACTORY
+    path, sep, factory = model.rpartition(":")
+    # A colon may also be part of a Windows drive; only split when the tail is an identifier.
+    if not sep or not factory.isidentifier():
+        path, factory = model, DEFAULT_FACTORY
+    return Path(path), factory
+
+
+def describe_user_exception(exc: BaseException, path: Path) -> str:
+    """'file.py:LINE: ExcType: message' pointing at the deepest frame inside the user's file."""
+    location = path.name
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == path:
+            location = f"{path.name}:{frame.lineno}"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{location}: {type(exc).__name__}"
+    return f"{text}: {message}" if message else text
+
+
+def load_model_file(model: str | None) -> ModelSpec:
+    """Import the model file and check the contract. Raises ModelFileError with one line."""
+    path, factory_name = split_model_argument(model)
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    if path.is_dir() or path.suffix != ".py":
+        raise ModelFileError(f"model file must be a .py file: {path}")
+    path = path.resolve()
+
+    module_name = f"dpplan_user_model_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"cannot import model file: {path}")
+    module = importlib.util.module_from_spec(spec)
+    # Let the file import its siblings, as `python model.py` would.
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ModelFileError(
+            f"{path.name}:{exc.lineno}: SyntaxError: {exc.msg}"
+        ) from None
+    except Exception as exc:  # the user's file raised while importing
+        raise ModelFileError(f"error importing {describe_user_exception(exc, path)}") from None
+    finally:
+        if sys.path and sys.path[0] == str(path.parent):
+            sys.path.pop(0)
+
+    build_model = getattr(module, factory_name, None)
+    if not callable(build_model):
+        raise ModelFileError(
+            f"{path.name} defines no function {factory_name}() "
+            f"(expected `def {factory_name}(): return model`)"
+        )
+    example_batch = getattr(module, "example_batch", None)
+    if not callable(example_batch):
+        raise ModelFileError(
+            f"{path.name} defines no function example_batch(batch_size) returning the inputs of one micro-batch"
+        )
+    loss_fn = getattr(module, "loss_fn", None)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ModelFileError(f"{path.name}: loss_fn must be a function loss_fn(output, batch)")
+    return ModelSpec(
+        path=path,
+        factory_name=factory_name,
+        build_model=build_model,
+        example_batch=example_batch,
+        loss_fn=loss_fn,
+    )
+
+
+def call_user(spec: ModelSpec, what: str, fn: Callable, *args: Any) -> Any:
+    """Call a function of the user's file; an exception becomes one ModelFileError line."""
+    try:
+        return fn(*args)
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{what} failed: {describe_user_exception(exc, spec.path)}") from None
+
+
+def build_module(spec: ModelSpec) -> Any:
+    """Run the factory and check it returned an nn.Module."""
+    import torch
+
+    model = call_user(spec, f"{spec.factory_name}()", spec.build_model)
+    if not isinstance(model, torch.nn.Module):
+        raise ModelFileError(
+            f"{spec.path.name}: {spec.factory_name}() returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def relative_display(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)

@@ -1,0 +1,215 @@
+"""Replay a traced step with a strategy's own memory lifecycle, and find its peak.
+
+A strategy (planner/strategies/*) starts from the trace of the unwrapped model and says, for
+one rank:
+  - ``scale(storage, factor)``: this storage is ``factor`` times its traced size on this rank
+    (a shard of a parameter, of its gradient, of its optimizer state; 0 removes it);
+  - ``insert(position, nbytes, category)``: allocate (or, negative, free) bytes at a marker,
+    in the order the calls are made (FSDP's all-gather buffers, DDP's buckets, ...);
+  - ``free_at(storage, position)``: the storage dies at that marker instead of where the
+    unwrapped model freed it (an unsharded gradient freed after its reduce-scatter).
+
+Positions are marker positions (``Marker.event``): "after that many trace events". Inserted
+events at a position happen before the trace event of the same index, in call order.
+
+Every size is a polynomial in the micro-batch size b (degree 0, 1 or 2, from the trace), so
+``peak(b)`` for any b and the largest b under a limit are exact and cost one pass over the
+events.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpplan.planner.trace import CATEGORY_NAMES, StepTrace
+
+NUM_CATEGORIES = len(CATEGORY_NAMES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Peak:
+    """The highest point of one rank's step."""
+
+    peak_bytes: int
+    position: int
+    """Index into the merged event sequence where the peak is reached."""
+    bytes_by_category: dict[str, int]
+    phase: str
+    """forward, backward, optimizer (where in the step the peak falls)."""
+
+
+class RankTimeline:
+    """The memory events of one rank under one strategy (see module docstring)."""
+
+    def __init__(self, trace: StepTrace):
+        self.trace = trace
+        num_storages = len(trace.storage_bytes)
+        self.storage_scale = np.ones(num_storages)
+        self.storage_death_moved = np.zeros(num_storages, dtype=bool)
+        # Inserted events: position, order, constant bytes, linear and quadratic coefficients.
+        self._ins_position: list[int] = []
+        self._ins_const: list[float] = []
+        self._ins_lin: list[float] = []
+        self._ins_quad: list[float] = []
+        self._ins_category: list[int] = []
+
+    # -- what strategies call ------------------------------------------------------------
+    def scale(self, storage: int, factor: float) -> None:
+        if storage >= 0:
+            self.storage_scale[storage] = factor
+
+    def insert(self, position: int, nbytes: float, category: int) -> None:
+        """Allocate (positive) or free (negative) ``nbytes`` constant bytes at ``position``."""
+        if nbytes == 0:
+            return
+        self._ins_position.append(position)
+        self._ins_const.append(float(nbytes))
+        self._ins_lin.append(0.0)
+        self._ins_quad.append(0.0)
+        self._ins_category.append(category)
+
+    def free_at(self, storage: int, position: int) -> None:
+        """The storage dies at ``position`` (in insertion order there), not where traced."""
+        if storage < 0 or self.storage_death_moved[storage]:
+            return
+        self.storage_death_moved[storage] = True
+        const, lin, quad = self._storage_polynomial(storage)
+        self._ins_position.append(position)
+        self._ins_const.append(-const)
+        self._ins_lin.append(-lin)
+        self._ins_quad.append(-quad)
+        self._ins_category.append(int(self.trace.storage_category[storage]))
+
+    def storage_bytes(self, storage: int, batch_size: int) -> int:
+        const, lin, quad = self._storage_polynomial(storage)
+        return int(round(const + lin * batch_size + quad * batch_size * batch_size))
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _storage_polynomial(self, storage: int) -> tuple[float, float, float]:
+        trace = self.trace
+        nbytes = float(trace.storage_bytes[storage]) * self.storage_scale[storage]
+        degree = int(trace.storage_batch_degree[storage])
+        prime = trace.trace_batch_size
+        coefficients = [0.0, 0.0, 0.0]
+        coefficients[degree] = nbytes / prime**degree
+        return coefficients[0], coefficients[1], coefficients[2]
+
+    def _merged(self):
+        """Per merged event: constant, linear, quadratic delta and category, in time order."""
+        trace = self.trace
+        storage = trace.event_storage
+        sign = trace.event_sign.astype(np.float64)
+        scaled = trace.storage_bytes * self.storage_scale
+        degree = trace.storage_batch_degree
+        prime = float(trace.trace_batch_size)
+        per_storage = [np.where(degree == d, scaled / prime**d, 0.0) for d in range(3)]
+        keep = ~(self.storage_death_moved[storage] & (trace.event_sign < 0))
+        trace_coeffs = [sign * per_storage[d][storage] * keep for d in range(3)]
+        trace_category = trace.storage_category[storage]
+        # Sort key: inserted events at position p come before trace event p.
+        trace_key = np.arange(len(storage), dtype=np.int64) * 2 + 1
+        if self._ins_position:
+            ins_key = np.asarray(self._ins_position, dtype=np.int64) * 2
+            keys = np.concatenate([trace_key, ins_key])
+            order = np.argsort(keys, kind="stable")
+            coeffs = [
+                np.concatenate([trace_coeffs[0], self._ins_const])[order],
+                np.concatenate([trace_coeffs[1], self._ins_lin])[order],
+                np.concatenate([trace_coeffs[2], self._ins_quad])[order],
+            ]
+            category = np.concatenate([trace_category, self._ins_category])[order]
+            is_trace = np.concatenate([np.ones(len(storage), bool), np.zeros(len(ins_key), bool)])[order]
+            trace_index = np.concatenate([np.arange(len(storage)), ins_key // 2])[order]
+        else:
+            coeffs = trace_coeffs
+            category = trace_category
+            is_trace = np.ones(len(storage), bool)
+            trace_index = np.arange(len(storage))
+        return coeffs, category, is_trace, trace_index
+
+    def levels(self, batch_size: int) -> np.ndarray:
+        """Live bytes after each merged event."""
+        (const, lin, quad), _, _, _ = self._merged()
+        return np.cumsum(const + lin * batch_size + quad * batch_size * batch_size)
+
+    def peak(self, batch_size: int) -> Peak:
+        (const, lin, quad), category, _, trace_index = self._merged()
+        delta = const + lin * batch_size + quad * batch_size * batch_size
+        level = np.cumsum(delta)
+        position = int(np.argmax(level))
+        by_category = np.bincount(category[: position + 1], weights=delta[: position + 1], minlength=NUM_CATEGORIES)
+        return Peak(
+            peak_bytes=int(round(level[position])),
+            position=position,
+            bytes_by_category={name: int(round(v)) for name, v in zip(CATEGORY_NAMES, by_category)},
+            phase=self._phase_at(int(trace_index[position])),
+        )
+
+    def live_blocks_at(self, position: int, batch_size: int) -> list[int]:
+        """Sizes of the blocks alive at a merged position: each traced storage, and what the
+        strategy inserted counted as one block per insertion still alive (for allocator
+        rounding)."""
+        (const, lin, quad), _, is_trace, trace_index = self._merged()
+        upto = position + 1
+        trace_events = trace_index[:upto][is_trace[:upto]]
+        trace = self.trace
+        alive = np.zeros(len(trace.storage_bytes), dtype=np.int64)
+        np.add.at(alive, trace.event_storage[trace_events], trace.event_sign[trace_events])
+        moved = self.storage_death_moved & (alive > 0)
+        sizes = self.trace.storage_bytes_at(batch_size) * self.storage_scale
+        blocks = [int(b) for b in sizes[(alive > 0) & ~moved] if b > 0]
+        inserted = (const + lin * batch_size + quad * batch_size * batch_size)[:upto][~is_trace[:upto]]
+        net = float(inserted.sum()) + float(sizes[moved].sum())
+        if net > 0:
+            blocks.append(int(net))
+        return blocks
+
+    def max_batch_size(self, limit_bytes: float, upper: int = 1 << 20) -> int:
+        """Largest micro-batch b >= 1 whose peak is <= ``limit_bytes`` (0 if even b=1 does not fit)."""
+        (const, lin, quad), _, _, _ = self._merged()
+        a, b1, b2 = np.cumsum(const), np.cumsum(lin), np.cumsum(quad)
+
+        def fits(b: int) -> bool:
+            return float(np.max(a + b1 * b + b2 * b * b)) <= limit_bytes
+
+        if not fits(1):
+            return 0
+        if not np.any((b1 > 0) | (b2 > 0)):
+            return upper
+        # Closed form for the linear part gives a tight start; confirm by bisection.
+        low, high = 1, 2
+        while high < upper and fits(high):
+            low, high = high, high * 2
+        if high >= upper and fits(upper):
+            return upper
+        while high - low > 1:
+            mid = (low + high) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid
+        return low
+
+    def _phase_at(self, trace_event: int) -> str:
+        phase = "forward"
+        for marker in self.trace.markers:
+            if marker.event > trace_event:
+                break
+            if marker.kind == "micro_batch":
+                phase = "forward"
+            elif marker.kind == "backward":
+                phase = "backward"
+            elif marker.kind == "optimizer":
+                phase = "optimizer"
+        return phase
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_finite(x: float) -> bool:
+    return not (math.isinf(x) or math.isnan(x))

@@ -1,0 +1,543 @@
+"""Trace one steady-state training step of the unwrapped model on the fake device.
+
+The result, a ``StepTrace``, is the birth and death of every tensor storage in the step, in
+order, with what each storage is (parameter, gradient, optimizer state, activation, ...),
+plus markers: where each unit's forward and backward start and end, where each parameter's
+gradient arrives, where the optimizer step runs. The strategies (planner/strategies.py) replay
+this timeline with their own parameter, gradient and buffer lifecycles.
+
+Batch size. The step is traced once, at ``TRACE_BATCH_SIZE``, a prime that no model dimension
+is a multiple of in practice. A storage whose byte count is a multiple of that prime holds
+one (or, for batch x batch tensors such as a contrastive loss, two) batch dimensions; its size
+at any other batch size follows exactly. One trace thus answers every batch size, which is what
+makes a search for the largest batch that fits cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpplan.planner import fake_device
+from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user
+from dpplan.planner.optimizers import build_optimizer
+from dpplan.planner.training_step import LOW_PRECISION_DTYPE, autocast_context, run_micro_batch, run_optimizer_step
+from dpplan.planner.units import checkpoint_units, find_units
+
+TRACE_BATCH_SIZE = 1009
+"""The prime micro-batch size the step is traced at (see module docstring)."""
+
+# Storage categories, in the vocabulary of torch's memory profiler.
+PARAMETER, BUFFER, INPUT, GRADIENT, OPTIMIZER_STATE, ACTIVATION, TEMPORARY, OPTIMIZER_TEMPORARY, OTHER = range(9)
+CATEGORY_NAMES = (
+    "parameter", "buffer", "input", "gradient", "optimizer_state", "activation", "temporary",
+    "optimizer_temporary", "other",
+)
+
+# Precision families: how the model computes under a precision.
+AUTOCAST = "autocast"  # fp32 parameters, torch.autocast (single, dp, ddp, zero*)
+PARAM_CAST = "param-cast"  # parameters cast to the low dtype for compute (FSDP mixed precision)
+
+
+class TraceError(ValueError):
+    """The model could not be run on the fake device (one line for the user)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceSettings:
+    """Everything that changes what the traced step allocates."""
+
+    precision: str = "fp32"
+    family: str = AUTOCAST
+    cast_buffers: bool = False
+    """PARAM_CAST only: cast floating buffers too (FSDP1 buffer_dtype; FSDP2 leaves them)."""
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    num_micro_batches: int = 1
+    """1, or 2 when gradients accumulate (later micro-batches repeat the second)."""
+    grad_accum: int = 1
+    wrap: str | None = None
+    device_type: str = "cpu"
+    """Target device type: decides optimizer defaults (foreach on cuda)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamInfo:
+    name: str
+    numel: int
+    itemsize: int
+    """Bytes per element of the parameter as traced."""
+    shape: tuple[int, ...]
+    unit: int
+    """Index into StepTrace.unit_names; the last unit is the root."""
+    storage: int
+    """Storage index of the parameter itself."""
+    grad_storage: int
+    """Storage index of its gradient as created in the first micro-batch (-1: no gradient)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Marker:
+    event: int
+    """Index of the first event after the marker."""
+    kind: str
+    """fwd_start, fwd_end, bwd_start, bwd_end, recompute_start, grad, micro_batch, optimizer, end"""
+    index: int = -1
+    """Unit index (fwd/bwd/recompute), parameter index (grad) or micro-batch index."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepTrace:
+    settings: TraceSettings
+    trace_batch_size: int
+    # Per event (N): which storage is born (+1) or dies (-1).
+    event_storage: np.ndarray
+    event_sign: np.ndarray
+    # Per storage (S).
+    storage_bytes: np.ndarray
+    """Bytes at the trace batch size."""
+    storage_batch_degree: np.ndarray
+    storage_category: np.ndarray
+    storage_module: np.ndarray
+    """Index into module_names of the innermost module running at birth (-1: none)."""
+    storage_owner: np.ndarray
+    """Index into params of the parameter a storage belongs to (the parameter itself, its
+    gradient, its optimizer state, or an optimizer-step temporary computed from them); -1 for
+    activations and everything else."""
+    num_baseline_events: int
+    """Events before this index are storages alive when the step starts."""
+    markers: list[Marker]
+    params: list[ParamInfo]
+    unit_names: list[str]
+    module_names: list[str]
+    module_classes: list[str]
+    num_ops: int
+    checkpointing: str = "none"
+
+    def storage_bytes_at(self, batch_size: int) -> np.ndarray:
+        """Bytes of every storage at another micro-batch size (exact, see module docstring)."""
+        scale = np.array([1.0, batch_size / self.trace_batch_size, (batch_size / self.trace_batch_size) ** 2])
+        scaled = self.storage_bytes * scale[self.storage_batch_degree]
+        return np.rint(scaled).astype(np.int64)
+
+    def live_bytes(self, batch_size: int) -> np.ndarray:
+        """Live bytes after each event (length N)."""
+        sizes = self.storage_bytes_at(batch_size)
+        return np.cumsum(self.event_sign * sizes[self.event_storage])
+
+    def markers_of(self, kind: str) -> list[Marker]:
+        return [m for m in self.markers if m.kind == kind]
+
+
+def batch_degree(nbytes: np.ndarray, prime: int) -> np.ndarray:
+    degree = np.zeros(len(nbytes), dtype=np.int64)
+    once = (nbytes % prime == 0) & (nbytes > 0)
+    degree[once] = 1
+    twice = once & (nbytes % (prime * prime) == 0)
+    degree[twice] = 2
+    return degree
+
+
+class _Recorder:
+    """Collects storage births and deaths and the markers while the step runs."""
+
+    def __init__(self):
+        self.recording = False
+        self.event_storage: list[int] = []
+        self.event_sign: list[int] = []
+        self.storage_bytes: list[int] = []
+        self.storage_category: list[int] = []
+        self.storage_module: list[int] = []
+        self.storage_owner: list[int] = []
+        self.live: dict[int, int] = {}  # storage key -> storage index
+        self.born_in_op: list[int] = []  # storage indices born in the running op
+        self.markers: list[Marker] = []
+        self.phase = OTHER
+        self.module_stack: list[int] = [-1]
+
+    def alloc(self, key: int, nbytes: int) -> None:
+        index = len(self.storage_bytes)
+        self.live[key] = index
+        self.storage_bytes.append(nbytes)
+        self.storage_category.append(self.phase)
+        self.storage_module.append(self.module_stack[-1])
+        self.storage_owner.append(-1)
+        self.born_in_op.append(index)
+        self.event_storage.append(index)
+        self.event_sign.append(1)
+
+    def free(self, key: int) -> None:
+        index = self.live.pop(key, None)
+        if index is None:
+            return
+        self.event_storage.append(index)
+        self.event_sign.append(-1)
+
+    def mark(self, kind: str, index: int = -1) -> None:
+        self.markers.append(Marker(event=len(self.event_storage), kind=kind, index=index))
+
+    def storage_of(self, tensor: torch.Tensor) -> int:
+        return self.live[tensor.untyped_storage()._cdata]
+
+    def owner_of(self, tensor: Any) -> int:
+        if not isinstance(tensor, torch.Tensor):
+            return -1
+        index = self.live.get(tensor.untyped_storage()._cdata)
+        return -1 if index is None else self.storage_owner[index]
+
+    def attribute_outputs(self, func, args, outputs) -> None:
+        """Optimizer phase: a new storage belongs to the parameter its inputs belong to.
+
+        foreach ops pair list outputs with list inputs element by element.
+        """
+        born, self.born_in_op = self.born_in_op, []
+        if not born:
+            return
+        lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+        if lists and isinstance(outputs, (list, tuple)):
+            for j, out in enumerate(outputs):
+                owner = -1
+                for lst in lists:
+                    if j < len(lst):
+                        owner = self.owner_of(lst[j])
+                        if owner >= 0:
+                            break
+                if isinstance(out, torch.Tensor):
+                    index = self.live.get(out.untyped_storage()._cdata)
+                    if index is not None and self.storage_owner[index] < 0:
+                        self.storage_owner[index] = owner
+            return
+        owner = -1
+        for arg in args:
+            owner = self.owner_of(arg)
+            if owner >= 0:
+                break
+        for index in born:
+            if self.storage_owner[index] < 0:
+                self.storage_owner[index] = owner
+
+
+def _describe_trace_failure(exc: BaseException, spec: ModelSpec) -> str:
+    from dpplan.planner.model_file import describe_user_exception
+
+    text = describe_user_exception(exc, spec.path)
+    if "data-dependent" in str(exc) or "nonzero" in str(exc) or "_local_scalar_dense" in str(exc):
+        text += " (the model uses an op whose output size depends on data, which cannot be planned without data)"
+    return f"the model rejected its example batch: {text}"
+
+
+def _prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) -> Any:
+    """Cast the meta model (and batch) as the strategy family's real run would."""
+    low = LOW_PRECISION_DTYPE.get(settings.precision)
+    if settings.precision == "bf16":
+        model.to(torch.bfloat16)
+        return batch
+    if settings.family == PARAM_CAST and low is not None and settings.precision != "bf16":
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(low)
+        if settings.cast_buffers:
+            for sub in model.modules():
+                for name, buf in sub._buffers.items():
+                    if buf is not None and buf.is_floating_point():
+                        sub._buffers[name] = buf.to(low)
+        # FSDP casts floating inputs of the root forward to the parameter dtype.
+        return _cast_floating(batch, low)
+    return batch
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return type(value)((k, _cast_floating(v, dtype)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    return value
+
+
+def _grad_scaler(settings: TraceSettings):
+    if settings.precision == "fp16-mixed":
+        return fake_device.always_stepping(torch.amp.GradScaler("cpu"))
+    return None
+
+
+def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TRACE_BATCH_SIZE) -> StepTrace:
+    """Trace one steady-state step of ``spec``'s model under ``settings``."""
+    with torch.device("meta"), fake_device.skip_weight_init():
+        model = build_module(spec)
+        batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)
+    units = find_units(model, settings.wrap)
+    checkpointing = "none"
+    if settings.activation_checkpointing:
+        checkpointing = checkpoint_units(model, units)
+    batch = _prepare_precision(model, batch, settings)
+
+    recorder = _Recorder()
+    tracer = fake_device.StorageTracer(lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k))
+    module_index: dict[int, int] = {}
+    module_names: list[str] = []
+    module_classes: list[str] = []
+    for name, sub in model.named_modules():
+        module_index[id(sub)] = len(module_names)
+        module_names.append(name or "(root)")
+        module_classes.append(type(sub).__name__)
+
+    try:
+        with tracer:
+            fake_device.module_to_fake_device(model)
+            batch = fake_device.tree_to_fake_device(batch)
+            optimizer = build_optimizer(settings.optimizer, model.parameters(), device_type=settings.device_type)
+            scaler = _grad_scaler(settings)
+            _create_optimizer_state(model, optimizer)
+            return _trace_steady_step(
+                spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
+                module_index, module_names, module_classes, checkpointing, batch_size,
+            )
+    except (ModelFileError, TraceError):
+        raise
+    except fake_device.FakeDeviceError:
+        raise
+    except Exception as exc:
+        raise TraceError(_describe_trace_failure(exc, spec)) from None
+
+
+def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Run one optimizer step on zero gradients so its state exists, as from step 2 on."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _trace_steady_step(
+    spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
+    module_index, module_names, module_classes, checkpointing, batch_size,
+) -> StepTrace:
+    # -- what exists when the step starts ---------------------------------------------------
+    seen: set[int] = set()
+    params: list[nn.Parameter] = []
+    param_names: list[str] = []
+    for name, param in model.named_parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            params.append(param)
+            param_names.append(name)
+    recorder.recording = True
+
+    def adopt(tensor: torch.Tensor, category: int) -> None:
+        key = tensor.untyped_storage()._cdata
+        if key in recorder.live:
+            return
+        recorder.phase = category
+        tracer.adopt(tensor)
+
+    # Start a clean record: what is alive now is the baseline, labelled by what it is.
+    recorder.__init__()
+    recorder.recording = True
+    for i, param in enumerate(params):
+        adopt(param, PARAMETER)
+        recorder.storage_owner[recorder.storage_of(param)] = i
+    for buf in model.buffers():
+        adopt(buf, BUFFER)
+    for i, param in enumerate(params):
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor):
+                adopt(value, OPTIMIZER_STATE)
+                recorder.storage_owner[recorder.storage_of(value)] = i
+    if scaler is not None:
+        for value in vars(scaler).values():
+            if isinstance(value, torch.Tensor):
+                adopt(value, OPTIMIZER_STATE)
+    for leaf in _tensors_in(batch):
+        adopt(leaf, INPUT)
+    num_baseline = len(recorder.event_storage)
+
+    # -- markers ----------------------------------------------------------------------------
+    unit_of_module = {id(u): i for i, u in enumerate(units)}
+    root_unit = len(units)
+    unit_names = [_qualified(module_names, module_index, u) for u in units] + ["(root)"]
+    handles = []
+
+    def on_forward_pre(module, args):
+        recorder.module_stack.append(module_index.get(id(module), -1))
+
+    def on_forward_post(module, args, output):
+        if len(recorder.module_stack) > 1:
+            recorder.module_stack.pop()
+
+    handles.append(nn.modules.module.register_module_forward_pre_hook(on_forward_pre))
+    handles.append(nn.modules.module.register_module_forward_hook(on_forward_post, always_call=True))
+
+    for unit in units:
+        u = unit_of_module[id(unit)]
+        handles.append(unit.register_forward_pre_hook(_unit_pre_hook(recorder, u), with_kwargs=True))
+        handles.append(unit.register_forward_hook(_unit_post_hook(recorder, u), with_kwargs=True))
+
+    param_index = {id(p): i for i, p in enumerate(params)}
+    grad_storage = [-1] * len(params)
+
+    def on_grad(param):
+        i = param_index[id(param)]
+        recorder.mark("grad", i)
+        if grad_storage[i] < 0 and param.grad is not None:
+            grad_storage[i] = recorder.storage_of(param.grad)
+
+    for param in params:
+        if param.requires_grad:
+            handles.append(param.register_post_accumulate_grad_hook(on_grad))
+
+    # -- the step ---------------------------------------------------------------------------
+    try:
+        for micro in range(settings.num_micro_batches):
+            recorder.mark("micro_batch", micro)
+            recorder.mark("fwd_start", root_unit)
+            recorder.phase = ACTIVATION
+            run_micro_batch(
+                model, batch, spec.loss_fn,
+                grad_accum=settings.grad_accum,
+                autocast=autocast_context(settings.precision, "cpu", settings.family == AUTOCAST),
+                grad_scaler=scaler,
+                before_backward=lambda: _enter_backward(recorder),
+            )
+            recorder.mark("bwd_end", root_unit)
+        recorder.phase = OPTIMIZER_TEMPORARY
+        recorder.mark("optimizer")
+        for i, param in enumerate(params):
+            if param.grad is not None:
+                grad = recorder.storage_of(param.grad)
+                recorder.storage_category[grad] = GRADIENT
+                recorder.storage_owner[grad] = i
+        recorder.born_in_op = []
+        tracer.on_op_done = recorder.attribute_outputs
+        run_optimizer_step(optimizer, scaler)
+        tracer.on_op_done = None
+        recorder.mark("end")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    # Optimizer state created in this step (lazily) is state, not temporary.
+    for i, param in enumerate(params):
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in recorder.live:
+                index = recorder.storage_of(value)
+                recorder.storage_category[index] = OPTIMIZER_STATE
+                recorder.storage_owner[index] = i
+    for i, index in enumerate(grad_storage):
+        if index >= 0:
+            recorder.storage_category[index] = GRADIENT
+            recorder.storage_owner[index] = i
+
+    unit_of_param = _unit_of_params(model, units, params, root_unit)
+    storage_bytes = np.asarray(recorder.storage_bytes, dtype=np.int64)
+    param_infos = [
+        ParamInfo(
+            name=param_names[i],
+            numel=p.numel(),
+            itemsize=p.element_size(),
+            shape=tuple(p.shape),
+            unit=unit_of_param[i],
+            storage=recorder.live.get(p.untyped_storage()._cdata, -1),
+            grad_storage=grad_storage[i],
+        )
+        for i, p in enumerate(params)
+    ]
+    return StepTrace(
+        settings=settings,
+        trace_batch_size=batch_size,
+        event_storage=np.asarray(recorder.event_storage, dtype=np.int64),
+        event_sign=np.asarray(recorder.event_sign, dtype=np.int64),
+        storage_bytes=storage_bytes,
+        storage_batch_degree=batch_degree(storage_bytes, batch_size),
+        storage_category=np.asarray(recorder.storage_category, dtype=np.int64),
+        storage_module=np.asarray(recorder.storage_module, dtype=np.int64),
+        storage_owner=np.asarray(recorder.storage_owner, dtype=np.int64),
+        num_baseline_events=num_baseline,
+        markers=recorder.markers,
+        params=param_infos,
+        unit_names=unit_names,
+        module_names=module_names,
+        module_classes=module_classes,
+        num_ops=tracer.num_ops,
+        checkpointing=checkpointing,
+    )
+
+
+def _enter_backward(recorder: _Recorder) -> None:
+    recorder.mark("backward")
+    recorder.phase = TEMPORARY
+    recorder.module_stack[:] = [-1]
+
+
+def _qualified(module_names, module_index, module) -> str:
+    return module_names[module_index[id(module)]]
+
+
+def _unit_pre_hook(recorder: _Recorder, unit: int):
+    def hook(module, args, kwargs):
+        in_backward = fake_device.current_graph_task_id() != -1
+        recorder.mark("recompute_start" if in_backward else "fwd_start", unit)
+        if in_backward:
+            return None
+        inputs = [t for t in _tensors_in((args, kwargs)) if t.requires_grad]
+        if inputs:
+            torch.autograd.graph.register_multi_grad_hook(
+                inputs, lambda grads: recorder.mark("bwd_end", unit), mode="all"
+            )
+        return None
+
+    return hook
+
+
+def _unit_post_hook(recorder: _Recorder, unit: int):
+    def hook(module, args, kwargs, output):
+        if fake_device.current_graph_task_id() != -1:
+            recorder.mark("recompute_end", unit)
+            return None
+        recorder.mark("fwd_end", unit)
+        outputs = [t for t in _tensors_in(output) if t.requires_grad]
+        if outputs:
+            fired = []
+
+            def on_output_grad(grad):
+                if not fired:
+                    fired.append(True)
+                    recorder.mark("bwd_start", unit)
+                return None
+
+            for tensor in outputs:
+                tensor.register_hook(on_output_grad)
+        return None
+
+    return hook
+
+
+def _unit_of_params(model, units, params, root_unit) -> list[int]:
+    owner: dict[int, int] = {}
+    for u, unit in enumerate(units):
+        for p in unit.parameters():
+            owner.setdefault(id(p), u)
+    return [owner.get(id(p), root_unit) for p in params]
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and hasattr(item, "keys") and hasattr(item, "values"):
+            stack.extend(item.values())
+    return found

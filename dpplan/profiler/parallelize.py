@@ -1,0 +1,150 @@
+"""Wrap a real model for one strategy, exactly as dpplan's estimate assumes.
+
+Each strategy name maps to torch's own wrapper with its defaults:
+  single          no wrapper
+  dp              nn.DataParallel (on CPU a plain call, as torch does without GPUs)
+  ddp             DistributedDataParallel (gradient_as_bucket_view=False, 25 MiB buckets)
+  zero1           DDP + torch.distributed.optim.ZeroRedundancyOptimizer
+  fsdp-full, fsdp-grad-op, fsdp-no-shard, fsdp-hybrid
+                  FSDP1 with that ShardingStrategy, use_orig_params=True, one unit per
+                  planned unit module (see planner/units.py) plus the root
+  fsdp2           fully_shard on each unit, then on the root (reshard after forward)
+zero2 and zero3 are DeepSpeed stages: dpplan estimates them but does not run DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dpplan.planner.optimizers import build_optimizer, optimizer_class_and_kwargs
+from dpplan.planner.training_step import LOW_PRECISION_DTYPE
+
+RUNNABLE_STRATEGIES = (
+    "single", "dp", "ddp", "zero1", "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid", "fsdp2",
+)
+FSDP1_SHARDING = {
+    "fsdp-full": "FULL_SHARD",
+    "fsdp-grad-op": "SHARD_GRAD_OP",
+    "fsdp-no-shard": "NO_SHARD",
+    "fsdp-hybrid": "HYBRID_SHARD",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreparedRun:
+    """A wrapped model and everything the training step needs to drive it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    uses_autocast: bool
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None
+    grad_scaler: Any | None
+
+
+def _fsdp2_no_sync(model) -> Callable[[], contextlib.AbstractContextManager]:
+    @contextlib.contextmanager
+    def no_sync():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return no_sync
+
+
+def parallelize(
+    model: nn.Module,
+    strategy: str,
+    *,
+    units: list[nn.Module],
+    precision: str,
+    optimizer_name: str,
+    device: torch.device,
+    num_nodes: int = 1,
+) -> PreparedRun:
+    """Wrap ``model`` (already on ``device``, checkpointing already applied)."""
+    if strategy not in RUNNABLE_STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} cannot be run for real by dpplan (estimate only)")
+    device_type = device.type
+    low_dtype = LOW_PRECISION_DTYPE.get(precision)
+    mixed = precision in ("bf16-mixed", "fp16-mixed")
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+
+    if strategy in ("single", "dp", "ddp", "zero1"):
+        no_sync = None
+        if strategy == "dp" and device_type == "cuda":
+            model = nn.DataParallel(model)
+        elif strategy in ("ddp", "zero1"):
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [device.index] if device_type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+            no_sync = model.no_sync
+        if strategy == "zero1":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            cls, kwargs = optimizer_class_and_kwargs(optimizer_name, device_type=device_type)
+            optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+        else:
+            optimizer = build_optimizer(optimizer_name, model.parameters(), device_type=device_type)
+        scaler = torch.amp.GradScaler(device_type) if precision == "fp16-mixed" else None
+        return PreparedRun(model=model, optimizer=optimizer, uses_autocast=True, no_sync=no_sync, grad_scaler=scaler)
+
+    if strategy in FSDP1_SHARDING:
+        from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+        unit_ids = {id(u) for u in units}
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in unit_ids)
+        mixed_precision = (
+            MixedPrecision(param_dtype=low_dtype, reduce_dtype=low_dtype, buffer_dtype=low_dtype) if mixed else None
+        )
+        extra: dict[str, Any] = {}
+        if strategy == "fsdp-hybrid":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            world = torch.distributed.get_world_size()
+            if world % num_nodes:
+                raise ValueError(f"fsdp-hybrid: {world} ranks do not split into {num_nodes} nodes")
+            extra["device_mesh"] = init_device_mesh(
+                device_type, (num_nodes, world // num_nodes), mesh_dim_names=("replicate", "shard")
+            )
+        model = FullyShardedDataParallel(
+            model,
+            sharding_strategy=getattr(ShardingStrategy, FSDP1_SHARDING[strategy]),
+            auto_wrap_policy=policy if units else None,
+            mixed_precision=mixed_precision,
+            use_orig_params=True,
+            device_id=device,
+            **extra,
+        )
+        optimizer = build_optimizer(optimizer_name, model.parameters(), device_type=device_type)
+        scaler = None
+        if precision == "fp16-mixed":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler = ShardedGradScaler(device_type)
+        return PreparedRun(
+            model=model, optimizer=optimizer, uses_autocast=False, no_sync=model.no_sync, grad_scaler=scaler
+        )
+
+    # fsdp2
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=low_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    for unit in units:
+        fully_shard(unit, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+    optimizer = build_optimizer(optimizer_name, model.parameters(), device_type=device_type)
+    scaler = torch.amp.GradScaler(device_type) if precision == "fp16-mixed" else None
+    return PreparedRun(
+        model=model, optimizer=optimizer, uses_autocast=False, no_sync=_fsdp2_no_sync(model), grad_scaler=scaler
+    )
