@@ -1,0 +1,82 @@
+"""Helpers the strategies share: which traced storages belong to which parameter, and how to
+resize them for a shard or a different dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpplan.planner.timeline import RankTimeline
+from dpplan.planner.trace import (
+    GRADIENT,
+    OPTIMIZER_STATE,
+    OPTIMIZER_TEMPORARY,
+    PARAMETER,
+    StepTrace,
+)
+
+
+@dataclass(kw_only=True)
+class ParamStorages:
+    """Storage indices that belong to one parameter, by category."""
+
+    parameter: list[int] = field(default_factory=list)
+    gradient: list[int] = field(default_factory=list)
+    optimizer_state: list[int] = field(default_factory=list)
+    optimizer_temporary: list[int] = field(default_factory=list)
+
+    def all(self) -> list[int]:
+        return self.parameter + self.gradient + self.optimizer_state + self.optimizer_temporary
+
+
+def storages_by_param(trace: StepTrace) -> list[ParamStorages]:
+    """For each parameter (``trace.params`` order) the storages it owns."""
+    result = [ParamStorages() for _ in trace.params]
+    owners = trace.storage_owner
+    categories = trace.storage_category
+    for storage in np.nonzero(owners >= 0)[0]:
+        owner = int(owners[storage])
+        category = int(categories[storage])
+        if category == PARAMETER:
+            result[owner].parameter.append(int(storage))
+        elif category == GRADIENT:
+            result[owner].gradient.append(int(storage))
+        elif category == OPTIMIZER_STATE:
+            result[owner].optimizer_state.append(int(storage))
+        elif category == OPTIMIZER_TEMPORARY:
+            result[owner].optimizer_temporary.append(int(storage))
+    return result
+
+
+def is_param_shaped(trace: StepTrace, storage: int, param_index: int) -> bool:
+    """True when the storage holds one element per parameter element (a gradient, Adam's
+    moments, a step temporary), at any dtype; False for scalars such as Adam's ``step``
+    and for factored states (Adafactor's row and column factors)."""
+    numel = trace.params[param_index].numel
+    nbytes = int(trace.storage_bytes[storage])
+    return numel > 1 and nbytes >= numel and nbytes % numel == 0 and nbytes // numel in (1, 2, 4, 8)
+
+
+def element_size_of(trace: StepTrace, storage: int, param_index: int) -> int:
+    return int(trace.storage_bytes[storage]) // trace.params[param_index].numel
+
+
+def resize_param_storages(
+    timeline: RankTimeline,
+    storages: list[int],
+    param_index: int,
+    *,
+    local_numel: float,
+    element_size: int | None = None,
+) -> None:
+    """Make each param-shaped storage hold ``local_numel`` elements (a shard), optionally at
+    another element size (fp32 optimizer state behind bf16 compute). Scalars are kept."""
+    trace = timeline.trace
+    numel = trace.params[param_index].numel
+    for storage in storages:
+        if not is_param_shaped(trace, storage, param_index):
+            continue
+        traced_size = element_size_of(trace, storage, param_index)
+        new_size = element_size or traced_size
+        timeline.scale(storage, (local_numel / numel) * (new_size / traced_size))
