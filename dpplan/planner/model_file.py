@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_FACTORY = "build_model"
+MAX_MESSAGE_CHARS = 160
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "default_gpt.py"
 
 
@@ -65,6 +66,8 @@ def describe_user_exception(exc: BaseException, path: Path) -> str:
         if Path(frame.filename).resolve() == path:
             location = f"{path.name}:{frame.lineno}"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3].rstrip() + "..."
     text = f"{location}: {type(exc).__name__}"
     return f"{text}: {message}" if message else text
 

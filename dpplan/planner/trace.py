@@ -273,12 +273,12 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
         model = build_module(spec)
         batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)
     units = find_units(model, settings.wrap)
+    recorder = _Recorder()
     checkpointing = "none"
     if settings.activation_checkpointing:
-        checkpointing = checkpoint_units(model, units)
+        checkpointing = checkpoint_units(model, units, observe=lambda u, fwd: _observe_recompute(recorder, u, fwd))
     batch = _prepare_precision(model, batch, settings)
 
-    recorder = _Recorder()
     tracer = fake_device.StorageTracer(lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k))
     module_index: dict[int, int] = {}
     module_names: list[str] = []
@@ -480,12 +480,26 @@ def _qualified(module_names, module_index, module) -> str:
     return module_names[module_index[id(module)]]
 
 
+def _observe_recompute(recorder: _Recorder, unit: int, forward):
+    """Mark a checkpointed unit's forward when it runs again inside backward."""
+
+    def observed(*args, **kwargs):
+        if fake_device.current_graph_task_id() == -1:
+            return forward(*args, **kwargs)
+        recorder.mark("recompute_start", unit)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            recorder.mark("recompute_end", unit)
+
+    return observed
+
+
 def _unit_pre_hook(recorder: _Recorder, unit: int):
     def hook(module, args, kwargs):
-        in_backward = fake_device.current_graph_task_id() != -1
-        recorder.mark("recompute_start" if in_backward else "fwd_start", unit)
-        if in_backward:
-            return None
+        if fake_device.current_graph_task_id() != -1:
+            return None  # a module's own recomputation (e.g. Hugging Face checkpointing)
+        recorder.mark("fwd_start", unit)
         inputs = [t for t in _tensors_in((args, kwargs)) if t.requires_grad]
         if inputs:
             torch.autograd.graph.register_multi_grad_hook(
@@ -499,7 +513,6 @@ def _unit_pre_hook(recorder: _Recorder, unit: int):
 def _unit_post_hook(recorder: _Recorder, unit: int):
     def hook(module, args, kwargs, output):
         if fake_device.current_graph_task_id() != -1:
-            recorder.mark("recompute_end", unit)
             return None
         recorder.mark("fwd_end", unit)
         outputs = [t for t in _tensors_in(output) if t.requires_grad]

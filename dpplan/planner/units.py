@@ -49,13 +49,15 @@ def unit_names(model: nn.Module, units: list[nn.Module]) -> list[str]:
     return [names.get(id(u), type(u).__name__) for u in units]
 
 
-def checkpoint_units(model: nn.Module, units: list[nn.Module]) -> str:
+def checkpoint_units(model: nn.Module, units: list[nn.Module], observe=None) -> str:
     """Activation checkpointing as dpplan plans it.
 
     The model's own ``gradient_checkpointing_enable()`` where it has one (Hugging Face),
     non-reentrant; else each unit's forward runs under non-reentrant
     ``torch.utils.checkpoint.checkpoint`` (what torch's ``checkpoint_wrapper`` does).
-    Returns which of the two was used.
+    Returns which of the two was used. ``observe(unit_index, forward)``, when given, wraps the
+    forward that checkpointing runs (the first time and again when recomputing in backward),
+    so the tracer can mark the recomputation.
     """
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if callable(enable):
@@ -65,8 +67,9 @@ def checkpoint_units(model: nn.Module, units: list[nn.Module]) -> str:
             enable()
         return "model"
     targets = units or [model]
-    for unit in targets:
-        unit.forward = _checkpointed(unit.forward)
+    for index, unit in enumerate(targets):
+        forward = unit.forward if observe is None else observe(index, unit.forward)
+        unit.forward = _checkpointed(forward)
     return "units"
 
 

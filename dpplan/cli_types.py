@@ -1,0 +1,64 @@
+"""click parameter types for dpplan's domain inputs, validated once at the command line."""
+
+from __future__ import annotations
+
+import click
+
+from dpplan.planner.hardware import GPU_CATALOG
+from dpplan.planner.strategies.layout import STRATEGIES
+
+
+class StrategyList(click.ParamType):
+    """``ddp,fsdp-full`` or ``all``."""
+
+    name = "strategy-list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail("expected a comma-separated list of strategies or 'all'", param, ctx)
+        if items == ["all"]:
+            return STRATEGIES
+        unknown = [v for v in items if v not in STRATEGIES]
+        if unknown:
+            self.fail(
+                f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)} or 'all'", param, ctx
+            )
+        return tuple(dict.fromkeys(items))
+
+
+class PositiveIntList(click.ParamType):
+    """``8`` or ``1,2,4,8``."""
+
+    name = "int-list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        try:
+            numbers = tuple(int(v) for v in items)
+        except ValueError:
+            self.fail(f"expected positive integers separated by commas, got {value!r}", param, ctx)
+        if not numbers or any(n < 1 for n in numbers):
+            self.fail(f"expected positive integers separated by commas, got {value!r}", param, ctx)
+        return tuple(sorted(set(numbers)))
+
+
+class GpuName(click.ParamType):
+    """A catalog key such as ``h100-80gb`` (see ``dpplan gpus``)."""
+
+    name = "gpu"
+
+    def convert(self, value, param, ctx):
+        key = str(value).lower()
+        if key not in GPU_CATALOG:
+            self.fail(f"unknown GPU {value!r}; run `dpplan gpus` for the catalog ({', '.join(GPU_CATALOG)})", param, ctx)
+        return key
+
+
+STRATEGY_LIST = StrategyList()
+POSITIVE_INT_LIST = PositiveIntList()
+GPU_NAME = GpuName()

@@ -1,0 +1,94 @@
+"""The plan as a terminal table (rich)."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from dpplan.planner.estimate import Plan
+from dpplan.planner.hardware import lookup_gpu
+from dpplan.reports.units import format_bytes, format_count, format_gib
+
+
+TABLE_WIDTH = 120
+"""Columns fit in this width; used when the output is not a terminal (rich would assume 80)."""
+
+
+def _header(plan: Plan) -> list[str]:
+    config, model = plan.config, plan.model
+    units = f"{model.num_units} FSDP/checkpoint units" if model.num_units else "no units (root only)"
+    if model.num_units:
+        first, last = model.unit_names[0], model.unit_names[-1]
+        units += f" ({escape(first)} … {escape(last)})" if model.num_units > 1 else f" ({escape(first)})"
+    if config.device == "cuda":
+        gpu = lookup_gpu(config.gpu)
+        target = f"{gpu.description} ({format_bytes(gpu.memory_bytes)})"
+    else:
+        target = "CPU (gloo): live tensor bytes, capacity = this machine's RAM / ranks per node"
+    checkpointing = {"none": "no checkpointing", "model": "checkpointing (model's own)", "units": "checkpointing per unit"}[
+        model.checkpointing
+    ] if config.activation_checkpointing else "no checkpointing"
+    return [
+        f"[bold]{escape(model.name)}[/bold] · {format_count(model.num_params)} parameters "
+        f"({format_count(model.num_trainable_params)} trainable) · {units}",
+        f"micro-batch {config.batch_size} per GPU · grad accum {config.grad_accum} · {config.precision} · "
+        f"{config.optimizer} · {checkpointing} · offload {config.offload} · {config.nodes} node(s)",
+        f"target: {target}",
+    ]
+
+
+def render_plan(plan: Plan, console: Console | None = None) -> None:
+    if console is None:
+        console = Console()
+        if not console.is_terminal and console.width < TABLE_WIDTH:
+            console = Console(width=TABLE_WIDTH)
+    for line in _header(plan):
+        console.print(line, highlight=False)
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    table.add_column("GPUs", justify="right")
+    table.add_column("strategy")
+    table.add_column("peak GiB", justify="right")
+    for name in ("params", "grads", "optim", "activ", "other"):
+        table.add_column(name, justify="right")
+    table.add_column("fits", justify="center")
+    table.add_column("max batch", justify="right")
+    table.add_column("peak in")
+    previous_gpus = None
+    for e in plan.estimates:
+        if previous_gpus is not None and e.gpus != previous_gpus:
+            table.add_section()
+        previous_gpus = e.gpus
+        b = e.breakdown
+        fits = Text("yes", style="green") if e.fits else Text("no", style="bold red")
+        table.add_row(
+            str(e.gpus),
+            e.strategy,
+            Text(format_gib(e.peak_bytes), style="bold"),
+            format_gib(b["params"]),
+            format_gib(b["grads"]),
+            format_gib(b["optimizer"]),
+            format_gib(b["activations"]),
+            format_gib(b["other"]),
+            fits,
+            str(e.max_batch_size),
+            e.peak_phase,
+        )
+    console.print(table)
+    if plan.config.device == "cuda":
+        console.print(
+            "peak = tensors (allocator-rounded) + allocator slack + CUDA context + NCCL buffers, "
+            "per GPU, most loaded rank; GiB = 2^30 bytes.",
+            style="dim",
+            highlight=False,
+        )
+    modules = plan.model.top_activation_modules
+    if modules:
+        console.print("[bold]Activation memory kept for backward, by module[/bold] (per micro-batch):")
+        for m in modules[:5]:
+            console.print(f"  {format_bytes(m.activation_bytes):>11}  {escape(m.name)} ({escape(m.class_name)})", highlight=False)
+    notes = sorted({note for e in plan.estimates for note in e.notes})
+    for note in notes:
+        console.print(f"note: {escape(note)}", style="yellow", highlight=False)

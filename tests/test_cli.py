@@ -1,0 +1,160 @@
+"""The command line, in-process with click's CliRunner: every flag and every bad input."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dpplan.cli import main
+
+FAST = ["--strategy", "single,ddp", "--gpus", "1,2"]
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_bundled_model_without_arguments():
+    result = run("estimate", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "default_gpt.py" in result.output
+    assert "ddp" in result.output and "single" in result.output
+
+
+def test_json_to_stdout_is_the_only_output(tiny_gpt):
+    result = run("estimate", tiny_gpt, *FAST, "--json", "-")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["schema_version"] == 1
+    assert data["model"]["num_params"] > 0
+    estimate = data["estimates"][0]
+    for key in ("strategy", "gpus", "nodes", "batch_size", "grad_accum", "precision", "optimizer",
+                "activation_checkpointing", "offload", "device", "breakdown", "peak_bytes", "fits",
+                "max_batch_size", "host_bytes"):
+        assert key in estimate
+    assert set(estimate["breakdown"]) == {"params", "grads", "optimizer", "activations", "other"}
+    assert [(e["strategy"], e["gpus"]) for e in data["estimates"]] == [("single", 1), ("ddp", 1), ("ddp", 2)]
+
+
+def test_json_to_a_file_and_a_table(tiny_gpt, tmp_path):
+    out = tmp_path / "plan.json"
+    result = run("estimate", tiny_gpt, *FAST, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "peak GiB" in result.output
+    assert json.loads(out.read_text())["config"]["strategies"] == ["single", "ddp"]
+
+
+def estimate_json(*args):
+    result = run("estimate", *args, "--json", "-")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_every_flag_reaches_the_plan(tiny_gpt):
+    data = estimate_json(
+        tiny_gpt, "--strategy", "ddp", "--gpus", "4,8", "--nodes", "2", "--batch-size", "3",
+        "--grad-accum", "2", "--precision", "fp32", "--optimizer", "sgd-momentum",
+        "--activation-checkpointing", "--offload", "none", "--wrap", "Block", "--gpu", "a100-40gb",
+        "--device", "cuda",
+    )
+    e = data["estimates"][0]
+    assert (e["strategy"], e["gpus"], e["nodes"], e["batch_size"], e["grad_accum"]) == ("ddp", 4, 2, 3, 2)
+    assert (e["precision"], e["optimizer"], e["activation_checkpointing"], e["gpu"]) == ("fp32", "sgd-momentum", True, "a100-40gb")
+    assert e["capacity_bytes"] == 40960 * 2**20
+    assert data["model"]["num_units"] == 2 and data["model"]["checkpointing"] == "units"
+
+
+def test_flags_change_the_numbers(tiny_gpt):
+    base = estimate_json(tiny_gpt, "--strategy", "single", "--gpus", "1")["estimates"][0]
+    bigger = estimate_json(tiny_gpt, "--strategy", "single", "--gpus", "1", "--batch-size", "8")["estimates"][0]
+    assert bigger["breakdown"]["activations"] > base["breakdown"]["activations"]
+    sgd = estimate_json(tiny_gpt, "--strategy", "single", "--gpus", "1", "--optimizer", "sgd")["estimates"][0]
+    assert sgd["breakdown"]["optimizer"] < base["breakdown"]["optimizer"]
+    cpu = estimate_json(tiny_gpt, "--strategy", "single", "--gpus", "1", "--device", "cpu")["estimates"][0]
+    assert cpu["gpu"] is None and cpu["peak_bytes"] == cpu["peak_allocated_bytes"] == cpu["peak_reserved_bytes"]
+    assert base["peak_bytes"] > base["peak_reserved_bytes"] >= base["peak_allocated_bytes"]
+
+
+def test_gpus_command_lists_the_catalog():
+    result = run("gpus")
+    assert result.exit_code == 0
+    assert len(result.output.splitlines()) >= 10 and "h100-80gb" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--strategy", "fsdp3"], "unknown strategy 'fsdp3'"),
+        (["--gpus", "0"], "positive integers"),
+        (["--gpus", "two"], "positive integers"),
+        (["--gpus", "3", "--nodes", "2"], "does not split evenly"),
+        (["--precision", "fp8"], "'fp8' is not one of"),
+        (["--optimizer", "lion"], "'lion' is not one of"),
+        (["--offload", "disk"], "'disk' is not one of"),
+        (["--gpu", "h800"], "unknown GPU 'h800'"),
+        (["--batch-size", "0"], "0 is not in the range"),
+        (["--device", "tpu"], "'tpu' is not one of"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_clear_message(tiny_gpt, args, message):
+    result = run("estimate", tiny_gpt, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_wrap_class(tiny_gpt):
+    line = one_line_error(run("estimate", tiny_gpt, *FAST, "--wrap", "Decoder"))
+    assert "--wrap Decoder" in line and "Block" in line
+
+
+def test_missing_model_file():
+    assert "model file not found" in one_line_error(run("estimate", "no_such_model.py"))
+
+
+def test_model_file_with_a_syntax_error(write_model):
+    path = write_model("def build_model(:\n")
+    assert "model.py:1: SyntaxError" in one_line_error(run("estimate", path))
+
+
+def test_model_file_that_raises(write_model):
+    path = write_model("import torch\nx = 1\nraise ValueError('bad config')\n")
+    assert "model.py:3: ValueError: bad config" in one_line_error(run("estimate", path))
+
+
+def test_no_factory(write_model):
+    path = write_model("def example_batch(b): return None\n")
+    assert "no function build_model()" in one_line_error(run("estimate", path))
+
+
+def test_factory_returns_no_module(write_model):
+    path = write_model("def build_model(): return 'model'\ndef example_batch(b): return None\n")
+    assert "returned str, not a torch.nn.Module" in one_line_error(run("estimate", path, *FAST))
+
+
+def test_input_the_model_rejects(write_model):
+    path = write_model(
+        "import torch\ndef build_model(): return torch.nn.Linear(4, 4)\ndef example_batch(b): return torch.zeros(b, 3)\n"
+    )
+    assert "the model rejected its example batch" in one_line_error(run("estimate", path, *FAST))
+
+
+def test_example_batch_that_raises(write_model):
+    path = write_model(
+        "import torch\ndef build_model(): return torch.nn.Linear(4, 4)\ndef example_batch(b):\n    raise KeyError('tokens')\n"
+    )
+    assert "example_batch() failed: model.py:4: KeyError" in one_line_error(run("estimate", path, *FAST))
+
+
+def test_json_into_a_missing_directory(tiny_gpt, tmp_path):
+    result = run("estimate", tiny_gpt, *FAST, "--json", str(tmp_path / "no" / "plan.json"))
+    assert result.exit_code == 2 and "directory does not exist" in result.output
