@@ -72,7 +72,9 @@ def main() -> None:
               help=f"Comma list or 'all' of: {', '.join(STRATEGIES)}.")
 @click.option("--gpus", type=POSITIVE_INT_LIST, default="1,2,4,8", show_default=True,
               help="Total GPUs (ranks); a comma list plans each.")
-@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes the GPUs span.")
+@click.option("--nodes", type=click.IntRange(min=1), default=None, help="Nodes the GPUs span  [default: 1]")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
+              help="For sweeps over --gpus: nodes = gpus / this (instead of --nodes).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch per GPU.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per optimizer step.")
@@ -89,7 +91,7 @@ def main() -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="cuda", show_default=True,
               help="cuda: GPU memory; cpu: the tensor bytes of a CPU (gloo) run, for validation without GPUs.")
 @click.option("--json", "json_path", metavar="PATH|-", default=None, help="Also write the plan as JSON ('-': stdout only).")
-def estimate(model, strategies, gpus, nodes, batch_size, grad_accum, precision, optimizer,
+def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_accum, precision, optimizer,
              activation_checkpointing, offload, wrap, gpu, device, json_path):
     """Plan per-GPU memory of MODEL (path.py or path.py:factory) for each strategy.
 
@@ -104,13 +106,17 @@ def estimate(model, strategies, gpus, nodes, batch_size, grad_accum, precision, 
       dpplan estimate model.py --json plan.json
     """
 
+    if nodes is not None and gpus_per_node is not None:
+        raise click.UsageError("give either --nodes or --gpus-per-node, not both")
+
     def action():
         from dpplan.planner.estimate import estimate as plan_memory
         from dpplan.reports.plan_json import plan_to_json, write_json
         from dpplan.reports.plan_table import render_plan
 
         config = PlanConfig(
-            model=model, strategies=strategies, gpus=gpus, nodes=nodes, batch_size=batch_size,
+            model=model, strategies=strategies, gpus=gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
+            batch_size=batch_size,
             grad_accum=grad_accum, precision=precision, optimizer=optimizer,
             activation_checkpointing=activation_checkpointing, offload=offload, wrap=wrap,
             gpu=gpu, device=device,

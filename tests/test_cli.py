@@ -158,3 +158,13 @@ def test_example_batch_that_raises(write_model):
 def test_json_into_a_missing_directory(tiny_gpt, tmp_path):
     result = run("estimate", tiny_gpt, *FAST, "--json", str(tmp_path / "no" / "plan.json"))
     assert result.exit_code == 2 and "directory does not exist" in result.output
+
+
+def test_gpus_per_node_sweeps_nodes(tiny_gpt):
+    data = estimate_json(tiny_gpt, "--strategy", "ddp", "--gpus", "4,16,32", "--gpus-per-node", "8")
+    assert [(e["gpus"], e["nodes"]) for e in data["estimates"]] == [(4, 1), (16, 2), (32, 4)]
+
+
+def test_nodes_and_gpus_per_node_together(tiny_gpt):
+    result = run("estimate", tiny_gpt, "--nodes", "1", "--gpus-per-node", "8", "--gpus", "8")
+    assert result.exit_code == 2 and "not both" in result.output

@@ -29,6 +29,8 @@ class PlanConfig:
     gpus: tuple[int, ...] = DEFAULT_GPU_COUNTS
     """Total ranks (GPUs) to plan for, one estimate per count."""
     nodes: int = 1
+    gpus_per_node: int | None = None
+    """When set, each GPU count spans gpus / gpus_per_node nodes (a sweep); else ``nodes``."""
     batch_size: int = 1
     """Micro-batch per rank."""
     grad_accum: int = 1
@@ -52,8 +54,16 @@ class PlanConfig:
             raise ValueError(f"gpus must be positive integers (got {self.gpus})")
         if self.nodes < 1:
             raise ValueError(f"nodes must be >= 1 (got {self.nodes})")
+        if self.gpus_per_node is not None:
+            if self.gpus_per_node < 1:
+                raise ValueError(f"gpus_per_node must be >= 1 (got {self.gpus_per_node})")
+            if self.nodes != 1:
+                raise ValueError("give either nodes or gpus_per_node, not both")
+            for gpus in self.gpus:
+                if gpus > self.gpus_per_node and gpus % self.gpus_per_node:
+                    raise ValueError(f"gpus={gpus} is not a multiple of gpus_per_node={self.gpus_per_node}")
         for gpus in self.gpus:
-            if gpus % self.nodes:
+            if gpus % self.nodes_for(gpus):
                 raise ValueError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
@@ -65,6 +75,12 @@ class PlanConfig:
         _choice("device", self.device, DEVICES)
         if self.gpu.lower() not in GPU_CATALOG:
             raise ValueError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
+
+    def nodes_for(self, gpus: int) -> int:
+        """Nodes that ``gpus`` ranks span."""
+        if self.gpus_per_node is not None:
+            return max(1, gpus // self.gpus_per_node)
+        return self.nodes
 
     def to_json(self) -> dict:
         data = asdict(self)

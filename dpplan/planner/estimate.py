@@ -127,7 +127,7 @@ def capacity_for(config: PlanConfig, gpus: int) -> int:
         return lookup_gpu(config.gpu).memory_bytes
     import psutil
 
-    ranks_per_node = max(1, gpus // config.nodes)
+    ranks_per_node = max(1, gpus // config.nodes_for(gpus))
     return psutil.virtual_memory().total // ranks_per_node
 
 
@@ -161,10 +161,11 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None) -> Plan:
 
 def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanConfig) -> StrategyEstimate:
     module = strategy_module(strategy)
+    nodes = config.nodes_for(gpus)
     layout = Layout(
         strategy=strategy,
         world_size=gpus,
-        num_nodes=config.nodes,
+        num_nodes=nodes,
         precision=config.precision,
         grad_accum=config.grad_accum,
         offload=config.offload,
@@ -194,7 +195,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
     return StrategyEstimate(
         strategy=strategy,
         gpus=gpus,
-        nodes=config.nodes,
+        nodes=nodes,
         batch_size=config.batch_size,
         grad_accum=config.grad_accum,
         precision=config.precision,

@@ -35,7 +35,8 @@ def _header(plan: Plan) -> list[str]:
         f"[bold]{escape(model.name)}[/bold] · {format_count(model.num_params)} parameters "
         f"({format_count(model.num_trainable_params)} trainable) · {units}",
         f"micro-batch {config.batch_size} per GPU · grad accum {config.grad_accum} · {config.precision} · "
-        f"{config.optimizer} · {checkpointing} · offload {config.offload} · {config.nodes} node(s)",
+        f"{config.optimizer} · {checkpointing} · offload {config.offload} · "
+        + (f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes} node(s)"),
         f"target: {target}",
     ]
 

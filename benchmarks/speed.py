@@ -1,0 +1,83 @@
+"""Planning speed: a Llama-style 70B model, every strategy, 8 to 1024 GPUs, as one CLI command.
+
+Targets (issue #2): <= 5 s wall and <= 1 GiB peak RSS on a 2-core machine, for the whole
+process (Python start, torch import, trace, every strategy and GPU count, JSON written).
+
+    python benchmarks/speed.py                       # bf16-mixed, 3 runs, median
+    python benchmarks/speed.py --precision fp32 --runs 5
+
+Equivalent by hand: /usr/bin/time -v dpplan estimate benchmarks/models/llama_70b.py \\
+    --strategy all --gpus 8,16,32,64,128,256,512,1024 --gpus-per-node 8 --json /dev/null
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "benchmarks" / "models" / "llama_70b.py"
+GPU_COUNTS = "8,16,32,64,128,256,512,1024"
+
+
+def one_run(precision: str, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        command = [
+            sys.executable, "-m", "dpplan.cli", "estimate", str(MODEL), "--strategy", "all",
+            "--gpus", GPU_COUNTS, "--gpus-per-node", "8", "--precision", precision,
+            "--batch-size", str(batch_size), "--json", str(out),
+        ]
+        start = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # child: exec the command with output discarded
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.execv(sys.executable, command)
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"dpplan failed: {' '.join(command)}")
+        plan = json.loads(out.read_text())
+    return {
+        "wall_s": wall,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
+        "num_estimates": len(plan["estimates"]),
+        "trace_s": plan["model"]["trace_seconds"],
+        "num_traced_ops": plan["model"]["num_traced_ops"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    _ = resource  # ru_maxrss of the child comes from wait4
+    runs = [one_run(args.precision, args.batch_size) for _ in range(args.runs)]
+    summary = {
+        "command": f"dpplan estimate {MODEL.relative_to(ROOT)} --strategy all --gpus {GPU_COUNTS} "
+        f"--gpus-per-node 8 --precision {args.precision} --batch-size {args.batch_size} --json PATH",
+        "runs": args.runs,
+        "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+        "max_wall_s": max(r["wall_s"] for r in runs),
+        "median_trace_s": statistics.median(r["trace_s"] for r in runs),
+        "max_peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / 2**20,
+        "estimates_per_run": runs[0]["num_estimates"],
+        "traced_ops": runs[0]["num_traced_ops"],
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
