@@ -1,0 +1,215 @@
+"""zero3: DeepSpeed ZeRO stage 3 (deepspeed/runtime/zero/stage3.py DeepSpeedZeroOptimizer_Stage3,
+partition_parameters.py, partitioned_param_coordinator.py, parameter_offload.py).
+
+Per rank: a 1/N shard of every parameter (``ds_tensor``, ``ceil(numel / N)`` elements,
+partition_parameters.py ``_partition_param``); parameters of at most
+``stage3_param_persistence_threshold`` elements are persistent: gathered once and never
+released (parameter_offload.py ``mark_persistent_parameters``); other parameters are gathered
+whole when a module runs and released afterwards unless reused soon (the coordinator below).
+The optimizer steps fp32 master shards (``fp32_partitioned_groups_flat``); gradients go
+through one bucket per communication dtype and are reduce-scattered into a flat partition
+buffer (``_setup_for_real_optimizer``: ``ipg_buckets``, ``grad_partitions_flat_buffer``).
+
+Granularity: the trace marks units (the planned wrap modules) and the root, not every module,
+so gathering is modeled per unit: a unit's parameters are fetched when it starts and checked
+for release when it ends; the root's own parameters (embeddings, head) are held for the whole
+micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+from dpplan.planner.strategies.common import storages_by_param
+from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.zero_common import (
+    FP32_BYTES,
+    MAX_LIVE_PARAMETERS,
+    MAX_REUSE_DISTANCE,
+    PARAM_PERSISTENCE_THRESHOLD,
+    PREFETCH_BUCKET_NUMEL,
+    REDUCE_BUCKET_NUMEL,
+    MicroBatchSpan,
+    comm_groups,
+    flat_state_bytes,
+    micro_batch_spans,
+    scale_step_temporaries,
+)
+from dpplan.planner.timeline import RankTimeline, ceil_div
+from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace
+
+
+def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
+    world = layout.world_size
+    timeline = RankTimeline(trace)
+    offload_optimizer = layout.offload in ("optimizer", "optimizer+params")
+    offload_params = layout.offload == "optimizer+params"
+    params = trace.params
+    shard = [ceil_div(p.numel, world) for p in params]
+    persistent = [p.numel <= PARAM_PERSISTENCE_THRESHOLD for p in params]
+
+    for i, param in enumerate(params):
+        if persistent[i]:
+            # The whole copy stays (traced); its shard exists beside it (on the host with offload_param).
+            if not offload_params:
+                timeline.insert(0, shard[i] * param.itemsize, PARAMETER)
+        else:
+            timeline.scale(param.storage, 0.0 if offload_params else shard[i] / param.numel)
+
+    trainable = [i for i, p in enumerate(params) if p.grad_storage >= 0]
+    if not trainable:
+        return timeline
+    itemsize = params[trainable[0]].itemsize
+    shard_numel = sum(shard[i] for i in trainable)
+    by_param = storages_by_param(trace)
+    for owned in by_param:
+        for storage in owned.optimizer_state:
+            timeline.scale(storage, 0.0)
+    master_bytes = shard_numel * FP32_BYTES
+    state_bytes = flat_state_bytes(trace.settings.optimizer, shard_numel)
+    grad_partition_bytes = shard_numel * itemsize  # gradient_accumulation_dtype: the parameters' dtype
+    groups = comm_groups(trace, trainable)
+    # Bucket buffers exist from __init__ on, in the communication dtype (not doubled by overlap_comm).
+    timeline.insert(0, sum(REDUCE_BUCKET_NUMEL * size for _, size in groups), OTHER)
+    if offload_optimizer:
+        scale_step_temporaries(timeline, by_param, 0.0)
+    else:
+        timeline.insert(0, master_bytes + state_bytes, OPTIMIZER_STATE)
+        timeline.insert(0, grad_partition_bytes, GRADIENT)
+        scale_step_temporaries(timeline, by_param, 1.0 / world)
+
+    spans = micro_batch_spans(trace)
+    # Each gradient is copied into its bucket by the hook and autograd's tensor dropped
+    # (``reduce_independent_p_g_buckets_and_remove_grads``).
+    for i in trainable:
+        position = spans[0].grad_position.get(i)
+        if position is not None:
+            timeline.free_at(params[i].grad_storage, position)
+    # reduce_scatter_coalesced (deepspeed/runtime/comm/coalesced_collectives.py) concatenates the
+    # padded partitions of the bucket into one new tensor before the reduce-scatter.
+    padded = comm_groups(trace, trainable, pad_to=world)
+    for span in spans:
+        for numel, size in padded:
+            chunk = min(numel, REDUCE_BUCKET_NUMEL)
+            timeline.insert(span.backward_end, chunk * size, OTHER)
+            timeline.insert(span.backward_end, -chunk * size, OTHER)
+        _gather_params(timeline, trace, span, persistent)
+
+    if not offload_optimizer:
+        # ``_prepare_fp32_grad_for_sub_group``: the partition gradients flattened, cast to fp32,
+        # set as the master's .grad and dropped after the sub-group's step.
+        optimizer_pos = trace.markers_of("optimizer")[0].event
+        end_pos = trace.markers_of("end")[0].event
+        # The gradient norm first (``get_grad_norm_direct``): each partition gradient copied
+        # to fp64 in turn.
+        norm_bytes = max(shard[i] for i in trainable) * 8
+        timeline.insert(optimizer_pos, norm_bytes, OTHER)
+        timeline.insert(optimizer_pos, -norm_bytes, OTHER)
+        timeline.insert(optimizer_pos, shard_numel * itemsize, GRADIENT)
+        if itemsize != FP32_BYTES:
+            timeline.insert(optimizer_pos, shard_numel * FP32_BYTES, GRADIENT)
+            timeline.insert(optimizer_pos, -shard_numel * itemsize, GRADIENT)
+        timeline.insert(end_pos, -shard_numel * FP32_BYTES, GRADIENT)
+    if offload_optimizer:
+        # Host: fp32 master shards, their optimizer state, the partition-gradient buffer
+        # (``grad_partitions_flat_buffer`` on ``self.device`` = cpu) and the fp32 gradient
+        # buffer ``initialize_optimizer_states`` keeps as the master's .grad when offloading.
+        per_rank = master_bytes * 2 + state_bytes + grad_partition_bytes
+        if offload_params:
+            per_rank += sum(shard[i] * p.itemsize for i, p in enumerate(params))
+        timeline.host_bytes = per_rank * layout.ranks_per_node
+    return timeline
+
+
+def _gather_params(timeline: RankTimeline, trace: StepTrace, span: MicroBatchSpan, persistent: list[bool]) -> None:
+    """Replay the PartitionedParameterCoordinator over one micro-batch's units (steady state:
+    the module trace is complete).
+
+    ``fetch_sub_module``: gather the unit's parameters, then prefetch the next ones in trace
+    order until ``stage3_prefetch_bucket_size`` elements are in flight (fewer if
+    ``stage3_max_live_parameters`` would be exceeded); parameters already available are
+    skipped but remembered as needed until their later use. ``release_sub_module`` /
+    ``__params_to_release``: a parameter stays gathered if it is used again before
+    ``stage3_max_reuse_distance`` elements of other modules' parameters have been traversed.
+    """
+    params = trace.params
+    root = len(trace.unit_names) - 1
+    unit_params: dict[int, list[int]] = defaultdict(list)
+    for i, param in enumerate(params):
+        unit_params[param.unit].append(i)
+    unit_numel = {u: sum(params[i].numel for i in ps) for u, ps in unit_params.items()}
+
+    forward = sorted((pos, u) for u, pos in span.fwd_start.items() if u != root and u in span.fwd_end)
+    steps = [(u, pos, span.fwd_end[u]) for pos, u in forward]
+    backward = []
+    for u, end in span.bwd_end.items():
+        if u == root:
+            continue
+        start = min(p for p in (span.bwd_start.get(u), span.recompute_start.get(u)) if p is not None) \
+            if (u in span.bwd_start or u in span.recompute_start) else end
+        backward.append((start, u, end))
+    steps += [(u, start, end) for start, u, end in sorted(backward)]
+    # Traversal order for reuse distances: the root's own modules run between the last
+    # forward unit and the first backward unit (head) -- counted once there.
+    traversal = [u for u, _, _ in steps]
+    split = len(forward)
+    traversal_numel = [unit_numel.get(u, 0) for u in traversal]
+    traversal_numel.insert(split, unit_numel.get(root, 0))
+    traversal_units = traversal[:split] + [root] + traversal[split:]
+
+    available: set[int] = set()
+    n_available = 0
+
+    def fetch(i: int, position: int) -> None:
+        nonlocal n_available
+        available.add(i)
+        n_available += params[i].numel
+        timeline.insert(position, params[i].numel * params[i].itemsize, PARAMETER)
+
+    def release(i: int, position: int) -> None:
+        nonlocal n_available
+        available.discard(i)
+        n_available -= params[i].numel
+        timeline.insert(position, -params[i].numel * params[i].itemsize, PARAMETER)
+
+    gathered = [i for i in unit_params.get(root, []) if not persistent[i]]
+    for i in gathered:
+        fetch(i, span.start)
+
+    queue = deque((i, t) for t, (u, _, _) in enumerate(steps) for i in unit_params.get(u, []) if not persistent[i])
+    most_recent: dict[int, int] = defaultdict(lambda: -1)
+    for t, (u, start, end) in enumerate(steps):
+        own = [i for i in unit_params.get(u, []) if not persistent[i]]
+        for i in own:
+            if i not in available:
+                fetch(i, start)
+        while queue and queue[0][1] <= t:
+            i, step = queue.popleft()
+            most_recent[i] = max(most_recent[i], step)
+        budget = min(MAX_LIVE_PARAMETERS - n_available, PREFETCH_BUCKET_NUMEL)
+        prefetched = 0
+        while queue and prefetched < budget:
+            i, step = queue.popleft()
+            most_recent[i] = max(most_recent[i], step)
+            if i not in available:
+                fetch(i, start)
+                prefetched += params[i].numel
+        here = t + (1 if t >= split else 0)  # index of this step in traversal_units
+        for i in own:
+            if i in available and most_recent[i] <= t and not _reused_soon(i, here, traversal_units,
+                                                                            traversal_numel, params):
+                release(i, end)
+    for i in list(available):
+        release(i, span.backward_end)
+
+
+def _reused_soon(i: int, here: int, units: list[int], numels: list[int], params) -> bool:
+    target = params[i].unit
+    traversed = 0
+    for k in range(here + 1, len(units)):
+        if traversed >= MAX_REUSE_DISTANCE:
+            return False
+        if units[k] == target:
+            return True
+        traversed += numels[k]
+    return False
