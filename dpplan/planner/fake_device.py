@@ -98,13 +98,24 @@ class StorageTracer(TorchDispatchMode):
     tracer starts are announced with ``adopt``.
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # TorchDispatchMode wraps a subclass's __torch_dispatch__ in torch._disable_dynamo
+        # unless this says no; nothing here is ever compiled, and the wrapper costs several
+        # microseconds on each of the ~75k dispatches of a 70B trace.
+        return False
+
     def __init__(
         self,
         on_alloc: Callable[[int, int], None],
         on_free: Callable[[int], None],
         on_op_done: Callable[[Any, tuple, Any], None] | None = None,
+        target_device_type: str = "cpu",
     ):
         super().__init__()
+        self.target_device_type = target_device_type
+        """The device whose kernels the plan is for; meta kernels follow CUDA's output dtypes,
+        so for a CPU target a few ops are corrected (see ``_cpu_output_dtypes``)."""
         self.on_op_done = on_op_done
         """Called as ``on_op_done(func, args, outputs)`` after each op, when set."""
         self._on_alloc = on_alloc
@@ -174,13 +185,287 @@ class StorageTracer(TorchDispatchMode):
             if "out" in kwargs:
                 raise FakeDeviceError(f"out= variants are not traced: {func}")
             kwargs = dict(zip(kwargs, _unwrap(kwargs.values())))
-        result = func(*_unwrap(args), **kwargs)
+        kind = _op_kind(func)
+        key = _cache_key(func, args, kwargs, self.target_device_type) if kind is not _UNCACHED else None
+        cached = _OP_CACHE.get(key) if key is not None else None
+        if cached is not None:
+            if kind is _CHECK_ONLY:
+                return args[0] if self._mutates_and_returns_self(func) else None
+            result = _outputs_from_specs(cached)
+        else:
+            result = func(*_unwrap(args), **kwargs)
+            if self.target_device_type == "cpu" and func in _CPU_STATISTICS_OPS:
+                result = _cpu_output_dtypes(func, args, result)
+            if key is not None:
+                if kind is _FRESH_OUTPUTS and _shares_input_storage(args, result):
+                    # The schema promises fresh outputs but the kernel returned a view
+                    # (``_unsafe_view`` does): never replay this op from the cache.
+                    _OP_KIND[func] = _UNCACHED
+                else:
+                    _OP_CACHE[key] = _CHECK_ONLY_MARK if kind is _CHECK_ONLY else _specs_of(result)
+        fix = _MISSIZED_OUTPUTS.get(func) if self.target_device_type == "cpu" else None
+        if fix is not None:
+            result = fix(args, result)
         if self._mutates_and_returns_self(func):
             return args[0]
+        if kind is _CHECK_ONLY:
+            return result
         wrapped = self._wrap(result)
+        scratch = _CPU_KERNEL_SCRATCH.get(func) if self.target_device_type == "cpu" else None
+        if scratch is not None:
+            nbytes = scratch(args)
+            if nbytes:
+                # The kernel's internal buffer: born after the outputs, dead when the op returns.
+                self._wrap(torch.empty(nbytes, dtype=torch.uint8, device=META))
         if self.on_op_done is not None:
             self.on_op_done(func, args, wrapped)
         return wrapped
+
+
+# -- op-output cache ------------------------------------------------------------------------
+# Many meta kernels are Python (torch._refs / _prims); a 70B model runs each of them for 80
+# identical layers and 700 parameters. Outputs of an op that creates fresh tensors depend only
+# on the op and its inputs' metadata, so they are computed once per distinct call and then
+# created directly. In-place ops only validate on the meta device: once validated for that
+# metadata they are skipped. Ops that alias or reshape their inputs always run their kernel.
+
+_UNCACHED, _FRESH_OUTPUTS, _CHECK_ONLY = "uncached", "fresh", "check"
+_CHECK_ONLY_MARK = "validated"
+_OP_KIND: dict[Any, str] = {}
+_OP_CACHE: dict[tuple, Any] = {}
+_METADATA_CHANGING = ("resize", "set_", "as_strided_", "_resize_output", "swap_tensors", "_coalesced_")
+
+
+def _op_kind(func) -> str:
+    kind = _OP_KIND.get(func)
+    if kind is None:
+        kind = _classify(func)
+        _OP_KIND[func] = kind
+    return kind
+
+
+def _classify(func) -> str:
+    schema = func._schema
+    name = schema.name.split("::")[-1]
+    if torch.Tag.inplace_view in getattr(func, "tags", ()) or name.startswith(_METADATA_CHANGING):
+        return _UNCACHED
+    if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()) and not schema.is_mutable:
+        return _FRESH_OUTPUTS if _returns_fresh_tensors(schema) else _UNCACHED
+    args_alias = [a.alias_info for a in schema.arguments]
+    returns_alias = [r.alias_info for r in schema.returns]
+    if not any(args_alias) and not any(returns_alias):
+        return _FRESH_OUTPUTS if _returns_fresh_tensors(schema) else _UNCACHED
+    writes = [a for a in args_alias if a is not None and a.is_write]
+    if writes and all(r is None or r.is_write for r in returns_alias) and "out" not in {a.name for a in schema.arguments if a.kwarg_only}:
+        # In-place (self or foreach lists): returns its mutated input, or nothing.
+        if all(str(r.type) in ("Tensor",) for r in schema.returns) or not schema.returns:
+            return _CHECK_ONLY
+    return _UNCACHED
+
+
+def _returns_fresh_tensors(schema) -> bool:
+    return bool(schema.returns) and all(str(r.type) in ("Tensor", "Tensor?", "Tensor[]") for r in schema.returns)
+
+
+def _storages_of(value: Any, found: set) -> set:
+    if isinstance(value, _Tensor):
+        found.add(_storage_cdata(value))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _storages_of(v, found)
+    return found
+
+
+def _storage_cdata(tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _shares_input_storage(args, result) -> bool:
+    return bool(_storages_of(args, set()) & _storages_of(result, set()))
+
+
+def _arg_key(value: Any):
+    if isinstance(value, _Tensor):
+        return (value.shape, value.stride(), value.dtype, value.storage_offset())
+    if isinstance(value, (list, tuple)):
+        return tuple(_arg_key(v) for v in value)
+    if isinstance(value, float):
+        return ("f", value)
+    return value
+
+
+def _cache_key(func, args, kwargs, target):
+    try:
+        key = (target, func, _arg_key(args), tuple((k, _arg_key(v)) for k, v in kwargs.items()))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _spec_of(tensor):
+    if tensor is None:
+        return None
+    return (
+        tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.storage_offset(), tensor.untyped_storage().nbytes()
+    )
+
+
+def _specs_of(result):
+    if isinstance(result, (list, tuple)):
+        return type(result), [_specs_of(r) for r in result]
+    return None, _spec_of(result)
+
+
+def _output_from_spec(spec):
+    if spec is None:
+        return None
+    shape, stride, dtype, offset, nbytes = spec
+    tensor = torch.empty_strided(shape, stride, dtype=dtype, device=META)
+    if offset or tensor.untyped_storage().nbytes() != nbytes:
+        storage = torch.UntypedStorage(nbytes, device=META)
+        tensor = torch.empty(0, dtype=dtype, device=META).set_(storage, offset, shape, stride)
+    return tensor
+
+
+def _outputs_from_specs(cached):
+    container, specs = cached
+    if container is None:
+        return _output_from_spec(specs)
+    return container(_outputs_from_specs(s) for s in specs)
+
+
+# -- outputs whose meta kernel has the wrong size ---------------------------------------------
+# A few meta kernels return a placeholder for an output whose real size only the device
+# library knows. Each rule here replaces that output by one of the size the CPU kernel
+# allocates, derived from the kernel's own code (cited); a test in test_fake_device.py compares
+# the rule with the real kernel.
+
+
+def _onednn_good_ld(dim: int, itemsize: int) -> int:
+    """oneDNN src/cpu/rnn/rnn_utils.cpp ``get_good_ld``: round up to 64 bytes, and one more
+    64-byte block when the result is a multiple of 256 elements (4K aliasing)."""
+    block = 64 // itemsize
+    ld = -(-dim // block) * block
+    return ld + block if ld % 256 == 0 else ld
+
+
+def onednn_lstm_workspace_bytes(seq_len: int, batch: int, input_size: int, hidden: int) -> int:
+    """Bytes of the training workspace oneDNN's f32 LSTM forward hands to its backward, for one
+    layer and one direction (``mkldnn_rnn_layer`` runs once per layer and direction).
+
+    aten/src/ATen/native/mkldnn/RNN.cpp ``mkldnn_rnn_layer`` allocates it as
+    ``at::empty(pd.workspace_desc().get_size(), kByte)`` when ``train``; the size is oneDNN's
+    (v3, src/cpu/rnn/rnn_utils.hpp ``init_conf`` leading dimensions and
+    ``set_workspace_sizes``, rnn_utils.cpp ``set_offsets``), with n_layer = n_dir = 1:
+    gates T*N*ld(4H), h_t T*N*ld(H), states (T+1)*N*ld(max(I,H)) and c states (T+1)*N*H for
+    the two "layer+1" slots, and the same three for their gradients; all f32.
+
+    oneDNN starts each part on a 4096-byte page and the total is page-rounded; that padding
+    (under 8 pages) is left out, so the size stays proportional to the batch (the tracer's
+    batch scaling needs that): at batch 2 this is 0.3% under the real 4,096,000 bytes of a
+    256-wide LSTM over 128 steps.
+    """
+    t, n = seq_len, batch
+    states_ld = _onednn_good_ld(max(input_size, hidden), 4)
+    gates = t * n * _onednn_good_ld(4 * hidden, 4)
+    h_t = t * n * _onednn_good_ld(hidden, 4)
+    states = 2 * (t + 1) * n * (states_ld + hidden)  # h/x states (good ld) and c states
+    diff_states = 2 * (t + 1) * n * (2 * states_ld + hidden)  # d layer, d iter, d c
+    return 4 * (gates + h_t + states + diff_states)
+
+
+_ONEDNN_LSTM = 2  # ideep::rnn_kind::LSTM, the only mode ATen sends to mkldnn_rnn_layer
+
+
+def _mkldnn_rnn_layer_workspace(args, result):
+    """``mkldnn_rnn_layer``'s meta kernel returns an empty workspace (torch/_meta_registrations.py)."""
+    input, w0 = args[0], args[1]
+    mode, hidden, train = args[9], args[10], args[15]
+    if not train or mode != _ONEDNN_LSTM or input.dtype != torch.float32:
+        return result  # bf16 LSTMs need avx512_bf16: not modelled (kept at the meta size)
+    # ATen's mkldnn_rnn transposes a batch-first input before this op, whose kernel reads
+    # (seq, batch, features) whatever its batch_first argument says (RNNParams).
+    seq_len, batch = input.shape[0], input.shape[1]
+    nbytes = onednn_lstm_workspace_bytes(seq_len, batch, w0.shape[1], hidden)
+    output, hy, cy, _ = result
+    return output, hy, cy, torch.empty(nbytes, dtype=torch.uint8, device=META)
+
+
+_MISSIZED_OUTPUTS: dict[Any, Callable[[tuple, Any], Any]] = {
+    torch.ops.aten.mkldnn_rnn_layer.default: _mkldnn_rnn_layer_workspace,
+}
+
+
+# -- buffers a CPU kernel allocates and frees inside one op -----------------------------------
+# Invisible to a trace of op outputs. Each rule returns the bytes of the kernel's internal
+# buffer for the op's arguments (0: none), from the ATen kernel's code (cited).
+
+
+def _slow_conv2d_columns_bytes(input, weight, stride, padding, dilation, transposed, output_padding, groups) -> int:
+    """The im2col buffer of ATen's ``_slow_conv2d_forward`` / ``_slow_conv2d_backward``
+    (aten/src/ATen/native/ConvolutionMM2d.cpp): N x (C_in*kH*kW) x (H_out*W_out) elements of
+    the input's dtype, allocated whenever ``requires_columns`` (any kernel, stride or padding
+    other than 1x1 / 1 / 0), freed when the op returns; forward and backward allocate one
+    each. Only when torch picks the Slow2d backend for these arguments (on CPU: no oneDNN for
+    the dtype, e.g. bf16 without avx512_bf16), which ``_select_conv_backend`` decides exactly
+    as ``aten::_convolution`` does. Grouped convolutions (one Slow2d call per group) and the
+    oneDNN backend (reorders and scratchpads chosen per ISA) are not modelled.
+    """
+    if transposed or groups != 1 or input.dim() != 4:
+        return 0
+    backend = torch._C._select_conv_backend(
+        input, weight, None, stride, padding, dilation, transposed, output_padding, groups, None
+    )
+    if backend != torch._C._ConvBackend.Slow2d:
+        return 0
+    kh, kw = weight.shape[2], weight.shape[3]
+    sh, sw = (list(stride) * 2)[:2] if len(stride) == 1 else stride
+    ph, pw = (list(padding) * 2)[:2] if len(padding) == 1 else padding
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        return 0
+    n, c, h, w = input.shape
+    h_out = (h + 2 * ph - kh) // sh + 1
+    w_out = (w + 2 * pw - kw) // sw + 1
+    return n * c * kh * kw * h_out * w_out * input.element_size()
+
+
+def _convolution_scratch(args) -> int:
+    input, weight, _bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+    return _slow_conv2d_columns_bytes(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+
+
+def _convolution_backward_scratch(args) -> int:
+    _grad, input, weight, _bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = args[:11]
+    if not (mask[0] or mask[1]):
+        return 0
+    return _slow_conv2d_columns_bytes(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+
+
+_CPU_KERNEL_SCRATCH: dict[Any, Callable[[tuple], int]] = {
+    torch.ops.aten.convolution.default: _convolution_scratch,
+    torch.ops.aten.convolution_backward.default: _convolution_backward_scratch,
+}
+
+
+# -- CPU kernels whose outputs differ from the meta kernel's -----------------------------------
+# Meta kernels keep normalization statistics in the accumulation dtype (fp32 for bf16/fp16
+# inputs), as CUDA does. The CPU kernels keep them in the input dtype unless the weight is fp32
+# ("mixed type"): aten/src/ATen/native/layer_norm.cpp (layer_norm_cpu: mean/rstd use
+# param_scalar_type(input, mixed_type)) and native/Normalization.cpp (batch_norm_cpu).
+_CPU_STATISTICS_OPS = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_batch_norm.default}
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _cpu_output_dtypes(func, args, result):
+    input_ = args[0]
+    weight = args[2] if func is torch.ops.aten.native_layer_norm.default else args[1]
+    if input_.dtype not in _LOW_PRECISION:
+        return result
+    mixed = weight is not None and weight.dtype == torch.float32
+    stats_dtype = torch.float32 if mixed else input_.dtype
+    output, *stats = result
+    return (output, *(s if s.dtype == stats_dtype else torch.empty_like(s, dtype=stats_dtype) for s in stats))
 
 
 def _placeholder_scalar(dtype: torch.dtype):

@@ -86,7 +86,10 @@ class Marker:
     event: int
     """Index of the first event after the marker."""
     kind: str
-    """fwd_start, fwd_end, bwd_start, bwd_end, recompute_start, grad, micro_batch, optimizer, end"""
+    """fwd_start, fwd_end, bwd_start, bwd_end, recompute_start, grad, micro_batch, optimizer, end,
+    root_bwd_start (the first gradient reaches the root module's outputs; index = root unit),
+    root_fwd_end (the root module's forward has returned: where FSDP's root post-forward hook
+    runs, before the loss function; index = root unit)"""
     index: int = -1
     """Unit index (fwd/bwd/recompute), parameter index (grad) or micro-batch index."""
 
@@ -263,8 +266,23 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
 
 def _grad_scaler(settings: TraceSettings):
     if settings.precision == "fp16-mixed":
-        return fake_device.always_stepping(torch.amp.GradScaler("cpu"))
+        scaler = torch.amp.GradScaler("cpu")
+        if settings.family == PARAM_CAST:
+            _allow_fp16_gradients(scaler)
+        return fake_device.always_stepping(scaler)
     return None
+
+
+def _allow_fp16_gradients(grad_scaler) -> None:
+    """PARAM_CAST traces fp16 parameters, whose fp16 gradients ``GradScaler.unscale_``
+    refuses; FSDP's ShardedGradScaler unscales them (``allow_fp16=True``,
+    torch/distributed/fsdp/sharded_grad_scaler.py ``unscale_``), so the trace does too."""
+    unscale = grad_scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    grad_scaler._unscale_grads_ = unscale_allowing_fp16
 
 
 def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TRACE_BATCH_SIZE) -> StepTrace:
@@ -279,7 +297,9 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
         checkpointing = checkpoint_units(model, units, observe=lambda u, fwd: _observe_recompute(recorder, u, fwd))
     batch = _prepare_precision(model, batch, settings)
 
-    tracer = fake_device.StorageTracer(lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k))
+    tracer = fake_device.StorageTracer(
+        lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k), target_device_type=settings.device_type
+    )
     module_index: dict[int, int] = {}
     module_names: list[str] = []
     module_classes: list[str] = []
@@ -294,7 +314,6 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
             batch = fake_device.tree_to_fake_device(batch)
             optimizer = build_optimizer(settings.optimizer, model.parameters(), device_type=settings.device_type)
             scaler = _grad_scaler(settings)
-            _create_optimizer_state(model, optimizer)
             return _trace_steady_step(
                 spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
                 module_index, module_names, module_classes, checkpointing, batch_size,
@@ -307,13 +326,31 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
         raise TraceError(_describe_trace_failure(exc, spec)) from None
 
 
-def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Run one optimizer step on zero gradients so its state exists, as from step 2 on."""
-    for param in model.parameters():
-        if param.requires_grad:
-            param.grad = torch.zeros_like(param)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def _move_births_to_baseline(recorder: _Recorder, storages: set[int], num_baseline: int) -> int:
+    """Make storages created during the traced step exist from its start.
+
+    The step is traced once, from an optimizer without state: torch optimizers create their
+    state lazily inside the first ``step()``, with the same temporaries as every later step.
+    Moving the births of that state (and of the grad scaler's scale) to the baseline turns
+    the first step into the steady-state step, at the price of one optimizer step less to
+    trace. Returns the new number of baseline events.
+    """
+    events = range(num_baseline, len(recorder.event_storage))
+    moved = [
+        i for i in events if recorder.event_sign[i] > 0 and recorder.event_storage[i] in storages
+    ]
+    if not moved:
+        return num_baseline
+    moved_set = set(moved)
+    order = list(range(num_baseline)) + moved + [i for i in events if i not in moved_set]
+    recorder.event_storage = [recorder.event_storage[i] for i in order]
+    recorder.event_sign = [recorder.event_sign[i] for i in order]
+    removed_before = np.searchsorted(np.asarray(moved), np.arange(len(order) + 1), side="left")
+    recorder.markers = [
+        Marker(event=m.event + len(moved) - int(removed_before[m.event]), kind=m.kind, index=m.index)
+        for m in recorder.markers
+    ]
+    return num_baseline + len(moved)
 
 
 def _trace_steady_step(
@@ -379,6 +416,7 @@ def _trace_steady_step(
         u = unit_of_module[id(unit)]
         handles.append(unit.register_forward_pre_hook(_unit_pre_hook(recorder, u), with_kwargs=True))
         handles.append(unit.register_forward_hook(_unit_post_hook(recorder, u), with_kwargs=True))
+    handles.append(model.register_forward_hook(_root_post_hook(recorder, root_unit), with_kwargs=True))
 
     param_index = {id(p): i for i, p in enumerate(params)}
     grad_storage = [-1] * len(params)
@@ -423,13 +461,23 @@ def _trace_steady_step(
         for handle in handles:
             handle.remove()
 
-    # Optimizer state created in this step (lazily) is state, not temporary.
+    # Optimizer state created in this step (lazily) is state, not temporary, and from the
+    # second step on it exists before the step starts.
+    persistent: set[int] = set()
     for i, param in enumerate(params):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in recorder.live:
                 index = recorder.storage_of(value)
                 recorder.storage_category[index] = OPTIMIZER_STATE
                 recorder.storage_owner[index] = i
+                persistent.add(index)
+    if scaler is not None:
+        for value in vars(scaler).values():
+            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in recorder.live:
+                index = recorder.storage_of(value)
+                recorder.storage_category[index] = OPTIMIZER_STATE
+                persistent.add(index)
+    num_baseline = _move_births_to_baseline(recorder, persistent, num_baseline)
     for i, index in enumerate(grad_storage):
         if index >= 0:
             recorder.storage_category[index] = GRADIENT
@@ -527,6 +575,32 @@ def _unit_post_hook(recorder: _Recorder, unit: int):
 
             for tensor in outputs:
                 tensor.register_hook(on_output_grad)
+        return None
+
+    return hook
+
+
+def _root_post_hook(recorder: _Recorder, root_unit: int):
+    """Mark ``root_fwd_end`` where the root module's forward returns (FSDP's post-forward of
+    the root), and ``root_bwd_start`` where the first gradient reaches its outputs: where
+    FSDP's pre-backward hook of the root runs (a tensor hook on the root's forward outputs,
+    torch/distributed/fsdp/_runtime_utils.py ``_register_pre_backward_hooks``)."""
+
+    def hook(module, args, kwargs, output):
+        if fake_device.current_graph_task_id() != -1:
+            return None
+        recorder.mark("root_fwd_end", root_unit)
+        outputs = [t for t in _tensors_in(output) if t.requires_grad]
+        fired = []
+
+        def on_output_grad(grad):
+            if not fired:
+                fired.append(True)
+                recorder.mark("root_bwd_start", root_unit)
+            return None
+
+        for tensor in outputs:
+            tensor.register_hook(on_output_grad)
         return None
 
     return hook

@@ -80,3 +80,55 @@ def test_skip_weight_init_restores_initialisers():
 
 def test_graph_task_id_is_minus_one_outside_backward():
     assert fake_device.current_graph_task_id() == -1
+
+
+def _real_lstm_workspace_bytes(seq, batch, inp, hidden):
+    x = torch.randn(seq, batch, inp)
+    w_ih, w_hh = torch.randn(4 * hidden, inp), torch.randn(4 * hidden, hidden)
+    b_ih, b_hh = torch.randn(4 * hidden), torch.randn(4 * hidden)
+    h = torch.zeros(batch, hidden)
+    outputs = torch.ops.aten.mkldnn_rnn_layer(
+        x, w_ih, w_hh, b_ih, b_hh, h, h.clone(), False, [], 2, hidden, 1, True, False, False, True
+    )
+    return outputs[3].numel()
+
+
+def test_lstm_workspace_rule_matches_the_onednn_kernel():
+    if not torch.backends.mkldnn.is_available():
+        return
+    for seq, batch, inp, hidden in [(128, 2, 256, 256), (10, 3, 33, 17), (50, 9, 300, 64), (7, 1, 64, 100)]:
+        real = _real_lstm_workspace_bytes(seq, batch, inp, hidden)
+        rule = fake_device.onednn_lstm_workspace_bytes(seq, batch, inp, hidden)
+        # The rule leaves out oneDNN's page padding (at most 8 pages), to stay proportional to the batch.
+        assert 0 <= real - rule < 8 * 4096, (seq, batch, inp, hidden, real, rule)
+
+
+def test_traced_lstm_keeps_its_workspace():
+    def step():
+        with torch.device("meta"):
+            lstm = torch.nn.LSTM(32, 48, batch_first=True)
+        fake_device.module_to_fake_device(lstm)
+        x = fake_device.to_fake_device(torch.empty(5, 7, 32, device="meta", requires_grad=True))
+        return lstm(x)
+
+    events, _ = _trace(step)
+    assert ("alloc", fake_device.onednn_lstm_workspace_bytes(7, 5, 32, 48)) in events
+
+
+def test_slow_conv2d_columns_are_a_transient_of_the_op():
+    x_shape, w_shape = (2, 8, 16, 16), (4, 8, 3, 3)
+    real_x, real_w = torch.randn(x_shape, dtype=torch.bfloat16), torch.randn(w_shape, dtype=torch.bfloat16)
+    backend = torch._C._select_conv_backend(real_x, real_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, None)
+    if backend != torch._C._ConvBackend.Slow2d:
+        return  # this CPU runs bf16 convolutions in oneDNN
+
+    def step():
+        x = fake_device.to_fake_device(torch.empty(x_shape, dtype=torch.bfloat16, device="meta"))
+        w = fake_device.to_fake_device(torch.empty(w_shape, dtype=torch.bfloat16, device="meta"))
+        return F.conv2d(x, w, padding=1)
+
+    events, _ = _trace(step)
+    columns = 2 * (8 * 3 * 3) * (16 * 16) * 2  # N x C*kh*kw x H_out*W_out, bf16
+    output = 2 * 4 * 16 * 16 * 2
+    expected = [("alloc", output), ("alloc", columns), ("free",)]  # the columns die inside the op
+    assert any(events[i : i + 3] == expected for i in range(len(events))), events

@@ -136,3 +136,22 @@ def test_input_the_model_rejects(write_model):
     )
     with pytest.raises(TraceError, match="rejected its example batch"):
         trace_step(load_model_file(path), TraceSettings())
+
+
+def test_traces_do_not_leak_into_each_other_through_the_op_cache(tiny_gpt):
+    """Op outputs are cached across traces. A kernel that returns a view although its schema
+    promises a fresh tensor (``_unsafe_view``) once made a later trace count a storage birth
+    that the clean trace did not have."""
+    from dpplan.planner import fake_device
+
+    spec = load_model_file(tiny_gpt)
+    autocast = TraceSettings(precision="bf16-mixed", family=AUTOCAST)
+    param_cast = TraceSettings(precision="bf16-mixed", family=PARAM_CAST, cast_buffers=True)
+    fake_device._OP_CACHE.clear()
+    clean = trace_step(spec, autocast, batch_size=3)
+    fake_device._OP_CACHE.clear()
+    trace_step(spec, param_cast, batch_size=3)
+    after_other = trace_step(spec, autocast, batch_size=3)
+    allocs = clean.event_sign > 0
+    assert np.array_equal(allocs, after_other.event_sign > 0)
+    assert np.array_equal(clean.live_bytes(3)[allocs], after_other.live_bytes(3)[allocs])
