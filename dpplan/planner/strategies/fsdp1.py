@@ -1,0 +1,288 @@
+"""fsdp-full, fsdp-grad-op, fsdp-no-shard, fsdp-hybrid: FSDP1 (``FullyShardedDataParallel``,
+``use_orig_params=True``, torch's defaults: BACKWARD_PRE prefetch, ``limit_all_gathers``) with
+ShardingStrategy FULL_SHARD, SHARD_GRAD_OP, NO_SHARD and HYBRID_SHARD.
+
+Each unit (and the root) owns one flat parameter (torch/distributed/fsdp/_flat_param.py).
+Replayed over the unwrapped trace, one rank holds (file names under torch/distributed/fsdp/):
+  - its shard of each flat parameter, always (``FlatParamHandle.shard``), in the parameters'
+    own dtype (fp32 behind mixed precision); the traced parameters are views into it;
+  - the padded unsharded flat parameter from a unit's pre-forward (``_unshard``; mixed
+    precision first casts the shard into ``_mp_shard``) until its post-forward (FULL_SHARD,
+    HYBRID_SHARD; never for the root, ``_post_forward_reshard``) or post-backward
+    (``_post_backward_reshard``); BACKWARD_PRE prefetches the unit before it in forward order
+    from each pre-backward hook (``_prefetch_handle``);
+  - in backward, the per-parameter gradients until the unit's last one arrives, where
+    SplitWithSizesBackward concatenates them into one flat gradient (the forward used views of
+    the flat parameter); the post-backward hook reduce-scatters it into a new shard, casts that
+    to the parameter dtype and frees the flat gradient (``_reduce_grad``); NO_SHARD all-reduces
+    the flat gradient in place and keeps it (``_reduce_grad_no_shard``); under ``no_sync`` the
+    flat gradient stays unsharded and the next micro-batch accumulates into it;
+  - the sharded gradient until the next step's root pre-forward: ``zero_grad(set_to_none)``
+    clears the original parameters' ``.grad`` but not the flat one, which
+    ``_reset_flat_param_grad_info_if_needed`` drops in ``_root_pre_forward``;
+  - optimizer state and step temporaries for the slice of each original parameter that falls
+    in this rank's shard (``_get_shard_metadata``), in fp32 behind mixed precision.
+HYBRID_SHARD shards within the node and all-reduces the new gradient shard across nodes in
+place. CPUOffload(offload_params=True) ("optimizer+params") keeps the fp32 shard, a pinned
+``_cpu_grad`` and the optimizer on the host: the device holds the unsharded parameters, a
+transient device copy of the shard per unshard and each new gradient shard until
+``prepare_gradient_for_optim``. FSDP1 has no optimizer-only offload.
+On a CPU validation run gloo adds temporaries to the collectives (measured with the profiler:
+two sequential output-sized buffers per all-gather into a chunk list, one input-sized buffer per
+reduce-scatter, none for all-reduce; torch/csrc/distributed/c10d/ProcessGroupGloo.cpp); NCCL
+writes in place. The hooks themselves are replayed in fsdp1_replay.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpplan.planner.gpu_overheads import ProcessGroup
+from dpplan.planner.strategies.common import is_param_shaped, storages_by_param
+from dpplan.planner.strategies.fsdp1_replay import Replay
+from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.timeline import RankTimeline
+from dpplan.planner.trace import PARAM_CAST, StepTrace
+
+SHARDED = ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid")
+ALIGNMENT_BYTES = 16
+"""_flat_param.py ``_get_aligned_numel``: each original parameter starts 16-byte aligned in the
+flat parameter when use_orig_params=True."""
+FP32_BYTES = 4
+EXHAUSTIVE_RANKS = 8
+"""Up to this many shards every shard rank is planned; above, only the likely maxima."""
+CANDIDATES_PER_SCORE = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlatParam:
+    """One unit's flat parameter as ``FlatParamHandle._init_flat_param_and_metadata`` lays it
+    out: parameters in module order, each aligned, the total padded to the group size."""
+
+    unit: int
+    params: tuple[int, ...]
+    offsets: tuple[int, ...]
+    numel: int
+    group_size: int
+    sharded: bool
+    compute_itemsize: int
+    """Bytes per element in forward and backward (the mixed-precision param dtype)."""
+    param_itemsize: int
+    """Bytes per element of the sharded parameter, its gradient and the optimizer's view."""
+    zero_fill_numel: int
+    """Padding and parameters without a gradient: SplitWithSizesBackward makes zeros for them."""
+    trainable: bool
+
+    @property
+    def shard_numel(self) -> int:
+        return self.numel // self.group_size if self.sharded else self.numel
+
+    def local_numels(self, trace: StepTrace, shard_rank: int) -> list[int]:
+        """Elements of each parameter inside this rank's shard (``_get_shard_metadata``)."""
+        if not self.sharded:
+            return [trace.params[i].numel for i in self.params]
+        lo, hi = shard_rank * self.shard_numel, (shard_rank + 1) * self.shard_numel
+        return [
+            max(0, min(hi, start + trace.params[i].numel) - max(lo, start))
+            for i, start in zip(self.params, self.offsets)
+        ]
+
+
+def group_size(layout: Layout) -> int:
+    """The flat parameters' process group: the node for HYBRID_SHARD (its intra-node shard
+    group, fully_sharded_data_parallel.py ``_init_process_group_state``), else the world."""
+    return layout.ranks_per_node if layout.strategy == "fsdp-hybrid" else layout.world_size
+
+
+def shard_rank_of(layout: Layout, rank: int) -> int:
+    # The device mesh is (nodes, ranks_per_node): the shard group is the inner dimension.
+    return rank % group_size(layout)
+
+
+def flat_params(trace: StepTrace, layout: Layout) -> list[FlatParam | None]:
+    """One entry per unit (None for a unit without parameters)."""
+    group = group_size(layout)
+    mixed = trace.settings.family == PARAM_CAST
+    members: list[list[int]] = [[] for _ in trace.unit_names]
+    for index, param in enumerate(trace.params):
+        members[param.unit].append(index)
+    result: list[FlatParam | None] = []
+    for unit, params in enumerate(members):
+        if not params:
+            result.append(None)
+            continue
+        compute = trace.params[params[0]].itemsize
+        aligned = max(1, ALIGNMENT_BYTES // compute)
+        offsets, total, gradless = [], 0, 0
+        for index in params:
+            total += -total % aligned
+            offsets.append(total)
+            total += trace.params[index].numel
+            gradless += trace.params[index].numel if trace.params[index].grad_storage < 0 else 0
+        unpadded = sum(trace.params[i].numel for i in params)
+        total += -total % group
+        result.append(FlatParam(
+            unit=unit, params=tuple(params), offsets=tuple(offsets), numel=total, group_size=group,
+            sharded=layout.strategy in SHARDED, compute_itemsize=compute,
+            # Mixed precision keeps the model's parameters (fp32 assumed; the trace holds
+            # them cast) and casts per unshard (MixedPrecision.param_dtype).
+            param_itemsize=FP32_BYTES if mixed else compute,
+            zero_fill_numel=total - unpadded + gradless,
+            trainable=any(trace.params[i].grad_storage >= 0 for i in params),
+        ))
+    return result
+
+
+def offload_mode(layout: Layout) -> str:
+    """``params`` (CPUOffload(offload_params=True)) or ``none``."""
+    if layout.offload == "optimizer+params" and layout.device_type == "cuda":
+        return "params"
+    return "none"
+
+
+def offload_notes(layout: Layout) -> list[str]:
+    if layout.offload == "optimizer":
+        return ["FSDP1 has no optimizer-only offload (CPUOffload moves parameters, gradients and "
+                "the optimizer step together): planned without offload; use optimizer+params"]
+    if layout.offload == "optimizer+params" and layout.device_type == "cpu":
+        return ["offload on a CPU run keeps everything in the same memory: planned without offload"]
+    return []
+
+
+def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
+    timeline = RankTimeline(trace)
+    flats = flat_params(trace, layout)
+    shard_rank = shard_rank_of(layout, layout.rank)
+    offload = offload_mode(layout)
+    local = _local_numels(trace, flats, shard_rank)
+    _resize_optimizer(timeline, local, offload)
+    for param in trace.params:
+        timeline.scale(param.storage, 0.0)  # views into the flat parameter from now on
+    Replay(timeline, flats, layout, offload).run()
+    notes = offload_notes(layout)
+    if layout.device_type == "cuda":
+        notes.append(
+            "FSDP1 frees unsharded parameters and gradients that other CUDA streams still use "
+            "through recordStream (docs notes/fsdp.rst): reserved memory can exceed this; "
+            "limit_all_gathers bounds it to two all-gathers in flight"
+        )
+    if layout.grad_accum > 2:
+        notes.append("micro-batches between the first and the last keep every unit's unsharded "
+                     "gradient through their backward; planned as the last one")
+    if trace.settings.optimizer == "adafactor" and layout.strategy in SHARDED:
+        notes.append("FSDP1 hands the optimizer 1-D views: Adafactor's factored state is "
+                     "planned as traced (2-D), which undercounts it")
+    timeline.notes = notes
+    if offload == "params":
+        timeline.host_bytes = layout.ranks_per_node * _host_bytes(trace, flats, local)
+    return timeline
+
+
+def _local_numels(trace: StepTrace, flats, shard_rank: int) -> list[int]:
+    local = [0] * len(trace.params)
+    for flat in flats:
+        if flat is not None:
+            for index, count in zip(flat.params, flat.local_numels(trace, shard_rank)):
+                local[index] = count
+    return local
+
+
+def _resize_optimizer(timeline: RankTimeline, local: list[int], offload: str) -> None:
+    """Optimizer state and step temporaries cover this rank's slice of each parameter, in
+    fp32 behind mixed precision; a parameter with nothing here has no gradient on this rank,
+    so the optimizer skips it entirely (torch/optim/adamw.py ``_init_group``). Offloaded, the
+    step runs on the host."""
+    trace = timeline.trace
+    for index, owned in enumerate(storages_by_param(trace)):
+        for storage in owned.optimizer_state + owned.optimizer_temporary:
+            factor = 0.0 if offload == "params" else _state_scale(trace, storage, index, local[index])
+            timeline.scale(storage, factor)
+
+
+def _host_bytes(trace: StepTrace, flats, local: list[int]) -> int:
+    """Per rank with CPUOffload(offload_params=True): the pinned shard and ``_cpu_grad``
+    (_flat_param.py ``init_flat_param_attributes``), then the optimizer's state and the peak of
+    its step, which runs on the host."""
+    total = 0
+    for flat in flats:
+        if flat is not None:
+            total += flat.shard_numel * flat.param_itemsize * (2 if flat.trainable else 1)
+    scale = np.zeros(len(trace.storage_bytes))
+    for index, owned in enumerate(storages_by_param(trace)):
+        for storage in owned.optimizer_state + owned.optimizer_temporary:
+            scale[storage] = _state_scale(trace, storage, index, local[index])
+    deltas = trace.event_sign * (trace.storage_bytes * scale)[trace.event_storage]
+    return total + (int(np.max(np.cumsum(deltas))) if len(deltas) else 0)
+
+
+def _state_scale(trace: StepTrace, storage: int, index: int, count: int) -> float:
+    """Size on this rank over traced size of one optimizer storage of parameter ``index``
+    that has ``count`` elements here (scalars such as Adam's ``step`` are kept whole)."""
+    if count == 0:
+        return 0.0
+    if not is_param_shaped(trace, storage, index):
+        return 1.0
+    numel = trace.params[index].numel
+    traced = int(trace.storage_bytes[storage]) // numel
+    element = FP32_BYTES if trace.settings.family == PARAM_CAST else traced
+    return count / numel * element / traced
+
+
+def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
+    """Shard ranks differ only in which slices of the original parameters they hold, hence in
+    optimizer state and step temporaries: plan every one for small groups, else rank 0 and the
+    ranks that score highest on state (scalars such as Adam's ``step`` exist only for the
+    parameters a rank holds a piece of) and on state plus one parameter's step temporaries."""
+    group = group_size(layout)
+    if layout.strategy == "fsdp-no-shard" or group == 1:
+        return [0]
+    if group <= EXHAUSTIVE_RANKS:
+        return list(range(group))
+    per_element, per_param, per_temp = _optimizer_bytes(trace)
+    state = np.zeros(group)
+    temp = np.zeros(group)
+    ranks = np.arange(group)
+    for flat in flat_params(trace, layout):
+        if flat is None:
+            continue
+        lo, hi = ranks * flat.shard_numel, (ranks + 1) * flat.shard_numel
+        for index, start in zip(flat.params, flat.offsets):
+            end = start + trace.params[index].numel
+            count = np.clip(np.minimum(hi, end) - np.maximum(lo, start), 0, None)
+            state += count * per_element[index] + (count > 0) * per_param[index]
+            temp = np.maximum(temp, count * per_temp[index])
+    picks = {0}
+    for score in (state, state + temp):
+        picks.update(int(r) for r in np.argsort(-score, kind="stable")[:CANDIDATES_PER_SCORE])
+    return sorted(picks)
+
+
+def _optimizer_bytes(trace: StepTrace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per parameter: state bytes per element, state bytes that do not scale (scalars),
+    step-temporary bytes per element."""
+    element = FP32_BYTES if trace.settings.family == PARAM_CAST else None
+    per_element, per_param, per_temp = (np.zeros(len(trace.params)) for _ in range(3))
+    for index, owned in enumerate(storages_by_param(trace)):
+        numel = trace.params[index].numel
+        for storage in owned.optimizer_state:
+            if is_param_shaped(trace, storage, index):
+                per_element[index] += element or int(trace.storage_bytes[storage]) // numel
+            else:
+                per_param[index] += int(trace.storage_bytes[storage])
+        for storage in owned.optimizer_temporary:
+            if is_param_shaped(trace, storage, index):
+                per_temp[index] += element or int(trace.storage_bytes[storage]) // numel
+    return per_element, per_param, per_temp
+
+
+def process_groups(layout: Layout) -> list[ProcessGroup]:
+    """HYBRID_SHARD communicates in two groups: the shard group inside a node and the
+    replicate group across nodes (``_init_process_group_state`` with a 2-D device mesh)."""
+    if layout.strategy == "fsdp-hybrid":
+        return [
+            ProcessGroup(num_ranks=layout.ranks_per_node, spans_nodes=False),
+            ProcessGroup(num_ranks=layout.num_nodes, spans_nodes=layout.num_nodes > 1),
+        ]
+    return [ProcessGroup(num_ranks=layout.world_size, spans_nodes=layout.num_nodes > 1)]
