@@ -1,0 +1,184 @@
+"""fsdp2: ``fully_shard`` on each unit, then on the root (torch FSDP2, reshard after forward).
+
+What one rank holds (torch/distributed/fsdp/_fully_shard/, FSDP_SRC):
+  - every parameter as its dim-0 shard, padded to the size of chunk 0 on every rank, in the
+    original dtype (fp32 under mixed precision); the optimizer, its state and the sharded
+    gradients see only the rank's unpadded rows (so rank 0 holds the most);
+  - per unit, in forward: an all-gather output buffer (all ranks' padded shards, in the
+    compute dtype), then the unsharded parameters copied out of it; the unsharded parameters
+    are freed after the unit's forward, the buffer only at the next unit's pre-forward;
+  - in backward: the same all-gather, prefetched one unit ahead; after the unit's backward
+    its unsharded gradients are copied into a reduce-scatter input (fp32 under mixed
+    precision) and freed, and reduced into a flat sharded-gradient buffer that lives until
+    ``zero_grad``; the reduce-scatter input is kept until the next unit's reduce-scatter.
+The root unit is not resharded after forward. Without gradient sync (all micro-batches but
+the last) the unsharded gradients stay, moved to fp32 under mixed precision.
+
+Modules: fsdp2_buffers.py (the buffers and collectives), fsdp2_hooks.py (when FSDP2's hooks
+run them over the traced step). This module sizes the shards and the resident state.
+
+device "cpu" plans a gloo run: gloo's collectives add temporaries as large as their buffers
+and CPU's ``cat`` stages dtype casts (measured on torch 2.13, see fsdp2_buffers.py); "cuda"
+(NCCL) has the same FSDP2 buffers without them: NCCL reduces in place with AVG for fp32/bf16
+(_get_gradient_divide_factors) and ``_chunk_cat`` casts in its CUDA kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpplan.planner.strategies.common import resize_param_storages, storages_by_param
+from dpplan.planner.strategies.fsdp2_buffers import (
+    Replay,
+    Schedule,
+    ShardedParam,
+    param_groups,
+    storage_lifetimes,
+)
+from dpplan.planner.strategies.fsdp2_hooks import replay_step
+from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.timeline import RankTimeline, ceil_div
+from dpplan.planner.trace import PARAM_CAST, StepTrace
+
+MIXED = ("bf16-mixed", "fp16-mixed")
+REDUCE_ITEMSIZE_MIXED = 4
+"""profiler/parallelize.py builds MixedPrecisionPolicy(param_dtype=low, reduce_dtype=float32)."""
+
+
+def shard_numels(shape: tuple[int, ...], numel: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(padded, local) elements of one rank's shard.
+
+    ``FSDPParam._init_sharded_param`` (FSDP_SRC/_fsdp_param.py): ``torch.chunk`` along dim 0,
+    so chunks hold ceil(d0 / world) rows and the last ranks may get fewer or none; every rank
+    stores a buffer the size of chunk 0 ("0th always padded"), and its ``sharded_param`` is
+    the unpadded narrow view of it.
+    """
+    if numel == 0:
+        return 0, 0
+    rows = shape[0] if shape else 1
+    per_row = numel // rows
+    chunk = ceil_div(rows, world_size)
+    local_rows = max(0, min(chunk, rows - rank * chunk))
+    return chunk * per_row, local_rows * per_row
+
+
+def _params(trace: StepTrace, layout: Layout) -> list[ShardedParam]:
+    mixed = trace.settings.family == PARAM_CAST and layout.precision in MIXED
+    result = []
+    for i, info in enumerate(trace.params):
+        padded, local = shard_numels(info.shape, info.numel, layout.world_size, layout.rank)
+        # Under bf16/fp16-mixed the trace holds the parameters in the low dtype; FSDP2 keeps
+        # them (and reduces gradients) in fp32 and casts only the all-gather input
+        # (FSDPParam.init_dtype_attrs, _get_param_all_gather_inputs).
+        low = mixed and info.itemsize == 2
+        result.append(
+            ShardedParam(
+                index=i,
+                numel=info.numel,
+                padded=padded,
+                local=local,
+                compute_size=info.itemsize,
+                orig_size=4 if low else info.itemsize,
+                reduce_size=REDUCE_ITEMSIZE_MIXED if low else info.itemsize,
+                trainable=info.grad_storage >= 0,
+            )
+        )
+    return result
+
+
+def _offload(layout: Layout) -> tuple[bool, list[str]]:
+    if layout.offload == "none":
+        return False, []
+    if layout.device_type == "cpu":
+        return False, ["offload: on a CPU run every byte is host memory already; planned without offload"]
+    notes = []
+    if layout.offload == "optimizer":
+        notes.append(
+            "offload: FSDP2 has no optimizer-only offload; its CPUOffloadPolicy moves parameters, "
+            "gradients and the optimizer step to the host together, planned as optimizer+params"
+        )
+    return True, notes
+
+
+def _shard_resident(timeline: RankTimeline, params: list[ShardedParam], owned, offload: bool) -> None:
+    """Sharded parameters (padded, original dtype) and optimizer state / step temporaries on
+    the rank's unpadded shard (the optimizer runs on the DTensor ``sharded_param``, a narrow
+    view of the padded buffer: FSDPParam._init_sharded_param). With CPU offload both live on
+    the host (CPUOffloadPolicy: "the optimizer step runs on CPU")."""
+    for p in params:
+        traced = p.numel * p.compute_size
+        for s in owned[p.index].parameter:
+            timeline.scale(s, 0.0 if offload or traced == 0 else p.padded * p.orig_size / traced)
+        step_storages = owned[p.index].optimizer_state + owned[p.index].optimizer_temporary
+        size = p.orig_size if p.orig_size != p.compute_size else None
+        resize_param_storages(timeline, step_storages, p.index, local_numel=p.local, element_size=size)
+        if offload:
+            for s in step_storages:
+                timeline.scale(s, 0.0)
+
+
+def _host_bytes(timeline: RankTimeline, params: list[ShardedParam], owned, layout: Layout) -> int:
+    """Host RAM per node under CPUOffloadPolicy: per rank the padded fp32 parameter shards
+    (pinned), the sharded gradients copied to the host, the optimizer state and the largest
+    set of optimizer-step temporaries alive at once."""
+    trace = timeline.trace
+    sizes = trace.storage_bytes * timeline.storage_scale
+    per_rank = sum(p.padded * p.orig_size + (p.local * p.orig_size if p.trainable else 0) for p in params)
+    state = [s for p in params for s in owned[p.index].optimizer_state]
+    per_rank += int(sum(sizes[s] for s in state))
+    temporary = np.zeros(len(sizes), dtype=bool)
+    temporary[[s for p in params for s in owned[p.index].optimizer_temporary]] = True
+    events = temporary[trace.event_storage]
+    if events.any():
+        steps = trace.event_sign[events] * sizes[trace.event_storage[events]]
+        per_rank += int(max(0.0, float(np.max(np.cumsum(steps)))))
+    return per_rank * layout.ranks_per_node
+
+
+def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
+    """One rank's step: resident shards resized, FSDP2's buffers replayed at its hooks."""
+    timeline = RankTimeline(trace)
+    offload, notes = _offload(layout)
+    if trace.settings.optimizer == "adafactor" and layout.world_size > 1:
+        # torch/optim/_adafactor.py updates its factored state in place (``pow_``) on the
+        # DTensor gradients, which DTensor refuses for a Partial placement (measured: torch
+        # 2.13 raises "in-place operations that require placement changes are not supported").
+        notes.append("adafactor: torch's Adafactor fails on FSDP2's sharded (DTensor) parameters")
+    params = _params(trace, layout)
+    owned = storages_by_param(trace)
+    _shard_resident(timeline, params, owned, offload=False)
+    host = _host_bytes(timeline, params, owned, layout) if offload else None
+    if offload:
+        _shard_resident(timeline, params, owned, offload=True)
+    birth, death = storage_lifetimes(trace)
+    run = Replay(
+        trace=trace,
+        sched=Schedule(timeline=timeline),
+        groups=param_groups(trace, params, layout.world_size),
+        grads=[ps.gradient for ps in owned],
+        birth=birth,
+        death=death,
+        gloo=layout.device_type == "cpu" and layout.world_size > 1,
+        cpu=layout.device_type == "cpu",
+        offload=offload,
+    )
+    replay_step(run)
+    traced = sum(m.kind == "micro_batch" for m in trace.markers)
+    if layout.grad_accum > traced >= 2:
+        # Micro-batches 2..N-1 hold every unit's accumulated unsharded gradients through a
+        # whole backward without reduce-scatter; the replay handles them once traced.
+        notes.append(
+            f"grad_accum {layout.grad_accum}: the middle micro-batches (no reduce-scatter, "
+            "accumulated unsharded gradients held throughout) are planned like the last one"
+        )
+    timeline.notes = notes
+    if host is not None:
+        timeline.host_bytes = host
+    return timeline
+
+
+def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
+    """Rank 0: every rank stores padded shards and same-size buffers, and rank 0 holds the
+    most unpadded rows, so its optimizer state and step temporaries are the largest."""
+    return [0]
+
