@@ -40,6 +40,7 @@ BREAKDOWN_OF_CATEGORY = {
 BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "other")
 FSDP1_STRATEGIES = ("fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid")
 TOP_MODULES = 10
+OFFLOAD_UNSUPPORTED = ("single", "dp", "ddp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +189,9 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         max_batch = rank_max if max_batch is None else min(max_batch, rank_max)
     assert best is not None
     total, rank, peak, timeline, runtime = best
+    notes = list(getattr(timeline, "notes", []))
+    if config.offload != "none" and strategy in OFFLOAD_UNSUPPORTED:
+        notes.append(f"{strategy} has no offload in torch; planned without offload (use zero* or fsdp*)")
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
     for category, nbytes in peak.bytes_by_category.items():
         breakdown[BREAKDOWN_OF_CATEGORY[category]] += nbytes
@@ -214,7 +218,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         fits=total <= capacity,
         max_batch_size=int(max_batch or 0),
         host_bytes=getattr(timeline, "host_bytes", None),
-        notes=list(getattr(timeline, "notes", [])),
+        notes=notes,
     )
 
 
