@@ -558,6 +558,34 @@ def skip_weight_init():
             setattr(init, name, fn)
 
 
+@contextlib.contextmanager
+def host_rng_state_as_traced_tensor():
+    """Make ``torch.get_rng_state()`` return a traced tensor of the real state's size.
+
+    Checkpointing (``preserve_rng_state=True``) keeps the CPU generator's state per
+    checkpointed region from forward until its backward, and ``torch.random.fork_rng`` takes
+    one more copy while a region is recomputed (torch/utils/checkpoint.py). The real call
+    creates its tensor outside the dispatcher, so the tracer would not see it; on a CPU
+    target those bytes are part of the measured peak. ``torch.set_rng_state`` with such a
+    tensor does nothing (there is no data to restore)."""
+    real_get, real_set = torch.get_rng_state, torch.set_rng_state
+    state_bytes = real_get().numel()
+
+    def traced_get_rng_state():
+        return torch.empty(state_bytes, dtype=torch.uint8, device=META)
+
+    def traced_set_rng_state(state):
+        if state.device.type == "meta" or isinstance(state, FakeDeviceTensor):
+            return None
+        return real_set(state)
+
+    torch.get_rng_state, torch.set_rng_state = traced_get_rng_state, traced_set_rng_state
+    try:
+        yield
+    finally:
+        torch.get_rng_state, torch.set_rng_state = real_get, real_set
+
+
 def current_graph_task_id() -> int:
     """-1 outside backward; used to tell a recomputed forward (checkpointing) from a real one."""
     return torch._C._current_graph_task_id()

@@ -308,8 +308,14 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
         module_names.append(name or "(root)")
         module_classes.append(type(sub).__name__)
 
+    # The generator state checkpointing keeps is host memory: it counts on a CPU target only.
+    rng_state = (
+        fake_device.host_rng_state_as_traced_tensor()
+        if settings.device_type == "cpu" and checkpointing != "none"
+        else contextlib.nullcontext()
+    )
     try:
-        with tracer:
+        with tracer, rng_state:
             fake_device.module_to_fake_device(model)
             batch = fake_device.tree_to_fake_device(batch)
             optimizer = build_optimizer(settings.optimizer, model.parameters(), device_type=settings.device_type)

@@ -48,6 +48,33 @@ def _rank_info() -> tuple[int, int, int]:
     )
 
 
+GLOO_SETTLE_S = 0.002
+_SETTLED_COLLECTIVES = ("reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single", "all_gather_into_tensor")
+
+
+def _settle_gloo_collectives(dist) -> None:
+    """Give gloo's worker thread a moment after each blocking collective.
+
+    gloo runs a collective on its own thread, which still holds the work (and the copy of
+    the input that reduce-scatter makes) for a moment after the caller's wait returns;
+    whether the caller's next allocation comes before or after that release is a scheduling
+    race, so the peak of a loaded 2-core machine moved run to run by up to 2% (FSDP2,
+    measured). Sleeping briefly after a blocking collective lets the worker release first,
+    as it does on an idle machine. It changes no allocation, only their order in time."""
+    for name in _SETTLED_COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def settled(*args, _original=original, **kwargs):
+            work = _original(*args, **kwargs)
+            if not kwargs.get("async_op", False):
+                time.sleep(GLOO_SETTLE_S)
+            return work
+
+        setattr(dist, name, settled)
+
+
 def run_rank(config: RunConfig, out_dir: Path) -> dict:
     from dpplan.profiler.cpu_memory import CpuMemoryRecorder
 
@@ -64,6 +91,7 @@ def run_rank(config: RunConfig, out_dir: Path) -> dict:
     device = torch.device("cpu")
     if world > 1 or "RANK" in os.environ:
         dist.init_process_group("gloo")
+        _settle_gloo_collectives(dist)
     torch.manual_seed(config.seed + rank)
 
     spec = load_model_file(config.model)

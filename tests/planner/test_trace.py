@@ -155,3 +155,20 @@ def test_traces_do_not_leak_into_each_other_through_the_op_cache(tiny_gpt):
     allocs = clean.event_sign > 0
     assert np.array_equal(allocs, after_other.event_sign > 0)
     assert np.array_equal(clean.live_bytes(3)[allocs], after_other.live_bytes(3)[allocs])
+
+
+def test_checkpointing_keeps_the_host_rng_state_on_cpu_targets(tiny_gpt):
+    """Non-reentrant checkpointing saves the CPU generator state per checkpointed unit (and
+    once more while recomputing): host memory, so counted for a CPU target only."""
+    import torch
+
+    state_bytes = torch.get_rng_state().numel()
+    spec = load_model_file(tiny_gpt)
+    on_cpu = trace_step(spec, TraceSettings(precision="fp32", activation_checkpointing=True), batch_size=2)
+    births = on_cpu.storage_bytes.tolist()
+    num_units = len(on_cpu.unit_names) - 1  # the root is not checkpointed
+    assert births.count(state_bytes) == 2 * num_units  # forward + recompute, per unit
+    on_gpu = trace_step(
+        spec, TraceSettings(precision="fp32", activation_checkpointing=True, device_type="cuda"), batch_size=2
+    )
+    assert state_bytes not in on_gpu.storage_bytes.tolist()
