@@ -1,0 +1,66 @@
+"""CI's guard on accuracy: a few real CPU runs (gloo, torchrun) against `--device cpu` estimates.
+
+The full table is benchmarks/accuracy.py (docs/accuracy.md); these are the cheap cases, one per
+strategy family, on the tiny GPT fixture. Both sides are exact byte counts, so the bound is the
+benchmark's median target, not its worst-case one.
+"""
+
+import pytest
+
+from dpplan.planner.config import PlanConfig
+from dpplan.planner.estimate import estimate
+from dpplan.profiler.cpu_run import run_cpu
+from dpplan.profiler.worker import RunConfig
+
+TOLERANCE_PCT = 0.5
+
+CASES = [
+    # strategy, ranks, precision, extra settings
+    ("single", 1, "fp32", {}),
+    ("ddp", 2, "bf16-mixed", {}),
+    ("ddp", 2, "fp32", {"grad_accum": 2}),
+    ("zero1", 2, "fp32", {}),
+    ("fsdp-full", 2, "fp32", {"activation_checkpointing": True}),
+    ("fsdp-no-shard", 2, "bf16-mixed", {}),
+    ("fsdp2", 2, "bf16-mixed", {}),
+]
+
+
+@pytest.mark.parametrize(("strategy", "ranks", "precision", "extra"), CASES, ids=lambda v: str(v))
+def test_estimate_matches_a_real_cpu_run(tiny_gpt, strategy, ranks, precision, extra):
+    settings = dict(batch_size=2, precision=precision, optimizer="adamw", **extra)
+    plan = estimate(PlanConfig(model=tiny_gpt, strategies=(strategy,), gpus=(ranks,), device="cpu", **settings))
+    estimated = plan.estimates[0].peak_bytes
+
+    measured = max(r["steady_peak_bytes"] for r in run_cpu(RunConfig(model=tiny_gpt, strategy=strategy, steps=3, **settings), ranks))
+
+    error_pct = 100 * (estimated - measured) / measured
+    assert abs(error_pct) <= TOLERANCE_PCT, f"estimate {estimated} vs measured {measured} ({error_pct:+.3f}%)"
+
+
+def test_a_run_past_its_timeout_leaves_no_process_behind(tiny_gpt, tmp_path):
+    """A run far longer than its timeout: the launcher and its ranks (whose command lines name
+    the output folder) are all gone when run_cpu returns."""
+    import threading
+
+    import psutil
+
+    from dpplan.profiler.cpu_run import RunFailed
+
+    outcome = []
+
+    def run():
+        try:
+            run_cpu(RunConfig(model=tiny_gpt, strategy="ddp", steps=1_000_000), 2, timeout_s=15, out_dir=tmp_path)
+        except RunFailed as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    for process in left:
+        process.kill()
+    assert not thread.is_alive(), "run_cpu did not return: a rank kept its output pipes open"
+    assert outcome and "did not finish" in str(outcome[0])
+    assert not left
