@@ -181,6 +181,15 @@ class _Recorder:
         self.event_storage.append(index)
         self.event_sign.append(-1)
 
+    def phase_boundary(self) -> None:
+        """An empty storage born and freed: it separates markers that would otherwise share one
+        position, so what a strategy inserts at the end of backward (FSDP's root
+        post-backward) is told apart from what it inserts at the start of the optimizer step."""
+        key = -1 - len(self.storage_bytes)  # no real storage has a negative key
+        self.alloc(key, 0)
+        self.storage_category[-1] = OTHER
+        self.free(key)
+
     def mark(self, kind: str, index: int = -1) -> None:
         self.markers.append(Marker(event=len(self.event_storage), kind=kind, index=index))
 
@@ -451,6 +460,7 @@ def _trace_steady_step(
                 before_backward=lambda: _enter_backward(recorder),
             )
             recorder.mark("bwd_end", root_unit)
+        recorder.phase_boundary()
         recorder.phase = OPTIMIZER_TEMPORARY
         recorder.mark("optimizer")
         for i, param in enumerate(params):

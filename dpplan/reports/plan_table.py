@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -90,6 +92,22 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
         console.print("[bold]Activation memory kept for backward, by module[/bold] (per micro-batch):")
         for m in modules[:5]:
             console.print(f"  {format_bytes(m.activation_bytes):>11}  {escape(m.name)} ({escape(m.class_name)})", highlight=False)
-    notes = sorted({note for e in plan.estimates for note in e.notes})
-    for note in notes:
+    for note in merged_notes(plan):
         console.print(f"note: {escape(note)}", style="yellow", highlight=False)
+
+
+def merged_notes(plan: Plan) -> list[str]:
+    """Each note once; notes that differ only in the strategy they name are said once for all
+    of them ("zero1, zero2, zero3 include ...")."""
+    by_template: dict[str, list[str]] = {}
+    for estimate in plan.estimates:
+        for note in estimate.notes:
+            named = estimate.strategy if re.search(rf"(?<![\w-]){re.escape(estimate.strategy)}(?![\w-])", note) else None
+            template = note.replace(named, "\0") if named else note
+            strategies = by_template.setdefault(template, [])
+            if named and named not in strategies:
+                strategies.append(named)
+    merged = []
+    for template, strategies in by_template.items():
+        merged.append(template.replace("\0", ", ".join(strategies)) if strategies else template)
+    return sorted(merged)

@@ -172,3 +172,11 @@ def test_checkpointing_keeps_the_host_rng_state_on_cpu_targets(tiny_gpt):
         spec, TraceSettings(precision="fp32", activation_checkpointing=True, device_type="cuda"), batch_size=2
     )
     assert state_bytes not in on_gpu.storage_bytes.tolist()
+
+
+def test_backward_end_and_optimizer_start_are_distinct_positions(tiny_gpt):
+    """What a strategy inserts at the end of backward must not read as optimizer-step memory."""
+    trace = trace_step(load_model_file(tiny_gpt), TraceSettings(precision="fp32"), batch_size=2)
+    last_backward_end = max(m.event for m in trace.markers if m.kind == "bwd_end")
+    optimizer = next(m.event for m in trace.markers if m.kind == "optimizer")
+    assert last_backward_end < optimizer

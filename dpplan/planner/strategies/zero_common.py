@@ -145,16 +145,16 @@ def notes_for(trace: StepTrace, layout: Layout) -> list[str]:
             notes.append("zero1 on cpu is torch's ZeroRedundancyOptimizer: offload does not apply")
         return notes
     if layout.device_type == "cpu":
-        notes.append(f"{stage} is DeepSpeed, which dpplan cannot run on cpu: modeled from DeepSpeed's source")
+        notes.append(f"{stage}: DeepSpeed, which dpplan cannot run on cpu; modeled from DeepSpeed's source")
     if layout.precision in MIXED_PRECISIONS:
         notes.append(
-            f"{stage} modeled as DeepSpeed torch_autocast: fp32 parameters, fp32 master slice and "
+            f"{stage}: modeled as DeepSpeed torch_autocast: fp32 parameters, fp32 master slice and "
             "optimizer state, Linear/Conv gradients reduced in the autocast dtype"
         )
     elif layout.precision == "bf16":
         notes.append(f"{stage}: DeepSpeed bf16 keeps an fp32 master slice and fp32 optimizer state")
     notes.append(
-        f"{stage} includes DeepSpeed's gradient bucket buffers: reduce_bucket_size={REDUCE_BUCKET_NUMEL:.0e} "
+        f"{stage}: DeepSpeed's gradient bucket buffers included, reduce_bucket_size={REDUCE_BUCKET_NUMEL:.0e} "
         "elements each, whatever the model size"
     )
     if layout.offload == "optimizer+params" and stage != "zero3":
