@@ -579,21 +579,25 @@ def _unit_post_hook(recorder: _Recorder, unit: int):
         if fake_device.current_graph_task_id() != -1:
             return None
         recorder.mark("fwd_end", unit)
-        outputs = [t for t in _tensors_in(output) if t.requires_grad]
-        if outputs:
-            fired = []
-
-            def on_output_grad(grad):
-                if not fired:
-                    fired.append(True)
-                    recorder.mark("bwd_start", unit)
-                return None
-
-            for tensor in outputs:
-                tensor.register_hook(on_output_grad)
+        _mark_first_output_grad(recorder, output, "bwd_start", unit)
         return None
 
     return hook
+
+
+def _mark_first_output_grad(recorder: _Recorder, output, kind: str, unit: int) -> None:
+    """Mark ``kind`` when the first gradient reaches any of ``output``'s tensors."""
+    outputs = [t for t in _tensors_in(output) if t.requires_grad]
+    fired = []
+
+    def on_output_grad(grad):
+        if not fired:
+            fired.append(True)
+            recorder.mark(kind, unit)
+        return None
+
+    for tensor in outputs:
+        tensor.register_hook(on_output_grad)
 
 
 def _root_post_hook(recorder: _Recorder, root_unit: int):
@@ -606,17 +610,7 @@ def _root_post_hook(recorder: _Recorder, root_unit: int):
         if fake_device.current_graph_task_id() != -1:
             return None
         recorder.mark("root_fwd_end", root_unit)
-        outputs = [t for t in _tensors_in(output) if t.requires_grad]
-        fired = []
-
-        def on_output_grad(grad):
-            if not fired:
-                fired.append(True)
-                recorder.mark("root_bwd_start", root_unit)
-            return None
-
-        for tensor in outputs:
-            tensor.register_hook(on_output_grad)
+        _mark_first_output_grad(recorder, output, "root_bwd_start", root_unit)
         return None
 
     return hook
