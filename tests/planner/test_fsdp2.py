@@ -1,0 +1,33 @@
+"""fully_shard (FSDP2): sharding, resharding after forward, offload. Byte-exact checks against
+real runs are in tests/profiler/test_cpu_accuracy.py and benchmarks/accuracy.py."""
+
+from dpplan.planner.config import PlanConfig
+from dpplan.planner.estimate import estimate
+
+
+def plan(tiny_gpt, gpus, **options):
+    options.setdefault("precision", "fp32")
+    config = PlanConfig(model=tiny_gpt, strategies=("fsdp2", "ddp"), gpus=gpus, **options)
+    return {(e.strategy, e.gpus): e for e in estimate(config).estimates}
+
+
+def test_state_shrinks_with_the_shard_count(tiny_gpt):
+    estimates = plan(tiny_gpt, (2, 8))
+    ddp = estimates[("ddp", 2)].breakdown
+    two, eight = estimates[("fsdp2", 2)].breakdown, estimates[("fsdp2", 8)].breakdown
+    assert eight["optimizer"] < two["optimizer"] < ddp["optimizer"]
+    # (parameters at the peak include the unsharded units in use, so they do not fall as 1/N)
+
+
+def test_peak_below_ddp_and_falls_with_more_gpus(tiny_gpt):
+    estimates = plan(tiny_gpt, (2, 8), device="cpu")
+    assert estimates[("fsdp2", 8)].peak_bytes < estimates[("fsdp2", 2)].peak_bytes < estimates[("ddp", 2)].peak_bytes
+
+
+def test_offload_moves_sharded_state_to_the_host(tiny_gpt):
+    kept = plan(tiny_gpt, (4,))[("fsdp2", 4)]
+    offloaded = plan(tiny_gpt, (4,), offload="optimizer+params")[("fsdp2", 4)]
+    assert kept.host_bytes is None
+    assert offloaded.breakdown["optimizer"] == 0
+    assert offloaded.host_bytes > kept.breakdown["optimizer"]
+    assert offloaded.peak_allocated_bytes < kept.peak_allocated_bytes
