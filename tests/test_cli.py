@@ -168,3 +168,12 @@ def test_gpus_per_node_sweeps_nodes(tiny_gpt):
 def test_nodes_and_gpus_per_node_together(tiny_gpt):
     result = run("estimate", tiny_gpt, "--nodes", "1", "--gpus-per-node", "8", "--gpus", "8")
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_offload_shows_host_memory_per_node(tiny_gpt):
+    data = estimate_json(tiny_gpt, "--strategy", "ddp,zero2", "--gpus", "4", "--offload", "optimizer")
+    by_strategy = {e["strategy"]: e for e in data["estimates"]}
+    assert by_strategy["ddp"]["host_bytes"] is None
+    assert by_strategy["zero2"]["host_bytes"] > 0
+    table = run("estimate", tiny_gpt, "--strategy", "ddp,zero2", "--gpus", "4", "--offload", "optimizer").output
+    assert "host GiB/node" in table and "ddp has no offload" in table

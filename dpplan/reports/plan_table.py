@@ -59,6 +59,9 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
     table.add_column("fits", justify="center")
     table.add_column("max batch", justify="right")
     table.add_column("peak in")
+    show_host = any(e.host_bytes is not None for e in plan.estimates)
+    if show_host:
+        table.add_column("host GiB/node", justify="right")
     previous_gpus = None
     for e in plan.estimates:
         if previous_gpus is not None and e.gpus != previous_gpus:
@@ -66,6 +69,7 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
         previous_gpus = e.gpus
         b = e.breakdown
         fits = Text("yes", style="green") if e.fits else Text("no", style="bold red")
+        host = [format_gib(e.host_bytes) if e.host_bytes is not None else "-"] if show_host else []
         table.add_row(
             str(e.gpus),
             e.strategy,
@@ -78,6 +82,7 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
             fits,
             str(e.max_batch_size),
             e.peak_phase,
+            *host,
         )
     console.print(table)
     if plan.config.device == "cuda":

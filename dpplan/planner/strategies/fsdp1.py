@@ -136,18 +136,21 @@ def flat_params(trace: StepTrace, layout: Layout) -> list[FlatParam | None]:
 
 
 def offload_mode(layout: Layout) -> str:
-    """``params`` (CPUOffload(offload_params=True)) or ``none``."""
-    if layout.offload == "optimizer+params" and layout.device_type == "cuda":
+    """``params`` (CPUOffload(offload_params=True)) or ``none``. FSDP1 has no optimizer-only
+    offload, so ``optimizer`` plans the one it has (as FSDP2 does), with a note."""
+    if layout.offload != "none" and layout.device_type == "cuda":
         return "params"
     return "none"
 
 
 def offload_notes(layout: Layout) -> list[str]:
+    if layout.offload == "none":
+        return []
+    if layout.device_type == "cpu":
+        return ["offload: on a CPU run every byte is host memory already; planned without offload"]
     if layout.offload == "optimizer":
-        return ["FSDP1 has no optimizer-only offload (CPUOffload moves parameters, gradients and "
-                "the optimizer step together): planned without offload; use optimizer+params"]
-    if layout.offload == "optimizer+params" and layout.device_type == "cpu":
-        return ["offload on a CPU run keeps everything in the same memory: planned without offload"]
+        return ["offload: FSDP1 has no optimizer-only offload; its CPUOffload moves parameters, "
+                "gradients and the optimizer step to the host together, planned as optimizer+params"]
     return []
 
 
