@@ -154,6 +154,30 @@ class StorageTracer(TorchDispatchMode):
             return type(value)(self._wrap(v) for v in value)
         return value
 
+    def _replay_kernel(self, steps: list[tuple], result: Any) -> Any:
+        """Wrap ``result`` while replaying the kernel's own buffers (see ``_CPU_KERNEL_BUFFERS``):
+        ``("+", name, nbytes)`` a buffer is born, ``("-", name)`` it dies, ``("out", i)`` output
+        ``i`` (of a tuple result; 0 for a single tensor) is born. Outputs no step names are born
+        first; every buffer is dead when the op returns."""
+        single = not isinstance(result, (tuple, list))
+        outputs = [result] if single else list(result)
+        named = {step[1] for step in steps if step[0] == "out"}
+        wrapped: list[Any] = [None] * len(outputs)
+        for i, output in enumerate(outputs):
+            if i not in named:
+                wrapped[i] = self._wrap(output)
+        buffers: dict[str, Any] = {}
+        for step in steps:
+            if step[0] == "+":
+                if step[2]:
+                    buffers[step[1]] = self._wrap(torch.empty(step[2], dtype=torch.uint8, device=META))
+            elif step[0] == "-":
+                buffers.pop(step[1], None)  # its storage dies here (nothing else holds it)
+            elif step[1] < len(outputs):
+                wrapped[step[1]] = self._wrap(outputs[step[1]])
+        buffers.clear()
+        return wrapped[0] if single else type(result)(wrapped)
+
     # -- ops ------------------------------------------------------------------------------
     def _mutates_and_returns_self(self, func) -> bool:
         known = self._returns_self.get(func)
@@ -210,13 +234,9 @@ class StorageTracer(TorchDispatchMode):
             return args[0]
         if kind is _CHECK_ONLY:
             return result
-        wrapped = self._wrap(result)
-        scratch = _CPU_KERNEL_SCRATCH.get(func) if self.target_device_type == "cpu" else None
-        if scratch is not None:
-            nbytes = scratch(args)
-            if nbytes:
-                # The kernel's internal buffer: born after the outputs, dead when the op returns.
-                self._wrap(torch.empty(nbytes, dtype=torch.uint8, device=META))
+        rule = _CPU_KERNEL_BUFFERS.get(func) if self.target_device_type == "cpu" else None
+        steps = rule(args) if rule is not None else None
+        wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
         if self.on_op_done is not None:
             self.on_op_done(func, args, wrapped)
         return wrapped
@@ -398,53 +418,173 @@ _MISSIZED_OUTPUTS: dict[Any, Callable[[tuple, Any], Any]] = {
 
 
 # -- buffers a CPU kernel allocates and frees inside one op -----------------------------------
-# Invisible to a trace of op outputs. Each rule returns the bytes of the kernel's internal
-# buffer for the op's arguments (0: none), from the ATen kernel's code (cited).
+# Invisible to a trace of op outputs. Each rule returns, for the op's arguments, the kernel's
+# allocation sequence as steps for ``StorageTracer._replay_kernel`` (None: nothing to add),
+# from the kernel's code (cited); tests/planner/test_fake_device.py runs the real kernels
+# under the profiler and compares.
 
 
-def _slow_conv2d_columns_bytes(input, weight, stride, padding, dilation, transposed, output_padding, groups) -> int:
+def _pair(value) -> tuple[int, int]:
+    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+
+
+def _conv2d_output_hw(input, weight, stride, padding, dilation) -> tuple[int, int]:
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    kh, kw = weight.shape[2], weight.shape[3]
+    h, w = input.shape[2], input.shape[3]
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _conv_backend(input, weight, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed or groups != 1 or input.dim() != 4:
+        return None  # grouped, transposed and 1-d/3-d convolutions are not modelled
+    return torch._C._select_conv_backend(
+        input, weight, None, stride, padding, dilation, transposed, output_padding, groups, None
+    )
+
+
+def _slow_conv2d_columns_bytes(input, weight, stride, padding) -> int:
     """The im2col buffer of ATen's ``_slow_conv2d_forward`` / ``_slow_conv2d_backward``
     (aten/src/ATen/native/ConvolutionMM2d.cpp): N x (C_in*kH*kW) x (H_out*W_out) elements of
     the input's dtype, allocated whenever ``requires_columns`` (any kernel, stride or padding
-    other than 1x1 / 1 / 0), freed when the op returns; forward and backward allocate one
-    each. Only when torch picks the Slow2d backend for these arguments (on CPU: no oneDNN for
-    the dtype, e.g. bf16 without avx512_bf16), which ``_select_conv_backend`` decides exactly
-    as ``aten::_convolution`` does. Grouped convolutions (one Slow2d call per group) and the
-    oneDNN backend (reorders and scratchpads chosen per ISA) are not modelled.
+    other than 1x1 / 1 / 0), born after the outputs, freed when the op returns; forward and
+    backward allocate one each. Only when torch picks the Slow2d backend (on CPU: no oneDNN
+    for the dtype, e.g. bf16 without avx512_bf16), which ``_select_conv_backend`` decides
+    exactly as ``aten::_convolution`` does.
     """
-    if transposed or groups != 1 or input.dim() != 4:
-        return 0
-    backend = torch._C._select_conv_backend(
-        input, weight, None, stride, padding, dilation, transposed, output_padding, groups, None
-    )
-    if backend != torch._C._ConvBackend.Slow2d:
-        return 0
     kh, kw = weight.shape[2], weight.shape[3]
-    sh, sw = (list(stride) * 2)[:2] if len(stride) == 1 else stride
-    ph, pw = (list(padding) * 2)[:2] if len(padding) == 1 else padding
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         return 0
+    h_out, w_out = _conv2d_output_hw(input, weight, stride, padding, [1])
+    return input.shape[0] * input.shape[1] * kh * kw * h_out * w_out * input.element_size()
+
+
+# oneDNN (mkldnn) fp32 convolutions. ATen's Mkldnn backend (aten/src/ATen/native/mkldnn/Conv.cpp
+# ``_mkldnn_convolution``, ``mkldnn_convolution_backward_input`` / ``_weights``) hands plain
+# NCHW tensors to ideep, which reorders every operand whose layout differs from the one the
+# chosen oneDNN implementation wants into a new buffer (ideep/operators/conv.hpp
+# ``reorder_if_differ_in``), lets oneDNN write the result into a buffer of its own layout, and
+# ATen then copies that into a fresh dense tensor (``mkldnn_to_dense``): the op's output. ideep
+# allocates through c10's CPU allocator (IDeepRegistration.cpp), so all of it is CPU tensor
+# memory, freed when the op returns. The layouts are oneDNN's choice per ISA and shape; these
+# are those of oneDNN 3.x on AVX2 (seen with ONEDNN_VERBOSE=1: jit:avx2, jit_1x1:avx2 and, for
+# strided backward-data, brgconv_strided:avx2):
+#   - activations nChw8c (channels padded to the 8-float block), except that a source with
+#     fewer channels than the block stays plain NCHW (jit_avx2_conv_kernel_f32.cpp
+#     ``init_conf``: the "flat" first-layer case);
+#   - weights OIhw8i8o / OIhw8o8i (both channel dims padded), Ohwi8o for a flat source
+#     (forward, backward-weights; backward-data pads both dims even then);
+#   - strided backward-data: NHWC activations (no padding) and weights blocked over input
+#     channels by 8 to 32 (modelled as 8: brgemm's block choice is a heuristic, and weights are
+#     small); the NHWC gradient then goes through two more gradient-sized buffers (a
+#     jit_direct_copy reorder, then the NCHW output), all three alive at once.
+# Left out: oneDNN's scratchpads (buffers of some implementations sized by thread count and
+# blocking, not by the batch: jit_1x1's strided-source copy and reduction buffers, brgconv's;
+# from 16 KiB to 600 KiB for ResNet-sized layers)
+# and the bias-padding scratchpad (under 1 KiB). AVX-512 machines use 16-float blocks and
+# often other implementations: there the same sequence is assumed with 16-float blocks
+# (not validated).
+_F32 = 4
+
+
+def _onednn_block() -> int:
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def _round_up(value: int, block: int) -> int:
+    return -(-value // block) * block
+
+
+def _onednn_conv_layouts(input, weight, stride, padding, dilation) -> dict[str, int] | None:
+    """Bytes of each oneDNN-layout buffer of an fp32 NCHW convolution (None: not this path)."""
+    if input.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    if not (input.is_contiguous() and weight.is_contiguous()):
+        return None  # channels-last: ATen runs oneDNN on NHWC tensors directly (not modelled)
+    block = _onednn_block()
     n, c, h, w = input.shape
-    h_out = (h + 2 * ph - kh) // sh + 1
-    w_out = (w + 2 * pw - kw) // sw + 1
-    return n * c * kh * kw * h_out * w_out * input.element_size()
+    o, i, kh, kw = weight.shape
+    h_out, w_out = _conv2d_output_hw(input, weight, stride, padding, dilation)
+    flat = c < block  # the source stays plain NCHW
+    weights = _round_up(o, block) * (i if flat else _round_up(i, block)) * kh * kw * _F32
+    return {
+        "src": 0 if flat else n * _round_up(c, block) * h * w * _F32,
+        "dst": n * _round_up(o, block) * h_out * w_out * _F32,
+        "weights": weights,
+        "diff_src": n * _round_up(c, block) * h * w * _F32,
+        "bwd_data_weights": _round_up(o, block) * _round_up(i, block) * kh * kw * _F32,  # never flat
+        "diff_weights": weights,
+        "bias": o * _F32,
+        # strided backward-data (brgconv, NHWC)
+        "nhwc_diff_dst": n * o * h_out * w_out * _F32,
+        "nhwc_diff_src": n * c * h * w * _F32,
+        "nhwc_weights": o * _round_up(i, 8) * kh * kw * _F32,
+    }
 
 
-def _convolution_scratch(args) -> int:
+def _slow2d_steps(input, weight, stride, padding) -> list[tuple] | None:
+    nbytes = _slow_conv2d_columns_bytes(input, weight, stride, padding)
+    return [("+", "columns", nbytes), ("-", "columns")] if nbytes else None
+
+
+def _convolution_steps(args) -> list[tuple] | None:
     input, weight, _bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
-    return _slow_conv2d_columns_bytes(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+    backend = _conv_backend(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+    if backend == torch._C._ConvBackend.Slow2d:
+        return _slow2d_steps(input, weight, stride, padding)
+    if backend != torch._C._ConvBackend.Mkldnn:
+        return None
+    sizes = _onednn_conv_layouts(input, weight, stride, padding, dilation)
+    if sizes is None:
+        return None
+    # Conv.cpp _mkldnn_convolution -> ideep convolution_forward::compute, then mkldnn_to_dense.
+    return [
+        ("+", "src", sizes["src"]), ("+", "weights", sizes["weights"]), ("+", "dst", sizes["dst"]),
+        ("-", "weights"), ("-", "src"), ("out", 0), ("-", "dst"),
+    ]
 
 
-def _convolution_backward_scratch(args) -> int:
+def _convolution_backward_steps(args) -> list[tuple] | None:
     _grad, input, weight, _bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = args[:11]
-    if not (mask[0] or mask[1]):
-        return 0
-    return _slow_conv2d_columns_bytes(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+    backend = _conv_backend(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+    if backend == torch._C._ConvBackend.Slow2d:
+        return _slow2d_steps(input, weight, stride, padding) if (mask[0] or mask[1]) else None
+    if backend != torch._C._ConvBackend.Mkldnn:
+        return None
+    sizes = _onednn_conv_layouts(input, weight, stride, padding, dilation)
+    if sizes is None:
+        return None
+    steps: list[tuple] = []
+    if mask[0]:  # Conv.cpp mkldnn_convolution_backward_input -> convolution_backward_data
+        if _pair(stride) == (1, 1):
+            steps += [
+                ("+", "diff_dst", sizes["dst"]), ("+", "weights", sizes["bwd_data_weights"]),
+                ("+", "diff_src", sizes["diff_src"]), ("-", "weights"), ("-", "diff_dst"),
+                ("out", 0), ("-", "diff_src"),
+            ]
+        else:
+            steps += [
+                ("+", "diff_dst", sizes["nhwc_diff_dst"]), ("+", "weights", sizes["nhwc_weights"]),
+                ("+", "diff_src", sizes["nhwc_diff_src"]), ("-", "weights"), ("-", "diff_dst"),
+                ("+", "dense_nhwc", sizes["nhwc_diff_src"]), ("out", 0), ("-", "dense_nhwc"),
+                ("-", "diff_src"),
+            ]
+    if mask[1]:  # mkldnn_convolution_backward_weights -> convolution_backward_weights
+        with_bias = len(mask) > 2 and mask[2]
+        steps += [
+            ("+", "diff_dst", sizes["dst"]), ("+", "src", sizes["src"]),
+            ("+", "diff_weights", sizes["diff_weights"]),
+            ("+", "diff_bias", sizes["bias"] if with_bias else 0),
+            ("-", "src"), ("-", "diff_dst"),
+            ("out", 2), ("out", 1), ("-", "diff_weights"), ("-", "diff_bias"),
+        ]
+    return steps or None
 
 
-_CPU_KERNEL_SCRATCH: dict[Any, Callable[[tuple], int]] = {
-    torch.ops.aten.convolution.default: _convolution_scratch,
-    torch.ops.aten.convolution_backward.default: _convolution_backward_scratch,
+_CPU_KERNEL_BUFFERS: dict[Any, Callable[[tuple], list[tuple] | None]] = {
+    torch.ops.aten.convolution.default: _convolution_steps,
+    torch.ops.aten.convolution_backward.default: _convolution_backward_steps,
 }
 
 

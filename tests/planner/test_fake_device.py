@@ -5,6 +5,8 @@ If one of these fails after a torch upgrade, the tracer needs updating: the fail
 
 import weakref
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +134,122 @@ def test_slow_conv2d_columns_are_a_transient_of_the_op():
     output = 2 * 4 * 16 * 16 * 2
     expected = [("alloc", output), ("alloc", columns), ("free",)]  # the columns die inside the op
     assert any(events[i : i + 3] == expected for i in range(len(events))), events
+
+
+# -- oneDNN fp32 convolutions: the rule against the real kernel ------------------------------
+# The real op runs under the profiler-based recorder (dpplan/profiler/cpu_memory.py); its peak
+# above the level before the op and its net allocation are compared with the rule's sequence.
+
+
+def _real_op_profile(fn) -> tuple[int, int, object]:
+    from dpplan.profiler.cpu_memory import CpuMemoryRecorder
+
+    recorder = CpuMemoryRecorder(keep_allocations=True).start()
+    with recorder.mark("op"):
+        outputs = fn()
+    timeline = recorder.stop()
+    start, end = timeline.mark_spans("op")[0]
+    level = peak = 0
+    for allocation in timeline.allocations:
+        if start <= allocation.time_ns <= end:
+            level += allocation.delta_bytes
+            peak = max(peak, level)
+    return peak, level, outputs
+
+
+def _rule_profile(steps, outputs) -> tuple[int, int]:
+    """Peak and net bytes of the sequence StorageTracer._replay_kernel plays for ``steps``."""
+    sizes = [0 if o is None else o.untyped_storage().nbytes() for o in outputs]
+    named = {step[1] for step in steps if step[0] == "out"}
+    level = peak = sum(size for i, size in enumerate(sizes) if i not in named)
+    live = {}
+    for step in steps:
+        if step[0] == "+":
+            live[step[1]] = step[2]
+            level += step[2]
+        elif step[0] == "-":
+            level -= live.pop(step[1], 0)
+        else:
+            level += sizes[step[1]]
+        peak = max(peak, level)
+    return peak, level
+
+
+def _fake(tensor):
+    return fake_device.to_fake_device(torch.empty_like(tensor, device="meta"))
+
+
+def _onednn_conv_profiles(x_shape, w_shape, stride, padding, mask=None, bias=False):
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    b = torch.randn(w_shape[0]) if bias else None
+    conv = (x, w, b, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1)
+    if mask is None:
+        peak, net, output = _real_op_profile(lambda: torch.ops.aten.convolution(*conv))
+        steps = fake_device._convolution_steps((_fake(x), _fake(w), None if b is None else _fake(b)) + conv[3:])
+        return (peak, net), _rule_profile(steps, [output])
+    grad = torch.randn_like(torch.ops.aten.convolution(*conv))
+    backward = (grad, x, w, [w_shape[0]] if bias else None) + conv[3:] + (mask,)
+    peak, net, outputs = _real_op_profile(lambda: torch.ops.aten.convolution_backward(*backward))
+    steps = fake_device._convolution_backward_steps((_fake(grad), _fake(x), _fake(w)) + backward[3:])
+    return (peak, net), _rule_profile(steps, list(outputs))
+
+
+def _onednn_avx2_fp32_convolutions() -> bool:
+    x, w = torch.empty(2, 8, 8, 8), torch.empty(8, 8, 3, 3)
+    backend = torch._C._select_conv_backend(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, None)
+    return backend == torch._C._ConvBackend.Mkldnn and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+_CONV_SHAPES = [
+    ((2, 32, 16, 16), (32, 32, 3, 3), 1, 1),  # blocked source, weights and result
+    ((2, 3, 16, 16), (16, 3, 3, 3), 1, 1),  # first layer: the source stays NCHW
+    ((2, 12, 10, 10), (10, 12, 3, 3), 1, 1),  # channels padded to the 8-float block
+    ((2, 32, 16, 16), (64, 32, 3, 3), 2, 1),
+]
+
+
+def test_onednn_convolution_buffers_match_the_real_kernel():
+    if not _onednn_avx2_fp32_convolutions():
+        pytest.skip("the oneDNN layouts are validated on AVX2 only")
+    for shape in _CONV_SHAPES + [((2, 32, 16, 16), (64, 32, 1, 1), 1, 0)]:
+        real, rule = _onednn_conv_profiles(*shape)
+        assert real == rule, ("forward", shape, real, rule)
+    for mask in ([True, True, False], [False, True, False], [True, False, False]):
+        for shape in _CONV_SHAPES:
+            if shape[2] != 1 and mask[0]:
+                continue  # strided backward-data: below
+            real, rule = _onednn_conv_profiles(*shape, mask=mask)
+            assert real == rule, ("backward", mask, shape, real, rule)
+
+
+def test_onednn_convolution_scratchpads_are_the_only_difference():
+    """oneDNN's own scratchpads (brgconv's strided backward-data, jit_1x1's strided-source copy,
+    bias padding) and brgconv's weight block choice are left out: the rule is a lower bound there
+    and the op's net allocation (its outputs) is exact."""
+    if not _onednn_avx2_fp32_convolutions():
+        pytest.skip("the oneDNN layouts are validated on AVX2 only")
+    cases = [
+        dict(x_shape=(2, 32, 16, 16), w_shape=(64, 32, 3, 3), stride=2, padding=1, mask=[True, True, False]),
+        dict(x_shape=(2, 12, 20, 20), w_shape=(20, 12, 3, 3), stride=2, padding=1, mask=[True, False, False]),
+        dict(x_shape=(2, 32, 16, 16), w_shape=(64, 32, 1, 1), stride=2, padding=0),
+        dict(x_shape=(2, 12, 10, 10), w_shape=(10, 12, 3, 3), stride=1, padding=1, mask=[True, True, True], bias=True),
+    ]
+    for case in cases:
+        (real_peak, real_net), (rule_peak, rule_net) = _onednn_conv_profiles(**case)
+        assert real_net == rule_net and rule_peak <= real_peak, (case, real_peak, rule_peak)
+
+
+def test_traced_fp32_convolution_replays_the_onednn_copies():
+    if not _onednn_avx2_fp32_convolutions():
+        pytest.skip("the oneDNN layouts are validated on AVX2 only")
+
+    def step():
+        x = fake_device.to_fake_device(torch.empty(2, 16, 8, 8, device="meta"))
+        w = fake_device.to_fake_device(torch.empty(16, 16, 3, 3, device="meta"))
+        return F.conv2d(x, w, padding=1)
+
+    events, _ = _trace(step)
+    act, weights = 2 * 16 * 8 * 8 * 4, 16 * 16 * 3 * 3 * 4
+    # source and weights reordered, oneDNN's result, the dense output, then the result freed
+    expected = [("alloc", act), ("alloc", weights), ("alloc", act), ("free",), ("free",), ("alloc", act), ("free",)]
+    assert any(events[i : i + 7] == expected for i in range(len(events))), events
