@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results)
     print(json.dumps(summary))
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for path in (args.json, args.markdown):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     if args.json:
         args.json.write_text(json.dumps(
             {"command": command, "summary": summary,
