@@ -8,10 +8,12 @@ Examples:
         --precision bf16-mixed --activation-checkpointing --gpu a100-80gb
     dpplan estimate model.py --json plan.json         # the same, machine-readable (- for stdout)
     dpplan estimate model.py --device cpu --gpus 2    # what a CPU (gloo) run allocates
+    dpplan profile model.py --gpus 4                  # real runs, measured beside the estimates
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -19,12 +21,13 @@ import sys
 import click
 
 from dpplan import __version__
-from dpplan.cli_types import GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
+from dpplan.cli_types import ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
 from dpplan.planner.config import DEVICES, OFFLOADS, PlanConfig
 from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
 from dpplan.planner.training_step import PRECISIONS
+from dpplan.profiler.profile import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
 
 USER_ERROR_EXIT = 2
 RUNTIME_ERROR_EXIT = 1
@@ -60,6 +63,28 @@ def _run_safely(action):
         _fail(f"{type(exc).__name__}: {exc} (set DPPLAN_DEBUG=1 for the traceback)", RUNTIME_ERROR_EXIT)
 
 
+def run_options(command):
+    """The flags that describe the training run, shared by estimate and profile so that they
+    mean exactly the same in both (every profiled run has a matching estimate)."""
+    options = [
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch per GPU."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Micro-batches per optimizer step."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="bf16-mixed", show_default=True,
+                     help="fp32 | bf16-mixed (fp32 params, bf16 compute) | fp16-mixed (+ grad scaler) | bf16 (all bf16)."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True),
+        click.option("--activation-checkpointing", is_flag=True,
+                     help="The model's gradient_checkpointing_enable(), else non-reentrant checkpointing per unit."),
+        click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
+                     help="Move optimizer state (and parameters) to host memory."),
+        click.option("--wrap", metavar="CLASSNAME", default=None,
+                     help="FSDP / checkpointing unit class (default: children of the largest nn.ModuleList)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dpplan")
 def main() -> None:
@@ -75,18 +100,7 @@ def main() -> None:
 @click.option("--nodes", type=click.IntRange(min=1), default=None, help="Nodes the GPUs span  [default: 1]")
 @click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
               help="For sweeps over --gpus: nodes = gpus / this (instead of --nodes).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch per GPU.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batches per optimizer step.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="bf16-mixed", show_default=True,
-              help="fp32 | bf16-mixed (fp32 params, bf16 compute) | fp16-mixed (+ grad scaler) | bf16 (all bf16).")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
-@click.option("--activation-checkpointing", is_flag=True,
-              help="The model's gradient_checkpointing_enable(), else non-reentrant checkpointing per unit.")
-@click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
-              help="Move optimizer state (and parameters) to host memory.")
-@click.option("--wrap", metavar="CLASSNAME", default=None,
-              help="FSDP / checkpointing unit class (default: children of the largest nn.ModuleList).")
+@run_options
 @click.option("--gpu", type=GPU_NAME, default=DEFAULT_GPU, show_default=True, help="GPU model (see `dpplan gpus`).")
 @click.option("--device", type=click.Choice(DEVICES), default="cuda", show_default=True,
               help="cuda: GPU memory; cpu: the tensor bytes of a CPU (gloo) run, for validation without GPUs.")
@@ -129,6 +143,97 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
             write_json(plan_to_json(plan, command=command), json_path)
             if json_path != "-":
                 click.echo(f"wrote {json_path}")
+
+    _run_safely(action)
+
+
+@main.command()
+@click.argument("model", required=False, metavar="[MODEL]")
+@click.option("--strategy", "strategies", type=STRATEGY_LIST, default=",".join(DEFAULT_STRATEGIES), show_default=True,
+              help=f"Comma list or 'all' of: {', '.join(STRATEGIES)} (zero2, zero3, dp: estimate only).")
+@click.option("--gpus", type=click.IntRange(min=1), default=None,
+              help="Total ranks over all nodes, as in estimate  [default: every visible GPU; without GPUs 2 CPU ranks]")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes (torchrun --nnodes).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This node's rank (torchrun --node-rank).")
+@click.option("--rdzv-endpoint", type=ENDPOINT, default=None, help="host:port of node 0 (torchrun --rdzv-endpoint).")
+@run_options
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="Timed optimizer steps per run.")
+@click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed optimizer steps first (the first creates the optimizer state).")
+@click.option("--sample-hz", type=click.FloatRange(min=MIN_SAMPLE_HZ), default=100.0, show_default=True,
+              help="NVML sampling rate of each GPU.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds one run may take before all its processes are stopped.")
+@click.option("--device", type=click.Choice(PROFILE_DEVICES), default="auto", show_default=True,
+              help="auto: GPUs if torch sees any, else CPU ranks (gloo).")
+@click.option("--gpu", type=GPU_NAME, default=None, help="GPU model of the estimates  [default: detected]")
+@click.option("--out", "out_dir", metavar="DIR", default=None,
+              help="Results folder  [default: a new dpplan-runs/<timestamp>/]")
+@click.option("--json", "json_path", metavar="PATH|-", default=None,
+              help="Also write the merged profile JSON here ('-': stdout only).")
+def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_size, grad_accum, precision, optimizer,
+            activation_checkpointing, offload, wrap, steps, warmup_steps, sample_hz, timeout_s, device, gpu, out_dir,
+            json_path):
+    """Run MODEL for a few steps per strategy on real GPUs and measure its memory and speed.
+
+    One process per GPU through torch.distributed.run (NCCL); without GPUs the same
+    strategies run as CPU processes with gloo. Each run is compared with the matching
+    `dpplan estimate`. Results: DIR/profile.json (rewritten after every run) and per run
+    a folder with each rank's JSON and logs.
+
+    \b
+    Examples:
+      dpplan profile                                  # bundled model, works on a laptop
+      dpplan profile model.py --gpus 4                # ddp and fsdp-full, a few steps each
+      dpplan profile model.py --gpus 8 --strategy ddp,fsdp2,zero1 --batch-size 8 \\
+          --precision bf16-mixed --steps 20
+      dpplan profile model.py --gpus 16 --nnodes 2 --node-rank 0 --rdzv-endpoint host:29400
+                                                      # run the same on every node (node-rank 1 there)
+    """
+
+    def action():
+        from dpplan.profiler.profile import Interrupted, ProfileConfig
+        from dpplan.profiler.profile import profile as run_profile
+        from dpplan.reports.plan_json import write_json
+        from dpplan.reports.profile_table import ProfileProgress, render_profile
+
+        config = ProfileConfig(
+            model=model, strategies=strategies, gpus=gpus, nnodes=nnodes, node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint, batch_size=batch_size, grad_accum=grad_accum, precision=precision,
+            optimizer=optimizer, activation_checkpointing=activation_checkpointing, offload=offload, wrap=wrap,
+            steps=steps, warmup_steps=warmup_steps, sample_hz=sample_hz, timeout_s=timeout_s, device=device,
+            gpu=gpu, out_dir=out_dir,
+        )
+        progress = ProfileProgress()
+
+        def on_start(strategy, index, count, commands):
+            if nnodes > 1:
+                progress.notice(f"{strategy} as torchrun on each node: {commands['torchrun']}")
+                progress.notice(f"{strategy} under SLURM: {commands['srun']}")
+            progress.start(strategy, index, count)
+
+        command = "dpplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        try:
+            document = run_profile(config, command=command, on_notice=progress.notice, on_start=on_start,
+                                   on_done=progress.done)
+        except Interrupted as exc:
+            progress.close()
+            if json_path and json_path != "-":
+                write_json(json.loads(exc.path.read_text()), json_path)
+            _fail(str(exc), INTERRUPTED_EXIT)
+        finally:
+            progress.close()
+        if json_path != "-":
+            render_profile(document)
+        if json_path:
+            write_json(document, json_path)
+            if json_path != "-":
+                click.echo(f"wrote {json_path}")
+        failed = [r for r in document["runs"] if r["status"] == "failed"]
+        if failed:
+            detail = "; ".join(f"{r['strategy']}: {r['error']}" for r in failed)
+            _fail(f"{len(failed)} of {len(document['runs'])} runs failed: {detail}", RUNTIME_ERROR_EXIT)
 
     _run_safely(action)
 

@@ -62,3 +62,18 @@ class GpuName(click.ParamType):
 STRATEGY_LIST = StrategyList()
 POSITIVE_INT_LIST = PositiveIntList()
 GPU_NAME = GpuName()
+
+
+class Endpoint(click.ParamType):
+    """``host:port`` of a rendezvous (torchrun --rdzv-endpoint)."""
+
+    name = "host:port"
+
+    def convert(self, value, param, ctx):
+        host, sep, port = str(value).rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            self.fail(f"expected host:port (e.g. node0:29400), got {value!r}", param, ctx)
+        return str(value)
+
+
+ENDPOINT = Endpoint()

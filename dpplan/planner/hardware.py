@@ -8,6 +8,7 @@ where known, else the nominal GiB.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -64,3 +65,22 @@ def lookup_gpu(name: str) -> GpuSpec:
     if key not in GPU_CATALOG:
         raise ValueError(f"unknown GPU {name!r}; choose from {', '.join(GPU_CATALOG)}")
     return GPU_CATALOG[key]
+
+
+def match_gpu(device_name: str, total_bytes: int | None = None) -> str | None:
+    """The catalog key of a GPU as CUDA names it ("NVIDIA H100 80GB HBM3" -> h100-80gb), or None.
+
+    Every word of the key but its memory size ("h100", "pcie") must be a word of the name;
+    the key matching most words wins ("H100 PCIe" is h100-pcie-80gb, not h100-80gb), then the
+    capacity closest to ``total_bytes`` (A100 40GB vs 80GB)."""
+    words = set(re.findall(r"[a-z0-9]+", device_name.lower()))
+    best: tuple[int, int, str] | None = None
+    for spec in GPU_CATALOG.values():
+        model_words = [w for w in spec.name.split("-") if not re.fullmatch(r"\d+gb", w)]
+        if not all(w in words for w in model_words):
+            continue
+        distance = abs(spec.memory_bytes - total_bytes) if total_bytes else 0
+        candidate = (-len(model_words), distance, spec.name)
+        if best is None or candidate < best:
+            best = candidate
+    return best[2] if best else None

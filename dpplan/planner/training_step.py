@@ -99,11 +99,14 @@ def run_training_step(
     no_sync: Callable[[], contextlib.AbstractContextManager] | None,
     grad_scaler: Any | None = None,
     on_phase: Callable[[str], contextlib.AbstractContextManager] | None = None,
+    before_backward: Callable[[], None] | None = None,
 ) -> None:
     """One optimizer step. ``no_sync`` (DDP/FSDP) wraps all micro-batches but the last.
 
     ``on_phase(name)`` returns a context that marks a phase ("micro_batch", "optimizer");
     the tracer and the CPU memory recorder use it to label what they see.
+    ``before_backward()`` is called in each micro-batch between the loss and its backward,
+    so a profiler can tell the forward's peak from the backward's.
     """
     phase = on_phase or (lambda name: contextlib.nullcontext())
     for index in range(grad_accum):
@@ -111,7 +114,8 @@ def run_training_step(
         sync_context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with phase("micro_batch"), sync_context:
             run_micro_batch(
-                model, batch, loss_fn, grad_accum=grad_accum, autocast=autocast(), grad_scaler=grad_scaler
+                model, batch, loss_fn, grad_accum=grad_accum, autocast=autocast(), grad_scaler=grad_scaler,
+                before_backward=before_backward,
             )
     with phase("optimizer"):
         run_optimizer_step(optimizer, grad_scaler)

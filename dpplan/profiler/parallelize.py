@@ -10,6 +10,11 @@ Each strategy name maps to torch's own wrapper with its defaults:
                   planned unit module (see planner/units.py) plus the root
   fsdp2           fully_shard on each unit, then on the root (reshard after forward)
 zero2 and zero3 are DeepSpeed stages: dpplan estimates them but does not run DeepSpeed.
+
+Offload (``--offload optimizer`` or ``optimizer+params``) on cuda, as the planner plans it:
+FSDP1 CPUOffload(offload_params=True), FSDP2 CPUOffloadPolicy(); torch has no optimizer-only
+offload for either (planner/strategies/fsdp1.py, fsdp2.py). Other strategies, and every cpu
+run, run without offload, as they are planned.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def parallelize(
     optimizer_name: str,
     device: torch.device,
     num_nodes: int = 1,
+    offload: str = "none",
 ) -> PreparedRun:
     """Wrap ``model`` (already on ``device``, checkpointing already applied)."""
     if strategy not in RUNNABLE_STRATEGIES:
@@ -75,6 +81,7 @@ def parallelize(
     device_type = device.type
     low_dtype = LOW_PRECISION_DTYPE.get(precision)
     mixed = precision in ("bf16-mixed", "fp16-mixed")
+    offload_to_host = offload != "none" and device_type == "cuda"
     if precision == "bf16":
         model.to(torch.bfloat16)
 
@@ -108,6 +115,10 @@ def parallelize(
             MixedPrecision(param_dtype=low_dtype, reduce_dtype=low_dtype, buffer_dtype=low_dtype) if mixed else None
         )
         extra: dict[str, Any] = {}
+        if offload_to_host:
+            from torch.distributed.fsdp import CPUOffload
+
+            extra["cpu_offload"] = CPUOffload(offload_params=True)
         if strategy == "fsdp-hybrid":
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -126,7 +137,8 @@ def parallelize(
             device_id=device,
             **extra,
         )
-        optimizer = build_optimizer(optimizer_name, model.parameters(), device_type=device_type)
+        # With offload the parameters, and so the optimizer step, live on the host.
+        optimizer = build_optimizer(optimizer_name, model.parameters(), device_type="cpu" if offload_to_host else device_type)
         scaler = None
         if precision == "fp16-mixed":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -140,10 +152,15 @@ def parallelize(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy(param_dtype=low_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    extra = {}
+    if offload_to_host:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        extra["offload_policy"] = CPUOffloadPolicy()
     for unit in units:
-        fully_shard(unit, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
-    optimizer = build_optimizer(optimizer_name, model.parameters(), device_type=device_type)
+        fully_shard(unit, mp_policy=mp_policy, **extra)
+    fully_shard(model, mp_policy=mp_policy, **extra)
+    optimizer = build_optimizer(optimizer_name, model.parameters(), device_type="cpu" if offload_to_host else device_type)
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16-mixed" else None
     return PreparedRun(
         model=model, optimizer=optimizer, uses_autocast=False, no_sync=_fsdp2_no_sync(model), grad_scaler=scaler

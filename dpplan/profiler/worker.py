@@ -3,21 +3,37 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 \\
         -m dpplan.profiler.worker --config-json '{"model": "m.py", "strategy": "ddp", ...}' --out DIR
 
-Writes DIR/rank<R>.json. On CPU the measurement is exact live tensor bytes
-(profiler/cpu_memory.py), recorder started before the process group and the model exist.
-The steady-state peak is the largest level from the second step on, when optimizer state
-already exists.
+Builds the model on its device, wraps it per strategy, runs ``warmup_steps`` optimizer steps
+(the first creates the optimizer state), then times ``steps`` more and writes DIR/rank<R>.json.
+
+cpu (gloo): exact live tensor bytes (profiler/cpu_memory.py; recorder started before the
+process group and the model exist) and the process RSS. cuda (nccl, one GPU per process):
+torch's allocator peaks per phase (profiler/cuda_memory.py, reset after warm-up) beside NVML
+samples of the device (profiler/gpu_sampler.py). Peaks are over the timed steps only.
+
+A failure is a result too: the rank writes its JSON with status "oom" or "failed" and the
+error, prints the traceback to stderr, and exits non-zero, so torchrun stops the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
+import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+DEVICES = ("cpu", "cuda")
+OOM_EXIT = 3
+FAILED_EXIT = 1
+CPU_OOM_MESSAGES = ("out of memory", "can't allocate memory")
+"""RuntimeError texts of an allocation failure (c10 DefaultCPUAllocator, older CUDA builds)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,13 +47,28 @@ class RunConfig:
     precision: str = "fp32"
     optimizer: str = "adamw"
     activation_checkpointing: bool = False
+    offload: str = "none"
     wrap: str | None = None
     nodes: int = 1
     steps: int = 3
-    """Optimizer steps; the first is warm-up (it creates the optimizer state)."""
+    """Timed optimizer steps, after the warm-up; peaks and step times are over these."""
+    warmup_steps: int = 1
+    """Untimed optimizer steps first (the first creates the optimizer state)."""
+    device: str = "cpu"
+    """cpu: gloo, CPU tensors; cuda: nccl, one GPU per process (LOCAL_RANK)."""
+    sample_hz: float = 100.0
+    """NVML sampling rate on cuda."""
     seed: int = 0
     keep_allocations: bool = False
-    """Also write every allocation event (for investigating a mismatch)."""
+    """Also write every allocation event (cpu; for investigating a mismatch)."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
 
 
 def _rank_info() -> tuple[int, int, int]:
@@ -75,10 +106,30 @@ def _settle_gloo_collectives(dist) -> None:
         setattr(dist, name, settled)
 
 
-def run_rank(config: RunConfig, out_dir: Path) -> dict:
-    from dpplan.profiler.cpu_memory import CpuMemoryRecorder
+def _to_device(batch, device):
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
-    recorder = CpuMemoryRecorder(keep_allocations=config.keep_allocations).start()
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
+    cpu = config.device == "cpu"
+    recorder = None
+    if cpu:
+        from dpplan.profiler.cpu_memory import CpuMemoryRecorder
+
+        recorder = CpuMemoryRecorder(keep_allocations=config.keep_allocations).start()
     import torch
     import torch.distributed as dist
 
@@ -86,72 +137,206 @@ def run_rank(config: RunConfig, out_dir: Path) -> dict:
     from dpplan.planner.training_step import autocast_context, run_training_step
     from dpplan.planner.units import checkpoint_units, find_units
     from dpplan.profiler.parallelize import parallelize
+    from dpplan.profiler.throughput import tokens_per_micro_batch
 
-    rank, world, local_rank = _rank_info()
-    device = torch.device("cpu")
-    if world > 1 or "RANK" in os.environ:
-        dist.init_process_group("gloo")
-        _settle_gloo_collectives(dist)
-    torch.manual_seed(config.seed + rank)
+    sampler = meter = None
+    if cpu:
+        device = torch.device("cpu")
+    else:
+        from dpplan.profiler.cuda_memory import CudaPhaseMeter
+        from dpplan.profiler.gpu_sampler import GpuSampler
 
-    spec = load_model_file(config.model)
-    with recorder.mark("build"):
-        model = build_module(spec).to(device)
-        units = find_units(model, config.wrap)
-        if config.activation_checkpointing:
-            checkpoint_units(model, units)
-        prepared = parallelize(
-            model,
-            config.strategy,
-            units=units,
-            precision=config.precision,
-            optimizer_name=config.optimizer,
-            device=device,
-            num_nodes=config.nodes,
-        )
-    batch = call_user(spec, "example_batch()", spec.example_batch, config.batch_size)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before any CUDA or NCCL call, or every rank makes a context on GPU 0
+        meter = CudaPhaseMeter(device)
+        sampler = GpuSampler(local_rank, rate_hz=config.sample_hz).start()
+    try:
+        if world > 1 or "RANK" in os.environ:
+            dist.init_process_group("gloo" if cpu else "nccl")
+            if cpu:
+                _settle_gloo_collectives(dist)
+        torch.manual_seed(config.seed + rank)
 
-    step_times = []
-    for step in range(config.steps):
-        start = time.perf_counter()
-        with recorder.mark(f"step{step}"):
+        spec = load_model_file(config.model)
+        build_mark = recorder.mark("build") if recorder else contextlib.nullcontext()
+        with build_mark:
+            # On cuda the model is built on its GPU directly: a large model never sits in host memory.
+            with (torch.device(device) if not cpu else contextlib.nullcontext()):
+                model = build_module(spec)
+            model = model.to(device)
+            units = find_units(model, config.wrap)
+            if config.activation_checkpointing:
+                checkpoint_units(model, units)
+            prepared = parallelize(
+                model, config.strategy, units=units, precision=config.precision, optimizer_name=config.optimizer,
+                device=device, num_nodes=config.nodes, offload=config.offload,
+            )
+        batch = _to_device(call_user(spec, "example_batch()", spec.example_batch, config.batch_size), device)
+
+        if recorder:
+            on_phase = recorder.mark
+
+            def before_backward():
+                with recorder.mark("backward"):
+                    pass
+        else:
+            on_phase, before_backward = meter.mark, meter.backward_starts
+
+        def step():
             run_training_step(
-                prepared.model,
-                prepared.optimizer,
-                batch,
-                spec.loss_fn,
+                prepared.model, prepared.optimizer, batch, spec.loss_fn,
                 grad_accum=config.grad_accum,
                 autocast=lambda: autocast_context(config.precision, device.type, prepared.uses_autocast),
-                no_sync=prepared.no_sync,
-                grad_scaler=prepared.grad_scaler,
-                on_phase=recorder.mark,
+                no_sync=prepared.no_sync, grad_scaler=prepared.grad_scaler,
+                on_phase=on_phase, before_backward=before_backward,
             )
-        step_times.append(time.perf_counter() - start)
-    if dist.is_initialized():
-        dist.barrier()
-    timeline = recorder.stop()
 
-    step_spans = [timeline.mark_spans(f"step{s}")[0] for s in range(config.steps)]
+        step_times = []
+        timed_start_s = None
+        for index in range(config.warmup_steps + config.steps):
+            if index == config.warmup_steps:
+                if meter:
+                    torch.cuda.synchronize(device)
+                    meter.restart()
+                timed_start_s = time.perf_counter()
+            start = time.perf_counter()
+            with (recorder.mark(f"step{index}") if recorder else contextlib.nullcontext()):
+                step()
+            if not cpu:
+                torch.cuda.synchronize(device)  # kernels run asynchronously: time them to the end
+            if index >= config.warmup_steps:
+                step_times.append(time.perf_counter() - start)
+        timed_end_s = time.perf_counter()
+        if dist.is_initialized():
+            dist.barrier()
+
+        measured = {
+            "step_time_s": statistics.median(step_times),
+            "step_times_s": step_times,
+            "samples_per_step": config.batch_size * config.grad_accum,
+            "tokens_per_step": _times(tokens_per_micro_batch(batch), config.grad_accum),
+        }
+        if recorder:
+            measured.update(_cpu_memory(recorder, config))
+            import psutil
+
+            measured["rss_bytes"] = psutil.Process().memory_info().rss
+            # ru_maxrss is the whole process's high-water mark (imports included); the kernel
+            # updates it lazily, so it can trail the current RSS by a few pages.
+            measured["peak_rss_bytes"] = max(_peak_rss_bytes(), measured["rss_bytes"])
+        else:
+            measured.update(meter.result())
+            measured.update(_nvml_memory(sampler, timed_start_s, timed_end_s))
+            measured["gpu_name"] = torch.cuda.get_device_name(device)
+            measured["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
+        return measured
+    finally:
+        if sampler is not None:
+            sampler.stop()  # safe twice; a failed run must not leave the sampling thread
+
+
+def _times(value: int | None, factor: int) -> int | None:
+    return None if value is None else value * factor
+
+
+def _cpu_memory(recorder, config: RunConfig) -> dict:
+    timeline = recorder.stop()
+    total_steps = config.warmup_steps + config.steps
+    step_spans = [timeline.mark_spans(f"step{s}")[0] for s in range(total_steps)]
     step_peaks = [timeline.peak_between(a, b) for a, b in step_spans]
+    timed = step_spans[config.warmup_steps:]
+    phases = {"forward": 0, "backward": 0, "optimizer": 0}
+    backward_marks = [start for start, _ in timeline.mark_spans("backward")]
+    for first, last in timed:
+        for start, end in timeline.mark_spans("micro_batch"):
+            if not first <= start <= last:
+                continue
+            turn = next((b for b in backward_marks if start <= b <= end), end)
+            phases["forward"] = max(phases["forward"], timeline.peak_between(start, turn))
+            phases["backward"] = max(phases["backward"], timeline.peak_between(turn, end))
+        for start, end in timeline.mark_spans("optimizer"):
+            if first <= start <= last:
+                phases["optimizer"] = max(phases["optimizer"], timeline.peak_between(start, end))
+    peak = max(step_peaks[config.warmup_steps:])
     build_span = timeline.mark_spans("build")[0]
     result = {
-        "rank": rank,
-        "world_size": world,
-        "config": asdict(config),
         "process_wide_accounting": recorder.process_wide,
         "after_build_bytes": timeline.level_at(build_span[1]),
         "step_peak_bytes": step_peaks,
-        "steady_peak_bytes": max(step_peaks[1:]) if len(step_peaks) > 1 else step_peaks[0],
+        "peak_allocated_bytes": peak,
+        "steady_peak_bytes": peak,
+        "phase_peak_allocated_bytes": phases,
         "after_step_bytes": [timeline.level_at(b) for _, b in step_spans],
-        "step_time_s": step_times,
     }
     if config.keep_allocations:
-        result["allocations"] = [
-            [a.time_ns, a.delta_bytes, a.total_bytes, a.op_name] for a in timeline.allocations
-        ]
+        result["allocations"] = [[a.time_ns, a.delta_bytes, a.total_bytes, a.op_name] for a in timeline.allocations]
         result["marks"] = timeline.marks
+    return result
+
+
+def _nvml_memory(sampler, start_s: float, end_s: float) -> dict:
+    from dpplan.profiler.gpu_sampler import samples_between, summarize_samples
+
+    samples = sampler.stop()
+    summary = summarize_samples(samples_between(samples, start_s, end_s))
+    return {
+        "peak_nvml_bytes": summary["peak_used_bytes"],
+        "nvml": summary,
+        "nvml_notice": sampler.notice,
+        "nvml_device": sampler.device_description,
+        "nvml_process_used_bytes": sampler.process_used_bytes,
+    }
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in CPU_OOM_MESSAGES)
+
+
+def describe_error(exc: BaseException, model: str | None) -> str:
+    """One line: the deepest frame in the user's model file when there is one."""
+    from dpplan.planner.model_file import ModelFileError, describe_user_exception, split_model_argument
+
+    if isinstance(exc, ModelFileError):
+        return str(exc)
+    path, _ = split_model_argument(model)
+    try:
+        return describe_user_exception(exc, path.resolve())
+    except OSError:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def run_rank(config: RunConfig, out_dir: Path) -> dict:
+    """Measure this rank; write rank<R>.json whatever happens. Raises after writing on failure."""
+    rank, world, local_rank = _rank_info()
+    result = {
+        "rank": rank,
+        "local_rank": local_rank,
+        "world_size": world,
+        "hostname": socket.gethostname(),
+        "config": asdict(config),
+        "status": "ok",
+        "error": None,
+    }
+    failure = None
+    try:
+        result.update(_measure(config, rank, world, local_rank))
+    except Exception as exc:
+        failure = exc
+        result["status"] = "oom" if is_out_of_memory(exc) else "failed"
+        result["error"] = describe_error(exc, config.model)
+        result["failed_at"] = time.time()  # the earliest failure across ranks is the root cause
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    path = out_dir / f"rank{rank}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(result))
+    path.with_suffix(".tmp").replace(path)  # never a half-written file for the parent to read
+    if failure is not None:
+        raise failure
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
@@ -163,8 +348,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     config = RunConfig(**json.loads(args.config_json))
-    run_rank(config, args.out)
-    return 0
+    try:
+        run_rank(config, args.out)
+    except Exception as exc:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Leave at once: interpreter shutdown could wait on a collective or a process-group
+        # thread that will never finish now; torchrun sees the exit code and stops the others.
+        os._exit(OOM_EXIT if is_out_of_memory(exc) else FAILED_EXIT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The result is written and the process group destroyed: skip the interpreter's teardown
+    # of torch, which took 3-4 s per rank on a 2-core machine (measured), on every run.
+    os._exit(0)
 
 
 if __name__ == "__main__":

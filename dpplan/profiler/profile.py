@@ -1,0 +1,421 @@
+"""``dpplan profile``: real short runs per strategy, measured, beside their estimates.
+
+config -> device (GPUs found, else CPU ranks with gloo) -> the matching estimate plan ->
+per strategy: one torchrun job (profiler/launch.py) of profiler/worker.py ranks -> their
+rank<R>.json merged into a run (profiler/profile_results.py) -> profile.json, rewritten
+after every run so that an interrupted profile keeps what it measured.
+
+Layout of ``out_dir``: profile.json; per run a folder ``<n>-<strategy>/`` with rank<R>.json,
+launcher.log (torchrun's own output) and logs/ (each rank's stdout.log and stderr.log).
+
+Strategies that cannot run are recorded as ``skipped`` with the reason and their estimate:
+zero2/zero3 are DeepSpeed stages (dpplan runs torch's own wrappers only), dp is one process
+driving every GPU (nn.DataParallel), not one process per GPU, and single is one GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from dpplan import __version__
+from dpplan.planner.config import OFFLOADS
+from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
+from dpplan.planner.optimizers import OPTIMIZERS
+from dpplan.planner.strategies.layout import STRATEGIES
+from dpplan.planner.training_step import PRECISIONS
+from dpplan.profiler import profile_results as results_json
+from dpplan.profiler.launch import (
+    LaunchSpec,
+    RunTimedOut,
+    rank_log,
+    run_process_tree,
+    tail,
+    user_commands,
+    worker_command,
+)
+from dpplan.profiler.worker import RunConfig
+
+DEFAULT_STRATEGIES = ("ddp", "fsdp-full")
+DEFAULT_CPU_RANKS = 2
+DEFAULT_RUNS_DIR = "dpplan-runs"
+PROFILE_DEVICES = ("auto", "cuda", "cpu")
+DETECT_TIMEOUT_S = 120
+MIN_SAMPLE_HZ = 50.0
+"""GpuSampler's MIN_RATE_HZ, checked here so that a bad rate is a usage error before any launch
+(gpu_sampler.py is imported only on CUDA runs)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """One profiling request. The run-describing fields mean what the ``dpplan estimate`` flags mean."""
+
+    model: str | None = None
+    """``path.py`` or ``path.py:factory``; None is the bundled default model."""
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    gpus: int | None = None
+    """Total ranks over all nodes (as ``estimate --gpus``); None: every visible GPU on each
+    node, or DEFAULT_CPU_RANKS CPU ranks without GPUs."""
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    offload: str = "none"
+    wrap: str | None = None
+    steps: int = 5
+    """Timed optimizer steps per run."""
+    warmup_steps: int = 1
+    sample_hz: float = 100.0
+    timeout_s: float = 600.0
+    """Wall-clock limit of one run (launch to last rank), seconds."""
+    device: str = "auto"
+    """auto: GPUs when CUDA sees any, else CPU ranks (gloo); cuda or cpu to force one."""
+    gpu: str | None = None
+    """Catalog key for the estimates; None: the detected GPU."""
+    out_dir: str | None = None
+    """None: a new timestamped folder under ./dpplan-runs/."""
+
+    def __post_init__(self):
+        if not self.strategies:
+            raise ValueError("strategies must name at least one strategy")
+        for strategy in self.strategies:
+            if strategy not in STRATEGIES:
+                raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
+        for name, value, choices in (
+            ("precision", self.precision, PRECISIONS), ("optimizer", self.optimizer, OPTIMIZERS),
+            ("offload", self.offload, OFFLOADS), ("device", self.device, PROFILE_DEVICES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+        for name in ("batch_size", "grad_accum", "steps", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.gpus is not None and self.gpus < 1:
+            raise ValueError(f"gpus must be >= 1 (got {self.gpus})")
+        if self.gpus is not None and self.gpus % self.nnodes:
+            raise ValueError(f"gpus={self.gpus} (total over all nodes) does not split evenly into nnodes={self.nnodes}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in 0..{self.nnodes - 1} (got {self.node_rank})")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
+        if self.sample_hz < MIN_SAMPLE_HZ:
+            raise ValueError(f"sample_hz must be >= {MIN_SAMPLE_HZ:g} (got {self.sample_hz})")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 (got {self.timeout_s})")
+        if self.gpu is not None and self.gpu.lower() not in GPU_CATALOG:
+            raise ValueError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """What the runs execute on, decided once."""
+
+    device: str
+    """cuda or cpu."""
+    gpus: int
+    """Total ranks."""
+    gpu: str | None
+    """Catalog key of the estimates (cuda)."""
+    description: str
+    notices: tuple[str, ...]
+
+
+_DETECT_GPUS = (
+    "import json, torch\n"
+    "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
+    "p = torch.cuda.get_device_properties(0) if n else None\n"
+    "print(json.dumps({'count': n, 'name': p and p.name, 'total_bytes': p and p.total_memory}))\n"
+)
+
+
+def detect_gpus() -> dict:
+    """GPUs torch sees here: {count, name, total_bytes} (of device 0).
+
+    Asked in a child process: this process must never initialise CUDA, or its context would
+    sit on GPU 0 beside rank 0 for the whole profile and inflate that rank's NVML reading."""
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        return {"count": 0, "name": None, "total_bytes": None}
+    completed = subprocess.run(
+        [sys.executable, "-c", _DETECT_GPUS], capture_output=True, text=True, timeout=DETECT_TIMEOUT_S, check=False
+    )
+    if completed.returncode != 0:
+        last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"could not ask torch for GPUs: {last}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def resolve_target(config: ProfileConfig) -> Target:
+    """GPUs when there are any (and not --device cpu), else CPU ranks, said in one line."""
+    gpus_found = detect_gpus() if config.device != "cpu" else {"count": 0, "name": None, "total_bytes": None}
+    num_visible = gpus_found["count"]
+    if config.device == "cuda" and not num_visible:
+        raise ValueError("--device cuda: no GPU is visible to torch here")
+    if config.device == "cpu" or not num_visible:
+        gpus = config.gpus or DEFAULT_CPU_RANKS * config.nnodes
+        notices = [] if config.device == "cpu" else [
+            f"no GPU found: running each strategy on {gpus} CPU process{'es' if gpus > 1 else ''} with gloo "
+            "(tensor bytes and host RSS, no GPU memory)"
+        ]
+        return Target(device="cpu", gpus=gpus, gpu=None, description=f"{gpus} CPU ranks (gloo)", notices=tuple(notices))
+    gpus = config.gpus or num_visible * config.nnodes
+    per_node = gpus // config.nnodes
+    if per_node > num_visible:
+        raise ValueError(f"--gpus {gpus} over {config.nnodes} node(s) needs {per_node} GPUs per node; {num_visible} visible here")
+    name = gpus_found["name"]
+    notices = []
+    key = config.gpu.lower() if config.gpu else match_gpu(name, gpus_found["total_bytes"])
+    if key is None:
+        key = DEFAULT_GPU
+        notices.append(f"{name} is not in dpplan's GPU catalog: estimates use {key} (choose with --gpu)")
+    description = f"{gpus} x {name} ({config.nnodes} node{'s' if config.nnodes > 1 else ''}, nccl)"
+    return Target(device="cuda", gpus=gpus, gpu=key, description=description, notices=tuple(notices))
+
+
+def skip_reason(strategy: str, gpus: int) -> str | None:
+    """Why ``strategy`` cannot be profiled here, or None."""
+    if strategy in ("zero2", "zero3"):
+        why = "DeepSpeed is not installed" if importlib.util.find_spec("deepspeed") is None else (
+            "dpplan does not launch DeepSpeed yet")
+        return f"{strategy} is a DeepSpeed stage and {why}: estimate only"
+    if strategy == "dp":
+        return "dp (nn.DataParallel) is one process driving every GPU, not one process per GPU: estimate only"
+    if strategy == "single" and gpus != 1:
+        return "single runs on one GPU: profile it with --gpus 1"
+    return None
+
+
+def default_out_dir(now: datetime | None = None) -> Path:
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = Path(DEFAULT_RUNS_DIR) / stamp
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{stamp}-{n}")
+    return path
+
+
+def estimate_entries(config: ProfileConfig, target: Target) -> tuple[dict, dict[str, dict]]:
+    """The model summary and the `dpplan estimate` JSON entry of each strategy, for exactly
+    the runs profiled (cpu runs: ``--device cpu`` estimates; cuda: the detected GPU)."""
+    from dpplan.planner.config import PlanConfig
+    from dpplan.planner.estimate import estimate
+
+    plan = estimate(PlanConfig(
+        model=config.model, strategies=config.strategies, gpus=(target.gpus,), nodes=config.nnodes,
+        batch_size=config.batch_size, grad_accum=config.grad_accum, precision=config.precision,
+        optimizer=config.optimizer, activation_checkpointing=config.activation_checkpointing,
+        offload=config.offload, wrap=config.wrap, gpu=target.gpu or DEFAULT_GPU, device=target.device,
+    ))
+    return asdict(plan.model), {e.strategy: asdict(e) for e in plan.estimates}
+
+
+def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfig:
+    return RunConfig(
+        model=config.model, strategy=strategy, batch_size=config.batch_size, grad_accum=config.grad_accum,
+        precision=config.precision, optimizer=config.optimizer,
+        activation_checkpointing=config.activation_checkpointing, offload=config.offload, wrap=config.wrap,
+        nodes=config.nnodes, steps=config.steps, warmup_steps=config.warmup_steps, device=target.device,
+        sample_hz=config.sample_hz,
+    )
+
+
+def run_notes(strategy: str, target: Target, config: ProfileConfig) -> list[str]:
+    notes = []
+    if strategy == "zero1" and target.device == "cuda":
+        notes.append("zero1 runs torch's ZeroRedundancyOptimizer; its cuda estimate models DeepSpeed stage 1")
+    if config.nnodes > 1:
+        notes.append(f"measured on node {config.node_rank} only: each node writes its own ranks")
+    return notes
+
+
+def launch_spec(config: ProfileConfig, target: Target, run_dir: Path) -> LaunchSpec:
+    return LaunchSpec(
+        nproc_per_node=target.gpus // config.nnodes, nnodes=config.nnodes, node_rank=config.node_rank,
+        rdzv_endpoint=config.rdzv_endpoint, log_dir=run_dir / "logs",
+    )
+
+
+def launch_commands(config: ProfileConfig, strategy: str, target: Target, run_dir: Path) -> dict[str, str]:
+    """The run as torchrun and srun command lines, for users who launch themselves."""
+    config_json = json.dumps(asdict(run_config(config, strategy, target)))
+    return user_commands(launch_spec(config, target, run_dir), config_json, str(run_dir))
+
+
+def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: Path) -> dict:
+    """Launch one run, wait for it, and merge what its ranks wrote into a run entry."""
+    spec = launch_spec(config, target, run_dir)
+    config_json = json.dumps(asdict(run_config(config, strategy, target)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    returncode, timed_out = None, None
+    try:
+        completed = run_process_tree(
+            worker_command(spec, config_json, run_dir), env=env, timeout_s=config.timeout_s,
+            output=run_dir / "launcher.log",
+        )
+        returncode = completed.returncode
+    except RunTimedOut as exc:
+        timed_out = str(exc)
+    first = config.node_rank * spec.nproc_per_node
+    expected = list(range(first, first + spec.nproc_per_node))
+    results = {}
+    for rank in expected:
+        path = run_dir / f"rank{rank}.json"
+        if path.exists():
+            results[rank] = json.loads(path.read_text())
+    stderr_tail = {rank: tail(rank_log(spec.log_dir, rank - first)) for rank in expected}
+    status, error, failed_rank = results_json.outcome(
+        strategy=strategy, batch_size=config.batch_size, gpus=target.gpus, device=target.device,
+        expected_ranks=expected, results=results, returncode=returncode, timed_out=timed_out,
+        stderr_tail=stderr_tail, launcher_tail=tail(run_dir / "launcher.log"),
+    )
+    entry = {"status": status, "error": error, "failed_rank": failed_rank}
+    if status == "ok":
+        entry["measured"] = results_json.measured_summary(
+            [results[r] for r in expected], world_size=target.gpus
+        )
+    else:
+        entry["measured"] = {"per_rank": [results_json.rank_detail(results[r]) for r in expected if r in results]}
+        if failed_rank is not None and failed_rank in stderr_tail:
+            entry["stderr_tail"] = stderr_tail[failed_rank]
+    entry["commands"] = launch_commands(config, strategy, target, run_dir)
+    return entry
+
+
+def run_entry(config: ProfileConfig, strategy: str, target: Target) -> dict:
+    return {
+        "strategy": strategy, "gpus": target.gpus, "nnodes": config.nnodes, "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum, "precision": config.precision, "optimizer": config.optimizer,
+        "activation_checkpointing": config.activation_checkpointing, "offload": config.offload,
+        "device": target.device, "status": None, "error": None, "failed_rank": None, "measured": None,
+        "estimate": None, "error_pct": None, "errors_pct": None, "notes": [], "dir": None,
+    }
+
+
+def compare(entry: dict, device: str) -> None:
+    """error_pct (and errors_pct) of a finished run against its estimate."""
+    estimate, measured = entry["estimate"], entry["measured"]
+    if not estimate or not measured or entry["status"] != "ok":
+        return
+    allocated_key = "peak_allocated_bytes" if device == "cuda" else "peak_bytes"
+    entry["error_pct"] = results_json.error_pct(estimate[allocated_key], measured["peak_allocated_bytes"])
+    if device == "cuda":
+        entry["errors_pct"] = {
+            "allocated": entry["error_pct"],
+            "reserved": results_json.error_pct(estimate["peak_reserved_bytes"], measured["peak_reserved_bytes"]),
+            "nvml": results_json.error_pct(estimate["peak_bytes"], measured["peak_nvml_bytes"]),
+        }
+    else:
+        entry["errors_pct"] = {"allocated": entry["error_pct"]}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a profile; the finished runs are in ``path``."""
+
+    def __init__(self, path: Path, num_finished: int):
+        super().__init__(f"interrupted; {num_finished} finished run(s) kept in {path}")
+        self.path = path
+        self.num_finished = num_finished
+
+
+def profile(
+    config: ProfileConfig,
+    *,
+    command: str | None = None,
+    on_notice: Callable[[str], None] | None = None,
+    on_start: Callable[[str, int, int, dict[str, str]], None] | None = None,
+    on_done: Callable[[dict], None] | None = None,
+) -> dict:
+    """Profile every strategy of ``config``; returns the profile document (also in out_dir/profile.json).
+
+    ``on_notice(line)`` says how the runs are made (no GPU: CPU ranks); ``on_start(strategy,
+    index, count, commands)`` (commands: the same run as torchrun and srun lines) and
+    ``on_done(run)`` report progress. Ctrl-C or
+    SIGTERM stops the run in flight, its whole process tree included, writes profile.json with
+    the finished runs and raises ``Interrupted``."""
+    target = resolve_target(config)
+    for notice in target.notices:
+        if on_notice:
+            on_notice(notice)
+    model, estimates = estimate_entries(config, target)  # a broken model file fails here, before any launch
+    out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "schema_version": results_json.SCHEMA_VERSION,
+        "kind": "profile",
+        "tool": {"name": "dpplan", "version": __version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "config": {**asdict(config), "strategies": list(config.strategies)},
+        "model": model,
+        "device": {"type": target.device, "gpus": target.gpus, "gpu": target.gpu, "description": target.description},
+        "notices": list(target.notices),
+        "interrupted": False,
+        "out_dir": str(out_dir),
+        "runs": [],
+    }
+    results_json.write_profile(document, out_dir)
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = _is_main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # a cancelled job (scancel, kill) cleans up like Ctrl-C
+    try:
+        for index, strategy in enumerate(config.strategies):
+            entry = run_entry(config, strategy, target)
+            entry["estimate"] = estimates.get(strategy)
+            entry["notes"] = run_notes(strategy, target, config)
+            reason = skip_reason(strategy, target.gpus)
+            if reason:
+                entry.update(status="skipped", error=reason)
+            else:
+                run_dir = out_dir / f"{index + 1}-{strategy}"
+                if on_start:
+                    on_start(strategy, index, len(config.strategies), launch_commands(config, strategy, target, run_dir))
+                start = time.perf_counter()
+                entry.update(profile_one(config, strategy, target, run_dir))
+                for rank in entry["measured"]["per_rank"]:
+                    notice = rank.get("nvml_notice")
+                    if notice and notice not in entry["notes"]:
+                        entry["notes"].append(notice)  # NVML absent: torch's counters only, said once
+                entry["duration_s"] = time.perf_counter() - start
+                entry["dir"] = str(run_dir)
+                compare(entry, target.device)
+            document["runs"].append(entry)
+            results_json.write_profile(document, out_dir)
+            if on_done:
+                on_done(entry)
+    except KeyboardInterrupt:
+        document["interrupted"] = True
+        path = results_json.write_profile(document, out_dir)
+        raise Interrupted(path, len(document["runs"])) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return document
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,154 @@
+"""A profile (profile.json) as a terminal table, and the progress line while runs go (rich).
+
+Draws only what profile.json holds; every number is computed in profiler/profile_results.py.
+"""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from dpplan.reports.plan_table import TABLE_WIDTH
+from dpplan.reports.units import format_bytes, format_count
+
+STATUS_STYLE = {"ok": "green", "oom": "bold red", "failed": "bold red", "skipped": "dim"}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 100 else format_count(int(round(value)))
+
+
+def _pair(measured: int | None, estimated: int | None) -> str:
+    """'measured / estimated' in binary units."""
+    if measured is None and estimated is None:
+        return "-"
+    return f"{format_bytes(measured)} / {format_bytes(estimated)}"
+
+
+def render_profile(document: dict, console: Console | None = None) -> None:
+    if console is None:
+        console = Console()
+        if not console.is_terminal and console.width < TABLE_WIDTH:
+            console = Console(width=TABLE_WIDTH)
+    cuda = document["device"]["type"] == "cuda"
+    model = document.get("model") or {}
+    config = document["config"]
+    console.print(
+        f"[bold]{escape(model.get('name', 'model'))}[/bold] on {escape(document['device']['description'])} · "
+        f"micro-batch {config['batch_size']} per rank · grad accum {config['grad_accum']} · {config['precision']} · "
+        f"{config['optimizer']} · {config['warmup_steps']} warm-up + {config['steps']} timed steps",
+        highlight=False,
+    )
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    table.add_column("strategy")
+    table.add_column("status")
+    table.add_column("allocated meas / est" if cuda else "tensor bytes meas / est", justify="right")
+    table.add_column("error", justify="right")
+    if cuda:
+        table.add_column("reserved meas / est", justify="right")
+        table.add_column("NVML used meas / est", justify="right")
+    else:
+        table.add_column("peak RSS", justify="right")
+    table.add_column("step ms", justify="right")
+    table.add_column("samples/s", justify="right")
+    table.add_column("tokens/s", justify="right")
+    for run in document["runs"]:
+        measured = run.get("measured") or {}
+        estimate = run.get("estimate") or {}
+        status = Text(run["status"], style=STATUS_STYLE.get(run["status"], ""))
+        allocated_estimate = estimate.get("peak_allocated_bytes" if cuda else "peak_bytes")
+        row = [run["strategy"], status, _pair(measured.get("peak_allocated_bytes"), allocated_estimate), _pct(run.get("error_pct"))]
+        if cuda:
+            row += [
+                _pair(measured.get("peak_reserved_bytes"), estimate.get("peak_reserved_bytes")),
+                _pair(measured.get("peak_nvml_bytes"), estimate.get("peak_bytes")),
+            ]
+        else:
+            row.append(format_bytes(measured.get("peak_rss_bytes")))
+        step = measured.get("step_time_s")
+        row += [
+            "-" if step is None else f"{1000 * step:.1f}",
+            _rate(measured.get("samples_per_s")),
+            _rate(measured.get("tokens_per_s")),
+        ]
+        table.add_row(*row)
+    console.print(table)
+    if cuda:
+        console.print(
+            "meas = largest per-rank peak over the timed steps; est = `dpplan estimate` for the same run; "
+            "error = (est - meas) / meas of allocated bytes; GiB = 2^30 bytes.",
+            style="dim", highlight=False,
+        )
+        for run in document["runs"]:
+            measured = run.get("measured") or {}
+            if run["status"] == "ok":
+                console.print(
+                    f"{run['strategy']}: allocator cache (reserved - allocated) up to "
+                    f"{format_bytes(measured.get('allocator_cache_bytes'))}; CUDA context, NCCL and other "
+                    f"(NVML used - reserved) up to {format_bytes(measured.get('non_pytorch_bytes'))}",
+                    style="dim", highlight=False,
+                )
+    else:
+        console.print(
+            "CPU run (gloo): tensor bytes are exact live CPU tensor bytes, the largest per-rank peak over the "
+            "timed steps, against `dpplan estimate --device cpu`; peak RSS is the whole process (Python, torch, "
+            "libraries included); step times include the exact-memory recorder's overhead.",
+            style="dim", highlight=False,
+        )
+    for run in document["runs"]:
+        if run.get("error"):
+            style = "dim" if run["status"] == "skipped" else "red"
+            console.print(f"{run['strategy']}: {escape(run['error'])}", style=style, highlight=False)
+    notes = []
+    for run in document["runs"]:
+        for note in run.get("notes") or []:
+            if note not in notes:
+                notes.append(note)
+    for note in notes:
+        console.print(f"note: {escape(note)}", style="yellow", highlight=False)
+    console.print(f"results: {escape(document['out_dir'])}/profile.json", highlight=False)
+
+
+class ProfileProgress:
+    """A spinner on stderr naming the run in flight, and one line per finished run.
+    Silent when stderr is not a terminal (CI logs keep only the final table)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.enabled = self.console.is_terminal
+        self._status = None
+
+    def start(self, strategy: str, index: int, count: int) -> None:
+        if not self.enabled:
+            return
+        text = f"profiling {strategy} ({index + 1}/{count})..."
+        if self._status is None:
+            self._status = self.console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def done(self, run: dict) -> None:
+        if not self.enabled:
+            return
+        measured = run.get("measured") or {}
+        detail = run.get("error") or f"peak {format_bytes(measured.get('peak_allocated_bytes'))}"
+        style = STATUS_STYLE.get(run["status"], "")
+        self.console.print(f"{run['strategy']}: [{style}]{run['status']}[/{style}] {escape(detail)}", highlight=False)
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def notice(self, text: str) -> None:
+        self.console.print(f"note: {escape(text)}", style="yellow", highlight=False)

@@ -1,0 +1,224 @@
+"""`dpplan profile` end to end on CPU ranks (gloo): real torchrun jobs of the tiny GPT.
+
+Each run costs ~15 s here (torch imports dominate), so every test does at most two runs.
+The CPU estimates are byte-exact for these models, hence the 0.5% bound.
+"""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+from click.testing import CliRunner
+
+from dpplan.cli import main
+
+TOLERANCE_PCT = 0.5
+
+# FSDP2's fully_shard swaps the module's class for "FSDP<Name>"; DDP leaves it alone. The
+# fixtures use that to misbehave under one strategy only, so a profile also has a good run.
+CRASH_ON_RANK_1_UNDER_DDP = '''
+import os
+import torch
+import torch.nn as nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x):
+        if os.environ.get("RANK") == "1" and not type(self).__name__.startswith("FSDP"):
+            raise RuntimeError("boom on rank 1")
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def build_model():
+    return Model()
+
+
+def example_batch(batch_size):
+    return torch.randn(batch_size, 16)
+'''
+
+OOM_IN_FORWARD = '''
+import os
+import torch
+import torch.nn as nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if "RANK" in os.environ:  # a real run under torchrun, not the estimate's trace
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.layer(x)
+
+
+def build_model():
+    return Model()
+
+
+def example_batch(batch_size):
+    return torch.randn(batch_size, 16)
+'''
+
+HANG_UNDER_DDP = '''
+import os
+import time
+import torch
+import torch.nn as nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x):
+        if "RANK" in os.environ and not type(self).__name__.startswith("FSDP"):
+            time.sleep(600)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def build_model():
+    return Model()
+
+
+def example_batch(batch_size):
+    return torch.randn(batch_size, 16)
+'''
+
+
+def _profile(*args):
+    return CliRunner().invoke(main, ["profile", *args, "--device", "cpu"], catch_exceptions=False)
+
+
+def _processes_naming(text):
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if text in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_ddp_and_fsdp2_are_measured_beside_their_estimates(tiny_gpt, tmp_path):
+    out = tmp_path / "out"
+    result = _profile(tiny_gpt, "--gpus", "2", "--strategy", "ddp,fsdp2", "--batch-size", "2", "--steps", "2",
+                      "--out", str(out), "--json", str(tmp_path / "copy.json"))
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "profile.json").read_text())
+    assert document == json.loads((tmp_path / "copy.json").read_text())
+    assert document["schema_version"] == 1
+    assert document["device"]["type"] == "cpu"
+    assert [r["strategy"] for r in document["runs"]] == ["ddp", "fsdp2"]
+    for index, run in enumerate(document["runs"], start=1):
+        assert run["status"] == "ok", run["error"]
+        assert run["gpus"] == 2 and run["batch_size"] == 2 and run["precision"] == "bf16-mixed"
+        measured = run["measured"]
+        per_rank = measured["per_rank"]
+        assert [r["rank"] for r in per_rank] == [0, 1]
+        assert all(r["peak_allocated_bytes"] > 0 and r["peak_rss_bytes"] > 0 for r in per_rank)
+        assert measured["peak_allocated_bytes"] == max(r["peak_allocated_bytes"] for r in per_rank)
+        assert measured["peak_reserved_bytes"] is None and measured["peak_nvml_bytes"] is None
+        assert measured["step_time_s"] > 0 and measured["samples_per_s"] > 0
+        # tiny_gpt's batch is {"idx": (batch, 32) int64, ...}: 2 * 32 tokens per rank per step.
+        assert measured["tokens_per_s"] == measured["samples_per_s"] * 32
+        assert run["estimate"]["strategy"] == run["strategy"] and run["estimate"]["device"] == "cpu"
+        assert abs(run["error_pct"]) <= TOLERANCE_PCT, run["error_pct"]
+        run_dir = out / f"{index}-{run['strategy']}"
+        assert (run_dir / "rank0.json").exists() and (run_dir / "rank1.json").exists()
+        assert "torchrun --standalone --nproc-per-node=2" in run["commands"]["torchrun"]
+    ddp = document["runs"][0]["measured"]["per_rank"]
+    assert ddp[0]["peak_allocated_bytes"] == ddp[1]["peak_allocated_bytes"]  # replicas hold the same
+    assert "ddp" in result.output and "fsdp2" in result.output
+
+
+def test_a_crashing_rank_fails_its_run_only_and_is_named(write_model, tmp_path):
+    model = write_model(CRASH_ON_RANK_1_UNDER_DDP)
+    out = tmp_path / "out"
+    result = _profile(model, "--gpus", "2", "--strategy", "ddp,fsdp2", "--precision", "fp32", "--steps", "1",
+                      "--out", str(out))
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert re.search(r"1 of 2 runs failed: ddp: rank 1 failed: model\.py:\d+: RuntimeError: boom on rank 1$", errors[0])
+    runs = json.loads((out / "profile.json").read_text())["runs"]
+    assert [(r["strategy"], r["status"]) for r in runs] == [("ddp", "failed"), ("fsdp2", "ok")]
+    assert runs[0]["failed_rank"] == 1
+    assert "boom on rank 1" in runs[0]["stderr_tail"]  # rank 1's own stderr, captured by torchrun
+    assert runs[1]["measured"]["peak_allocated_bytes"] > 0
+
+
+def test_out_of_memory_is_a_result(write_model, tmp_path):
+    model = write_model(OOM_IN_FORWARD)
+    out = tmp_path / "out"
+    result = _profile(model, "--gpus", "1", "--strategy", "single", "--batch-size", "32", "--precision", "fp32",
+                      "--out", str(out))
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads((out / "profile.json").read_text())["runs"]
+    assert run["status"] == "oom"
+    assert run["error"].startswith("batch 32 does not fit with single on 1 CPU rank (rank 0: ")
+    assert json.loads((out / "1-single" / "rank0.json").read_text())["status"] == "oom"
+
+
+def test_skipped_strategies_keep_their_estimate(tiny_gpt, tmp_path):
+    result = _profile(tiny_gpt, "--gpus", "2", "--strategy", "zero3,dp", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "out" / "profile.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["skipped", "skipped"]
+    assert "DeepSpeed" in runs[0]["error"] and "one process" in runs[1]["error"]
+    assert all(r["estimate"]["peak_bytes"] > 0 for r in runs)
+
+
+def test_a_broken_model_file_is_a_usage_error_before_any_launch(tmp_path):
+    result = _profile(str(tmp_path / "missing.py"), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: model file not found")
+
+
+def test_ctrl_c_stops_every_process_and_keeps_finished_runs(write_model, tmp_path):
+    model = write_model(HANG_UNDER_DDP)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dpplan.cli", "profile", model, "--device", "cpu", "--gpus", "2",
+               "--strategy", "fsdp2,ddp", "--precision", "fp32", "--steps", "1", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        started = False
+        while time.monotonic() < deadline and process.poll() is None:
+            # Wait until the hanging ddp run's ranks exist, so the interrupt finds a full tree.
+            if list(out.glob("2-ddp/logs/*/attempt_0/1/stderr.log")):
+                started = True
+                break
+            time.sleep(0.5)
+        assert started, "the second run never started"
+        time.sleep(3)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    left = _processes_naming(str(out))
+    for leftover in left:
+        leftover.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    document = json.loads((out / "profile.json").read_text())
+    assert document["interrupted"] is True
+    assert [(r["strategy"], r["status"]) for r in document["runs"]] == [("fsdp2", "ok")]
+    assert not left, [p.info["cmdline"] for p in left]
