@@ -9,6 +9,7 @@ Examples:
     dpplan estimate model.py --json plan.json         # the same, machine-readable (- for stdout)
     dpplan estimate model.py --device cpu --gpus 2    # what a CPU (gloo) run allocates
     dpplan profile model.py --gpus 4                  # real runs, measured beside the estimates
+    dpplan profile model.py --gpus 4 --find-batch-size --gpu-memory 24GiB   # largest batch on a 24 GiB card
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import sys
 import click
 
 from dpplan import __version__
-from dpplan.cli_types import ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
+from dpplan.cli_types import BYTE_SIZE, ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
 from dpplan.planner.config import DEVICES, OFFLOADS, PlanConfig
 from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
 from dpplan.planner.training_step import PRECISIONS
 from dpplan.profiler.profile import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
+from dpplan.profiler.recommend import DEFAULT_HEADROOM_PCT, DEFAULT_MAX_TRIALS, DEFAULT_TRIAL_STEPS
 
 USER_ERROR_EXIT = 2
 RUNTIME_ERROR_EXIT = 1
@@ -167,14 +169,30 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
               help="Seconds one run may take before all its processes are stopped.")
 @click.option("--device", type=click.Choice(PROFILE_DEVICES), default="auto", show_default=True,
               help="auto: GPUs if torch sees any, else CPU ranks (gloo).")
-@click.option("--gpu", type=GPU_NAME, default=None, help="GPU model of the estimates  [default: detected]")
+@click.option("--gpu", type=GPU_NAME, default=None,
+              help="GPU model of the estimates; a smaller card than the one found is also tested for real, "
+                   "as --gpu-memory does  [default: detected]")
+@click.option("--gpu-memory", "gpu_memory_bytes", type=BYTE_SIZE, metavar="SIZE", default=None,
+              help="Memory per rank to plan and test against, e.g. 24GiB (2^30), 24GB (10^9), 24000MiB. On GPUs each "
+                   "rank is capped to it (torch.cuda.set_per_process_memory_fraction); on CPU ranks it is a planning "
+                   "capacity only  [default: the GPU's memory; host RAM per rank]")
+@click.option("--headroom", "headroom_pct", type=click.FloatRange(min=0, max=100, max_open=True),
+              default=DEFAULT_HEADROOM_PCT, show_default=True, metavar="PCT",
+              help="Recommend a micro-batch only if its peak is <= (100 - PCT)% of the memory.")
+@click.option("--find-batch-size", is_flag=True,
+              help="Confirm the largest micro-batch per strategy with trial runs (each a fresh torchrun job); "
+                   "without it the recommendation is predicted from the runs and the estimate.")
+@click.option("--max-trials", type=click.IntRange(min=1), default=DEFAULT_MAX_TRIALS, show_default=True,
+              help="Trial runs per strategy at most (--find-batch-size).")
+@click.option("--trial-steps", type=click.IntRange(min=1), default=DEFAULT_TRIAL_STEPS, show_default=True,
+              help="Timed steps of each trial, after the warm-up (at least one).")
 @click.option("--out", "out_dir", metavar="DIR", default=None,
               help="Results folder  [default: a new dpplan-runs/<timestamp>/]")
 @click.option("--json", "json_path", metavar="PATH|-", default=None,
               help="Also write the merged profile JSON here ('-': stdout only).")
 def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_size, grad_accum, precision, optimizer,
-            activation_checkpointing, offload, wrap, steps, warmup_steps, sample_hz, timeout_s, device, gpu, out_dir,
-            json_path):
+            activation_checkpointing, offload, wrap, steps, warmup_steps, sample_hz, timeout_s, device, gpu,
+            gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path):
     """Run MODEL for a few steps per strategy on real GPUs and measure its memory and speed.
 
     One process per GPU through torch.distributed.run (NCCL); without GPUs the same
@@ -190,6 +208,8 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
           --precision bf16-mixed --steps 20
       dpplan profile model.py --gpus 16 --nnodes 2 --node-rank 0 --rdzv-endpoint host:29400
                                                       # run the same on every node (node-rank 1 there)
+      dpplan profile model.py --gpus 8 --find-batch-size --gpu a10g-24gb --headroom 10
+                                                      # largest micro-batch per strategy on a 24 GB card
     """
 
     def action():
@@ -203,7 +223,8 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
             rdzv_endpoint=rdzv_endpoint, batch_size=batch_size, grad_accum=grad_accum, precision=precision,
             optimizer=optimizer, activation_checkpointing=activation_checkpointing, offload=offload, wrap=wrap,
             steps=steps, warmup_steps=warmup_steps, sample_hz=sample_hz, timeout_s=timeout_s, device=device,
-            gpu=gpu, out_dir=out_dir,
+            gpu=gpu, out_dir=out_dir, gpu_memory_bytes=gpu_memory_bytes, headroom_pct=headroom_pct,
+            find_batch_size=find_batch_size, max_trials=max_trials, trial_steps=trial_steps,
         )
         progress = ProfileProgress()
 
@@ -216,7 +237,7 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
         command = "dpplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         try:
             document = run_profile(config, command=command, on_notice=progress.notice, on_start=on_start,
-                                   on_done=progress.done)
+                                   on_done=progress.done, on_trial=progress.trial)
         except Interrupted as exc:
             progress.close()
             if json_path and json_path != "-":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from dpplan.planner.hardware import GPU_CATALOG
@@ -77,3 +79,42 @@ class Endpoint(click.ParamType):
 
 
 ENDPOINT = Endpoint()
+
+
+BYTE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,  # decimal, as vendors print "24GB"
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,  # binary, as CUDA and dpplan report
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``24GiB``, ``24GB``, ``24000MiB``, ``23.5 GiB`` -> bytes. A unit is required: a bare number
+    is ambiguous between bytes and GiB."""
+    match = _SIZE.fullmatch(str(text).strip().lower())
+    if not match or match.group(2) not in BYTE_UNITS:
+        raise ValueError(f"expected a size with a unit such as 24GiB, 24GB or 24000MiB, got {text!r}")
+    nbytes = int(round(float(match.group(1)) * BYTE_UNITS[match.group(2)]))
+    if nbytes < 1:
+        raise ValueError(f"expected a size above zero, got {text!r}")
+    return nbytes
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)")
+
+
+class ByteSize(click.ParamType):
+    """``24GiB`` (2^30), ``24GB`` (10^9), ``24000MiB``: bytes as an integer."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bytes(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+BYTE_SIZE = ByteSize()

@@ -177,3 +177,19 @@ def test_offload_shows_host_memory_per_node(tiny_gpt):
     assert by_strategy["zero2"]["host_bytes"] > 0
     table = run("estimate", tiny_gpt, "--strategy", "ddp,zero2", "--gpus", "4", "--offload", "optimizer").output
     assert "host GiB/node" in table and "ddp has no offload" in table
+
+
+@pytest.mark.parametrize("size", ["24", "24 parsecs", "-1GiB", "0GB", "GiB"])
+def test_gpu_memory_needs_a_size_with_a_unit(tiny_gpt, size):
+    result = run("profile", tiny_gpt, "--device", "cpu", "--gpu-memory", size)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if "Error" in line or "error" in line]
+    assert len(errors) == 1 and "'--gpu-memory'" in errors[0], result.output
+    assert "24GiB" in errors[0] or "above zero" in errors[0]
+    assert "Traceback" not in result.output
+
+
+def test_find_batch_size_on_cpu_needs_a_capacity(tiny_gpt, tmp_path):
+    line = one_line_error(run("profile", tiny_gpt, "--device", "cpu", "--find-batch-size", "--out", str(tmp_path)))
+    assert "--find-batch-size on CPU ranks needs --gpu-memory" in line
+    assert not (tmp_path / "profile.json").exists()  # refused before any launch

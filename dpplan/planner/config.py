@@ -43,6 +43,10 @@ class PlanConfig:
     gpu: str = DEFAULT_GPU
     device: str = "cuda"
     """cuda: plan GPU memory on ``gpu``; cpu: plan the tensor bytes of a CPU (gloo) run."""
+    capacity_bytes: int | None = None
+    """Memory one rank may use, overriding the GPU's (cuda) or host RAM per rank (cpu); what
+    ``fits`` and ``max_batch_size`` are judged against. ``dpplan profile --gpu-memory`` sets
+    it, and its batch-size search sets it to a calibrated limit."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -73,6 +77,8 @@ class PlanConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("offload", self.offload, OFFLOADS)
         _choice("device", self.device, DEVICES)
+        if self.capacity_bytes is not None and self.capacity_bytes < 1:
+            raise ValueError(f"capacity_bytes must be >= 1 (got {self.capacity_bytes})")
         if self.gpu.lower() not in GPU_CATALOG:
             raise ValueError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
 

@@ -124,6 +124,8 @@ def trace_settings_for(strategy: str, config: PlanConfig) -> TraceSettings:
 
 
 def capacity_for(config: PlanConfig, gpus: int) -> int:
+    if config.capacity_bytes is not None:
+        return config.capacity_bytes
     if config.device == "cuda":
         return lookup_gpu(config.gpu).memory_bytes
     import psutil

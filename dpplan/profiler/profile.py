@@ -8,6 +8,13 @@ after every run so that an interrupted profile keeps what it measured.
 Layout of ``out_dir``: profile.json; per run a folder ``<n>-<strategy>/`` with rank<R>.json,
 launcher.log (torchrun's own output) and logs/ (each rank's stdout.log and stderr.log).
 
+After the runs, ``recommendations`` (profiler/recommend.py): per strategy the largest
+micro-batch that fits the capacity less a headroom, calibrated by what was measured and, with
+``find_batch_size``, confirmed by trial jobs (folders ``<n>-<strategy>/trial-b<batch>/``), the
+offload needed, and the fastest strategy that fits. ``gpu_memory_bytes`` (or a smaller ``gpu``
+than the one found) is the capacity tested: on cuda every run and trial is capped to it with
+torch.cuda.set_per_process_memory_fraction, so a smaller card is tested for real.
+
 Strategies that cannot run are recorded as ``skipped`` with the reason and their estimate:
 zero2/zero3 are DeepSpeed stages (dpplan runs torch's own wrappers only), dp is one process
 driving every GPU (nn.DataParallel), not one process per GPU, and single is one GPU.
@@ -22,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -34,6 +41,8 @@ from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
 from dpplan.planner.training_step import PRECISIONS
 from dpplan.profiler import profile_results as results_json
+from dpplan.profiler import recommend as recommendations
+from dpplan.profiler.batch_search import Trial, judge
 from dpplan.profiler.launch import (
     LaunchSpec,
     RunTimedOut,
@@ -87,6 +96,17 @@ class ProfileConfig:
     """Catalog key for the estimates; None: the detected GPU."""
     out_dir: str | None = None
     """None: a new timestamped folder under ./dpplan-runs/."""
+    gpu_memory_bytes: int | None = None
+    """Memory per rank to plan and test against (a smaller card on a big one); None: the GPU's
+    own (cuda), host RAM per rank (cpu). On cuda each run is capped to it."""
+    headroom_pct: float = recommendations.DEFAULT_HEADROOM_PCT
+    """A micro-batch is recommended only if its peak is <= (1 - headroom) x capacity."""
+    find_batch_size: bool = False
+    """Confirm the recommended micro-batch with trial jobs (else it is predicted only)."""
+    max_trials: int = recommendations.DEFAULT_MAX_TRIALS
+    """Trial jobs per strategy at most."""
+    trial_steps: int = recommendations.DEFAULT_TRIAL_STEPS
+    """Timed steps of a trial, after at least one warm-up step."""
 
     def __post_init__(self):
         if not self.strategies:
@@ -119,6 +139,16 @@ class ProfileConfig:
             raise ValueError(f"timeout_s must be > 0 (got {self.timeout_s})")
         if self.gpu is not None and self.gpu.lower() not in GPU_CATALOG:
             raise ValueError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
+        if self.gpu_memory_bytes is not None and self.gpu_memory_bytes < 1:
+            raise ValueError(f"gpu_memory_bytes must be >= 1 (got {self.gpu_memory_bytes})")
+        if not 0 <= self.headroom_pct < 100:
+            raise ValueError(f"headroom_pct must be in [0, 100) (got {self.headroom_pct})")
+        if self.find_batch_size and self.nnodes > 1:
+            # A trial is launched from this node only; the other nodes would never join it.
+            raise ValueError("find_batch_size runs on one node only (nnodes=1)")
+        for name in ("max_trials", "trial_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +163,8 @@ class Target:
     """Catalog key of the estimates (cuda)."""
     description: str
     notices: tuple[str, ...]
+    total_bytes: int | None = None
+    """Memory of the GPU found (cuda)."""
 
 
 _DETECT_GPUS = (
@@ -185,7 +217,41 @@ def resolve_target(config: ProfileConfig) -> Target:
         key = DEFAULT_GPU
         notices.append(f"{name} is not in dpplan's GPU catalog: estimates use {key} (choose with --gpu)")
     description = f"{gpus} x {name} ({config.nnodes} node{'s' if config.nnodes > 1 else ''}, nccl)"
-    return Target(device="cuda", gpus=gpus, gpu=key, description=description, notices=tuple(notices))
+    return Target(device="cuda", gpus=gpus, gpu=key, description=description, notices=tuple(notices),
+                  total_bytes=gpus_found["total_bytes"])
+
+
+def capacity_override(config: ProfileConfig, target: Target) -> int | None:
+    """The memory per rank to plan and test against when it is not the estimate's default:
+    --gpu-memory, or on a GPU a catalog card (--gpu) smaller than the one found."""
+    if config.gpu_memory_bytes is not None:
+        if target.device == "cuda" and target.total_bytes and config.gpu_memory_bytes > target.total_bytes:
+            raise ValueError(
+                f"--gpu-memory {config.gpu_memory_bytes} bytes is more than the GPU here has ({target.total_bytes} bytes)")
+        return config.gpu_memory_bytes
+    if target.device == "cuda" and config.gpu and target.total_bytes:
+        card = GPU_CATALOG[config.gpu.lower()].memory_bytes
+        return card if card < target.total_bytes else None
+    return None
+
+
+def memory_limit_bytes(config: ProfileConfig, target: Target) -> int | None:
+    """The cap each cuda rank puts on its allocator; None on cpu (nothing caps host memory)."""
+    capacity = capacity_override(config, target)
+    if target.device != "cuda" or capacity is None or not target.total_bytes or capacity >= target.total_bytes:
+        return None
+    return capacity
+
+
+def capacity_source(config: ProfileConfig, target: Target) -> str:
+    capped = " (each rank capped with torch.cuda.set_per_process_memory_fraction)"
+    if config.gpu_memory_bytes is not None:
+        if target.device == "cpu":
+            return "--gpu-memory: a planning capacity only on CPU ranks, nothing caps the processes"
+        return "--gpu-memory" + (capped if memory_limit_bytes(config, target) else "")
+    if capacity_override(config, target) is not None:
+        return f"--gpu {target.gpu}" + capped
+    return f"{target.gpu} memory" if target.device == "cuda" else "host RAM per rank"
 
 
 def skip_reason(strategy: str, gpus: int) -> str | None:
@@ -214,16 +280,45 @@ def default_out_dir(now: datetime | None = None) -> Path:
 def estimate_entries(config: ProfileConfig, target: Target) -> tuple[dict, dict[str, dict]]:
     """The model summary and the `dpplan estimate` JSON entry of each strategy, for exactly
     the runs profiled (cpu runs: ``--device cpu`` estimates; cuda: the detected GPU)."""
-    from dpplan.planner.config import PlanConfig
     from dpplan.planner.estimate import estimate
 
-    plan = estimate(PlanConfig(
-        model=config.model, strategies=config.strategies, gpus=(target.gpus,), nodes=config.nnodes,
+    plan = estimate(plan_config(config, target, config.strategies))
+    return asdict(plan.model), {e.strategy: asdict(e) for e in plan.estimates}
+
+
+def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ...], **overrides):
+    """The estimate request matching the runs (overrides: batch_size, offload, capacity_bytes)."""
+    from dpplan.planner.config import PlanConfig
+
+    fields = dict(
+        model=config.model, strategies=strategies, gpus=(target.gpus,), nodes=config.nnodes,
         batch_size=config.batch_size, grad_accum=config.grad_accum, precision=config.precision,
         optimizer=config.optimizer, activation_checkpointing=config.activation_checkpointing,
         offload=config.offload, wrap=config.wrap, gpu=target.gpu or DEFAULT_GPU, device=target.device,
-    ))
-    return asdict(plan.model), {e.strategy: asdict(e) for e in plan.estimates}
+        capacity_bytes=capacity_override(config, target),
+    )
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return PlanConfig(**fields)
+
+
+def estimate_function(config: ProfileConfig, target: Target) -> recommendations.EstimateAt:
+    """``estimate_at(strategy, batch_size=, offload=, capacity_bytes=)`` for recommend.py: one
+    model load, each distinct question estimated once."""
+    from dpplan.planner.estimate import estimate
+    from dpplan.planner.model_file import load_model_file
+
+    spec = load_model_file(config.model)
+    answers: dict[tuple, dict] = {}
+
+    def estimate_at(strategy, *, batch_size, offload=None, capacity_bytes=None):
+        key = (strategy, batch_size, offload, capacity_bytes)
+        if key not in answers:
+            request = plan_config(config, target, (strategy,), batch_size=batch_size, offload=offload,
+                                  capacity_bytes=capacity_bytes)
+            answers[key] = asdict(estimate(request, spec).estimates[0])
+        return answers[key]
+
+    return estimate_at
 
 
 def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfig:
@@ -232,7 +327,7 @@ def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfi
         precision=config.precision, optimizer=config.optimizer,
         activation_checkpointing=config.activation_checkpointing, offload=config.offload, wrap=config.wrap,
         nodes=config.nnodes, steps=config.steps, warmup_steps=config.warmup_steps, device=target.device,
-        sample_hz=config.sample_hz,
+        sample_hz=config.sample_hz, memory_limit_bytes=memory_limit_bytes(config, target),
     )
 
 
@@ -326,6 +421,50 @@ def compare(entry: dict, device: str) -> None:
         entry["errors_pct"] = {"allocated": entry["error_pct"]}
 
 
+def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimate_at,
+                   limit_bytes: int, on_trial: Callable[[str, Trial], None] | None) -> recommendations.RunTrial:
+    """``run_trial(strategy, batch)``: one fresh torchrun job, as the profile runs are, with at
+    least one warm-up step and ``trial_steps`` timed steps, judged against ``limit_bytes``."""
+
+    def run_trial(strategy: str, batch_size: int) -> Trial:
+        trial_config = replace(config, batch_size=batch_size, steps=config.trial_steps,
+                               warmup_steps=max(1, config.warmup_steps))
+        index = config.strategies.index(strategy)
+        trial_dir = out_dir / f"{index + 1}-{strategy}" / f"trial-b{batch_size}"
+        start = time.perf_counter()
+        entry = profile_one(trial_config, strategy, target, trial_dir)
+        measured = entry["measured"] if entry["status"] == "ok" else {}
+        peak, _ = recommendations.fit_bytes(measured, estimate_at(strategy, batch_size=batch_size), target.device)
+        trial = judge(batch_size, entry["status"], peak if measured else None, limit_bytes,
+                      samples_per_s=measured.get("samples_per_s"), seconds=time.perf_counter() - start,
+                      error=entry["error"], dir=str(trial_dir))
+        if on_trial:
+            on_trial(strategy, trial)
+        return trial
+
+    return run_trial
+
+
+def recommend_runs(config: ProfileConfig, target: Target, runs: list[dict], out_dir: Path,
+                   on_trial: Callable[[str, Trial], None] | None = None) -> dict:
+    """The recommendations section: predicted from the runs, confirmed by trials when asked."""
+    estimate_at = estimate_function(config, target)
+    capacity = estimate_at(config.strategies[0], batch_size=1)["capacity_bytes"]
+    limits = recommendations.Limits(capacity_bytes=capacity, headroom_pct=config.headroom_pct,
+                                    capacity_source=capacity_source(config, target))
+    notes = []
+    if config.find_batch_size:
+        run_trial = trial_function(config, target, out_dir, estimate_at, limits.limit_bytes, on_trial)
+    else:
+        run_trial = None
+        notes.append("micro-batches are predicted, not confirmed: add --find-batch-size to confirm them with trial runs")
+    if target.device == "cpu" and config.gpu_memory_bytes is not None:
+        notes.append("CPU ranks: --gpu-memory is a planning capacity only (nothing caps the processes); "
+                     "batches are judged by their measured tensor bytes")
+    return recommendations.recommend(runs, device=target.device, limits=limits, estimate_at=estimate_at,
+                                     run_trial=run_trial, max_trials=config.max_trials, notes=tuple(notes))
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -346,15 +485,20 @@ def profile(
     on_notice: Callable[[str], None] | None = None,
     on_start: Callable[[str, int, int, dict[str, str]], None] | None = None,
     on_done: Callable[[dict], None] | None = None,
+    on_trial: Callable[[str, Trial], None] | None = None,
 ) -> dict:
     """Profile every strategy of ``config``; returns the profile document (also in out_dir/profile.json).
 
     ``on_notice(line)`` says how the runs are made (no GPU: CPU ranks); ``on_start(strategy,
     index, count, commands)`` (commands: the same run as torchrun and srun lines) and
-    ``on_done(run)`` report progress. Ctrl-C or
+    ``on_done(run)`` report progress, ``on_trial(strategy, trial)`` each batch-size trial. Ctrl-C or
     SIGTERM stops the run in flight, its whole process tree included, writes profile.json with
     the finished runs and raises ``Interrupted``."""
     target = resolve_target(config)
+    if config.find_batch_size and target.device == "cpu" and config.gpu_memory_bytes is None:
+        raise ValueError("--find-batch-size on CPU ranks needs --gpu-memory SIZE (the capacity to test against): "
+                         "the default, host RAM per rank, would be found by running the machine out of memory")
+    capacity_override(config, target)  # --gpu-memory larger than the GPU: a usage error before any launch
     for notice in target.notices:
         if on_notice:
             on_notice(notice)
@@ -405,6 +549,8 @@ def profile(
             results_json.write_profile(document, out_dir)
             if on_done:
                 on_done(entry)
+        document["recommendations"] = recommend_runs(config, target, document["runs"], out_dir, on_trial)
+        results_json.write_profile(document, out_dir)
     except KeyboardInterrupt:
         document["interrupted"] = True
         path = results_json.write_profile(document, out_dir)

@@ -12,6 +12,23 @@ Schema (``schema_version`` 1; add fields freely, rename or remove only with a ne
         allocator_cache_bytes, non_pytorch_bytes, peak_rss_bytes (cpu), step_time_s,
         samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}
 
+  recommendations (profiler/recommend.py, after the runs): {capacity_bytes, capacity_source,
+        headroom_pct, limit_bytes (capacity x (1 - headroom)), find_batch_size, max_trials,
+        strategies: [recommendation...], fastest, notes[]}
+  recommendation: {strategy, status (confirmed | predicted | does_not_fit | unknown),
+        batch_size (per rank), peak_bytes, peak_source (measured | predicted), samples_per_s (at
+        batch_size, when measured there), predicted_batch_size (the calibrated prediction, the
+        first trial), calibration {batch_size, measured_bytes, estimated_bytes, ratio, quantity},
+        search {num_trials, converged, stop_reason, smallest_rejected, trials: [{batch_size,
+        status (ok | over_limit | oom | failed), accepted, peak_bytes, limit_bytes, samples_per_s,
+        seconds, error, dir}]} (null without --find-batch-size), offload {needed (none |
+        optimizer | optimizer+params | null: none fits), configured, supported, levels:
+        [{offload, predicted_peak_bytes (batch 1, calibrated), host_bytes}]}, profiled
+        {batch_size, status, fit_bytes, samples_per_s}, notes[]}
+  fastest: {strategy, samples_per_s, batch_size, basis, num_candidates} or null.
+  The bytes judged against the limit (fit_bytes, peak_bytes, trials' peak_bytes) are NVML used
+  on cuda (the whole device, context and NCCL included) and tensor bytes on cpu.
+
 Definitions. peak_allocated_bytes: the largest per-rank peak of allocated tensor bytes over
 the timed steps (cuda: torch.cuda.max_memory_allocated; cpu: exact live tensor bytes).
 peak_reserved_bytes: the same for torch.cuda.max_memory_reserved; peak_nvml_bytes: the

@@ -58,6 +58,9 @@ class RunConfig:
     """cpu: gloo, CPU tensors; cuda: nccl, one GPU per process (LOCAL_RANK)."""
     sample_hz: float = 100.0
     """NVML sampling rate on cuda."""
+    memory_limit_bytes: int | None = None
+    """cuda: cap this process's allocator to that many bytes of its GPU
+    (torch.cuda.set_per_process_memory_fraction), to test a smaller card on a bigger one."""
     seed: int = 0
     keep_allocations: bool = False
     """Also write every allocation event (cpu; for investigating a mismatch)."""
@@ -67,6 +70,8 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1 (got {self.steps})")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.memory_limit_bytes is not None and self.memory_limit_bytes < 1:
+            raise ValueError(f"memory_limit_bytes must be >= 1 (got {self.memory_limit_bytes})")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
 
@@ -148,6 +153,12 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
 
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # before any CUDA or NCCL call, or every rank makes a context on GPU 0
+        if config.memory_limit_bytes is not None:
+            # Before the model exists, so every allocation is under the cap. The cap is on the
+            # caching allocator's reserve; context and NCCL sit outside it, which is why
+            # recommend.py judges a trial by NVML's whole-device peak, not by this cap alone.
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, config.memory_limit_bytes / total), device)
         meter = CudaPhaseMeter(device)
         sampler = GpuSampler(local_rank, rate_hz=config.sample_hz).start()
     try:

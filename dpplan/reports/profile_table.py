@@ -48,6 +48,8 @@ def render_profile(document: dict, console: Console | None = None) -> None:
         f"{config['optimizer']} · {config['warmup_steps']} warm-up + {config['steps']} timed steps",
         highlight=False,
     )
+    if document.get("recommendations"):
+        render_recommendations(document["recommendations"], console)
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
     table.add_column("strategy")
     table.add_column("status")
@@ -118,6 +120,95 @@ def render_profile(document: dict, console: Console | None = None) -> None:
     console.print(f"results: {escape(document['out_dir'])}/profile.json", highlight=False)
 
 
+OFFLOAD_ORDER = ("none", "optimizer", "optimizer+params")
+TRIAL_STYLE = {"ok": "green", "over_limit": "yellow", "oom": "red", "failed": "red"}
+
+
+def _trials(count: int) -> str:
+    return f"{count} trial{'s' if count != 1 else ''}"
+
+
+def recommendation_line(rec: dict, section: dict) -> str:
+    """One strategy's micro-batch verdict with its reason."""
+    strategy, headroom = rec["strategy"], f"{section['headroom_pct']:g}%"
+    capacity = format_bytes(section["capacity_bytes"])
+    search = rec.get("search")
+    if rec["status"] == "confirmed":
+        how = f"confirmed in {_trials(search['num_trials'])}" if search and search["num_trials"] else (
+            f"confirmed by the profile run at batch {rec['batch_size']}")
+        if search and not search["converged"]:
+            how += f"; a larger one may fit ({search['stop_reason']})"
+        return (f"{strategy}: micro-batch {rec['batch_size']} fits with {headroom} headroom "
+                f"(peak {format_bytes(rec['peak_bytes'])} of {capacity}; {how})")
+    if rec["status"] == "predicted":
+        return (f"{strategy}: micro-batch {rec['batch_size']} should fit with {headroom} headroom "
+                f"(predicted peak {format_bytes(rec['peak_bytes'])} of {capacity}; predicted, not confirmed)")
+    if rec["status"] == "does_not_fit":
+        how = f" (rejected in {_trials(search['num_trials'])})" if search and search["num_trials"] else ""
+        return f"{strategy}: does not fit even at micro-batch 1 with {headroom} headroom{how}"
+    reason = search["stop_reason"] if search else "nothing measured"
+    return f"{strategy}: no micro-batch confirmed ({reason})"
+
+
+def offload_line(rec: dict, section: dict) -> str | None:
+    """Whether offload is needed, with the batch-1 peaks that say so; None when it is not a question."""
+    offload, strategy = rec["offload"], rec["strategy"]
+    needed, configured, levels = offload["needed"], offload["configured"], offload["levels"]
+    limit = format_bytes(section["limit_bytes"])
+    by_level = {level["offload"]: level["predicted_peak_bytes"] for level in levels}
+    without = by_level.get(configured, by_level.get("none"))
+    if needed is None:
+        if not offload["supported"]:
+            return f"{strategy}: has no offload here; a zero*/fsdp* strategy shards or offloads more" if (
+                rec["status"] == "does_not_fit") else None
+        return (f"{strategy}: does not fit even with optimizer+params offload "
+                f"(batch 1 peak {format_bytes(levels[-1]['predicted_peak_bytes'])} > limit {limit})")
+    if needed == "none":
+        if configured != "none":
+            return (f"{strategy}: offload {configured} is not needed "
+                    f"(batch 1 peak {format_bytes(by_level['none'])} without it, limit {limit})")
+        return f"{strategy}: no offload needed" if rec["status"] in ("confirmed", "predicted") else None
+    if OFFLOAD_ORDER.index(needed) > OFFLOAD_ORDER.index(configured):
+        return (f"{strategy}: needs {needed} offload (batch 1 peak {format_bytes(without)} > limit {limit}; "
+                f"with offload {format_bytes(levels[-1]['predicted_peak_bytes'])}) - rerun with --offload {needed}")
+    if OFFLOAD_ORDER.index(needed) < OFFLOAD_ORDER.index(configured):
+        return (f"{strategy}: {needed} offload is enough, {configured} is not needed "
+                f"(batch 1 peak {format_bytes(levels[-1]['predicted_peak_bytes'])}, limit {limit})")
+    return None
+
+
+def render_recommendations(section: dict, console: Console) -> None:
+    console.print(
+        f"[bold]Recommendations[/bold] · capacity {format_bytes(section['capacity_bytes'])} per rank "
+        f"({escape(section['capacity_source'])}) · headroom {section['headroom_pct']:g}%: "
+        f"limit {format_bytes(section['limit_bytes'])}",
+        highlight=False,
+    )
+    for rec in section["strategies"]:
+        console.print(escape(recommendation_line(rec, section)), highlight=False)
+        line = offload_line(rec, section)
+        if line:
+            console.print(escape(line), highlight=False)
+        trials = (rec.get("search") or {}).get("trials") or []
+        if trials:
+            parts = []
+            for trial in trials:
+                style = TRIAL_STYLE.get(trial["status"], "")
+                peak = f" {format_bytes(trial['peak_bytes'])}" if trial["peak_bytes"] is not None else ""
+                parts.append(f"b{trial['batch_size']} [{style}]{trial['status'].replace('_', ' ')}[/{style}]{peak}")
+            console.print(f"  trials: {', '.join(parts)}", style="dim", highlight=False)
+    fastest = section.get("fastest")
+    if fastest:
+        console.print(
+            f"{fastest['strategy']}: fastest that fits ({_rate(fastest['samples_per_s'])} samples/s at batch "
+            f"{fastest['batch_size']}; {escape(fastest['basis'])})",
+            highlight=False,
+        )
+    for note in section.get("notes") or []:
+        console.print(f"note: {escape(note)}", style="yellow", highlight=False)
+    console.print()
+
+
 class ProfileProgress:
     """A spinner on stderr naming the run in flight, and one line per finished run.
     Silent when stderr is not a terminal (CI logs keep only the final table)."""
@@ -144,6 +235,19 @@ class ProfileProgress:
         detail = run.get("error") or f"peak {format_bytes(measured.get('peak_allocated_bytes'))}"
         style = STATUS_STYLE.get(run["status"], "")
         self.console.print(f"{run['strategy']}: [{style}]{run['status']}[/{style}] {escape(detail)}", highlight=False)
+
+    def trial(self, strategy: str, trial) -> None:
+        """One batch-size trial finished (a batch_search.Trial)."""
+        if not self.enabled:
+            return
+        style = TRIAL_STYLE.get(trial.status, "")
+        detail = f"peak {format_bytes(trial.peak_bytes)}, limit {format_bytes(trial.limit_bytes)}"
+        if trial.error and trial.status in ("oom", "failed"):
+            detail = trial.error
+        self.console.print(
+            f"{strategy}: trial batch {trial.batch_size} [{style}]{trial.status.replace('_', ' ')}[/{style}] "
+            f"{escape(detail)} ({trial.seconds:.0f} s)", highlight=False,
+        )
 
     def close(self) -> None:
         if self._status is not None:

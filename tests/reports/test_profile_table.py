@@ -33,3 +33,41 @@ def test_cuda_table_names_the_three_numbers_and_the_gaps():
     assert "allocator cache (reserved - allocated) up to 20.00 MiB" in text
     assert "NCCL and other (NVML used - reserved) up to 580.00 MiB" in text
     assert "fsdp2: batch 4 does not fit" in text and "note: a note" in text
+
+
+def test_recommendations_come_first_with_their_reasons():
+    GiB = 1 << 30
+    section = {
+        "capacity_bytes": 80 * GiB, "capacity_source": "h100-80gb memory", "headroom_pct": 10.0,
+        "limit_bytes": 72 * GiB, "find_batch_size": True, "max_trials": 4, "notes": ["a note"],
+        "strategies": [
+            {"strategy": "ddp", "status": "confirmed", "batch_size": 12, "peak_bytes": 70 * GiB,
+             "search": {"num_trials": 3, "converged": True, "stop_reason": "batch 12 fits and 13 does not",
+                        "trials": [{"batch_size": 12, "status": "ok", "peak_bytes": 70 * GiB},
+                                   {"batch_size": 14, "status": "oom", "peak_bytes": None}]},
+             "offload": {"needed": "none", "configured": "none", "supported": False,
+                         "levels": [{"offload": "none", "predicted_peak_bytes": 40 * GiB}]}},
+            {"strategy": "zero3", "status": "does_not_fit", "batch_size": None, "peak_bytes": None, "search": None,
+             "offload": {"needed": "optimizer", "configured": "none", "supported": True,
+                         "levels": [{"offload": "none", "predicted_peak_bytes": 93 * GiB},
+                                    {"offload": "optimizer", "predicted_peak_bytes": 61 * GiB}]}},
+        ],
+        "fastest": {"strategy": "ddp", "samples_per_s": 412.0, "batch_size": 12,
+                    "basis": "measured at each strategy's recommended micro-batch"},
+    }
+    document = {
+        "device": {"type": "cuda", "description": "2 x H100"}, "model": {"name": "m.py"},
+        "config": {"batch_size": 4, "grad_accum": 1, "precision": "bf16-mixed", "optimizer": "adamw",
+                   "warmup_steps": 1, "steps": 5},
+        "out_dir": "runs/x", "runs": [], "recommendations": section,
+    }
+    console = Console(width=250, record=True)
+    render_profile(document, console)
+    text = console.export_text()
+    assert text.index("Recommendations") < text.index("strategy")  # above the table
+    assert "limit 72.00 GiB" in text
+    assert "ddp: micro-batch 12 fits with 10% headroom (peak 70.00 GiB of 80.00 GiB; confirmed in 3 trials)" in text
+    assert "trials: b12 ok 70.00 GiB, b14 oom" in text
+    assert "zero3: needs optimizer offload (batch 1 peak 93.00 GiB > limit 72.00 GiB; with offload 61.00 GiB)" in text
+    assert "ddp: fastest that fits (412 samples/s at batch 12" in text
+    assert "note: a note" in text
