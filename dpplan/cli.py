@@ -160,7 +160,8 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
               help="This node's rank (torchrun --node-rank).")
 @click.option("--rdzv-endpoint", type=ENDPOINT, default=None, help="host:port of node 0 (torchrun --rdzv-endpoint).")
 @run_options
-@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="Timed optimizer steps per run.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Timed optimizer steps per run  [default: 5 on GPUs, 2 on CPU ranks]")
 @click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=1, show_default=True,
               help="Untimed optimizer steps first (the first creates the optimizer state).")
 @click.option("--sample-hz", type=click.FloatRange(min=MIN_SAMPLE_HZ), default=100.0, show_default=True,

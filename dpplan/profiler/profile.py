@@ -64,6 +64,10 @@ MIN_SAMPLE_HZ = 50.0
 (gpu_sampler.py is imported only on CUDA runs)."""
 
 
+DEFAULT_GPU_STEPS = 5
+DEFAULT_CPU_STEPS = 2
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProfileConfig:
     """One profiling request. The run-describing fields mean what the ``dpplan estimate`` flags mean."""
@@ -84,8 +88,10 @@ class ProfileConfig:
     activation_checkpointing: bool = False
     offload: str = "none"
     wrap: str | None = None
-    steps: int = 5
-    """Timed optimizer steps per run."""
+    steps: int | None = None
+    """Timed optimizer steps per run; None: DEFAULT_GPU_STEPS on GPUs, DEFAULT_CPU_STEPS on CPU
+    ranks (a CPU step of a mid-sized model in bf16 takes tens of seconds; the memory peak is
+    the same in every step after the warm-up, so fewer steps lose no accuracy there)."""
     warmup_steps: int = 1
     sample_hz: float = 100.0
     timeout_s: float = 600.0
@@ -121,7 +127,7 @@ class ProfileConfig:
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
         for name in ("batch_size", "grad_accum", "steps", "nnodes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.gpus is not None and self.gpus < 1:
             raise ValueError(f"gpus must be >= 1 (got {self.gpus})")
@@ -495,6 +501,8 @@ def profile(
     SIGTERM stops the run in flight, its whole process tree included, writes profile.json with
     the finished runs and raises ``Interrupted``."""
     target = resolve_target(config)
+    if config.steps is None:
+        config = replace(config, steps=DEFAULT_GPU_STEPS if target.device == "cuda" else DEFAULT_CPU_STEPS)
     if config.find_batch_size and target.device == "cpu" and config.gpu_memory_bytes is None:
         raise ValueError("--find-batch-size on CPU ranks needs --gpu-memory SIZE (the capacity to test against): "
                          "the default, host RAM per rank, would be found by running the machine out of memory")
