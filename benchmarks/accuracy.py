@@ -196,9 +196,10 @@ def markdown(results: list[Result], summary: dict, command: str) -> str:
     lines = [
         "# Accuracy: `dpplan estimate --device cpu` against real CPU training runs",
         "",
-        "Each case builds the model, wraps it as the strategy does (torchrun, gloo), trains 3 steps and",
-        "records every CPU tensor allocation exactly (profiler/cpu_memory.py, started before the",
-        "process group and the model exist). *Measured* is the steady-state peak (steps 2 and 3) of",
+        "Each case builds the model, wraps it as the strategy does (torchrun, gloo), trains 1 warm-up",
+        "step and 3 timed steps and records every CPU tensor allocation exactly (profiler/cpu_memory.py,",
+        "started before the process group and the model exist). *Measured* is the steady-state peak (the
+timed steps, after the optimizer state exists) of",
         "the most loaded rank; *estimate* is `peak_bytes` of `dpplan estimate --device cpu` for the",
         "same settings. Micro-batch 2 unless the case says otherwise.",
         "",

@@ -31,7 +31,16 @@ class ParamStorages:
 
 
 def storages_by_param(trace: StepTrace) -> list[ParamStorages]:
-    """For each parameter (``trace.params`` order) the storages it owns."""
+    """For each parameter (``trace.params`` order) the storages it owns (read-only: computed
+    once per trace, every strategy and rank planned from that trace shares it)."""
+    cached = trace.__dict__.get("_storages_by_param")
+    if cached is None:
+        cached = _group_storages_by_param(trace)
+        trace.__dict__["_storages_by_param"] = cached  # a frozen dataclass: set past __setattr__
+    return cached
+
+
+def _group_storages_by_param(trace: StepTrace) -> list[ParamStorages]:
     result = [ParamStorages() for _ in trace.params]
     owners = trace.storage_owner
     categories = trace.storage_category
