@@ -55,16 +55,19 @@ class RankTimeline:
         self._ins_lin: list[float] = []
         self._ins_quad: list[float] = []
         self._ins_category: list[int] = []
+        self._merged_cache = None  # _merged() of the events as they are; reset by every change
 
     # -- what strategies call ------------------------------------------------------------
     def scale(self, storage: int, factor: float) -> None:
         if storage >= 0:
             self.storage_scale[storage] = factor
+            self._merged_cache = None
 
     def insert(self, position: int, nbytes: float, category: int) -> None:
         """Allocate (positive) or free (negative) ``nbytes`` constant bytes at ``position``."""
         if nbytes == 0:
             return
+        self._merged_cache = None
         self._ins_position.append(position)
         self._ins_const.append(float(nbytes))
         self._ins_lin.append(0.0)
@@ -76,6 +79,7 @@ class RankTimeline:
         if storage < 0 or self.storage_death_moved[storage]:
             return
         self.storage_death_moved[storage] = True
+        self._merged_cache = None
         const, lin, quad = self._storage_polynomial(storage)
         self._ins_position.append(position)
         self._ins_const.append(-const)
@@ -99,6 +103,11 @@ class RankTimeline:
 
     def _merged(self):
         """Per merged event: constant, linear, quadratic delta and category, in time order."""
+        if self._merged_cache is None:
+            self._merged_cache = self._merge()
+        return self._merged_cache
+
+    def _merge(self):
         trace = self.trace
         storage = trace.event_storage
         sign = trace.event_sign.astype(np.float64)
