@@ -528,10 +528,14 @@ def profile(
         "runs": [],
     }
     results_json.write_profile(document, out_dir)
-    previous = signal.getsignal(signal.SIGTERM)
+    # A cancelled job (scancel, kill) cleans up like Ctrl-C. SIGINT is set explicitly too: a
+    # process started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler of its own.
+    handled = (signal.SIGTERM, signal.SIGINT)
     in_main_thread = _is_main_thread()
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # a cancelled job (scancel, kill) cleans up like Ctrl-C
+    previous = {signum: signal.getsignal(signum) for signum in handled} if in_main_thread else {}
+    for signum in previous:
+        signal.signal(signum, _raise_interrupt)
     try:
         for index, strategy in enumerate(config.strategies):
             entry = run_entry(config, strategy, target)
@@ -564,8 +568,8 @@ def profile(
         path = results_json.write_profile(document, out_dir)
         raise Interrupted(path, len(document["runs"])) from None
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return document
 
 

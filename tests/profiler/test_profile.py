@@ -196,7 +196,10 @@ def test_ctrl_c_stops_every_process_and_keeps_finished_runs(write_model, tmp_pat
     out = tmp_path / "out"
     command = [sys.executable, "-m", "dpplan.cli", "profile", model, "--device", "cpu", "--gpus", "2",
                "--strategy", "fsdp2,ddp", "--precision", "fp32", "--steps", "1", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Started with SIGINT ignored, as a non-interactive shell starts a background job (CI does):
+    # Python then installs no KeyboardInterrupt handler, so profile must install its own.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 150
         started = False
