@@ -20,59 +20,8 @@ TOLERANCE_PCT = 0.5
 
 # FSDP2's fully_shard swaps the module's class for "FSDP<Name>"; DDP leaves it alone. The
 # fixtures use that to misbehave under one strategy only, so a profile also has a good run.
-CRASH_ON_RANK_1_UNDER_DDP = '''
-import os
-import torch
-import torch.nn as nn
-
-
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
-
-    def forward(self, x):
-        if os.environ.get("RANK") == "1" and not type(self).__name__.startswith("FSDP"):
-            raise RuntimeError("boom on rank 1")
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-def build_model():
-    return Model()
-
-
-def example_batch(batch_size):
-    return torch.randn(batch_size, 16)
-'''
-
-OOM_IN_FORWARD = '''
-import os
-import torch
-import torch.nn as nn
-
-
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layer = nn.Linear(16, 16)
-
-    def forward(self, x):
-        if "RANK" in os.environ:  # a real run under torchrun, not the estimate's trace
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return self.layer(x)
-
-
-def build_model():
-    return Model()
-
-
-def example_batch(batch_size):
-    return torch.randn(batch_size, 16)
-'''
-
-HANG_UNDER_DDP = '''
+# "RANK" is set only in a real run under torchrun, never in the estimate's trace.
+MODEL_THAT_MISBEHAVES = '''
 import os
 import time
 import torch
@@ -85,8 +34,8 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
 
     def forward(self, x):
-        if "RANK" in os.environ and not type(self).__name__.startswith("FSDP"):
-            time.sleep(600)
+        under_ddp = "RANK" in os.environ and not type(self).__name__.startswith("FSDP")
+        {misbehaviour}
         for layer in self.layers:
             x = layer(x)
         return x
@@ -99,6 +48,14 @@ def build_model():
 def example_batch(batch_size):
     return torch.randn(batch_size, 16)
 '''
+
+CRASH_ON_RANK_1_UNDER_DDP = MODEL_THAT_MISBEHAVES.format(
+    misbehaviour='if under_ddp and os.environ["RANK"] == "1": raise RuntimeError("boom on rank 1")'
+)
+OOM_IN_FORWARD = MODEL_THAT_MISBEHAVES.format(
+    misbehaviour='if "RANK" in os.environ: raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")'
+)
+HANG_UNDER_DDP = MODEL_THAT_MISBEHAVES.format(misbehaviour="if under_ddp: time.sleep(600)")
 
 
 def _profile(*args):
