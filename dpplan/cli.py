@@ -9,6 +9,8 @@ Examples:
     dpplan estimate model.py --json plan.json         # the same, machine-readable (- for stdout)
     dpplan estimate model.py --device cpu --gpus 2    # what a CPU (gloo) run allocates
     dpplan profile model.py --gpus 4                  # real runs, measured beside the estimates
+    dpplan estimate model.py --html plan.html         # an HTML report (also: profile --html)
+    dpplan report profile.json -o report.html         # re-render any saved estimate or profile JSON
     dpplan profile model.py --gpus 4 --find-batch-size --gpu-memory 24GiB   # largest batch on a 24 GiB card
 """
 
@@ -30,6 +32,7 @@ from dpplan.planner.strategies.layout import STRATEGIES
 from dpplan.planner.training_step import PRECISIONS
 from dpplan.profiler.profile import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
 from dpplan.profiler.recommend import DEFAULT_HEADROOM_PCT, DEFAULT_MAX_TRIALS, DEFAULT_TRIAL_STEPS
+from dpplan.reports.html_page import PLOTLYJS_MODES
 
 USER_ERROR_EXIT = 2
 RUNTIME_ERROR_EXIT = 1
@@ -63,6 +66,20 @@ def _run_safely(action):
         if os.environ.get("DPPLAN_DEBUG"):
             raise
         _fail(f"{type(exc).__name__}: {exc} (set DPPLAN_DEBUG=1 for the traceback)", RUNTIME_ERROR_EXIT)
+
+
+def html_options(command):
+    """--html and --plotlyjs, the same for estimate and profile."""
+    command = click.option(
+        "--plotlyjs", type=click.Choice(PLOTLYJS_MODES), default="inline", show_default=True,
+        help="inline: plotly.js inside the HTML file (opens offline, ~5 MB); cdn: linked from cdn.plot.ly (small).",
+    )(command)
+    return click.option("--html", "html_path", metavar="PATH", default=None,
+                        help="Also write an HTML report (plotly charts), one self-contained file.")(command)
+
+
+def _command_line() -> str:
+    return "dpplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def run_options(command):
@@ -107,8 +124,9 @@ def main() -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="cuda", show_default=True,
               help="cuda: GPU memory; cpu: the tensor bytes of a CPU (gloo) run, for validation without GPUs.")
 @click.option("--json", "json_path", metavar="PATH|-", default=None, help="Also write the plan as JSON ('-': stdout only).")
+@html_options
 def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_accum, precision, optimizer,
-             activation_checkpointing, offload, wrap, gpu, device, json_path):
+             activation_checkpointing, offload, wrap, gpu, device, json_path, html_path, plotlyjs):
     """Plan per-GPU memory of MODEL (path.py or path.py:factory) for each strategy.
 
     Without MODEL, plans dpplan's bundled GPT model. Nothing is allocated: the model is
@@ -119,7 +137,7 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
       dpplan estimate
       dpplan estimate model.py --strategy ddp,fsdp-full --gpus 8,16 --batch-size 4
       dpplan estimate model.py --gpus 64 --nodes 8 --gpu a100-80gb --activation-checkpointing
-      dpplan estimate model.py --json plan.json
+      dpplan estimate model.py --json plan.json --html plan.html
     """
 
     if nodes is not None and gpus_per_node is not None:
@@ -137,14 +155,18 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
             activation_checkpointing=activation_checkpointing, offload=offload, wrap=wrap,
             gpu=gpu, device=device,
         )
+        if html_path:
+            _check_html_destination(html_path)
         plan = plan_memory(config)
         if json_path != "-":
             render_plan(plan)
+        document = plan_to_json(plan, command=_command_line())
         if json_path:
-            command = "dpplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-            write_json(plan_to_json(plan, command=command), json_path)
+            write_json(document, json_path)
             if json_path != "-":
                 click.echo(f"wrote {json_path}")
+        if html_path:
+            _write_html(document, html_path, plotlyjs, quiet=json_path == "-")
 
     _run_safely(action)
 
@@ -191,9 +213,11 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
               help="Results folder  [default: a new dpplan-runs/<timestamp>/]")
 @click.option("--json", "json_path", metavar="PATH|-", default=None,
               help="Also write the merged profile JSON here ('-': stdout only).")
+@html_options
 def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_size, grad_accum, precision, optimizer,
             activation_checkpointing, offload, wrap, steps, warmup_steps, sample_hz, timeout_s, device, gpu,
-            gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path):
+            gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path,
+            html_path, plotlyjs):
     """Run MODEL for a few steps per strategy on real GPUs and measure its memory and speed.
 
     One process per GPU through torch.distributed.run (NCCL); without GPUs the same
@@ -205,6 +229,7 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
     Examples:
       dpplan profile                                  # bundled model, works on a laptop
       dpplan profile model.py --gpus 4                # ddp and fsdp-full, a few steps each
+      dpplan profile model.py --gpus 4 --html profile.html   # and a report to share
       dpplan profile model.py --gpus 8 --strategy ddp,fsdp2,zero1 --batch-size 8 \\
           --precision bf16-mixed --steps 20
       dpplan profile model.py --gpus 16 --nnodes 2 --node-rank 0 --rdzv-endpoint host:29400
@@ -235,14 +260,18 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
                 progress.notice(f"{strategy} under SLURM: {commands['srun']}")
             progress.start(strategy, index, count)
 
-        command = "dpplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if html_path:
+            _check_html_destination(html_path)
         try:
-            document = run_profile(config, command=command, on_notice=progress.notice, on_start=on_start,
+            document = run_profile(config, command=_command_line(), on_notice=progress.notice, on_start=on_start,
                                    on_done=progress.done, on_trial=progress.trial)
         except Interrupted as exc:
             progress.close()
+            partial = json.loads(exc.path.read_text())
             if json_path and json_path != "-":
-                write_json(json.loads(exc.path.read_text()), json_path)
+                write_json(partial, json_path)
+            if html_path:  # the runs that finished, in the report too
+                _write_html(partial, html_path, plotlyjs, quiet=True)
             _fail(str(exc), INTERRUPTED_EXIT)
         finally:
             progress.close()
@@ -252,10 +281,58 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
             write_json(document, json_path)
             if json_path != "-":
                 click.echo(f"wrote {json_path}")
+        if html_path:
+            _write_html(document, html_path, plotlyjs, quiet=json_path == "-")
         failed = [r for r in document["runs"] if r["status"] == "failed"]
         if failed:
             detail = "; ".join(f"{r['strategy']}: {r['error']}" for r in failed)
             _fail(f"{len(failed)} of {len(document['runs'])} runs failed: {detail}", RUNTIME_ERROR_EXIT)
+
+    _run_safely(action)
+
+
+def _check_html_destination(html_path: str, flag: str = "--html") -> None:
+    """Refuse a bad --html path before minutes of work, not after."""
+    from pathlib import Path
+
+    parent = Path(html_path).parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: directory does not exist: {parent}")
+
+
+def _write_html(document: dict, html_path: str, plotlyjs: str, *, quiet: bool) -> None:
+    from dpplan.reports.html_report import write_report
+
+    write_report(document, html_path, plotlyjs=plotlyjs)
+    if not quiet:
+        click.echo(f"wrote {html_path}")
+
+
+@main.command()
+@click.argument("json_file", metavar="JSON")
+@click.option("-o", "--output", "html_path", metavar="PATH", default=None,
+              help="The HTML file to write  [default: JSON's name with .html]")
+@click.option("--plotlyjs", type=click.Choice(PLOTLYJS_MODES), default="inline", show_default=True,
+              help="inline: plotly.js inside the file (opens offline); cdn: linked from cdn.plot.ly (small file).")
+def report(json_file, html_path, plotlyjs):
+    """Render a saved estimate or profile JSON as an HTML report.
+
+    \b
+    Examples:
+      dpplan report plan.json                         # writes plan.html beside it
+      dpplan report dpplan-runs/20261201-120000/profile.json -o report.html
+      dpplan report plan.json -o plan.html --plotlyjs cdn
+    """
+
+    def action():
+        from pathlib import Path
+
+        from dpplan.reports.html_report import read_document
+
+        document = read_document(json_file)
+        destination = html_path or str(Path(json_file).with_suffix(".html"))
+        _check_html_destination(destination, "--output")
+        _write_html(document, destination, plotlyjs, quiet=False)
 
     _run_safely(action)
 

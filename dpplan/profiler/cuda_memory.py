@@ -12,6 +12,7 @@ processes) comes from profiler/gpu_sampler.py.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -26,6 +27,9 @@ class CudaPhaseMeter:
         self.device = device
         self.allocated: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
+        self.points: list[tuple[float, int, int]] = []
+        """(perf_counter s, allocated, reserved): the level at each phase's start and the phase's
+        peak at its end, warm-up included; the report's torch line (profiler/memory_series.py)."""
         self._phase: str | None = None
 
     def restart(self) -> None:
@@ -35,6 +39,9 @@ class CudaPhaseMeter:
 
     def _begin(self, phase: str) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
+        self.points.append((
+            time.perf_counter(), torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
+        ))
         self._phase = phase
 
     def _end(self) -> None:
@@ -43,6 +50,7 @@ class CudaPhaseMeter:
         phase, self._phase = self._phase, None
         allocated = torch.cuda.max_memory_allocated(self.device)
         reserved = torch.cuda.max_memory_reserved(self.device)
+        self.points.append((time.perf_counter(), allocated, reserved))
         self.allocated[phase] = max(self.allocated.get(phase, 0), allocated)
         self.reserved[phase] = max(self.reserved.get(phase, 0), reserved)
 

@@ -8,6 +8,7 @@ Schema (``schema_version`` 1; add fields freely, rename or remove only with a ne
         error (one line naming the rank, or the reason a run was skipped), failed_rank,
         measured, estimate (the `dpplan estimate` JSON entry), error_pct, errors_pct,
         notes[], dir, commands {torchrun, srun}, duration_s}
+  per_rank memory_series: memory over time, see profiler/memory_series.py.
   measured: {peak_allocated_bytes, peak_reserved_bytes, peak_nvml_bytes (null on cpu),
         allocator_cache_bytes, non_pytorch_bytes, peak_rss_bytes (cpu), step_time_s,
         samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}
@@ -58,6 +59,7 @@ PER_RANK_KEYS = (
     "rss_bytes", "peak_rss_bytes",
     "step_time_s", "step_times_s",
     "nvml", "nvml_notice", "nvml_device", "nvml_process_used_bytes", "gpu_name", "gpu_total_bytes",
+    "memory_series",
 )
 
 

@@ -141,6 +141,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
     from dpplan.planner.model_file import build_module, call_user, load_model_file
     from dpplan.planner.training_step import autocast_context, run_training_step
     from dpplan.planner.units import checkpoint_units, find_units
+    from dpplan.profiler.memory_series import cuda_series
     from dpplan.profiler.parallelize import parallelize
     from dpplan.profiler.throughput import tokens_per_micro_batch
 
@@ -203,6 +204,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             )
 
         step_times = []
+        step_starts_s = []
         timed_start_s = None
         for index in range(config.warmup_steps + config.steps):
             if index == config.warmup_steps:
@@ -211,6 +213,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
                     meter.restart()
                 timed_start_s = time.perf_counter()
             start = time.perf_counter()
+            step_starts_s.append(start)
             with (recorder.mark(f"step{index}") if recorder else contextlib.nullcontext()):
                 step()
             if not cpu:
@@ -238,6 +241,10 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
         else:
             measured.update(meter.result())
             measured.update(_nvml_memory(sampler, timed_start_s, timed_end_s))
+            measured["memory_series"] = cuda_series(
+                origin_s=step_starts_s[0], step_starts_s=step_starts_s, end_s=timed_end_s,
+                warmup_steps=config.warmup_steps, torch_points=meter.points, nvml_samples=sampler.stop(),
+            )
             measured["gpu_name"] = torch.cuda.get_device_name(device)
             measured["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
         return measured
@@ -251,6 +258,8 @@ def _times(value: int | None, factor: int) -> int | None:
 
 
 def _cpu_memory(recorder, config: RunConfig) -> dict:
+    from dpplan.profiler.memory_series import cpu_series
+
     timeline = recorder.stop()
     total_steps = config.warmup_steps + config.steps
     step_spans = [timeline.mark_spans(f"step{s}")[0] for s in range(total_steps)]
@@ -278,6 +287,7 @@ def _cpu_memory(recorder, config: RunConfig) -> dict:
         "steady_peak_bytes": peak,
         "phase_peak_allocated_bytes": phases,
         "after_step_bytes": [timeline.level_at(b) for _, b in step_spans],
+        "memory_series": cpu_series(timeline, warmup_steps=config.warmup_steps, num_steps=total_steps),
     }
     if config.keep_allocations:
         result["allocations"] = [[a.time_ns, a.delta_bytes, a.total_bytes, a.op_name] for a in timeline.allocations]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from rich import box
 from rich.console import Console
@@ -102,12 +103,16 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
 
 
 def merged_notes(plan: Plan) -> list[str]:
+    return merge_notes((estimate.strategy, estimate.notes) for estimate in plan.estimates)
+
+
+def merge_notes(notes_by_strategy: Iterable[tuple[str, list[str]]]) -> list[str]:
     """Each note once; notes that differ only in the strategy they name are said once for all
-    of them ("zero1, zero2, zero3 include ...")."""
+    of them ("zero1, zero2, zero3 include ..."). Takes (strategy, notes) of each estimate."""
     by_template: dict[str, list[str]] = {}
-    for estimate in plan.estimates:
-        for note in estimate.notes:
-            named = estimate.strategy if re.search(rf"(?<![\w-]){re.escape(estimate.strategy)}(?![\w-])", note) else None
+    for strategy, notes in notes_by_strategy:
+        for note in notes:
+            named = strategy if re.search(rf"(?<![\w-]){re.escape(strategy)}(?![\w-])", note) else None
             template = note.replace(named, "\0") if named else note
             strategies = by_template.setdefault(template, [])
             if named and named not in strategies:

@@ -12,19 +12,16 @@ from rich.table import Table
 from rich.text import Text
 
 from dpplan.reports.plan_table import TABLE_WIDTH
-from dpplan.reports.units import format_bytes, format_count
+from dpplan.reports.recommendation_text import (
+    fastest_line,
+    format_pct,
+    format_rate,
+    offload_line,
+    recommendation_line,
+)
+from dpplan.reports.units import format_bytes
 
 STATUS_STYLE = {"ok": "green", "oom": "bold red", "failed": "bold red", "skipped": "dim"}
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.2f}%"
-
-
-def _rate(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if value < 100 else format_count(int(round(value)))
 
 
 def _pair(measured: int | None, estimated: int | None) -> str:
@@ -68,7 +65,7 @@ def render_profile(document: dict, console: Console | None = None) -> None:
         estimate = run.get("estimate") or {}
         status = Text(run["status"], style=STATUS_STYLE.get(run["status"], ""))
         allocated_estimate = estimate.get("peak_allocated_bytes" if cuda else "peak_bytes")
-        row = [run["strategy"], status, _pair(measured.get("peak_allocated_bytes"), allocated_estimate), _pct(run.get("error_pct"))]
+        row = [run["strategy"], status, _pair(measured.get("peak_allocated_bytes"), allocated_estimate), format_pct(run.get("error_pct"))]
         if cuda:
             row += [
                 _pair(measured.get("peak_reserved_bytes"), estimate.get("peak_reserved_bytes")),
@@ -79,8 +76,8 @@ def render_profile(document: dict, console: Console | None = None) -> None:
         step = measured.get("step_time_s")
         row += [
             "-" if step is None else f"{1000 * step:.1f}",
-            _rate(measured.get("samples_per_s")),
-            _rate(measured.get("tokens_per_s")),
+            format_rate(measured.get("samples_per_s")),
+            format_rate(measured.get("tokens_per_s")),
         ]
         table.add_row(*row)
     console.print(table)
@@ -120,61 +117,7 @@ def render_profile(document: dict, console: Console | None = None) -> None:
     console.print(f"results: {escape(document['out_dir'])}/profile.json", highlight=False)
 
 
-OFFLOAD_ORDER = ("none", "optimizer", "optimizer+params")
 TRIAL_STYLE = {"ok": "green", "over_limit": "yellow", "oom": "red", "failed": "red"}
-
-
-def _trials(count: int) -> str:
-    return f"{count} trial{'s' if count != 1 else ''}"
-
-
-def recommendation_line(rec: dict, section: dict) -> str:
-    """One strategy's micro-batch verdict with its reason."""
-    strategy, headroom = rec["strategy"], f"{section['headroom_pct']:g}%"
-    capacity = format_bytes(section["capacity_bytes"])
-    search = rec.get("search")
-    if rec["status"] == "confirmed":
-        how = f"confirmed in {_trials(search['num_trials'])}" if search and search["num_trials"] else (
-            f"confirmed by the profile run at batch {rec['batch_size']}")
-        if search and not search["converged"]:
-            how += f"; a larger one may fit ({search['stop_reason']})"
-        return (f"{strategy}: micro-batch {rec['batch_size']} fits with {headroom} headroom "
-                f"(peak {format_bytes(rec['peak_bytes'])} of {capacity}; {how})")
-    if rec["status"] == "predicted":
-        return (f"{strategy}: micro-batch {rec['batch_size']} should fit with {headroom} headroom "
-                f"(predicted peak {format_bytes(rec['peak_bytes'])} of {capacity}; predicted, not confirmed)")
-    if rec["status"] == "does_not_fit":
-        how = f" (rejected in {_trials(search['num_trials'])})" if search and search["num_trials"] else ""
-        return f"{strategy}: does not fit even at micro-batch 1 with {headroom} headroom{how}"
-    reason = search["stop_reason"] if search else "nothing measured"
-    return f"{strategy}: no micro-batch confirmed ({reason})"
-
-
-def offload_line(rec: dict, section: dict) -> str | None:
-    """Whether offload is needed, with the batch-1 peaks that say so; None when it is not a question."""
-    offload, strategy = rec["offload"], rec["strategy"]
-    needed, configured, levels = offload["needed"], offload["configured"], offload["levels"]
-    limit = format_bytes(section["limit_bytes"])
-    by_level = {level["offload"]: level["predicted_peak_bytes"] for level in levels}
-    without = by_level.get(configured, by_level.get("none"))
-    if needed is None:
-        if not offload["supported"]:
-            return f"{strategy}: has no offload here; a zero*/fsdp* strategy shards or offloads more" if (
-                rec["status"] == "does_not_fit") else None
-        return (f"{strategy}: does not fit even with optimizer+params offload "
-                f"(batch 1 peak {format_bytes(levels[-1]['predicted_peak_bytes'])} > limit {limit})")
-    if needed == "none":
-        if configured != "none":
-            return (f"{strategy}: offload {configured} is not needed "
-                    f"(batch 1 peak {format_bytes(by_level['none'])} without it, limit {limit})")
-        return f"{strategy}: no offload needed" if rec["status"] in ("confirmed", "predicted") else None
-    if OFFLOAD_ORDER.index(needed) > OFFLOAD_ORDER.index(configured):
-        return (f"{strategy}: needs {needed} offload (batch 1 peak {format_bytes(without)} > limit {limit}; "
-                f"with offload {format_bytes(levels[-1]['predicted_peak_bytes'])}) - rerun with --offload {needed}")
-    if OFFLOAD_ORDER.index(needed) < OFFLOAD_ORDER.index(configured):
-        return (f"{strategy}: {needed} offload is enough, {configured} is not needed "
-                f"(batch 1 peak {format_bytes(levels[-1]['predicted_peak_bytes'])}, limit {limit})")
-    return None
 
 
 def render_recommendations(section: dict, console: Console) -> None:
@@ -199,11 +142,7 @@ def render_recommendations(section: dict, console: Console) -> None:
             console.print(f"  trials: {', '.join(parts)}", style="dim", highlight=False)
     fastest = section.get("fastest")
     if fastest:
-        console.print(
-            f"{fastest['strategy']}: fastest that fits ({_rate(fastest['samples_per_s'])} samples/s at batch "
-            f"{fastest['batch_size']}; {escape(fastest['basis'])})",
-            highlight=False,
-        )
+        console.print(escape(fastest_line(fastest)), highlight=False)
     for note in section.get("notes") or []:
         console.print(f"note: {escape(note)}", style="yellow", highlight=False)
     console.print()

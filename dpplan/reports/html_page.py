@@ -1,0 +1,181 @@
+"""The self-contained HTML page every report is: header, sections of text, tables and plotly figures.
+
+The page is a Jinja2 template with autoescaping, so every string from the model file, the
+command line or a JSON file is escaped by default; the only markup passed through unescaped is
+plotly's own figure ``<div>``/``<script>``, whose JSON plotly writes with ``<``, ``>`` and
+``/`` as ``\\u`` escapes. Text drawn *inside* a figure (axis labels, hover text) goes through
+``figure_text``: plotly renders a small subset of HTML in labels (``<b>``, ``<a href>``, ...),
+so names are entity-escaped to be shown literally, never interpreted.
+
+plotly.js is embedded once, in the page head (about 4.7 MB, so the file opens offline), or
+linked from plotly's CDN with ``plotlyjs="cdn"`` for a small file that needs the network.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import jinja2
+import plotly.graph_objects as go
+import plotly.io as pio
+from markupsafe import Markup
+
+from dpplan import __version__
+
+PLOTLYJS_MODES = ("inline", "cdn")
+FIGURE_CONFIG = {
+    "displaylogo": False,
+    "responsive": True,
+    "toImageButtonOptions": {"format": "png", "scale": 2},
+}
+FONT = "system-ui, -apple-system, Segoe UI, Roboto, sans-serif"
+# A colour per breakdown category, kept the same in every figure of a report.
+CATEGORY_COLORS = {
+    "params": "#3b6fb6",
+    "grads": "#e08a2c",
+    "optimizer": "#5a9e4b",
+    "activations": "#c4473a",
+    "other": "#8c7bb8",
+}
+
+
+def figure_text(value: object) -> str:
+    """A user-supplied name made safe to show inside a plotly figure (shown literally)."""
+    return html.escape(str(value), quote=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Text:
+    text: str
+    css: str = ""
+    kind: str = "text"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heading:
+    text: str
+    kind: str = "heading"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Callout:
+    """A highlighted box of lines; ``css="bad"`` for a warning."""
+
+    lines: list[str]
+    css: str = ""
+    kind: str = "callout"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BulletList:
+    items: list[str]
+    css: str = ""
+    kind: str = "list"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    numeric: frozenset[int] = frozenset()
+    """Indices of right-aligned columns."""
+    row_css: list[str] | None = None
+    kind: str = "table"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Figure:
+    name: str
+    """Stable identifier, also the figure's DOM id (``fig-<name>``): tests find figures by it."""
+    figure: go.Figure
+    caption: str = ""
+    kind: str = "figure"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Section:
+    title: str
+    anchor: str
+    blocks: list = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Page:
+    title: str
+    model_name: str
+    subtitle: str
+    header_rows: list[tuple[str, str]]
+    sections: list[Section]
+    footer: str = ""
+
+
+def style_figure(figure: go.Figure, *, height: int = 420) -> go.Figure:
+    """The look shared by every figure: white, compact margins, legend on top."""
+    figure.update_layout(
+        template="plotly_white",
+        height=height,
+        margin={"l": 60, "r": 20, "t": 40, "b": 50},
+        font={"family": FONT, "size": 12},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0},
+        hoverlabel={"font": {"family": FONT}},
+    )
+    return figure
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("dpplan.reports", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return environment.get_template("report.html")
+
+
+def _figure_html(block: Figure) -> Markup:
+    markup = pio.to_html(
+        block.figure, full_html=False, include_plotlyjs=False, div_id=f"fig-{block.name}",
+        config=FIGURE_CONFIG, validate=True,
+    )
+    return Markup(markup)  # plotly's JSON escapes <, > and / (see module doc)
+
+
+@lru_cache(maxsize=len(PLOTLYJS_MODES))
+def _plotly_script(mode: str) -> Markup:
+    if mode not in PLOTLYJS_MODES:
+        raise ValueError(f"--plotlyjs must be one of {', '.join(PLOTLYJS_MODES)} (got {mode!r})")
+    # An empty figure's markup carries exactly the script tags plotly uses for the mode (a
+    # PlotlyConfig line, then the library inline or a <script src> of the CDN with its
+    # integrity hash), before the figure's own <div id=...>.
+    marker = "dpplan-probe"
+    markup = pio.to_html(go.Figure(), full_html=False, div_id=marker,
+                         include_plotlyjs=True if mode == "inline" else "cdn")
+    start = markup.index("<script")
+    end = markup.index(f'<div id="{marker}"')
+    return Markup(markup[start:end].strip())
+
+
+def render_page(page: Page, *, plotlyjs: str = "inline") -> str:
+    """The page as one HTML document."""
+    sections = []
+    for section in page.sections:
+        blocks = []
+        for block in section.blocks:
+            if isinstance(block, Figure):
+                blocks.append({"kind": "figure", "name": block.name, "html": _figure_html(block),
+                               "caption": block.caption})
+            else:
+                blocks.append(block)
+        sections.append({"title": section.title, "anchor": section.anchor, "blocks": blocks})
+    return _template().render(
+        title=page.title,
+        model_name=page.model_name,
+        subtitle=page.subtitle,
+        header_rows=page.header_rows,
+        sections=sections,
+        footer=page.footer,
+        version=__version__,
+        plotly_script=_plotly_script(plotlyjs),
+    )

@@ -1,0 +1,263 @@
+"""The estimate report: what fits, where the memory goes, and the largest micro-batch.
+
+Draws the plan JSON (reports/plan_json.py) as it was written, so ``dpplan report plan.json``
+and ``dpplan estimate --html`` give the same page; no number is computed here beyond unit
+conversion and picking from the estimates.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from dpplan.planner.hardware import GPU_CATALOG
+from dpplan.reports.html_page import (
+    CATEGORY_COLORS,
+    BulletList,
+    Callout,
+    Figure,
+    Page,
+    Section,
+    Table,
+    Text,
+    figure_text,
+    style_figure,
+)
+from dpplan.reports.plan_table import merge_notes
+from dpplan.reports.units import GiB, MiB, format_bytes, format_count
+
+CATEGORY_LABELS = {
+    "params": "parameters",
+    "grads": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations",
+    "other": "other (buffers, comm. buffers, CUDA context, allocator)",
+}
+CHECKPOINTING = {"none": "off", "model": "on (the model's own)", "units": "on (per unit)"}
+# Fill of the "what fits" map: share of the GPU's memory. Past 100% the cell turns red.
+FIT_COLORSCALE = [[0.0, "#e8f5ec"], [0.45, "#9fd4b0"], [0.66, "#f3d27a"], [0.6667, "#e4574b"], [1.0, "#8e1b12"]]
+FIT_MAX_PCT = 150.0
+
+
+def _gpu_label(gpus: int) -> str:
+    return f"{gpus} GPU" + ("s" if gpus != 1 else "")
+
+
+def _target(document: dict) -> str:
+    config = document["config"]
+    if config["device"] == "cpu":
+        return "CPU ranks (gloo): live tensor bytes; capacity = host RAM per rank"
+    spec = GPU_CATALOG.get(config["gpu"])
+    if spec is None:
+        return config["gpu"]
+    return f"{spec.description} ({format_bytes(spec.memory_bytes)})"
+
+
+def _memory_bars(estimates: list[dict]) -> Figure:
+    """Stacked per-GPU memory of each strategy, grouped by GPU count, with the capacity across."""
+    x = [[_gpu_label(e["gpus"]) for e in estimates], [e["strategy"] for e in estimates]]
+    figure = go.Figure()
+    for key, label in CATEGORY_LABELS.items():
+        figure.add_bar(
+            x=x,
+            y=[e["breakdown"][key] / GiB for e in estimates],
+            name=label,
+            marker_color=CATEGORY_COLORS[key],
+            hovertemplate="%{x}<br>" + figure_text(label) + ": %{y:.2f} GiB<extra></extra>",
+        )
+    capacities = {e["capacity_bytes"] for e in estimates if e.get("capacity_bytes")}
+    if len(capacities) == 1:
+        capacity = capacities.pop() / GiB
+        figure.add_hline(y=capacity, line_dash="dash", line_color="#b42318",
+                         annotation_text=f"GPU memory {capacity:.1f} GiB", annotation_position="top left")
+    figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45)
+    return Figure(
+        name="memory-by-strategy",
+        figure=style_figure(figure, height=480),
+        caption="Per-GPU memory at the peak of the most loaded rank, split by what holds it. "
+        "The dashed line is the GPU's memory. GiB = 2^30 bytes.",
+    )
+
+
+def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int]) -> Figure:
+    """Strategy x GPU count: the peak as a share of the GPU; red where it does not fit."""
+    by_cell = {(e["strategy"], e["gpus"]): e for e in estimates}
+    z, text, hover = [], [], []
+    for strategy in strategies:
+        row_z, row_text, row_hover = [], [], []
+        for gpus in gpu_counts:
+            e = by_cell.get((strategy, gpus))
+            if e is None or not e.get("capacity_bytes"):
+                row_z.append(None)
+                row_text.append("")
+                row_hover.append("not planned")
+                continue
+            share = 100.0 * e["peak_bytes"] / e["capacity_bytes"]
+            row_z.append(min(share, FIT_MAX_PCT))
+            mark = "" if e["fits"] else "✗ "
+            row_text.append(f"{mark}{e['peak_bytes'] / GiB:.1f}")
+            row_hover.append(
+                f"{strategy} on {_gpu_label(gpus)}: {format_bytes(e['peak_bytes'])} "
+                f"({share:.0f}% of the GPU), {'fits' if e['fits'] else 'does not fit'}, "
+                f"largest micro-batch {e['max_batch_size']}"
+            )
+        z.append(row_z)
+        text.append(row_text)
+        hover.append(row_hover)
+    figure = go.Figure(go.Heatmap(
+        z=z, x=[_gpu_label(g) for g in gpu_counts], y=strategies, text=text, texttemplate="%{text}",
+        customdata=hover, hovertemplate="%{customdata}<extra></extra>", zmin=0, zmax=FIT_MAX_PCT,
+        colorscale=FIT_COLORSCALE, xgap=2, ygap=2,
+        colorbar={"title": {"text": "% of GPU"}, "ticksuffix": "%"},
+    ))
+    figure.update_yaxes(autorange="reversed")
+    return Figure(
+        name="fit-map",
+        figure=style_figure(figure, height=max(260, 36 * len(strategies) + 90)),
+        caption="Peak GiB per GPU of each strategy (rows) at each GPU count (columns); the colour is the "
+        "share of the GPU's memory, red from 100%. ✗ marks a plan that does not fit.",
+    )
+
+
+def _max_batch_lines(estimates: list[dict], strategies: list[str], gpu_counts: list[int]) -> Figure:
+    figure = go.Figure()
+    for strategy in strategies:
+        points = [e for e in estimates if e["strategy"] == strategy]
+        figure.add_scatter(
+            x=[_gpu_label(e["gpus"]) for e in points], y=[e["max_batch_size"] for e in points],
+            mode="lines+markers", name=strategy,
+            hovertemplate=strategy + " on %{x}: micro-batch %{y}<extra></extra>",
+        )
+    figure.update_layout(yaxis_title="largest micro-batch per GPU", xaxis_title="GPUs")
+    figure.update_xaxes(type="category", categoryorder="array", categoryarray=[_gpu_label(g) for g in gpu_counts])
+    figure.update_yaxes(rangemode="tozero")
+    return Figure(
+        name="max-batch",
+        figure=style_figure(figure),
+        caption="The largest micro-batch per GPU that fits the GPU, per strategy, as the GPU count grows "
+        "(0: not even micro-batch 1 fits).",
+    )
+
+
+def _activation_modules(model: dict) -> Figure | None:
+    modules = model.get("top_activation_modules") or []
+    if not modules:
+        return None
+    labels = [f"{figure_text(m['name'])} ({figure_text(m['class_name'])})" for m in modules]
+    figure = go.Figure(go.Bar(
+        x=[m["activation_bytes"] / MiB for m in modules], y=labels, orientation="h",
+        marker_color=CATEGORY_COLORS["activations"],
+        hovertemplate="%{y}: %{x:.1f} MiB<extra></extra>",
+    ))
+    figure.update_yaxes(autorange="reversed", automargin=True)
+    figure.update_layout(xaxis_title="activation memory kept for backward (MiB per micro-batch)")
+    return Figure(
+        name="activation-modules",
+        figure=style_figure(figure, height=max(240, 28 * len(modules) + 110)),
+        caption="Bytes each module's forward keeps for backward, per micro-batch, from the traced step; "
+        "a parent's bytes are those its own operations keep (children are listed apart).",
+    )
+
+
+def _assumptions(document: dict) -> Table:
+    config, model = document["config"], document["model"]
+    checkpointing = CHECKPOINTING.get(model.get("checkpointing"), model.get("checkpointing")) if (
+        config["activation_checkpointing"]) else "off"
+    nodes = f"{config['gpus_per_node']} GPUs per node" if config.get("gpus_per_node") else f"{config['nodes']}"
+    units = model.get("unit_names") or []
+    rows = [
+        ["model", f"{model['name']} ({model['path']})"],
+        ["parameters", f"{format_count(model['num_params'])} ({format_count(model['num_trainable_params'])} trainable)"],
+        ["target", _target(document)],
+        ["precision", config["precision"]],
+        ["optimizer", config["optimizer"]],
+        ["micro-batch per GPU", str(config["batch_size"])],
+        ["gradient accumulation", str(config["grad_accum"])],
+        ["activation checkpointing", checkpointing],
+        ["offload", config["offload"]],
+        ["nodes", nodes],
+        ["FSDP / checkpoint units", f"{len(units)}: {', '.join(units[:4])}{' …' if len(units) > 4 else ''}"
+         if units else "none (root only)"],
+        ["trace", f"{model['num_traced_ops']} ops in {model['trace_seconds']:.1f} s"],
+    ]
+    return Table(headers=["assumption", "value"], rows=rows)
+
+
+def _all_estimates(estimates: list[dict]) -> Table:
+    show_host = any(e.get("host_bytes") is not None for e in estimates)
+    headers = ["GPUs", "strategy", "peak GiB", "params", "grads", "optim", "activ", "other", "fits",
+               "max batch", "peak in"] + (["host GiB/node"] if show_host else [])
+    rows, css = [], []
+    for e in estimates:
+        b = e["breakdown"]
+        row = [str(e["gpus"]), e["strategy"], f"{e['peak_bytes'] / GiB:.2f}",
+               *(f"{b[k] / GiB:.2f}" for k in CATEGORY_LABELS), "yes" if e["fits"] else "no",
+               str(e["max_batch_size"]), e.get("peak_phase") or "-"]
+        if show_host:
+            row.append("-" if e.get("host_bytes") is None else f"{e['host_bytes'] / GiB:.2f}")
+        rows.append(row)
+        css.append("" if e["fits"] else "bad")
+    numeric = frozenset({0, 2, 3, 4, 5, 6, 7, 9} | ({11} if show_host else set()))
+    return Table(headers=headers, rows=rows, numeric=numeric, row_css=css)
+
+
+def _verdict(estimates: list[dict], gpu_counts: list[int]) -> Callout:
+    """Per GPU count: how many strategies fit and the lowest peak, read off the estimates."""
+    lines = []
+    bad = False
+    for gpus in gpu_counts:
+        here = [e for e in estimates if e["gpus"] == gpus]
+        fitting = [e for e in here if e["fits"]]
+        if not fitting:
+            lines.append(f"{_gpu_label(gpus)}: no strategy fits (lowest peak "
+                         f"{format_bytes(min(e['peak_bytes'] for e in here))}).")
+            bad = True
+            continue
+        lowest = min(fitting, key=lambda e: e["peak_bytes"])
+        largest = max(fitting, key=lambda e: e["max_batch_size"])
+        lines.append(
+            f"{_gpu_label(gpus)}: {len(fitting)} of {len(here)} strategies fit; lowest peak {lowest['strategy']} "
+            f"{format_bytes(lowest['peak_bytes'])}; largest micro-batch {largest['max_batch_size']} "
+            f"({largest['strategy']})."
+        )
+    return Callout(lines=lines, css="bad" if bad and all("no strategy" in line for line in lines) else "")
+
+
+def plan_page(document: dict) -> Page:
+    estimates = document["estimates"]
+    config, model = document["config"], document["model"]
+    gpu_counts = sorted({e["gpus"] for e in estimates})
+    strategies = [s for s in config["strategies"] if any(e["strategy"] == s for e in estimates)]
+    sections = [
+        Section(title="What fits", anchor="fits", blocks=[
+            _verdict(estimates, gpu_counts),
+            _fit_map(estimates, strategies, gpu_counts),
+        ]),
+        Section(title="Where the memory goes", anchor="breakdown", blocks=[_memory_bars(estimates)]),
+        Section(title="Largest micro-batch", anchor="max-batch", blocks=[_max_batch_lines(estimates, strategies, gpu_counts)]),
+    ]
+    activations = _activation_modules(model)
+    if activations:
+        sections.append(Section(title="Activation memory by module", anchor="activations", blocks=[activations]))
+    notes = merge_notes((e["strategy"], e.get("notes") or []) for e in estimates)
+    sections.append(Section(title="Assumptions", anchor="assumptions", blocks=[
+        _assumptions(document),
+        *([Text(text="Notes:"), BulletList(items=notes)] if notes else []),
+    ]))
+    sections.append(Section(title="All estimates", anchor="estimates", blocks=[
+        _all_estimates(estimates),
+        Text(text="peak = the most loaded rank's peak per GPU; breakdown = what is live at that peak; "
+             "GiB = 2^30 bytes.", css="muted"),
+    ]))
+    return Page(
+        title="dpplan memory plan",
+        model_name=model["name"],
+        subtitle=f"{format_count(model['num_params'])} parameters · {config['precision']} · {config['optimizer']} · "
+        f"micro-batch {config['batch_size']} · {_target(document)}",
+        header_rows=[
+            ("created", document.get("created") or "-"),
+            ("command", document.get("command") or "-"),
+            ("model file", model["path"]),
+        ],
+        sections=sections,
+        footer="estimates from a traced training step on a fake device; nothing was allocated",
+    )

@@ -1,0 +1,265 @@
+"""The profile report: the recommendation first, then measured against estimated, memory over
+time per rank, and speed.
+
+Draws profile.json (profiler/profile_results.py) as written; every number, error and
+recommendation is computed by the profiler.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from dpplan.reports.html_page import (
+    BulletList,
+    Callout,
+    Figure,
+    Heading,
+    Page,
+    Section,
+    Table,
+    Text,
+    figure_text,
+    style_figure,
+)
+from dpplan.reports.recommendation_text import (
+    fastest_line,
+    format_pct,
+    format_rate,
+    offload_line,
+    recommendation_line,
+)
+from dpplan.reports.units import MiB, format_bytes
+
+# One colour per rank (cycled), one dash per series kind, so a rank keeps its colour.
+RANK_COLORS = ("#3b6fb6", "#e08a2c", "#5a9e4b", "#c4473a", "#8c7bb8", "#7a5c3e", "#d16ba5", "#6b7280")
+LINE_DASH = {"allocated": "solid", "reserved": "dot", "nvml_used": "dash"}
+MAX_RANKS_DRAWN = 8
+"""Ranks drawn per run in the memory-over-time figure; the rest are in the JSON."""
+
+
+def _is_cuda(document: dict) -> bool:
+    return document["device"]["type"] == "cuda"
+
+
+def _estimated_allocated(document: dict, estimate: dict) -> int | None:
+    """The estimate comparable to "allocated": tensor bytes on cpu, allocator bytes on cuda."""
+    return estimate.get("peak_allocated_bytes" if _is_cuda(document) else "peak_bytes")
+
+
+def _recommendation_blocks(document: dict) -> list:
+    section = document.get("recommendations")
+    if not section:
+        if document.get("interrupted"):
+            return [Callout(lines=["Interrupted before the recommendations were made; the runs below are kept."],
+                            css="bad")]
+        return [Text(text="No recommendation was made for this profile.", css="muted")]
+    lines = []
+    fastest = section.get("fastest")
+    if fastest:
+        lines.append(f"Recommended: {fastest_line(fastest)}.")
+        chosen = next((rec for rec in section["strategies"] if rec["strategy"] == fastest["strategy"]), None)
+        if chosen and chosen.get("batch_size"):
+            lines.append(recommendation_line(chosen, section))
+    else:
+        lines.append("No strategy both fits and was measured; see each strategy below.")
+    blocks = [
+        Callout(lines=lines, css="" if fastest else "bad"),
+        Text(text=f"Capacity {format_bytes(section['capacity_bytes'])} per rank ({section['capacity_source']}); "
+             f"headroom {section['headroom_pct']:g}%: a micro-batch is recommended only if its peak stays under "
+             f"{format_bytes(section['limit_bytes'])}."),
+    ]
+    reasons = []
+    for rec in section["strategies"]:
+        reasons.append(recommendation_line(rec, section))
+        offload = offload_line(rec, section)
+        if offload:
+            reasons.append(offload)
+        trials = (rec.get("search") or {}).get("trials") or []
+        if trials:
+            reasons.append(f"{rec['strategy']} trials: " + ", ".join(
+                f"batch {t['batch_size']} {t['status'].replace('_', ' ')}"
+                + (f" ({format_bytes(t['peak_bytes'])})" if t.get("peak_bytes") is not None else "")
+                for t in trials
+            ))
+    blocks.append(BulletList(items=reasons))
+    if section.get("notes"):
+        blocks.append(BulletList(items=[f"note: {note}" for note in section["notes"]], css="warn"))
+    return blocks
+
+
+def _estimate_vs_measured(document: dict, runs: list[dict]) -> Figure:
+    measured_runs = [r for r in runs if r["status"] == "ok"]
+    names = [figure_text(r["strategy"]) for r in measured_runs]
+    estimated = [_estimated_allocated(document, r.get("estimate") or {}) for r in measured_runs]
+    measured = [(r.get("measured") or {}).get("peak_allocated_bytes") for r in measured_runs]
+    quantity = "allocated (torch)" if _is_cuda(document) else "tensor bytes (exact)"
+    figure = go.Figure()
+    figure.add_bar(x=names, y=[None if v is None else v / MiB for v in measured], name=f"measured {quantity}",
+                   marker_color="#3b6fb6", hovertemplate="%{x} measured: %{y:.2f} MiB<extra></extra>")
+    figure.add_bar(x=names, y=[None if v is None else v / MiB for v in estimated], name="estimated",
+                   marker_color="#b7c7e4", hovertemplate="%{x} estimated: %{y:.2f} MiB<extra></extra>")
+    for name, run, top in zip(names, measured_runs, measured):
+        figure.add_annotation(x=name, y=(top or 0) / MiB, text=f"error {format_pct(run.get('error_pct'))}",
+                              showarrow=False, yshift=12)
+    if _is_cuda(document):
+        nvml = [(r.get("measured") or {}).get("peak_nvml_bytes") for r in measured_runs]
+        if any(v is not None for v in nvml):
+            figure.add_scatter(x=names, y=[None if v is None else v / MiB for v in nvml], mode="markers",
+                               marker={"symbol": "diamond", "size": 11, "color": "#c4473a"},
+                               name="measured NVML used (whole device)")
+    figure.update_layout(barmode="group", yaxis_title="peak per rank (MiB)")
+    return Figure(
+        name="estimate-vs-measured",
+        figure=style_figure(figure),
+        caption="The largest per-rank peak over the timed steps against `dpplan estimate` for the same run; "
+        "error = (estimate - measured) / measured. MiB = 2^20 bytes.",
+    )
+
+
+def _memory_over_time(document: dict, run: dict, index: int) -> Figure | None:
+    per_rank = [r for r in (run.get("measured") or {}).get("per_rank", []) if r.get("memory_series")]
+    if not per_rank:
+        return None
+    figure = go.Figure()
+    first = per_rank[0]["memory_series"]
+    for rank_detail in per_rank[:MAX_RANKS_DRAWN]:
+        series = rank_detail["memory_series"]
+        color = RANK_COLORS[rank_detail["rank"] % len(RANK_COLORS)]
+        for name, line in series["lines"].items():
+            figure.add_scatter(
+                x=line["time_s"], y=[b / MiB for b in line["bytes"]], mode="lines",
+                name=f"rank {rank_detail['rank']} {figure_text(line['label'])}",
+                line={"color": color, "dash": LINE_DASH.get(name, "solid"), "width": 1.5},
+                hovertemplate="%{x:.3f} s: %{y:.2f} MiB<extra>rank " + str(rank_detail["rank"]) + "</extra>",
+            )
+    warmup = first["warmup_steps"]
+    if 0 < warmup < len(first["step_starts_s"]):
+        figure.add_vrect(x0=0, x1=first["step_starts_s"][warmup], fillcolor="#9aa5b1", opacity=0.15, line_width=0,
+                         annotation_text="warm-up", annotation_position="top left")
+    for start in first["step_starts_s"][1:]:
+        figure.add_vline(x=start, line_color="#9aa5b1", line_width=1)
+    estimate = run.get("estimate") or {}
+    estimated = _estimated_allocated(document, estimate)
+    if estimated:
+        figure.add_hline(y=estimated / MiB, line_dash="dash", line_color="#b42318",
+                         annotation_text=f"estimated peak {format_bytes(estimated)}", annotation_position="top right")
+    if _is_cuda(document) and estimate.get("peak_bytes"):
+        figure.add_hline(y=estimate["peak_bytes"] / MiB, line_dash="dot", line_color="#8e1b12",
+                         annotation_text=f"estimated device peak {format_bytes(estimate['peak_bytes'])}",
+                         annotation_position="bottom right")
+    figure.update_layout(xaxis_title=f"seconds from the {first['time_origin']}", yaxis_title="MiB per rank")
+    figure.update_yaxes(rangemode="tozero")
+    drawn = min(len(per_rank), MAX_RANKS_DRAWN)
+    more = f" ({drawn} of {len(per_rank)} ranks drawn)" if len(per_rank) > drawn else ""
+    return Figure(
+        name=f"memory-over-time-{index}",
+        figure=style_figure(figure, height=400),
+        caption=f"{run['strategy']}: memory of each rank over the run{more}; grey lines start each step. "
+        "Each line keeps every step's highest and lowest reading.",
+    )
+
+
+def _speed(runs: list[dict]) -> Figure | None:
+    measured_runs = [r for r in runs if r["status"] == "ok" and (r.get("measured") or {}).get("step_time_s")]
+    if not measured_runs:
+        return None
+    names = [figure_text(r["strategy"]) for r in measured_runs]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("step time (ms)", "samples / s (all ranks)"))
+    figure.add_bar(x=names, y=[1000 * r["measured"]["step_time_s"] for r in measured_runs], row=1, col=1,
+                   marker_color="#5a9e4b", showlegend=False, hovertemplate="%{x}: %{y:.1f} ms<extra></extra>")
+    figure.add_bar(x=names, y=[r["measured"].get("samples_per_s") for r in measured_runs], row=1, col=2,
+                   marker_color="#3b6fb6", showlegend=False, hovertemplate="%{x}: %{y:.2f} samples/s<extra></extra>")
+    return Figure(
+        name="speed",
+        figure=style_figure(figure, height=340),
+        caption="Median timed step of the slowest rank, and samples per second over all ranks.",
+    )
+
+
+def _runs_table(document: dict, runs: list[dict]) -> Table:
+    cuda = _is_cuda(document)
+    headers = ["strategy", "status", "measured peak", "estimated peak", "error"]
+    headers += ["reserved", "NVML used"] if cuda else ["peak RSS"]
+    headers += ["step ms", "samples/s", "tokens/s", "detail"]
+    rows, css = [], []
+    for run in runs:
+        measured = run.get("measured") or {}
+        estimate = run.get("estimate") or {}
+        step = measured.get("step_time_s")
+        row = [run["strategy"], run["status"], format_bytes(measured.get("peak_allocated_bytes")),
+               format_bytes(_estimated_allocated(document, estimate)), format_pct(run.get("error_pct"))]
+        if cuda:
+            row += [format_bytes(measured.get("peak_reserved_bytes")), format_bytes(measured.get("peak_nvml_bytes"))]
+        else:
+            row.append(format_bytes(measured.get("peak_rss_bytes")))
+        row += ["-" if step is None else f"{1000 * step:.1f}", format_rate(measured.get("samples_per_s")),
+                format_rate(measured.get("tokens_per_s")), run.get("error") or ""]
+        rows.append(row)
+        css.append({"ok": "", "skipped": "muted"}.get(run["status"], "bad"))
+    numeric = frozenset(range(2, len(headers) - 1))
+    return Table(headers=headers, rows=rows, numeric=numeric, row_css=css)
+
+
+def _settings(document: dict) -> Table:
+    config = document["config"]
+    rows = [
+        ["device", document["device"]["description"]],
+        ["strategies", ", ".join(config["strategies"])],
+        ["micro-batch per rank", str(config["batch_size"])],
+        ["gradient accumulation", str(config["grad_accum"])],
+        ["precision", config["precision"]],
+        ["optimizer", config["optimizer"]],
+        ["activation checkpointing", "on" if config["activation_checkpointing"] else "off"],
+        ["offload", config["offload"]],
+        ["steps", f"{config['warmup_steps']} warm-up + {config['steps']} timed"],
+        ["results", f"{document['out_dir']}/profile.json"],
+    ]
+    return Table(headers=["setting", "value"], rows=rows)
+
+
+def profile_page(document: dict) -> Page:
+    runs = document["runs"]
+    model = document.get("model") or {}
+    config = document["config"]
+    sections = [Section(title="Recommendation", anchor="recommendation", blocks=_recommendation_blocks(document))]
+    notices = list(document.get("notices") or [])
+    notes = []
+    for run in runs:
+        for note in run.get("notes") or []:
+            if note not in notes:
+                notes.append(note)
+    if notices or notes:
+        sections.append(Section(title="Notices", anchor="notices", blocks=[BulletList(items=notices + notes, css="warn")]))
+    comparison = [Heading(text="Runs"), _runs_table(document, runs)]
+    if any(r["status"] == "ok" for r in runs):
+        comparison.insert(0, _estimate_vs_measured(document, runs))
+    sections.append(Section(title="Estimated vs measured", anchor="accuracy", blocks=comparison))
+    memory_blocks = []
+    for index, run in enumerate(runs):
+        figure = _memory_over_time(document, run, index)
+        if figure:
+            memory_blocks += [Heading(text=run["strategy"]), figure]
+    if memory_blocks:
+        if not _is_cuda(document):
+            memory_blocks.insert(0, Text(text="CPU ranks: the exact bytes of live CPU tensors, every allocation "
+                                              "and free recorded.", css="muted"))
+        sections.append(Section(title="Memory over time", anchor="memory", blocks=memory_blocks))
+    speed = _speed(runs)
+    if speed:
+        sections.append(Section(title="Speed", anchor="speed", blocks=[speed]))
+    sections.append(Section(title="Settings", anchor="settings", blocks=[_settings(document)]))
+    name = model.get("name") or (config.get("model") or "bundled model")
+    return Page(
+        title="dpplan profile",
+        model_name=name,
+        subtitle=f"{document['device']['description']} · {config['precision']} · {config['optimizer']} · "
+        f"micro-batch {config['batch_size']} per rank",
+        header_rows=[
+            ("created", document.get("created") or "-"),
+            ("command", document.get("command") or "-"),
+            ("model file", model.get("path") or config.get("model") or "bundled model"),
+        ],
+        sections=sections,
+        footer="measured in real training runs launched through torchrun",
+    )
