@@ -78,8 +78,18 @@ def html_options(command):
                         help="Also write an HTML report (plotly charts), one self-contained file.")(command)
 
 
+class _RecordingGroup(click.Group):
+    """Keeps the arguments it was invoked with, so every output can say the exact command
+    (from the shell, sys.argv; in-process callers such as tests pass their own)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["dpplan.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
 def _command_line() -> str:
-    return "dpplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    argv = click.get_current_context().meta.get("dpplan.argv", sys.argv[1:])
+    return "dpplan " + " ".join(shlex.quote(a) for a in argv)
 
 
 def run_options(command):
@@ -104,7 +114,7 @@ def run_options(command):
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_RecordingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dpplan")
 def main() -> None:
     """Plan and profile the memory of multi-GPU PyTorch training."""

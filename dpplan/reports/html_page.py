@@ -41,9 +41,23 @@ CATEGORY_COLORS = {
 }
 
 
+BYTE_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def byte_unit(largest_bytes: float | None) -> tuple[str, int]:
+    """The binary unit an axis reaching ``largest_bytes`` reads best in: (name, bytes per unit)."""
+    for name, size in BYTE_UNITS:
+        if largest_bytes and largest_bytes >= size:
+            return name, size
+    return "B", 1
+
+
 def figure_text(value: object) -> str:
-    """A user-supplied name made safe to show inside a plotly figure (shown literally)."""
-    return html.escape(str(value), quote=True)
+    """A user-supplied name made safe to show inside a plotly figure (shown literally).
+
+    Only ``&``, ``<`` and ``>``: with no ``<`` left there is no tag for plotly to interpret, and
+    plotly decodes exactly those entities back (it leaves ``&quot;`` as typed)."""
+    return html.escape(str(value), quote=False)
 
 
 @dataclass(frozen=True, kw_only=True)

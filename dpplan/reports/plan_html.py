@@ -19,11 +19,12 @@ from dpplan.reports.html_page import (
     Section,
     Table,
     Text,
+    byte_unit,
     figure_text,
     style_figure,
 )
 from dpplan.reports.plan_table import merge_notes
-from dpplan.reports.units import GiB, MiB, format_bytes, format_count
+from dpplan.reports.units import GiB, format_bytes, format_count
 
 CATEGORY_LABELS = {
     "params": "parameters",
@@ -69,7 +70,8 @@ def _memory_bars(estimates: list[dict]) -> Figure:
         capacity = capacities.pop() / GiB
         figure.add_hline(y=capacity, line_dash="dash", line_color="#b42318",
                          annotation_text=f"GPU memory {capacity:.1f} GiB", annotation_position="top left")
-    figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45)
+    figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
+                         legend_traceorder="normal")
     return Figure(
         name="memory-by-strategy",
         figure=style_figure(figure, height=480),
@@ -143,13 +145,14 @@ def _activation_modules(model: dict) -> Figure | None:
     if not modules:
         return None
     labels = [f"{figure_text(m['name'])} ({figure_text(m['class_name'])})" for m in modules]
+    unit, size = byte_unit(max(m["activation_bytes"] for m in modules))
     figure = go.Figure(go.Bar(
-        x=[m["activation_bytes"] / MiB for m in modules], y=labels, orientation="h",
+        x=[m["activation_bytes"] / size for m in modules], y=labels, orientation="h",
         marker_color=CATEGORY_COLORS["activations"],
-        hovertemplate="%{y}: %{x:.1f} MiB<extra></extra>",
+        hovertemplate="%{y}: %{x:.2f} " + unit + "<extra></extra>",
     ))
     figure.update_yaxes(autorange="reversed", automargin=True)
-    figure.update_layout(xaxis_title="activation memory kept for backward (MiB per micro-batch)")
+    figure.update_layout(xaxis_title=f"activation memory kept for backward ({unit} per micro-batch)")
     return Figure(
         name="activation-modules",
         figure=style_figure(figure, height=max(240, 28 * len(modules) + 110)),
@@ -203,14 +206,12 @@ def _all_estimates(estimates: list[dict]) -> Table:
 def _verdict(estimates: list[dict], gpu_counts: list[int]) -> Callout:
     """Per GPU count: how many strategies fit and the lowest peak, read off the estimates."""
     lines = []
-    bad = False
     for gpus in gpu_counts:
         here = [e for e in estimates if e["gpus"] == gpus]
         fitting = [e for e in here if e["fits"]]
         if not fitting:
             lines.append(f"{_gpu_label(gpus)}: no strategy fits (lowest peak "
                          f"{format_bytes(min(e['peak_bytes'] for e in here))}).")
-            bad = True
             continue
         lowest = min(fitting, key=lambda e: e["peak_bytes"])
         largest = max(fitting, key=lambda e: e["max_batch_size"])
@@ -219,7 +220,7 @@ def _verdict(estimates: list[dict], gpu_counts: list[int]) -> Callout:
             f"{format_bytes(lowest['peak_bytes'])}; largest micro-batch {largest['max_batch_size']} "
             f"({largest['strategy']})."
         )
-    return Callout(lines=lines, css="bad" if bad and all("no strategy" in line for line in lines) else "")
+    return Callout(lines=lines, css="" if any(e["fits"] for e in estimates) else "bad")
 
 
 def plan_page(document: dict) -> Page:

@@ -19,6 +19,7 @@ from dpplan.reports.html_page import (
     Section,
     Table,
     Text,
+    byte_unit,
     figure_text,
     style_figure,
 )
@@ -29,7 +30,7 @@ from dpplan.reports.recommendation_text import (
     offload_line,
     recommendation_line,
 )
-from dpplan.reports.units import MiB, format_bytes
+from dpplan.reports.units import format_bytes
 
 # One colour per rank (cycled), one dash per series kind, so a rank keeps its colour.
 RANK_COLORS = ("#3b6fb6", "#e08a2c", "#5a9e4b", "#c4473a", "#8c7bb8", "#7a5c3e", "#d16ba5", "#6b7280")
@@ -94,26 +95,30 @@ def _estimate_vs_measured(document: dict, runs: list[dict]) -> Figure:
     estimated = [_estimated_allocated(document, r.get("estimate") or {}) for r in measured_runs]
     measured = [(r.get("measured") or {}).get("peak_allocated_bytes") for r in measured_runs]
     quantity = "allocated (torch)" if _is_cuda(document) else "tensor bytes (exact)"
+    nvml = [(r.get("measured") or {}).get("peak_nvml_bytes") for r in measured_runs] if _is_cuda(document) else []
+    unit, size = byte_unit(max((v for v in measured + estimated + nvml if v is not None), default=None))
+
+    def scaled(values):
+        return [None if v is None else v / size for v in values]
+
     figure = go.Figure()
-    figure.add_bar(x=names, y=[None if v is None else v / MiB for v in measured], name=f"measured {quantity}",
-                   marker_color="#3b6fb6", hovertemplate="%{x} measured: %{y:.2f} MiB<extra></extra>")
-    figure.add_bar(x=names, y=[None if v is None else v / MiB for v in estimated], name="estimated",
-                   marker_color="#b7c7e4", hovertemplate="%{x} estimated: %{y:.2f} MiB<extra></extra>")
+    figure.add_bar(x=names, y=scaled(measured), name=f"measured {quantity}", marker_color="#3b6fb6",
+                   hovertemplate="%{x} measured: %{y:.2f} " + unit + "<extra></extra>")
+    figure.add_bar(x=names, y=scaled(estimated), name="estimated", marker_color="#b7c7e4",
+                   hovertemplate="%{x} estimated: %{y:.2f} " + unit + "<extra></extra>")
     for name, run, top in zip(names, measured_runs, measured):
-        figure.add_annotation(x=name, y=(top or 0) / MiB, text=f"error {format_pct(run.get('error_pct'))}",
+        figure.add_annotation(x=name, y=(top or 0) / size, text=f"error {format_pct(run.get('error_pct'))}",
                               showarrow=False, yshift=12)
-    if _is_cuda(document):
-        nvml = [(r.get("measured") or {}).get("peak_nvml_bytes") for r in measured_runs]
-        if any(v is not None for v in nvml):
-            figure.add_scatter(x=names, y=[None if v is None else v / MiB for v in nvml], mode="markers",
-                               marker={"symbol": "diamond", "size": 11, "color": "#c4473a"},
-                               name="measured NVML used (whole device)")
-    figure.update_layout(barmode="group", yaxis_title="peak per rank (MiB)")
+    if any(v is not None for v in nvml):
+        figure.add_scatter(x=names, y=scaled(nvml), mode="markers",
+                           marker={"symbol": "diamond", "size": 11, "color": "#c4473a"},
+                           name="measured NVML used (whole device)")
+    figure.update_layout(barmode="group", yaxis_title=f"peak per rank ({unit})")
     return Figure(
         name="estimate-vs-measured",
         figure=style_figure(figure),
         caption="The largest per-rank peak over the timed steps against `dpplan estimate` for the same run; "
-        "error = (estimate - measured) / measured. MiB = 2^20 bytes.",
+        "error = (estimate - measured) / measured. KiB, MiB, GiB = 2^10, 2^20, 2^30 bytes.",
     )
 
 
@@ -123,15 +128,20 @@ def _memory_over_time(document: dict, run: dict, index: int) -> Figure | None:
         return None
     figure = go.Figure()
     first = per_rank[0]["memory_series"]
+    estimate = run.get("estimate") or {}
+    estimated = _estimated_allocated(document, estimate)
+    largest = max([estimated or 0, estimate.get("peak_bytes") or 0] + [
+        max(line["bytes"], default=0) for r in per_rank for line in r["memory_series"]["lines"].values()])
+    unit, size = byte_unit(largest)
     for rank_detail in per_rank[:MAX_RANKS_DRAWN]:
         series = rank_detail["memory_series"]
         color = RANK_COLORS[rank_detail["rank"] % len(RANK_COLORS)]
         for name, line in series["lines"].items():
             figure.add_scatter(
-                x=line["time_s"], y=[b / MiB for b in line["bytes"]], mode="lines",
+                x=line["time_s"], y=[b / size for b in line["bytes"]], mode="lines",
                 name=f"rank {rank_detail['rank']} {figure_text(line['label'])}",
                 line={"color": color, "dash": LINE_DASH.get(name, "solid"), "width": 1.5},
-                hovertemplate="%{x:.3f} s: %{y:.2f} MiB<extra>rank " + str(rank_detail["rank"]) + "</extra>",
+                hovertemplate="%{x:.3f} s: %{y:.2f} " + unit + "<extra>rank " + str(rank_detail["rank"]) + "</extra>",
             )
     warmup = first["warmup_steps"]
     if 0 < warmup < len(first["step_starts_s"]):
@@ -139,16 +149,14 @@ def _memory_over_time(document: dict, run: dict, index: int) -> Figure | None:
                          annotation_text="warm-up", annotation_position="top left")
     for start in first["step_starts_s"][1:]:
         figure.add_vline(x=start, line_color="#9aa5b1", line_width=1)
-    estimate = run.get("estimate") or {}
-    estimated = _estimated_allocated(document, estimate)
     if estimated:
-        figure.add_hline(y=estimated / MiB, line_dash="dash", line_color="#b42318",
+        figure.add_hline(y=estimated / size, line_dash="dash", line_color="#b42318",
                          annotation_text=f"estimated peak {format_bytes(estimated)}", annotation_position="top right")
     if _is_cuda(document) and estimate.get("peak_bytes"):
-        figure.add_hline(y=estimate["peak_bytes"] / MiB, line_dash="dot", line_color="#8e1b12",
+        figure.add_hline(y=estimate["peak_bytes"] / size, line_dash="dot", line_color="#8e1b12",
                          annotation_text=f"estimated device peak {format_bytes(estimate['peak_bytes'])}",
                          annotation_position="bottom right")
-    figure.update_layout(xaxis_title=f"seconds from the {first['time_origin']}", yaxis_title="MiB per rank")
+    figure.update_layout(xaxis_title=f"seconds from the {first['time_origin']}", yaxis_title=f"{unit} per rank")
     figure.update_yaxes(rangemode="tozero")
     drawn = min(len(per_rank), MAX_RANKS_DRAWN)
     more = f" ({drawn} of {len(per_rank)} ranks drawn)" if len(per_rank) > drawn else ""

@@ -73,13 +73,11 @@ def _processes_naming(text):
     return found
 
 
-def test_ddp_and_fsdp2_are_measured_beside_their_estimates(tiny_gpt, tmp_path):
-    out = tmp_path / "out"
-    result = _profile(tiny_gpt, "--gpus", "2", "--strategy", "ddp,fsdp2", "--batch-size", "2", "--steps", "2",
-                      "--out", str(out), "--json", str(tmp_path / "copy.json"))
-    assert result.exit_code == 0, result.output
-    document = json.loads((out / "profile.json").read_text())
-    assert document == json.loads((tmp_path / "copy.json").read_text())
+def test_ddp_and_fsdp2_are_measured_beside_their_estimates(cpu_profile):
+    # conftest.cpu_profile: tiny GPT, --gpus 2 --strategy ddp,fsdp2 --batch-size 2 --steps 2
+    assert cpu_profile.exit_code == 0, cpu_profile.output
+    out, document = cpu_profile.out_dir, cpu_profile.document
+    assert document == json.loads(cpu_profile.json_copy.read_text())
     assert document["schema_version"] == 1
     assert document["device"]["type"] == "cpu"
     assert [r["strategy"] for r in document["runs"]] == ["ddp", "fsdp2"]
@@ -97,12 +95,21 @@ def test_ddp_and_fsdp2_are_measured_beside_their_estimates(tiny_gpt, tmp_path):
         assert measured["tokens_per_s"] == measured["samples_per_s"] * 32
         assert run["estimate"]["strategy"] == run["strategy"] and run["estimate"]["device"] == "cpu"
         assert abs(run["error_pct"]) <= TOLERANCE_PCT, run["error_pct"]
+        for rank in per_rank:  # memory over time: decimated, but each step's peak kept exactly
+            series = rank["memory_series"]
+            assert len(series["step_starts_s"]) == 3 and series["warmup_steps"] == 1
+            allocated = series["lines"]["allocated"]
+            timed = [b for t, b in zip(allocated["time_s"], allocated["bytes"]) if t >= series["step_starts_s"][1]]
+            assert max(timed) == rank["peak_allocated_bytes"]
+            assert allocated["time_s"] == sorted(allocated["time_s"])
+            assert 0 <= allocated["time_s"][0] and allocated["time_s"][-1] <= series["end_s"]
         run_dir = out / f"{index}-{run['strategy']}"
         assert (run_dir / "rank0.json").exists() and (run_dir / "rank1.json").exists()
         assert "torchrun --standalone --nproc-per-node=2" in run["commands"]["torchrun"]
     ddp = document["runs"][0]["measured"]["per_rank"]
     assert ddp[0]["peak_allocated_bytes"] == ddp[1]["peak_allocated_bytes"]  # replicas hold the same
-    assert "ddp" in result.output and "fsdp2" in result.output
+    assert "ddp" in cpu_profile.output and "fsdp2" in cpu_profile.output
+    assert f"wrote {cpu_profile.html}" in cpu_profile.output and cpu_profile.html.stat().st_size > 0
 
 
 def test_a_crashing_rank_fails_its_run_only_and_is_named(write_model, tmp_path):
