@@ -159,7 +159,8 @@ def test_ctrl_c_stops_every_process_and_keeps_finished_runs(write_model, tmp_pat
     model = write_model(HANG_UNDER_DDP)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "dpplan.cli", "profile", model, "--device", "cpu", "--gpus", "2",
-               "--strategy", "fsdp2,ddp", "--precision", "fp32", "--steps", "1", "--out", str(out)]
+               "--strategy", "fsdp2,ddp", "--precision", "fp32", "--steps", "1", "--out", str(out),
+               "--html", str(tmp_path / "partial.html")]
     # Started with SIGINT ignored, as a non-interactive shell starts a background job (CI does):
     # Python then installs no KeyboardInterrupt handler, so profile must install its own.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -188,4 +189,6 @@ def test_ctrl_c_stops_every_process_and_keeps_finished_runs(write_model, tmp_pat
     document = json.loads((out / "profile.json").read_text())
     assert document["interrupted"] is True
     assert [(r["strategy"], r["status"]) for r in document["runs"]] == [("fsdp2", "ok")]
+    report = (tmp_path / "partial.html").read_text()  # the finished run is in the report too
+    assert "Interrupted before the recommendations were made" in report and 'id="fig-memory-over-time-0"' in report
     assert not left, [p.info["cmdline"] for p in left]

@@ -115,6 +115,8 @@ def test_cuda_phase_meter_reads_each_phase(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: level["peak"])
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: level["peak"] + 2 * MiB)
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"num_alloc_retries": 1})
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: level["now"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: level["now"] + 2 * MiB)
     meter = CudaPhaseMeter(torch.device("cuda", 0))
     allocate(10 * MiB)  # parameters
     with meter.mark("micro_batch"):
@@ -129,7 +131,10 @@ def test_cuda_phase_meter_reads_each_phase(monkeypatch):
     assert result["phase_peak_allocated_bytes"] == {"forward": 15 * MiB, "backward": 18 * MiB, "optimizer": 12 * MiB}
     assert result["peak_allocated_bytes"] == 18 * MiB and result["peak_reserved_bytes"] == 20 * MiB
     assert result["num_alloc_retries"] == 1
-
+    # The memory-over-time points: each phase's starting level, then its peak, in time order.
+    assert [(a // MiB, r // MiB) for _, a, r in meter.points] == [(10, 12), (15, 17), (15, 17), (18, 20), (8, 10), (12, 14)]
+    times = [t for t, _, _ in meter.points]
+    assert times == sorted(times)
 
 
 def test_gpus_found_pick_the_estimates_gpu(monkeypatch):

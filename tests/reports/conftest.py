@@ -6,6 +6,7 @@ after installing chromium), where a missing browser fails them.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
 ]
 VIEWPORT = {"width": 1100, "height": 900}
+MiB = 1 << 20
 
 
 def _chromium() -> str | None:
@@ -84,3 +86,28 @@ def open_report(browser):
     yield open_
     for context in contexts:
         context.close()
+
+
+@pytest.fixture
+def gpu_profile_document(cpu_profile) -> dict:
+    """The CPU profile recast as a GPU one (no GPU here to record one): NVML and torch allocated/reserved series per rank,
+    with reserved = allocated + 2 MiB and NVML used = reserved + 500 MiB (context, NCCL)."""
+    document = copy.deepcopy(cpu_profile.document)
+    document["device"] = {"type": "cuda", "gpus": 2, "gpu": "h100-80gb", "description": "2 x NVIDIA H100 80GB HBM3"}
+    for run in document["runs"]:
+        measured, estimate = run["measured"], run["estimate"]
+        estimate["peak_allocated_bytes"] = estimate["peak_bytes"]
+        estimate["peak_reserved_bytes"] = estimate["peak_bytes"] + 2 * MiB
+        estimate["peak_bytes"] += 502 * MiB
+        measured["peak_reserved_bytes"] = measured["peak_allocated_bytes"] + 2 * MiB
+        measured["peak_nvml_bytes"] = measured["peak_reserved_bytes"] + 500 * MiB
+        for rank in measured["per_rank"]:
+            allocated = rank["memory_series"]["lines"]["allocated"]
+            rank["memory_series"]["lines"] = {
+                "allocated": dict(allocated, label="torch allocated (phase start, phase peak)"),
+                "reserved": dict(allocated, label="torch reserved (phase start, phase peak)",
+                                 bytes=[b + 2 * MiB for b in allocated["bytes"]]),
+                "nvml_used": dict(allocated, label="NVML used (whole device)",
+                                  bytes=[b + 502 * MiB for b in allocated["bytes"]]),
+            }
+    return document

@@ -173,3 +173,23 @@ def test_read_document_accepts_both_kinds(tmp_path, plan_document, cpu_profile):
     (tmp_path / "plan.json").write_text(json.dumps(plan_document))
     assert read_document(str(tmp_path / "plan.json"))["kind"] == "estimate"
     assert read_document(str(cpu_profile.out_dir / "profile.json"))["kind"] == "profile"
+
+
+def test_gpu_profile_page_draws_nvml_and_torch_lines_with_both_estimates(gpu_profile_document):
+    document = gpu_profile_document
+    figures = _figures(profile_page(document))
+    over_time = figures["memory-over-time-0"]
+    assert [t.name for t in over_time.data] == [
+        f"rank {r} {kind}" for r in (0, 1) for kind in (
+            "torch allocated (phase start, phase peak)", "torch reserved (phase start, phase peak)",
+            "NVML used (whole device)")
+    ]
+    unit, size = byte_unit(document["runs"][0]["estimate"]["peak_bytes"])
+    assert unit == "MiB"
+    lines = sorted(shape.y0 for shape in over_time.layout.shapes if shape.y0 == shape.y1 and shape.y0)
+    estimate = document["runs"][0]["estimate"]
+    assert lines == pytest.approx([estimate["peak_allocated_bytes"] / size, estimate["peak_bytes"] / size])
+    comparison = figures["estimate-vs-measured"]
+    assert comparison.data[2].name == "measured NVML used (whole device)"
+    html = render_report(document)
+    assert "NVML used" in html and "reserved" in html
