@@ -198,8 +198,8 @@ def markdown(results: list[Result], summary: dict, command: str) -> str:
         "",
         "Each case builds the model, wraps it as the strategy does (torchrun, gloo), trains 1 warm-up",
         "step and 3 timed steps and records every CPU tensor allocation exactly (profiler/cpu_memory.py,",
-        "started before the process group and the model exist). *Measured* is the steady-state peak (the
-timed steps, after the optimizer state exists) of",
+        "started before the process group and the model exist). *Measured* is the steady-state peak (the",
+        "timed steps, after the optimizer state exists) of",
         "the most loaded rank; *estimate* is `peak_bytes` of `dpplan estimate --device cpu` for the",
         "same settings. Micro-batch 2 unless the case says otherwise.",
         "",
