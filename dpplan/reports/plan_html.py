@@ -53,7 +53,11 @@ def _target(document: dict) -> str:
     return f"{spec.description} ({format_bytes(spec.memory_bytes)})"
 
 
-def _memory_bars(estimates: list[dict]) -> Figure:
+def _capacity_name(document: dict) -> str:
+    return "host RAM per rank" if document["config"]["device"] == "cpu" else "GPU memory"
+
+
+def _memory_bars(estimates: list[dict], capacity_name: str) -> Figure:
     """Stacked per-GPU memory of each strategy, grouped by GPU count, with the capacity across."""
     x = [[_gpu_label(e["gpus"]) for e in estimates], [e["strategy"] for e in estimates]]
     figure = go.Figure()
@@ -69,18 +73,18 @@ def _memory_bars(estimates: list[dict]) -> Figure:
     if len(capacities) == 1:
         capacity = capacities.pop() / GiB
         figure.add_hline(y=capacity, line_dash="dash", line_color="#b42318",
-                         annotation_text=f"GPU memory {capacity:.1f} GiB", annotation_position="top left")
+                         annotation_text=f"{capacity_name} {capacity:.1f} GiB", annotation_position="top left")
     figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
                          legend_traceorder="normal")
     return Figure(
         name="memory-by-strategy",
         figure=style_figure(figure, height=480),
         caption="Per-GPU memory at the peak of the most loaded rank, split by what holds it. "
-        "The dashed line is the GPU's memory. GiB = 2^30 bytes.",
+        f"The dashed line is the {capacity_name}. GiB = 2^30 bytes.",
     )
 
 
-def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int]) -> Figure:
+def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int], capacity_name: str) -> Figure:
     """Strategy x GPU count: the peak as a share of the GPU; red where it does not fit."""
     by_cell = {(e["strategy"], e["gpus"]): e for e in estimates}
     z, text, hover = [], [], []
@@ -99,7 +103,7 @@ def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int]
             row_text.append(f"{mark}{e['peak_bytes'] / GiB:.1f}")
             row_hover.append(
                 f"{strategy} on {_gpu_label(gpus)}: {format_bytes(e['peak_bytes'])} "
-                f"({share:.0f}% of the GPU), {'fits' if e['fits'] else 'does not fit'}, "
+                f"({share:.0f}% of the {capacity_name}), {'fits' if e['fits'] else 'does not fit'}, "
                 f"largest micro-batch {e['max_batch_size']}"
             )
         z.append(row_z)
@@ -109,14 +113,14 @@ def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int]
         z=z, x=[_gpu_label(g) for g in gpu_counts], y=strategies, text=text, texttemplate="%{text}",
         customdata=hover, hovertemplate="%{customdata}<extra></extra>", zmin=0, zmax=FIT_MAX_PCT,
         colorscale=FIT_COLORSCALE, xgap=2, ygap=2,
-        colorbar={"title": {"text": "% of GPU"}, "ticksuffix": "%"},
+        colorbar={"title": {"text": "% of " + ("GPU" if capacity_name == "GPU memory" else "RAM")}, "ticksuffix": "%"},
     ))
     figure.update_yaxes(autorange="reversed")
     return Figure(
         name="fit-map",
         figure=style_figure(figure, height=max(260, 36 * len(strategies) + 90)),
         caption="Peak GiB per GPU of each strategy (rows) at each GPU count (columns); the colour is the "
-        "share of the GPU's memory, red from 100%. ✗ marks a plan that does not fit.",
+        f"share of the {capacity_name}, red from 100%. ✗ marks a plan that does not fit.",
     )
 
 
@@ -135,7 +139,7 @@ def _max_batch_lines(estimates: list[dict], strategies: list[str], gpu_counts: l
     return Figure(
         name="max-batch",
         figure=style_figure(figure),
-        caption="The largest micro-batch per GPU that fits the GPU, per strategy, as the GPU count grows "
+        caption="The largest micro-batch per GPU (rank) that fits, per strategy, as the GPU count grows "
         "(0: not even micro-batch 1 fits).",
     )
 
@@ -231,9 +235,9 @@ def plan_page(document: dict) -> Page:
     sections = [
         Section(title="What fits", anchor="fits", blocks=[
             _verdict(estimates, gpu_counts),
-            _fit_map(estimates, strategies, gpu_counts),
+            _fit_map(estimates, strategies, gpu_counts, _capacity_name(document)),
         ]),
-        Section(title="Where the memory goes", anchor="breakdown", blocks=[_memory_bars(estimates)]),
+        Section(title="Where the memory goes", anchor="breakdown", blocks=[_memory_bars(estimates, _capacity_name(document))]),
         Section(title="Largest micro-batch", anchor="max-batch", blocks=[_max_batch_lines(estimates, strategies, gpu_counts)]),
     ]
     activations = _activation_modules(model)

@@ -86,6 +86,9 @@ def _recommendation_blocks(document: dict) -> list:
     blocks.append(BulletList(items=reasons))
     if section.get("notes"):
         blocks.append(BulletList(items=[f"note: {note}" for note in section["notes"]], css="warn"))
+    search = _batch_search(section)
+    if search:
+        blocks.append(search)
     return blocks
 
 
@@ -182,6 +185,55 @@ def _speed(runs: list[dict]) -> Figure | None:
         name="speed",
         figure=style_figure(figure, height=340),
         caption="Median timed step of the slowest rank, and samples per second over all ranks.",
+    )
+
+
+TRIAL_MARKERS = {
+    "ok": ("circle", "#1e7f4f"),
+    "over_limit": ("triangle-up", "#a15c00"),
+    "oom": ("x", "#b42318"),
+    "failed": ("x-open", "#b42318"),
+}
+
+
+def _batch_search(section: dict) -> Figure | None:
+    """--find-batch-size: each trial's micro-batch and peak against the limit, the choice circled."""
+    searched = [rec for rec in section["strategies"] if (rec.get("search") or {}).get("trials")]
+    if not searched:
+        return None
+    largest = max([section["limit_bytes"]] + [t["peak_bytes"] or 0 for rec in searched for t in rec["search"]["trials"]])
+    unit, size = byte_unit(largest)
+    figure = go.Figure()
+    for status, (symbol, color) in TRIAL_MARKERS.items():
+        trials = [(rec["strategy"], t) for rec in searched for t in rec["search"]["trials"] if t["status"] == status]
+        if not trials:
+            continue
+        # A trial without a peak (OOM before any step, a failed rank) sits on the limit line.
+        figure.add_scatter(
+            x=[t["batch_size"] for _, t in trials],
+            y=[(t["peak_bytes"] if t["peak_bytes"] is not None else section["limit_bytes"]) / size for _, t in trials],
+            mode="markers+text", text=[figure_text(strategy) for strategy, _ in trials], textposition="top center",
+            marker={"symbol": symbol, "size": 11, "color": color}, name=status.replace("_", " "),
+            hovertemplate="%{text} at micro-batch %{x}: %{y:.2f} " + unit + "<extra>" + status + "</extra>",
+        )
+    chosen = [rec for rec in searched if rec["status"] == "confirmed" and rec.get("peak_bytes") is not None]
+    if chosen:
+        figure.add_scatter(
+            x=[rec["batch_size"] for rec in chosen], y=[rec["peak_bytes"] / size for rec in chosen], mode="markers",
+            marker={"symbol": "circle-open", "size": 22, "line": {"width": 2, "color": "#1f2933"}},
+            name="recommended", hoverinfo="skip",
+        )
+    figure.add_hline(y=section["limit_bytes"] / size, line_dash="dash", line_color="#b42318",
+                     annotation_text=f"limit {format_bytes(section['limit_bytes'])} ({section['headroom_pct']:g}% headroom)",
+                     annotation_position="top left")
+    figure.update_layout(xaxis_title="micro-batch per rank", yaxis_title=f"peak per rank ({unit})")
+    figure.update_xaxes(type="log", dtick=0.30102999566)  # log2 spacing: ticks at 1, 2, 4, 8, ...
+    figure.update_yaxes(rangemode="tozero")
+    return Figure(
+        name="batch-search",
+        figure=style_figure(figure, height=380),
+        caption="Each trial run of the batch-size search: its micro-batch and the peak it reached, against "
+        "the limit; circled, the micro-batch recommended.",
     )
 
 

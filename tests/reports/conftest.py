@@ -90,7 +90,7 @@ def open_report(browser):
 
 @pytest.fixture
 def gpu_profile_document(cpu_profile) -> dict:
-    """The CPU profile recast as a GPU one (no GPU here to record one): NVML and torch allocated/reserved series per rank,
+    """The CPU profile recast as a GPU one with a batch-size search (no GPU here to record one): NVML and torch allocated/reserved series per rank,
     with reserved = allocated + 2 MiB and NVML used = reserved + 500 MiB (context, NCCL)."""
     document = copy.deepcopy(cpu_profile.document)
     document["device"] = {"type": "cuda", "gpus": 2, "gpu": "h100-80gb", "description": "2 x NVIDIA H100 80GB HBM3"}
@@ -110,4 +110,13 @@ def gpu_profile_document(cpu_profile) -> dict:
                 "nvml_used": dict(allocated, label="NVML used (whole device)",
                                   bytes=[b + 502 * MiB for b in allocated["bytes"]]),
             }
+    # ... as if run with --find-batch-size: three trials of the first strategy.
+    section = document["recommendations"]
+    limit = section["limit_bytes"]
+    section["strategies"][0].update(status="confirmed", batch_size=64, peak_bytes=limit // 2, search={
+        "num_trials": 3, "converged": True, "stop_reason": "bracketed", "trials": [
+            {"batch_size": 64, "status": "ok", "accepted": True, "peak_bytes": limit // 2},
+            {"batch_size": 128, "status": "over_limit", "accepted": False, "peak_bytes": limit + 1},
+            {"batch_size": 96, "status": "oom", "accepted": False, "peak_bytes": None},
+        ]})
     return document

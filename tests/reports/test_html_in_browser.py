@@ -79,12 +79,12 @@ def test_profile_report_draws_every_figure_with_the_recommendation_first(cpu_pro
     assert shapes >= 2  # warm-up band, step lines, estimated peak
 
 
-def test_gpu_profile_report_draws_nvml_and_torch_lines(gpu_profile_document, open_report, tmp_path):
+def test_gpu_profile_report_draws_nvml_and_torch_lines_and_the_batch_search(gpu_profile_document, open_report, tmp_path):
     from dpplan.reports.html_report import write_report
 
     html = write_report(gpu_profile_document, str(tmp_path / "gpu-profile.html"))
     opened = open_report(html)
-    _check_drawn(opened, {"estimate-vs-measured", "memory-over-time-0", "memory-over-time-1", "speed"},
+    _check_drawn(opened, {"batch-search", "estimate-vs-measured", "memory-over-time-0", "memory-over-time-1", "speed"},
                  tmp_path / "gpu-profile-report.png")
     assert opened.page.evaluate("document.getElementById('fig-memory-over-time-1').data.length") == 6
 

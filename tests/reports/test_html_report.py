@@ -193,3 +193,17 @@ def test_gpu_profile_page_draws_nvml_and_torch_lines_with_both_estimates(gpu_pro
     assert comparison.data[2].name == "measured NVML used (whole device)"
     html = render_report(document)
     assert "NVML used" in html and "reserved" in html
+
+
+def test_batch_search_trials_are_drawn_against_the_limit(gpu_profile_document):
+    # conftest: trials at micro-batch 64 (ok, half the limit), 128 (over the limit), 96 (OOM, no peak)
+    document = gpu_profile_document
+    limit = document["recommendations"]["limit_bytes"]
+    figure = _figures(profile_page(document))["batch-search"]
+    by_name = {trace.name: trace for trace in figure.data}
+    unit, size = byte_unit(limit + 1)
+    assert list(by_name["ok"].x) == [64] and by_name["ok"].y[0] == (limit // 2) / size
+    assert list(by_name["over limit"].x) == [128]
+    assert by_name["oom"].y[0] == limit / size  # no peak: drawn on the limit line
+    assert list(by_name["recommended"].x) == [64]
+    assert figure.layout.shapes[0].y0 == limit / size
