@@ -244,7 +244,7 @@ def _describe_trace_failure(exc: BaseException, spec: ModelSpec) -> str:
 
 
 def _prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) -> Any:
-    """Cast the meta model (and batch) as the strategy family's real run would."""
+    """Cast the meta model (and its inputs) as the strategy family's real run would."""
     low = LOW_PRECISION_DTYPE.get(settings.precision)
     if settings.precision == "bf16":
         model.to(torch.bfloat16)
@@ -258,9 +258,21 @@ def _prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) ->
                 for name, buf in sub._buffers.items():
                     if buf is not None and buf.is_floating_point():
                         sub._buffers[name] = buf.to(low)
-        # FSDP casts floating inputs of the root forward to the parameter dtype.
-        return _cast_floating(batch, low)
+        _cast_root_inputs(model, low)
     return batch
+
+
+def _cast_root_inputs(model: nn.Module, low: torch.dtype) -> None:
+    """FSDP casts the floating inputs of the root forward to the parameter dtype, in a forward
+    pre-hook (FSDP2 ``MixedPrecisionPolicy.cast_forward_inputs``, FSDP1
+    ``cast_root_forward_inputs``; torch/distributed/fsdp/_fully_shard/_fsdp_state.py
+    ``_pre_forward``): the cast copy is made at each forward, and the caller's full-precision
+    batch stays alive beside it (an image batch: both copies count)."""
+
+    def cast(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _cast_floating(args, low), _cast_floating(kwargs, low)
+
+    model.register_forward_pre_hook(cast, with_kwargs=True)
 
 
 def _cast_floating(value: Any, dtype: torch.dtype) -> Any:

@@ -1,11 +1,14 @@
 """CI's guard on accuracy: a few real CPU runs (gloo, torchrun) against `--device cpu` estimates.
 
 The full table is benchmarks/accuracy.py (docs/accuracy.md); these are the cheap cases, one per
-strategy family, on the tiny GPT fixture. Both sides are exact byte counts, so the bound is the
-benchmark's median target, not its worst-case one.
+strategy family, on the tiny GPT fixture, and FSDP mixed precision on a CNN whose float input is
+large next to it (FSDP casts the root's inputs while the fp32 batch stays alive). Both sides are
+exact byte counts, so the bound is the benchmark's median target, not its worst-case one.
 """
 
 import pytest
+
+from tests.conftest import FIXTURES
 
 from dpplan.planner.config import PlanConfig
 from dpplan.planner.estimate import estimate
@@ -15,24 +18,27 @@ from dpplan.profiler.worker import RunConfig
 TOLERANCE_PCT = 0.5
 
 CASES = [
-    # strategy, ranks, precision, extra settings
-    ("single", 1, "fp32", {}),
-    ("ddp", 2, "bf16-mixed", {}),
-    ("ddp", 2, "fp32", {"grad_accum": 2}),
-    ("zero1", 2, "fp32", {}),
-    ("fsdp-full", 2, "fp32", {"activation_checkpointing": True}),
-    ("fsdp-no-shard", 2, "bf16-mixed", {}),
-    ("fsdp2", 2, "bf16-mixed", {}),
+    # model fixture, strategy, ranks, precision, extra settings
+    ("tiny_gpt", "single", 1, "fp32", {}),
+    ("tiny_gpt", "ddp", 2, "bf16-mixed", {}),
+    ("tiny_gpt", "ddp", 2, "fp32", {"grad_accum": 2}),
+    ("tiny_gpt", "zero1", 2, "fp32", {}),
+    ("tiny_gpt", "fsdp-full", 2, "fp32", {"activation_checkpointing": True}),
+    ("tiny_gpt", "fsdp-no-shard", 2, "bf16-mixed", {}),
+    ("tiny_gpt", "fsdp2", 2, "bf16-mixed", {}),
+    ("tiny_cnn", "fsdp2", 2, "bf16-mixed", {}),
+    ("tiny_cnn", "fsdp-full", 2, "bf16-mixed", {}),
 ]
 
 
-@pytest.mark.parametrize(("strategy", "ranks", "precision", "extra"), CASES, ids=lambda v: str(v))
-def test_estimate_matches_a_real_cpu_run(tiny_gpt, strategy, ranks, precision, extra):
+@pytest.mark.parametrize(("model", "strategy", "ranks", "precision", "extra"), CASES, ids=lambda v: str(v))
+def test_estimate_matches_a_real_cpu_run(model, strategy, ranks, precision, extra):
+    path = str(FIXTURES / f"{model}.py")
     settings = dict(batch_size=2, precision=precision, optimizer="adamw", **extra)
-    plan = estimate(PlanConfig(model=tiny_gpt, strategies=(strategy,), gpus=(ranks,), device="cpu", **settings))
+    plan = estimate(PlanConfig(model=path, strategies=(strategy,), gpus=(ranks,), device="cpu", **settings))
     estimated = plan.estimates[0].peak_bytes
 
-    measured = max(r["steady_peak_bytes"] for r in run_cpu(RunConfig(model=tiny_gpt, strategy=strategy, steps=3, **settings), ranks))
+    measured = max(r["steady_peak_bytes"] for r in run_cpu(RunConfig(model=path, strategy=strategy, steps=3, **settings), ranks))
 
     error_pct = 100 * (estimated - measured) / measured
     assert abs(error_pct) <= TOLERANCE_PCT, f"estimate {estimated} vs measured {measured} ({error_pct:+.3f}%)"

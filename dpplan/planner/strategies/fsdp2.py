@@ -38,9 +38,12 @@ from dpplan.planner.strategies.fsdp2_buffers import (
 from dpplan.planner.strategies.fsdp2_hooks import replay_step
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline, ceil_div
-from dpplan.planner.trace import PARAM_CAST, StepTrace
+from dpplan.planner.trace import OTHER, PARAM_CAST, StepTrace
 
 MIXED = ("bf16-mixed", "fp16-mixed")
+RANK_MAP_ITEMSIZE = 4
+"""torch/distributed/device_mesh.py ``init_device_mesh``: ``torch.arange(numel, dtype=torch.int)``
+on the CPU, the mesh's rank map."""
 REDUCE_ITEMSIZE_MIXED = 4
 """profiler/parallelize.py builds MixedPrecisionPolicy(param_dtype=low, reduce_dtype=float32)."""
 
@@ -147,6 +150,11 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
     params = _params(trace, layout)
     owned = storages_by_param(trace)
     _shard_resident(timeline, params, owned, offload=False)
+    if layout.device_type == "cpu":
+        # fully_shard without a mesh builds its own (FSDP_SRC/_fsdp_init.py
+        # ``_init_default_mesh``) at each call: one per unit and one for the root, each holding
+        # a world-size rank map in host memory, which on a CPU run is the memory measured.
+        timeline.insert(0, len(trace.unit_names) * layout.world_size * RANK_MAP_ITEMSIZE, OTHER)
     host = _host_bytes(timeline, params, owned, layout) if offload else None
     if offload:
         _shard_resident(timeline, params, owned, offload=True)
