@@ -124,9 +124,13 @@ def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int]
     )
 
 
-def _max_batch_lines(estimates: list[dict], strategies: list[str], gpu_counts: list[int]) -> Figure:
+def _max_batch_lines(estimates: list[dict], strategies: list[str], gpu_counts: list[int]) -> Figure | Callout:
+    # A strategy that fits at no GPU count would be a line along zero under the others: named instead.
+    never = [s for s in strategies if not any(e["max_batch_size"] for e in estimates if e["strategy"] == s)]
+    if len(never) == len(strategies):
+        return Callout(lines=["No strategy fits even micro-batch 1 at any GPU count planned."], css="bad")
     figure = go.Figure()
-    for strategy in strategies:
+    for strategy in [s for s in strategies if s not in never]:
         points = [e for e in estimates if e["strategy"] == strategy]
         figure.add_scatter(
             x=[_gpu_label(e["gpus"]) for e in points], y=[e["max_batch_size"] for e in points],
@@ -136,12 +140,11 @@ def _max_batch_lines(estimates: list[dict], strategies: list[str], gpu_counts: l
     figure.update_layout(yaxis_title="largest micro-batch per GPU", xaxis_title="GPUs")
     figure.update_xaxes(type="category", categoryorder="array", categoryarray=[_gpu_label(g) for g in gpu_counts])
     figure.update_yaxes(rangemode="tozero")
-    return Figure(
-        name="max-batch",
-        figure=style_figure(figure),
-        caption="The largest micro-batch per GPU (rank) that fits, per strategy, as the GPU count grows "
-        "(0: not even micro-batch 1 fits).",
-    )
+    caption = ("The largest micro-batch per GPU (rank) that fits, per strategy, as the GPU count grows "
+               "(0: not even micro-batch 1 fits).")
+    if never:
+        caption += f" Not drawn, since micro-batch 1 fits at no GPU count planned: {', '.join(never)}."
+    return Figure(name="max-batch", figure=style_figure(figure), caption=caption)
 
 
 def _activation_modules(model: dict) -> Figure | None:

@@ -207,3 +207,20 @@ def test_batch_search_trials_are_drawn_against_the_limit(gpu_profile_document):
     assert by_name["oom"].y[0] == limit / size  # no peak: drawn on the limit line
     assert list(by_name["recommended"].x) == [64]
     assert figure.layout.shapes[0].y0 == limit / size
+
+
+def test_strategies_that_never_fit_are_named_not_drawn(plan_document):
+    document = copy.deepcopy(plan_document)
+    for e in document["estimates"]:
+        if e["strategy"] in ("ddp", "zero2"):
+            e["max_batch_size"], e["fits"] = 0, False
+    page = plan_page(document)
+    figure = _figures(page)["max-batch"]
+    assert "ddp" not in {trace.name for trace in figure.data} and "fsdp2" in {trace.name for trace in figure.data}
+    caption = next(b.caption for s in page.sections for b in s.blocks if getattr(b, "name", "") == "max-batch")
+    assert caption.endswith("fits at no GPU count planned: ddp, zero2.")
+    for e in document["estimates"]:
+        e["max_batch_size"], e["fits"] = 0, False
+    page = plan_page(document)
+    assert "max-batch" not in _figures(page)
+    assert "No strategy fits" in render_report(document)
