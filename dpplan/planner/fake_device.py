@@ -412,6 +412,57 @@ def _mkldnn_rnn_layer_workspace(args, result):
     return output, hy, cy, torch.empty(nbytes, dtype=torch.uint8, device=META)
 
 
+def _onednn_lstm_weights_steps(input_size: int, hidden: int) -> list[tuple]:
+    """The weights reordered for the primitive (ideep ``rnn_forward``/``rnn_backward`` compute on
+    weights in oneDNN's own layout: one input-feature row per gate column set, the gates dimension
+    at ``get_good_ld(4H)``), alive for the whole op."""
+    gates_ld = _onednn_good_ld(4 * hidden, 4)
+    return [("+", "weights_layer", input_size * gates_ld * 4), ("+", "weights_iter", hidden * gates_ld * 4)]
+
+
+def _onednn_lstm_scratch_bytes(seq_len: int, batch: int, hidden: int) -> int:
+    """The primitive's scratchpad, which ATen allocates for it per call: its gates scratch,
+    T*N*ld(4H) f32 (oneDNN rnn_utils ``set_conf`` scratch_gates). oneDNN adds a few pages (cell
+    and diff-state scratch, page rounding; 12-21 KiB measured on 256-wide layers) that are left
+    out, so the size stays proportional to the batch as the tracer's batch scaling needs."""
+    return seq_len * batch * _onednn_good_ld(4 * hidden, 4) * 4
+
+
+def _mkldnn_rnn_layer_steps(args) -> list[tuple] | None:
+    """aten/src/ATen/native/mkldnn/RNN.cpp ``mkldnn_rnn_layer`` (f32 LSTM, training): the
+    weights reordered, then the scratchpad, all freed when the op returns."""
+    input, w0 = args[0], args[1]
+    mode, hidden, train = args[9], args[10], args[15]
+    if not train or mode != _ONEDNN_LSTM or input.dtype != torch.float32:
+        return None
+    seq_len, batch = input.shape[0], input.shape[1]
+    steps = [("+", "bias", 4 * hidden * 4)]  # b_ih + b_hh, summed for the primitive
+    steps += _onednn_lstm_weights_steps(w0.shape[1], hidden)
+    steps.append(("+", "scratchpad", _onednn_lstm_scratch_bytes(seq_len, batch, hidden)))
+    return steps + [("-", step[1]) for step in reversed(steps)]
+
+
+def _mkldnn_rnn_layer_backward_steps(args) -> list[tuple] | None:
+    """RNN.cpp ``mkldnn_rnn_layer_backward`` (f32 LSTM): oneDNN computes the weight gradients in
+    its layout (gates x ld(features)) and ATen copies them out, so a padded buffer per weight
+    whose feature count is not already its good leading dimension; the forward weights reordered
+    again; the bias gradient (4H f32); the scratchpad. Measured on torch 2.13 (tests)."""
+    input, w1 = args[0], args[1]
+    mode, hidden = args[14], args[15]
+    if mode != _ONEDNN_LSTM or input.dtype != torch.float32:
+        return None
+    seq_len, batch, input_size = input.shape[0], input.shape[1], w1.shape[1]
+    steps = []
+    for name, features in (("diff_weights_layer", input_size), ("diff_weights_iter", hidden)):
+        ld = _onednn_good_ld(features, 4)
+        if ld != features:
+            steps.append(("+", name, 4 * hidden * ld * 4))
+    steps += _onednn_lstm_weights_steps(input_size, hidden)
+    steps.append(("+", "diff_bias", 4 * hidden * 4))
+    steps.append(("+", "scratchpad", _onednn_lstm_scratch_bytes(seq_len, batch, hidden)))
+    return steps + [("-", step[1]) for step in reversed(steps)]
+
+
 _MISSIZED_OUTPUTS: dict[Any, Callable[[tuple, Any], Any]] = {
     torch.ops.aten.mkldnn_rnn_layer.default: _mkldnn_rnn_layer_workspace,
 }
@@ -585,6 +636,8 @@ def _convolution_backward_steps(args) -> list[tuple] | None:
 _CPU_KERNEL_BUFFERS: dict[Any, Callable[[tuple], list[tuple] | None]] = {
     torch.ops.aten.convolution.default: _convolution_steps,
     torch.ops.aten.convolution_backward.default: _convolution_backward_steps,
+    torch.ops.aten.mkldnn_rnn_layer.default: _mkldnn_rnn_layer_steps,
+    torch.ops.aten.mkldnn_rnn_layer_backward.default: _mkldnn_rnn_layer_backward_steps,
 }
 
 
