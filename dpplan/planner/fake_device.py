@@ -373,8 +373,11 @@ _NOT_DEDUPLICATED = object()
 def _run_foreach_deduplicated(func, args, kwargs, kind):
     """The op's result computed from its distinct elements, or ``_NOT_DEDUPLICATED`` (not a
     foreach op, lists of unequal length, a tensor outside the lists, nothing repeated)."""
-    if kind is _UNCACHED or kwargs or not func._schema.name.startswith("aten::_foreach_"):
+    schema = func._schema
+    if kwargs or not schema.name.startswith("aten::_foreach_"):
         return _NOT_DEDUPLICATED
+    if kind is not _CHECK_ONLY and (schema.is_mutable or any(r.alias_info for r in schema.returns)):
+        return _NOT_DEDUPLICATED  # neither in place nor fresh outputs
     lists = [i for i, a in enumerate(args) if isinstance(a, (list, tuple))]
     if not lists or any(isinstance(a, _Tensor) for a in args):
         return _NOT_DEDUPLICATED
@@ -400,6 +403,8 @@ def _run_foreach_deduplicated(func, args, kwargs, kind):
     result = func(*_unwrap(reduced))
     if kind is _CHECK_ONLY or result is None:
         return result
+    if _shares_input_storage(reduced, result):  # not the fresh outputs the schema promises
+        return _NOT_DEDUPLICATED
     specs = [_spec_of(r) for r in result]
     return type(result)(_output_from_spec(specs[u]) for u in element_of)
 
