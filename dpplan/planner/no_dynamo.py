@@ -10,8 +10,8 @@ traced step would import it only to tell a compiler that is not running to stay 
     imports it to call ``torch._dynamo.graph_break()``.
 Outside ``torch.compile`` both are pass-throughs: ``disable(fn)`` runs ``fn``, ``graph_break()``
 does nothing. Inside ``dynamo_untouched`` a stand-in module answers those two names with exactly
-that; any other name imports the real ``torch._dynamo`` and is answered by it, so a torch that
-asks for more costs time, never correctness. On exit the stand-in is removed, and so is every
+that; any other name, and any import of a submodule, imports the real ``torch._dynamo`` in its
+place, so a torch (or a model) that asks for more costs time, never correctness. On exit the stand-in is removed, and so is every
 ``disable`` result the wrappers cached on their function, so a later ``torch.compile`` in the
 same process sees torch as it was.
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 from types import ModuleType
 from typing import Any, Callable, Iterator
@@ -40,6 +42,7 @@ class _StandIn(ModuleType):
     def __init__(self):
         super().__init__(_NAME)
         self.passed_through: list[Callable] = []
+        self.__path__: list[str] = []  # a package: its submodules are found by _SubmoduleHandOver
 
     def disable(self, fn=None, recursive=True, **kwargs):
         if fn is None:  # used as @disable(...)
@@ -57,11 +60,37 @@ class _StandIn(ModuleType):
             # that the real torch._dynamo would need: a plain module without it.
             raise AttributeError(name)
         # Anything else: the real module, from now on for every importer too.
+        return getattr(self.hand_over(), name)
+
+    def hand_over(self) -> ModuleType:
+        """Import the real torch._dynamo in place of the stand-in; return it."""
         if sys.modules.get(_NAME) is self:
             del sys.modules[_NAME]
-            if getattr(torch, "_dynamo", None) is self:
+            if vars(torch).get("_dynamo") is self:
                 delattr(torch, "_dynamo")
-        return getattr(importlib.import_module(_NAME), name)
+        return importlib.import_module(_NAME)
+
+
+class _SubmoduleHandOver(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import torch._dynamo.x`` (flex attention does) while the stand-in is in place: the
+    import system would look for ``x`` in the stand-in. Found here instead: the real package
+    is imported in the stand-in's place, then its submodule, whose module object the import
+    in progress then receives as it is (nothing runs twice)."""
+
+    def __init__(self, stand_in: _StandIn):
+        self.stand_in = stand_in
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.startswith(_NAME + ".") and sys.modules.get(_NAME) is self.stand_in:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        self.stand_in.hand_over()
+        return importlib.import_module(spec.name)
+
+    def exec_module(self, module) -> None:
+        return None  # imported by create_module
 
 
 @contextlib.contextmanager
@@ -71,14 +100,17 @@ def dynamo_untouched() -> Iterator[None]:
         yield
         return
     stand_in = _StandIn()
+    finder = _SubmoduleHandOver(stand_in)
     sys.modules[_NAME] = stand_in
     torch._dynamo = stand_in
+    sys.meta_path.insert(0, finder)
     try:
         yield
     finally:
+        sys.meta_path.remove(finder)
         if sys.modules.get(_NAME) is stand_in:
             del sys.modules[_NAME]
-        if getattr(torch, "_dynamo", None) is stand_in:
+        if vars(torch).get("_dynamo") is stand_in:
             delattr(torch, "_dynamo")
         for fn in stand_in.passed_through:
             if getattr(fn, _CACHE_ATTRIBUTE, None) is fn:

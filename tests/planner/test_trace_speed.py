@@ -75,6 +75,24 @@ def test_dynamo_stand_in_hands_over_to_the_real_module():
     """)
 
 
+def test_dynamo_submodule_import_hands_over_once():
+    """``from torch._dynamo.x import y`` under the stand-in gets the real submodule, and no
+    module of torch._dynamo is executed twice (its config stays one object)."""
+    run_python("""
+        import sys
+        import torch
+        from dpplan.planner.no_dynamo import dynamo_untouched
+
+        with dynamo_untouched():
+            from torch._dynamo.utils import clone_input
+            config = sys.modules["torch._dynamo.config"]
+        import torch._dynamo
+        import torch._dynamo.utils
+        assert torch._dynamo.utils.clone_input is clone_input
+        assert torch._dynamo.config is config is sys.modules["torch._dynamo.config"]
+    """)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_foreach_ops_deduplicated_trace_the_same(tiny_gpt, monkeypatch, precision):
     """The foreach optimizer step (a CUDA target) traced with one kernel call per distinct
