@@ -16,7 +16,7 @@ place, so a torch (or a model) that asks for more costs time, never correctness.
 same process sees torch as it was.
 
 Private API used: the module name ``torch._dynamo`` and the attribute ``__dynamo_disable`` under
-which the wrappers cache what they call. tests/planner/test_fake_device.py checks that a trace
+which the wrappers cache what they call. tests/planner/test_trace_speed.py checks that a trace
 leaves ``torch._dynamo`` unimported and the caches clean.
 """
 
@@ -55,7 +55,7 @@ class _StandIn(ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
-            # Module metadata (``__file__``, ``__path__``, ...), which tools such as
+            # Module metadata (``__file__``, ``__loader__``, ...), which tools such as
             # ``inspect.getmodule`` probe on every module, possibly in the middle of an import
             # that the real torch._dynamo would need: a plain module without it.
             raise AttributeError(name)
