@@ -229,8 +229,8 @@ def runtime_terms(timeline: RankTimeline, peak: Peak, gpu: GpuSpec | None, layou
     if gpu is None:
         return {"allocated_bytes": peak.peak_bytes, "reserved_bytes": peak.peak_bytes, "device_bytes": peak.peak_bytes}
     blocks = timeline.live_blocks_at(peak.position, batch_size)
-    rounded = [gpu_overheads.round_block(b) for b in blocks]
-    allocated = peak.peak_bytes + (sum(rounded) - sum(blocks)) + gpu_overheads.cublas_workspace_bytes(gpu)
+    rounded = gpu_overheads.round_blocks(blocks)
+    allocated = peak.peak_bytes + int(rounded.sum() - blocks.sum()) + gpu_overheads.cublas_workspace_bytes(gpu)
     reserved = allocated + gpu_overheads.segment_slack(rounded)
     groups = strategy_module(layout.strategy).process_groups(layout) if hasattr(
         strategy_module(layout.strategy), "process_groups"

@@ -1,7 +1,8 @@
 """Run a model on a fake device: meta tensors that report the target device type.
 
-This module holds every private torch API dpplan relies on; tests/planner/test_fake_device.py
-fails loudly if a torch release changes one of them.
+This module holds every private torch API dpplan relies on (but for ``torch._dynamo``'s stand-in
+in no_dynamo.py); tests/planner/test_fake_device.py and test_trace_speed.py fail loudly if a
+torch release changes one of them.
 
 Why not plain meta tensors: on the meta device ``torch.autocast("cpu")`` casts nothing
 (autocast only touches tensors of its device) and ``scaled_dot_product_attention`` falls back
@@ -217,7 +218,9 @@ class StorageTracer(TorchDispatchMode):
                 return args[0] if self._mutates_and_returns_self(func) else None
             result = _outputs_from_specs(cached)
         else:
-            result = func(*_unwrap(args), **kwargs)
+            result = _run_foreach_deduplicated(func, args, kwargs, kind)
+            if result is _NOT_DEDUPLICATED:
+                result = func(*_unwrap(args), **kwargs)
             if self.target_device_type == "cpu" and func in _CPU_STATISTICS_OPS:
                 result = _cpu_output_dtypes(func, args, result)
             if key is not None:
@@ -353,6 +356,57 @@ def _outputs_from_specs(cached):
     if container is None:
         return _output_from_spec(specs)
     return container(_outputs_from_specs(s) for s in specs)
+
+
+# -- foreach ops: one kernel call per distinct element ---------------------------------------
+# A foreach op is its single-tensor op applied element by element (``_foreach_add_(xs, ys)``
+# is ``x.add_(y)`` for each pair): the meta kernel checks, and for an out-of-place op shapes,
+# element i from the i-th entries of the lists alone. The optimizer step calls them on all
+# parameters at once (700 tensors of a 70B model, a handful of distinct shapes), and their meta
+# kernels are Python loops (~0.5 ms per element). Running the kernel on the first element of
+# each distinct combination checks exactly the same conditions; the outputs of the others are
+# copies of that element's output.
+
+_NOT_DEDUPLICATED = object()
+
+
+def _run_foreach_deduplicated(func, args, kwargs, kind):
+    """The op's result computed from its distinct elements, or ``_NOT_DEDUPLICATED`` (not a
+    foreach op, lists of unequal length, a tensor outside the lists, nothing repeated)."""
+    schema = func._schema
+    if kwargs or not schema.name.startswith("aten::_foreach_"):
+        return _NOT_DEDUPLICATED
+    if kind is not _CHECK_ONLY and (schema.is_mutable or any(r.alias_info for r in schema.returns)):
+        return _NOT_DEDUPLICATED  # neither in place nor fresh outputs
+    lists = [i for i, a in enumerate(args) if isinstance(a, (list, tuple))]
+    if not lists or any(isinstance(a, _Tensor) for a in args):
+        return _NOT_DEDUPLICATED
+    length = len(args[lists[0]])
+    if any(len(args[i]) != length for i in lists):
+        return _NOT_DEDUPLICATED
+    distinct: dict[tuple, int] = {}  # element key -> its number, in first-seen order
+    firsts: list[int] = []  # per number: the first element with that key
+    element_of: list[int] = []  # per element: its key's number
+    try:
+        for j in range(length):
+            number = distinct.setdefault(tuple(_arg_key(args[i][j]) for i in lists), len(distinct))
+            if number == len(firsts):
+                firsts.append(j)
+            element_of.append(number)
+    except TypeError:  # an unhashable element
+        return _NOT_DEDUPLICATED
+    if len(firsts) == length:
+        return _NOT_DEDUPLICATED
+    reduced = list(args)
+    for i in lists:
+        reduced[i] = type(args[i])(args[i][j] for j in firsts)
+    result = func(*_unwrap(reduced))
+    if kind is _CHECK_ONLY or result is None:
+        return result
+    if _shares_input_storage(reduced, result):  # not the fresh outputs the schema promises
+        return _NOT_DEDUPLICATED
+    specs = [_spec_of(r) for r in result]
+    return type(result)(_output_from_spec(specs[u]) for u in element_of)
 
 
 # -- outputs whose meta kernel has the wrong size ---------------------------------------------

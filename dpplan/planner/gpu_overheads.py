@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from dpplan.planner.hardware import MiB, GpuSpec
 
 # CUDACachingAllocator.cpp: kMinBlockSize = 512 (every block is a multiple of 512 bytes),
@@ -70,15 +72,23 @@ def round_block(nbytes: int) -> int:
     return -(-nbytes // ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES
 
 
-def segment_slack(live_block_bytes: list[int]) -> int:
+def round_blocks(nbytes: np.ndarray) -> np.ndarray:
+    """``round_block`` of each size (int64 in, int64 out)."""
+    nbytes = np.asarray(nbytes, dtype=np.int64)
+    return np.where(nbytes > 0, -(-nbytes // ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES, 0)
+
+
+def segment_slack(live_block_bytes) -> int:
     """Reserved minus allocated for these live blocks, if each were alone in its segment
     class: large blocks rounded up to 2 MiB, medium ones in 20 MiB segments shared in order,
     small ones packed in 2 MiB segments. A lower bound: reuse of freed blocks by
-    different sizes (fragmentation over time) only adds to it."""
-    small = sum(b for b in live_block_bytes if b <= SMALL_REQUEST_BYTES)
-    medium = sum(b for b in live_block_bytes if SMALL_REQUEST_BYTES < b < MEDIUM_REQUEST_BYTES)
-    large = [b for b in live_block_bytes if b >= MEDIUM_REQUEST_BYTES]
+    different sizes (fragmentation over time) only adds to it. Sizes as a sequence or an
+    int64 array (sums in int64 are exact: far below 2**63 bytes)."""
+    blocks = np.asarray(live_block_bytes, dtype=np.int64)
+    small = int(blocks[blocks <= SMALL_REQUEST_BYTES].sum())
+    medium = int(blocks[(blocks > SMALL_REQUEST_BYTES) & (blocks < MEDIUM_REQUEST_BYTES)].sum())
+    large = blocks[blocks >= MEDIUM_REQUEST_BYTES]
     slack = -(-small // SMALL_SEGMENT_BYTES) * SMALL_SEGMENT_BYTES - small
     slack += -(-medium // MEDIUM_SEGMENT_BYTES) * MEDIUM_SEGMENT_BYTES - medium
-    slack += sum(-(-b // LARGE_ROUNDING_BYTES) * LARGE_ROUNDING_BYTES - b for b in large)
+    slack += int((-(-large // LARGE_ROUNDING_BYTES) * LARGE_ROUNDING_BYTES - large).sum())
     return slack

@@ -56,11 +56,36 @@ class RankTimeline:
         self._ins_quad: list[float] = []
         self._ins_category: list[int] = []
         self._merged_cache = None  # _merged() of the events as they are; reset by every change
+        self._order_cache = None  # _event_order() for a number of inserted events
+        self._moved_deaths: list[tuple] = []  # (insert index, storage, scale when moved)
+
+    def copy(self) -> "RankTimeline":
+        """An independent timeline with the same events so far (attributes that strategies
+        add, such as ``notes``, are not copied)."""
+        twin = RankTimeline.__new__(RankTimeline)
+        twin.trace = self.trace
+        twin.storage_scale = self.storage_scale.copy()
+        twin.storage_death_moved = self.storage_death_moved.copy()
+        twin._ins_position = list(self._ins_position)
+        twin._ins_const = list(self._ins_const)
+        twin._ins_lin = list(self._ins_lin)
+        twin._ins_quad = list(self._ins_quad)
+        twin._ins_category = list(self._ins_category)
+        twin._moved_deaths = list(self._moved_deaths)
+        twin._merged_cache = None
+        twin._order_cache = self._order_cache
+        return twin
 
     # -- what strategies call ------------------------------------------------------------
     def scale(self, storage: int, factor: float) -> None:
         if storage >= 0:
             self.storage_scale[storage] = factor
+            self._merged_cache = None
+
+    def scale_many(self, storages: np.ndarray, factors: np.ndarray) -> None:
+        """``scale`` for many storages at once (indices >= 0, each at most once)."""
+        if len(storages):
+            self.storage_scale[storages] = factors
             self._merged_cache = None
 
     def insert(self, position: int, nbytes: float, category: int) -> None:
@@ -80,12 +105,14 @@ class RankTimeline:
             return
         self.storage_death_moved[storage] = True
         self._merged_cache = None
-        const, lin, quad = self._storage_polynomial(storage)
+        # The storage's size as scaled now; its polynomial is filled in by _merge, for all
+        # moved deaths at once (placeholders until then).
+        self._moved_deaths.append((len(self._ins_position), storage, self.storage_scale[storage]))
         self._ins_position.append(position)
-        self._ins_const.append(-const)
-        self._ins_lin.append(-lin)
-        self._ins_quad.append(-quad)
-        self._ins_category.append(int(self.trace.storage_category[storage]))
+        self._ins_const.append(0.0)
+        self._ins_lin.append(0.0)
+        self._ins_quad.append(0.0)
+        self._ins_category.append(0)
 
     def storage_bytes(self, storage: int, batch_size: int) -> int:
         const, lin, quad = self._storage_polynomial(storage)
@@ -118,26 +145,51 @@ class RankTimeline:
         keep = ~(self.storage_death_moved[storage] & (trace.event_sign < 0))
         trace_coeffs = [sign * per_storage[d][storage] * keep for d in range(3)]
         trace_category = trace.storage_category[storage]
-        # Sort key: inserted events at position p come before trace event p.
-        trace_key = np.arange(len(storage), dtype=np.int64) * 2 + 1
         if self._ins_position:
-            ins_key = np.asarray(self._ins_position, dtype=np.int64) * 2
-            keys = np.concatenate([trace_key, ins_key])
-            order = np.argsort(keys, kind="stable")
-            coeffs = [
-                np.concatenate([trace_coeffs[0], self._ins_const])[order],
-                np.concatenate([trace_coeffs[1], self._ins_lin])[order],
-                np.concatenate([trace_coeffs[2], self._ins_quad])[order],
-            ]
-            category = np.concatenate([trace_category, self._ins_category])[order]
-            is_trace = np.concatenate([np.ones(len(storage), bool), np.zeros(len(ins_key), bool)])[order]
-            trace_index = np.concatenate([np.arange(len(storage)), ins_key // 2])[order]
+            order, is_trace, trace_index = self._event_order()
+            ins_coeffs, ins_category = self._inserted_events()
+            coeffs = [np.concatenate([trace_coeffs[d], ins_coeffs[d]])[order] for d in range(3)]
+            category = np.concatenate([trace_category, ins_category])[order]
         else:
             coeffs = trace_coeffs
             category = trace_category
             is_trace = np.ones(len(storage), bool)
             trace_index = np.arange(len(storage))
         return coeffs, category, is_trace, trace_index
+
+    def _inserted_events(self):
+        """Constant, linear, quadratic coefficients and category of each inserted event, the
+        moved deaths' filled in: minus the storage's polynomial at its scale when moved
+        (bytes * scale / prime**degree in the degree's coefficient, as _storage_polynomial
+        computes it, the others -0.0)."""
+        coeffs = [np.asarray(self._ins_const), np.asarray(self._ins_lin), np.asarray(self._ins_quad)]
+        category = np.asarray(self._ins_category, dtype=np.int64)
+        if self._moved_deaths:
+            trace = self.trace
+            index, storage, factor = (np.asarray(column) for column in zip(*self._moved_deaths))
+            degree = trace.storage_batch_degree[storage]
+            nbytes = trace.storage_bytes[storage].astype(np.float64) * factor.astype(np.float64)
+            value = nbytes / (np.int64(trace.trace_batch_size) ** degree).astype(np.float64)
+            for d in range(3):
+                coeffs[d][index] = -np.where(degree == d, value, 0.0)
+            category[index] = trace.storage_category[storage]
+        return coeffs, category
+
+    def _event_order(self):
+        """Where trace and inserted events go in the merged sequence. It depends only on the
+        insert positions, which only ever grow by appending, so it is kept for as long as no
+        event is inserted (copies share it)."""
+        count = len(self._ins_position)
+        if self._order_cache is None or self._order_cache[0] != count:
+            num_trace = len(self.trace.event_storage)
+            # Sort key: inserted events at position p come before trace event p.
+            trace_key = np.arange(num_trace, dtype=np.int64) * 2 + 1
+            ins_key = np.asarray(self._ins_position, dtype=np.int64) * 2
+            order = np.argsort(np.concatenate([trace_key, ins_key]), kind="stable")
+            is_trace = np.concatenate([np.ones(num_trace, bool), np.zeros(count, bool)])[order]
+            trace_index = np.concatenate([np.arange(num_trace), ins_key // 2])[order]
+            self._order_cache = (count, order, is_trace, trace_index)
+        return self._order_cache[1:]
 
     def levels(self, batch_size: int) -> np.ndarray:
         """Live bytes after each merged event."""
@@ -157,10 +209,9 @@ class RankTimeline:
             phase=self._phase_at(int(trace_index[position])),
         )
 
-    def live_blocks_at(self, position: int, batch_size: int) -> list[int]:
-        """Sizes of the blocks alive at a merged position: each traced storage, and what the
-        strategy inserted counted as one block per insertion still alive (for allocator
-        rounding)."""
+    def live_blocks_at(self, position: int, batch_size: int) -> np.ndarray:
+        """Sizes of the blocks alive at a merged position (int64): each traced storage, and
+        what the strategy inserted counted as one block (for allocator rounding)."""
         (const, lin, quad), _, is_trace, trace_index = self._merged()
         upto = position + 1
         trace_events = trace_index[:upto][is_trace[:upto]]
@@ -169,11 +220,12 @@ class RankTimeline:
         np.add.at(alive, trace.event_storage[trace_events], trace.event_sign[trace_events])
         moved = self.storage_death_moved & (alive > 0)
         sizes = self.trace.storage_bytes_at(batch_size) * self.storage_scale
-        blocks = [int(b) for b in sizes[(alive > 0) & ~moved] if b > 0]
+        kept = sizes[(alive > 0) & ~moved]
+        blocks = kept[kept > 0].astype(np.int64)  # truncated, as int() does
         inserted = (const + lin * batch_size + quad * batch_size * batch_size)[:upto][~is_trace[:upto]]
         net = float(inserted.sum()) + float(sizes[moved].sum())
         if net > 0:
-            blocks.append(int(net))
+            blocks = np.append(blocks, np.int64(int(net)))
         return blocks
 
     def max_batch_size(self, limit_bytes: float, upper: int = 1 << 20) -> int:

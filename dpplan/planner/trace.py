@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dpplan.planner import fake_device
+from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user
 from dpplan.planner.optimizers import build_optimizer
 from dpplan.planner.training_step import LOW_PRECISION_DTYPE, autocast_context, run_micro_batch, run_optimizer_step
@@ -308,6 +309,11 @@ def _allow_fp16_gradients(grad_scaler) -> None:
 
 def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TRACE_BATCH_SIZE) -> StepTrace:
     """Trace one steady-state step of ``spec``'s model under ``settings``."""
+    with dynamo_untouched():
+        return _trace_step(spec, settings, batch_size)
+
+
+def _trace_step(spec: ModelSpec, settings: TraceSettings, batch_size: int) -> StepTrace:
     with torch.device("meta"), fake_device.skip_weight_init():
         model = build_module(spec)
         batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)

@@ -63,3 +63,21 @@ def test_max_batch_size_is_exact():
     assert timeline.max_batch_size(2000 + 10 * 37) == 37
     assert timeline.max_batch_size(2000 + 10 * 37 - 1) == 36
     assert timeline.max_batch_size(1000) == 0
+
+
+def test_a_moved_death_frees_the_size_at_the_time_of_the_move():
+    timeline = RankTimeline(make_trace())
+    timeline.scale(1, 0.5)
+    timeline.free_at(1, 3)  # the activation, 5 B per sample now, dies at marker B
+    timeline.scale(1, 2.0)  # born at 20 B per sample, but the move freed 5
+    assert timeline.levels(2).tolist() == [1000, 1040, 2040, 2030, 2030]  # not back to 2000
+
+
+def test_copies_are_independent():
+    timeline = RankTimeline(make_trace())
+    timeline.insert(1, 500, GRADIENT)
+    twin = timeline.copy()
+    twin.insert(3, -500, GRADIENT)
+    twin.scale(0, 0.0)
+    assert timeline.levels(1).tolist() == [1000, 1500, 1510, 2510, 2500]
+    assert twin.levels(1).tolist() == [0, 500, 510, 1510, 1010, 1000]

@@ -4,6 +4,7 @@ resize them for a shard or a different dtype."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Hashable, TypeVar
 
 import numpy as np
 
@@ -15,6 +16,8 @@ from dpplan.planner.trace import (
     PARAMETER,
     StepTrace,
 )
+
+T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -30,14 +33,19 @@ class ParamStorages:
         return self.parameter + self.gradient + self.optimizer_state + self.optimizer_temporary
 
 
+def cached_on_trace(trace: StepTrace, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()`` once per trace and key: for what every strategy and rank planned from one
+    trace derives from it alike. What it returns is shared, so read-only."""
+    cache = trace.__dict__.setdefault("_derived", {})  # a frozen dataclass: set past __setattr__
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
 def storages_by_param(trace: StepTrace) -> list[ParamStorages]:
     """For each parameter (``trace.params`` order) the storages it owns (read-only: computed
     once per trace, every strategy and rank planned from that trace shares it)."""
-    cached = trace.__dict__.get("_storages_by_param")
-    if cached is None:
-        cached = _group_storages_by_param(trace)
-        trace.__dict__["_storages_by_param"] = cached  # a frozen dataclass: set past __setattr__
-    return cached
+    return cached_on_trace(trace, "storages_by_param", lambda: _group_storages_by_param(trace))
 
 
 def _group_storages_by_param(trace: StepTrace) -> list[ParamStorages]:

@@ -35,12 +35,12 @@ writes in place. The hooks themselves are replayed in fsdp1_replay.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from dpplan.planner.gpu_overheads import ProcessGroup
-from dpplan.planner.strategies.common import is_param_shaped, storages_by_param
+from dpplan.planner.strategies.common import cached_on_trace, is_param_shaped, storages_by_param
 from dpplan.planner.strategies.fsdp1_replay import Replay
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
@@ -102,8 +102,13 @@ def shard_rank_of(layout: Layout, rank: int) -> int:
 
 
 def flat_params(trace: StepTrace, layout: Layout) -> list[FlatParam | None]:
-    """One entry per unit (None for a unit without parameters)."""
-    group = group_size(layout)
+    """One entry per unit (None for a unit without parameters); shared by every rank and
+    strategy with the same group size and sharding (read-only)."""
+    group, sharded = group_size(layout), layout.strategy in SHARDED
+    return cached_on_trace(trace, ("fsdp1 flat params", group, sharded), lambda: _flat_params(trace, group, sharded))
+
+
+def _flat_params(trace: StepTrace, group: int, sharded: bool) -> list[FlatParam | None]:
     mixed = trace.settings.family == PARAM_CAST
     members: list[list[int]] = [[] for _ in trace.unit_names]
     for index, param in enumerate(trace.params):
@@ -125,7 +130,7 @@ def flat_params(trace: StepTrace, layout: Layout) -> list[FlatParam | None]:
         total += -total % group
         result.append(FlatParam(
             unit=unit, params=tuple(params), offsets=tuple(offsets), numel=total, group_size=group,
-            sharded=layout.strategy in SHARDED, compute_itemsize=compute,
+            sharded=sharded, compute_itemsize=compute,
             # Mixed precision keeps the model's parameters (fp32 assumed; the trace holds
             # them cast) and casts per unshard (MixedPrecision.param_dtype).
             param_itemsize=FP32_BYTES if mixed else compute,
@@ -155,15 +160,12 @@ def offload_notes(layout: Layout) -> list[str]:
 
 
 def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
-    timeline = RankTimeline(trace)
     flats = flat_params(trace, layout)
     shard_rank = shard_rank_of(layout, layout.rank)
     offload = offload_mode(layout)
     local = _local_numels(trace, flats, shard_rank)
+    timeline = _replayed_hooks(trace, layout, flats, offload).copy()
     _resize_optimizer(timeline, local, offload)
-    for param in trace.params:
-        timeline.scale(param.storage, 0.0)  # views into the flat parameter from now on
-    Replay(timeline, flats, layout, offload).run()
     notes = offload_notes(layout)
     if layout.device_type == "cuda":
         notes.append(
@@ -183,28 +185,56 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
     return timeline
 
 
-def _local_numels(trace: StepTrace, flats, shard_rank: int) -> list[int]:
-    local = [0] * len(trace.params)
+def _replayed_hooks(trace: StepTrace, layout: Layout, flats, offload: str) -> RankTimeline:
+    """The rank-independent part of ``plan_rank``: the parameters become views into the flat
+    parameter, and FSDP1's hooks insert what they allocate. Shard ranks differ only in their
+    optimizer state and step temporaries (``_resize_optimizer``, which touches no storage the
+    hooks read), so this is replayed once per layout and copied for each rank. Only the latest
+    layout is kept: estimate() plans all ranks of a layout one after the other."""
+    key = replace(layout, rank=0)
+    cache = cached_on_trace(trace, "fsdp1 replayed hooks", dict)
+    if key not in cache:
+        timeline = RankTimeline(trace)
+        for param in trace.params:
+            timeline.scale(param.storage, 0.0)  # views into the flat parameter from now on
+        Replay(timeline, flats, layout, offload).run()
+        cache.clear()
+        cache[key] = timeline
+    return cache[key]
+
+
+def _local_numels(trace: StepTrace, flats, shard_rank: int) -> np.ndarray:
+    """Elements of each parameter in this shard rank's shard (``FlatParam.local_numels`` for
+    all flat parameters at once)."""
+    numels = _param_numels(trace)
+    local = np.zeros(len(trace.params), dtype=np.int64)
     for flat in flats:
-        if flat is not None:
-            for index, count in zip(flat.params, flat.local_numels(trace, shard_rank)):
-                local[index] = count
+        if flat is None:
+            continue
+        index = np.asarray(flat.params)
+        if not flat.sharded:
+            local[index] = numels[index]
+            continue
+        lo, hi = shard_rank * flat.shard_numel, (shard_rank + 1) * flat.shard_numel
+        start = np.asarray(flat.offsets)
+        local[index] = np.maximum(0, np.minimum(hi, start + numels[index]) - np.maximum(lo, start))
     return local
 
 
-def _resize_optimizer(timeline: RankTimeline, local: list[int], offload: str) -> None:
+def _param_numels(trace: StepTrace) -> np.ndarray:
+    return cached_on_trace(trace, "param numels", lambda: np.array([p.numel for p in trace.params], dtype=np.int64))
+
+
+def _resize_optimizer(timeline: RankTimeline, local: np.ndarray, offload: str) -> None:
     """Optimizer state and step temporaries cover this rank's slice of each parameter, in
     fp32 behind mixed precision; a parameter with nothing here has no gradient on this rank,
     so the optimizer skips it entirely (torch/optim/adamw.py ``_init_group``). Offloaded, the
     step runs on the host."""
-    trace = timeline.trace
-    for index, owned in enumerate(storages_by_param(trace)):
-        for storage in owned.optimizer_state + owned.optimizer_temporary:
-            factor = 0.0 if offload == "params" else _state_scale(trace, storage, index, local[index])
-            timeline.scale(storage, factor)
+    storages, factors = _state_scales(timeline.trace, local)
+    timeline.scale_many(storages, np.zeros(len(storages)) if offload == "params" else factors)
 
 
-def _host_bytes(trace: StepTrace, flats, local: list[int]) -> int:
+def _host_bytes(trace: StepTrace, flats, local: np.ndarray) -> int:
     """Per rank with CPUOffload(offload_params=True): the pinned shard and ``_cpu_grad``
     (_flat_param.py ``init_flat_param_attributes``), then the optimizer's state and the peak of
     its step, which runs on the host."""
@@ -213,24 +243,43 @@ def _host_bytes(trace: StepTrace, flats, local: list[int]) -> int:
         if flat is not None:
             total += flat.shard_numel * flat.param_itemsize * (2 if flat.trainable else 1)
     scale = np.zeros(len(trace.storage_bytes))
-    for index, owned in enumerate(storages_by_param(trace)):
-        for storage in owned.optimizer_state + owned.optimizer_temporary:
-            scale[storage] = _state_scale(trace, storage, index, local[index])
+    storages, factors = _state_scales(trace, local)
+    scale[storages] = factors
     deltas = trace.event_sign * (trace.storage_bytes * scale)[trace.event_storage]
     return total + (int(np.max(np.cumsum(deltas))) if len(deltas) else 0)
 
 
-def _state_scale(trace: StepTrace, storage: int, index: int, count: int) -> float:
-    """Size on this rank over traced size of one optimizer storage of parameter ``index``
-    that has ``count`` elements here (scalars such as Adam's ``step`` are kept whole)."""
-    if count == 0:
-        return 0.0
-    if not is_param_shaped(trace, storage, index):
-        return 1.0
-    numel = trace.params[index].numel
-    traced = int(trace.storage_bytes[storage]) // numel
-    element = FP32_BYTES if trace.settings.family == PARAM_CAST else traced
-    return count / numel * element / traced
+def _state_scales(trace: StepTrace, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every optimizer storage (state and step temporaries) and its size on this rank over
+    its traced size, for a rank that holds ``local[i]`` elements of parameter i: 0 without
+    any, 1 for storages that are not parameter-shaped (scalars such as Adam's ``step`` are
+    kept whole), else the held fraction at the optimizer's element size (fp32 behind mixed
+    precision): count / numel * element / traced, in that order, as floats."""
+    storages, owner, shaped, numel, element, traced = cached_on_trace(
+        trace, "fsdp1 optimizer storages", lambda: _optimizer_storages(trace)
+    )
+    count = local[owner]
+    resized = count / numel * element / traced
+    factors = np.where(count == 0, 0.0, np.where(shaped, resized, 1.0))
+    return storages, factors
+
+
+def _optimizer_storages(trace: StepTrace) -> tuple[np.ndarray, ...]:
+    """Per optimizer storage: its index, owning parameter, whether it is parameter-shaped,
+    the parameter's elements, the optimizer's and the trace's bytes per element."""
+    rows = []
+    for index, owned in enumerate(storages_by_param(trace)):
+        numel = trace.params[index].numel
+        for storage in owned.optimizer_state + owned.optimizer_temporary:
+            if is_param_shaped(trace, storage, index):
+                traced = int(trace.storage_bytes[storage]) // numel
+                element = FP32_BYTES if trace.settings.family == PARAM_CAST else traced
+                rows.append((storage, index, True, numel, element, traced))
+            else:  # kept whole: the ratio is not used (ones keep it finite)
+                rows.append((storage, index, False, 1, 1, 1))
+    columns = list(zip(*rows)) if rows else [()] * 6
+    dtypes = (np.int64, np.int64, bool, np.int64, np.int64, np.int64)
+    return tuple(np.asarray(column, dtype=dtype) for column, dtype in zip(columns, dtypes))
 
 
 def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
@@ -243,19 +292,21 @@ def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
         return [0]
     if group <= EXHAUSTIVE_RANKS:
         return list(range(group))
-    per_element, per_param, per_temp = _optimizer_bytes(trace)
+    per_element, per_param, per_temp = cached_on_trace(trace, "fsdp1 optimizer bytes", lambda: _optimizer_bytes(trace))
     state = np.zeros(group)
     temp = np.zeros(group)
     ranks = np.arange(group)
+    numels = _param_numels(trace)
     for flat in flat_params(trace, layout):
         if flat is None:
             continue
-        lo, hi = ranks * flat.shard_numel, (ranks + 1) * flat.shard_numel
-        for index, start in zip(flat.params, flat.offsets):
-            end = start + trace.params[index].numel
-            count = np.clip(np.minimum(hi, end) - np.maximum(lo, start), 0, None)
-            state += count * per_element[index] + (count > 0) * per_param[index]
-            temp = np.maximum(temp, count * per_temp[index])
+        # count[rank, j]: elements of the flat's j-th parameter in that rank's shard. The
+        # scores are whole byte counts far below 2**53, so summing in any order is exact.
+        lo, hi = ranks[:, None] * flat.shard_numel, (ranks[:, None] + 1) * flat.shard_numel
+        index, start = np.asarray(flat.params), np.asarray(flat.offsets)
+        count = np.clip(np.minimum(hi, start + numels[index]) - np.maximum(lo, start), 0, None)
+        state += (count * per_element[index]).sum(axis=1) + ((count > 0) * per_param[index]).sum(axis=1)
+        temp = np.maximum(temp, (count * per_temp[index]).max(axis=1))
     picks = {0}
     for score in (state, state + temp):
         picks.update(int(r) for r in np.argsort(-score, kind="stable")[:CANDIDATES_PER_SCORE])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.optimizers import build_optimizer
 from dpplan.planner.strategies.common import ParamStorages, resize_param_storages
 from dpplan.planner.strategies.layout import Layout
@@ -66,12 +67,13 @@ def _flat_state_coefficients(optimizer: str) -> tuple[float, float]:
     hands it: Adafactor, for instance, keeps a full variance instead of row/column factors)."""
     totals = []
     sizes = (1024, 2048)
-    for numel in sizes:
-        param = torch.nn.Parameter(torch.zeros(numel))
-        param.grad = torch.zeros(numel)
-        opt = build_optimizer(optimizer, [param], device_type="cpu")
-        opt.step()
-        totals.append(sum(v.untyped_storage().nbytes() for v in opt.state[param].values() if torch.is_tensor(v)))
+    with dynamo_untouched():  # the optimizer would import torch._dynamo only to do nothing
+        for numel in sizes:
+            param = torch.nn.Parameter(torch.zeros(numel))
+            param.grad = torch.zeros(numel)
+            opt = build_optimizer(optimizer, [param], device_type="cpu")
+            opt.step()
+            totals.append(sum(v.untyped_storage().nbytes() for v in opt.state[param].values() if torch.is_tensor(v)))
     per_element = (totals[1] - totals[0]) / (sizes[1] - sizes[0])
     return per_element, totals[0] - per_element * sizes[0]
 
