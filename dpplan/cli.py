@@ -68,12 +68,15 @@ def _run_safely(action):
         _fail(f"{type(exc).__name__}: {exc} (set DPPLAN_DEBUG=1 for the traceback)", RUNTIME_ERROR_EXIT)
 
 
+PLOTLYJS_OPTION = click.option(
+    "--plotlyjs", type=click.Choice(PLOTLYJS_MODES), default="inline", show_default=True,
+    help="inline: plotly.js inside the HTML file (opens offline, ~5 MB); cdn: linked from cdn.plot.ly (small).",
+)
+
+
 def html_options(command):
     """--html and --plotlyjs, the same for estimate and profile."""
-    command = click.option(
-        "--plotlyjs", type=click.Choice(PLOTLYJS_MODES), default="inline", show_default=True,
-        help="inline: plotly.js inside the HTML file (opens offline, ~5 MB); cdn: linked from cdn.plot.ly (small).",
-    )(command)
+    command = PLOTLYJS_OPTION(command)
     return click.option("--html", "html_path", metavar="PATH", default=None,
                         help="Also write an HTML report (plotly charts), one self-contained file.")(command)
 
@@ -155,7 +158,7 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
 
     def action():
         from dpplan.planner.estimate import estimate as plan_memory
-        from dpplan.reports.plan_json import plan_to_json, write_json
+        from dpplan.reports.plan_json import plan_to_json
         from dpplan.reports.plan_table import render_plan
 
         config = PlanConfig(
@@ -170,13 +173,7 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
         plan = plan_memory(config)
         if json_path != "-":
             render_plan(plan)
-        document = plan_to_json(plan, command=_command_line())
-        if json_path:
-            write_json(document, json_path)
-            if json_path != "-":
-                click.echo(f"wrote {json_path}")
-        if html_path:
-            _write_html(document, html_path, plotlyjs, quiet=json_path == "-")
+        _write_outputs(plan_to_json(plan, command=_command_line()), json_path, html_path, plotlyjs)
 
     _run_safely(action)
 
@@ -287,12 +284,7 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
             progress.close()
         if json_path != "-":
             render_profile(document)
-        if json_path:
-            write_json(document, json_path)
-            if json_path != "-":
-                click.echo(f"wrote {json_path}")
-        if html_path:
-            _write_html(document, html_path, plotlyjs, quiet=json_path == "-")
+        _write_outputs(document, json_path, html_path, plotlyjs)
         failed = [r for r in document["runs"] if r["status"] == "failed"]
         if failed:
             detail = "; ".join(f"{r['strategy']}: {r['error']}" for r in failed)
@@ -310,6 +302,18 @@ def _check_html_destination(html_path: str, flag: str = "--html") -> None:
         raise ValueError(f"{flag}: directory does not exist: {parent}")
 
 
+def _write_outputs(document: dict, json_path: str | None, html_path: str | None, plotlyjs: str) -> None:
+    """--json and --html of estimate and profile; with ``--json -`` stdout carries the JSON only."""
+    from dpplan.reports.plan_json import write_json
+
+    if json_path:
+        write_json(document, json_path)
+        if json_path != "-":
+            click.echo(f"wrote {json_path}")
+    if html_path:
+        _write_html(document, html_path, plotlyjs, quiet=json_path == "-")
+
+
 def _write_html(document: dict, html_path: str, plotlyjs: str, *, quiet: bool) -> None:
     from dpplan.reports.html_report import write_report
 
@@ -322,8 +326,7 @@ def _write_html(document: dict, html_path: str, plotlyjs: str, *, quiet: bool) -
 @click.argument("json_file", metavar="JSON")
 @click.option("-o", "--output", "html_path", metavar="PATH", default=None,
               help="The HTML file to write  [default: JSON's name with .html]")
-@click.option("--plotlyjs", type=click.Choice(PLOTLYJS_MODES), default="inline", show_default=True,
-              help="inline: plotly.js inside the file (opens offline); cdn: linked from cdn.plot.ly (small file).")
+@PLOTLYJS_OPTION
 def report(json_file, html_path, plotlyjs):
     """Render a saved estimate or profile JSON as an HTML report.
 
