@@ -25,11 +25,10 @@ import click
 
 from dpplan import __version__
 from dpplan.cli_types import BYTE_SIZE, ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
-from dpplan.planner.config import DEVICES, OFFLOADS, PlanConfig
+from dpplan.planner.config import DEVICES, OFFLOADS, PRECISIONS, PlanConfig
 from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
-from dpplan.planner.training_step import PRECISIONS
 from dpplan.profiler.profile import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
 from dpplan.profiler.recommend import DEFAULT_HEADROOM_PCT, DEFAULT_MAX_TRIALS, DEFAULT_TRIAL_STEPS
 from dpplan.reports.html_page import PLOTLYJS_MODES
@@ -44,26 +43,36 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# The planner's own error classes, by module. An error of theirs can only come from a module
+# already imported, so they are looked up there when one is raised: commands that never plan
+# (report, gpus, --help) start without importing the planner and torch.
+USER_ERRORS = {
+    "dpplan.planner.model_file": "ModelFileError",
+    "dpplan.planner.trace": "TraceError",
+    "dpplan.planner.units": "WrapError",
+}
+INTERNAL_ERRORS = {"dpplan.planner.fake_device": "FakeDeviceError"}
+
+
+def _loaded_classes(where: dict[str, str]) -> tuple[type, ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in where.items() if module in sys.modules)
+
+
 def _run_safely(action):
     """Turn the expected failures into one line and an exit code; never a traceback wall.
 
     Set DPPLAN_DEBUG=1 to see the traceback of an unexpected error.
     """
-    from dpplan.planner.fake_device import FakeDeviceError
-    from dpplan.planner.model_file import ModelFileError
-    from dpplan.planner.trace import TraceError
-    from dpplan.planner.units import WrapError
-
     try:
         return action()
-    except (ModelFileError, TraceError, WrapError, ValueError) as exc:
-        _fail(str(exc), USER_ERROR_EXIT)
     except KeyboardInterrupt:
         _fail("interrupted", INTERRUPTED_EXIT)
-    except FakeDeviceError as exc:
-        _fail(f"internal error while tracing: {exc}", RUNTIME_ERROR_EXIT)
-    except Exception as exc:  # a bug of ours: one line, traceback on request
-        if os.environ.get("DPPLAN_DEBUG"):
+    except Exception as exc:
+        if isinstance(exc, (ValueError, *_loaded_classes(USER_ERRORS))):
+            _fail(str(exc), USER_ERROR_EXIT)
+        if isinstance(exc, _loaded_classes(INTERNAL_ERRORS)):
+            _fail(f"internal error while tracing: {exc}", RUNTIME_ERROR_EXIT)
+        if os.environ.get("DPPLAN_DEBUG"):  # a bug of ours: one line, traceback on request
             raise
         _fail(f"{type(exc).__name__}: {exc} (set DPPLAN_DEBUG=1 for the traceback)", RUNTIME_ERROR_EXIT)
 

@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass, field
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
-from dpplan.planner.training_step import PRECISIONS
 
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
+OFFLOAD_UNSUPPORTED = ("single", "dp", "ddp")
+"""Strategies without any offload: the CLI and the planner say so in a note."""
 DEVICES = ("cuda", "cpu")
 DEFAULT_GPU_COUNTS = (1, 2, 4, 8)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from dpplan.planner import gpu_overheads
-from dpplan.planner.config import PlanConfig
+from dpplan.planner.config import OFFLOAD_UNSUPPORTED, PlanConfig
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
 from dpplan.planner.model_file import ModelSpec, load_model_file
 from dpplan.planner.strategies import Layout, strategy_module
@@ -40,7 +40,6 @@ BREAKDOWN_OF_CATEGORY = {
 BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "other")
 FSDP1_STRATEGIES = ("fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid")
 TOP_MODULES = 10
-OFFLOAD_UNSUPPORTED = ("single", "dp", "ddp")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,9 +10,10 @@ therefore asks for ``foreach=True`` explicitly when the target is a GPU.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where an optimizer is built: the CLI starts without it
+    import torch
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "adafactor")
 LEARNING_RATE = 1e-4
@@ -20,6 +21,8 @@ LEARNING_RATE = 1e-4
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, device_type: str) -> torch.optim.Optimizer:
     """The optimizer ``name`` with torch's defaults for ``device_type`` ("cpu" or "cuda")."""
+    import torch
+
     params = list(params)
     extra = {"foreach": True} if device_type == "cuda" else {}
     if name == "adamw":
@@ -38,6 +41,8 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, device_t
 def optimizer_class_and_kwargs(name: str, *, device_type: str) -> tuple[type, dict]:
     """Class and keyword arguments, for wrappers that build the optimizer themselves
     (``ZeroRedundancyOptimizer``)."""
+    import torch
+
     extra = {"foreach": True} if device_type == "cuda" else {}
     table = {
         "adamw": (torch.optim.AdamW, {}),

@@ -16,7 +16,7 @@ makes a search for the largest batch that fits cheap.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

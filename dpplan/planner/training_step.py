@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import torch
 
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 LOW_PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16, "bf16": torch.bfloat16}
 
 

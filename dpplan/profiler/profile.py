@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Callable
 
 from dpplan import __version__
-from dpplan.planner.config import OFFLOADS
+from dpplan.planner.config import OFFLOADS, PRECISIONS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
-from dpplan.planner.training_step import PRECISIONS
 from dpplan.profiler import profile_results as results_json
 from dpplan.profiler import recommend as recommendations
 from dpplan.profiler.batch_search import Trial, judge

@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
 
-from dpplan.planner.config import OFFLOADS
-from dpplan.planner.estimate import OFFLOAD_UNSUPPORTED
+from dpplan.planner.config import OFFLOAD_UNSUPPORTED, OFFLOADS
 from dpplan.profiler.batch_search import MAX_BATCH_SIZE, SearchResult, Trial, search_batch_size
 
 DEFAULT_HEADROOM_PCT = 10.0

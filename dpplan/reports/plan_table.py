@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -11,9 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dpplan.planner.estimate import Plan
 from dpplan.planner.hardware import lookup_gpu
 from dpplan.reports.units import format_bytes, format_count, format_gib
+
+if TYPE_CHECKING:  # reports draw plans; importing the planner (torch) is left to who makes one
+    from dpplan.planner.estimate import Plan
 
 
 TABLE_WIDTH = 120
