@@ -21,6 +21,21 @@ def _choice(name: str, value: str, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
+def check_run_settings(config) -> None:
+    """The run-describing fields that ``estimate`` and ``profile`` share (one set of flags, see
+    cli.run_options), checked the same way for PlanConfig and ProfileConfig."""
+    if not config.strategies:
+        raise ValueError("strategies must name at least one strategy")
+    for strategy in config.strategies:
+        _choice("strategy", strategy, STRATEGIES)
+    for name in ("batch_size", "grad_accum"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1 (got {getattr(config, name)})")
+    _choice("precision", config.precision, PRECISIONS)
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("offload", config.offload, OFFLOADS)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PlanConfig:
     """One planning request. Field meanings match the ``dpplan estimate`` flags."""
@@ -52,10 +67,7 @@ class PlanConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.strategies:
-            raise ValueError("strategies must name at least one strategy")
-        for strategy in self.strategies:
-            _choice("strategy", strategy, STRATEGIES)
+        check_run_settings(self)
         if not self.gpus or any(g < 1 for g in self.gpus):
             raise ValueError(f"gpus must be positive integers (got {self.gpus})")
         if self.nodes < 1:
@@ -71,13 +83,6 @@ class PlanConfig:
         for gpus in self.gpus:
             if gpus % self.nodes_for(gpus):
                 raise ValueError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1 (got {self.grad_accum})")
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("offload", self.offload, OFFLOADS)
         _choice("device", self.device, DEVICES)
         if self.capacity_bytes is not None and self.capacity_bytes < 1:
             raise ValueError(f"capacity_bytes must be >= 1 (got {self.capacity_bytes})")

@@ -35,10 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 from dpplan import __version__
-from dpplan.planner.config import OFFLOADS, PRECISIONS
+from dpplan.planner.config import check_run_settings
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
-from dpplan.planner.optimizers import OPTIMIZERS
-from dpplan.planner.strategies.layout import STRATEGIES
 from dpplan.profiler import profile_results as results_json
 from dpplan.profiler import recommend as recommendations
 from dpplan.profiler.batch_search import Trial, judge
@@ -114,18 +112,10 @@ class ProfileConfig:
     """Timed steps of a trial, after at least one warm-up step."""
 
     def __post_init__(self):
-        if not self.strategies:
-            raise ValueError("strategies must name at least one strategy")
-        for strategy in self.strategies:
-            if strategy not in STRATEGIES:
-                raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
-        for name, value, choices in (
-            ("precision", self.precision, PRECISIONS), ("optimizer", self.optimizer, OPTIMIZERS),
-            ("offload", self.offload, OFFLOADS), ("device", self.device, PROFILE_DEVICES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
-        for name in ("batch_size", "grad_accum", "steps", "nnodes"):
+        check_run_settings(self)
+        if self.device not in PROFILE_DEVICES:
+            raise ValueError(f"device must be one of {', '.join(PROFILE_DEVICES)} (got {self.device!r})")
+        for name in ("steps", "nnodes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.gpus is not None and self.gpus < 1:
