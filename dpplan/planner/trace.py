@@ -316,8 +316,28 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
 def _trace_step(spec: ModelSpec, settings: TraceSettings, batch_size: int) -> StepTrace:
     with torch.device("meta"), fake_device.skip_weight_init():
         model = build_module(spec)
+    # A deep model whose layers are all alike is traced at three and four layers and the
+    # full depth built from those (planner/repeated_layers.py); anything else in full.
+    from dpplan.planner import repeated_layers
+
+    repeated = repeated_layers.trace_by_repeating(
+        model, settings.wrap, lambda short, units: trace_model(spec, short, settings, batch_size, units=units)
+    )
+    if repeated is not None:
+        return repeated
+    return trace_model(spec, model, settings, batch_size)
+
+
+def trace_model(
+    spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int, *, units: list[nn.Module] | None = None
+) -> StepTrace:
+    """Trace one step of ``model`` (built on the meta device, not yet traced): ``spec``
+    gives its example batch and loss; ``units``, when given, replaces the units that
+    ``settings.wrap`` would pick."""
+    with torch.device("meta"), fake_device.skip_weight_init():
         batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)
-    units = find_units(model, settings.wrap)
+    if units is None:
+        units = find_units(model, settings.wrap)
     recorder = _Recorder()
     checkpointing = "none"
     if settings.activation_checkpointing:
@@ -414,8 +434,14 @@ def _trace_steady_step(
     for i, param in enumerate(params):
         adopt(param, PARAMETER)
         recorder.storage_owner[recorder.storage_of(param)] = i
-    for buf in model.buffers():
-        adopt(buf, BUFFER)
+    # A buffer is labelled with its module, so that a layer's buffers are known as its own.
+    seen_buffers: set[int] = set()
+    for sub in model.modules():
+        for buf in sub._buffers.values():
+            if buf is not None and id(buf) not in seen_buffers:
+                seen_buffers.add(id(buf))
+                adopt(buf, BUFFER)
+                recorder.storage_module[recorder.storage_of(buf)] = module_index.get(id(sub), -1)
     for i, param in enumerate(params):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, torch.Tensor):

@@ -1,0 +1,625 @@
+"""Trace a deep stack of identical layers at three and four layers, and build the full depth.
+
+A 70B transformer is 80 copies of one layer. Tracing all 80 costs seconds per precision
+family; tracing a copy of the model cut to 3 layers and to 4 costs a tenth of that. The full
+trace follows from the 3-layer one because every middle layer does exactly what the middle
+layer of the short model does, shifted by its index:
+
+  - Every event and marker of the 3-layer trace belongs to a *segment*: the layer whose
+    forward or backward is running when it happens (between the unit markers), or, at the
+    baseline and in the optimizer step, the layer that owns the storage (its parameter's
+    layer). Everything else is *outer* (embedding, head, loss, ...).
+  - A storage's *home* is the segment it is born in. A layer-j segment may touch storages of
+    home j-1, j, j+1 or outer; the middle layer's segment must not touch outer storages.
+  - Each run of middle-layer items is repeated for layers 1 .. n-2, in ascending order, or
+    descending inside backward; a storage of home j+d touched by the copy for layer m is the
+    copy for layer m+d. Layers 0 and 2 become layers 0 and n-1. An outer event that frees
+    middle-layer storages (autocast's weight cache, freed when the forward leaves autocast)
+    frees every copy.
+  - Storages of the three homes are matched slot by slot in birth order; they must agree in
+    size, batch degree and category.
+
+The rule is not trusted on its word: the 4-layer model is traced too, and the rule applied to
+the 3-layer trace must give it exactly (same events, sizes, kinds, owners, markers, up to the
+numbering of storages and the order of frees that happen together). Otherwise, or when the
+layers are not alike, the model is traced in full. A model that treats its layers
+differently (by index, by depth, or sharing tensors between them) therefore costs time, never
+accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from dpplan.planner.trace import Marker, ParamInfo, StepTrace, batch_degree
+from dpplan.planner.units import find_units
+
+MIN_LAYERS = 8
+"""Fewer layers are traced in full: the two short traces together hold seven layers."""
+SHORT_DEPTH = 3
+"""The short model the full depth is built from: first layer, middle layer, last layer."""
+
+UNIT_MARKERS = ("fwd_start", "fwd_end", "bwd_start", "bwd_end", "recompute_start", "recompute_end")
+ROOT_MARKERS = ("root_bwd_start", "root_fwd_end")
+RESETTING_MARKERS = ("bwd_end", "micro_batch", "backward", "optimizer", "end")
+"""Markers (of the root, or of the step) that no layer's forward or backward runs across."""
+OUTER = -1
+PHASE_OF_MARKER = {"micro_batch": "forward", "backward": "backward", "optimizer": "optimizer"}
+
+
+class NotRepeatable(Exception):
+    """The short trace does not follow the repetition rule (internal; means: trace in full)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerStack:
+    """The ``nn.ModuleList`` whose children are the units, and how names in it read."""
+
+    layers: nn.ModuleList
+    prefix: str
+    """Qualified name of the list plus a dot ("" when the list is the model itself)."""
+
+    def layer_of(self, name: str) -> int:
+        """The layer index a module or parameter name lies in (OUTER if none)."""
+        if not name.startswith(self.prefix):
+            return OUTER
+        head = name[len(self.prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else OUTER
+
+    def renamed(self, name: str, layer: int) -> str:
+        rest = name[len(self.prefix):].split(".", 1)
+        return self.prefix + str(layer) + ("." + rest[1] if len(rest) > 1 else "")
+
+
+def trace_by_repeating(
+    model: nn.Module, wrap: str | None, trace_model: Callable[[nn.Module, list[nn.Module]], StepTrace]
+) -> StepTrace | None:
+    """The full-depth trace of ``model`` built from short copies of it, or None when the model
+    is not a stack of alike layers or the short traces do not follow the rule (trace in full).
+    ``trace_model(short_model, units)`` traces a short copy with the given units."""
+    stack = find_layer_stack(model, wrap)
+    if stack is None or len(stack.layers) < MIN_LAYERS:
+        return None
+    try:
+        short = [_short_copy(model, stack, depth) for depth in (SHORT_DEPTH, SHORT_DEPTH + 1)]
+    except Exception:  # a model that cannot be copied is traced in full
+        return None
+    traces = []
+    for depth, copy_ in zip((SHORT_DEPTH, SHORT_DEPTH + 1), short):
+        try:
+            traces.append(trace_model(copy_, list(_list_in(copy_, stack))))
+        except Exception:  # the full trace reports the model's own error, if it has one
+            return None
+        if traces[-1].unit_names != [stack.prefix + str(i) for i in range(depth)] + ["(root)"]:
+            return None
+    three, four = traces
+    try:
+        built_four = extend(three, stack, SHORT_DEPTH + 1, four.module_names, four.module_classes,
+                            [p.name for p in four.params])
+        if canonical_form(built_four) != canonical_form(four):
+            _why("the rule does not reproduce the four-layer trace", built_four, four)
+            return None
+        names = module_names_of(model)
+        full = extend(three, stack, len(stack.layers), names[0], names[1], param_names_of(model))
+    except NotRepeatable as exc:
+        _why(str(exc))
+        return None
+    per_layer_ops = four.num_ops - three.num_ops
+    return _with(full, num_ops=three.num_ops + per_layer_ops * (len(stack.layers) - SHORT_DEPTH))
+
+
+def find_layer_stack(model: nn.Module, wrap: str | None) -> LayerStack | None:
+    """The list whose children are exactly the units, when they are alike and share nothing."""
+    units = find_units(model, wrap)
+    if not units:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == len(units):
+            if all(a is b for a, b in zip(module, units)):
+                stack = LayerStack(layers=module, prefix=f"{name}." if name else "")
+                break
+    else:
+        return None
+    if list(stack.layers._modules) != [str(i) for i in range(len(units))]:
+        return None
+    signatures = {_layer_signature(layer) for layer in units}
+    if len(signatures) != 1:
+        return None
+    # No tensor may be shared between layers, or between a layer and the rest of the model.
+    owners: dict[int, int] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
+        layer = stack.layer_of(name)
+        if owners.setdefault(id(tensor), layer) != layer or (layer != OUTER and tensor is None):
+            return None
+    counts: dict[int, int] = {}
+    for _, tensor in model.named_parameters(remove_duplicate=False):
+        counts[id(tensor)] = counts.get(id(tensor), 0) + 1
+    for layer in units:
+        if any(counts[id(p)] > 1 for p in layer.parameters()):
+            return None
+    return stack
+
+
+def _layer_signature(layer: nn.Module) -> tuple:
+    modules = tuple((name, type(m).__qualname__) for name, m in layer.named_modules())
+    params = tuple(
+        (name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in layer.named_parameters(remove_duplicate=False)
+    )
+    buffers = tuple(
+        (name, None if b is None else (tuple(b.shape), b.dtype)) for name, b in layer.named_buffers(remove_duplicate=False)
+    )
+    return modules, params, buffers
+
+
+def _short_copy(model: nn.Module, stack: LayerStack, depth: int) -> nn.Module:
+    """A deep copy of ``model`` with only the first ``depth`` layers in the stack."""
+    children = stack.layers._modules
+    stack.layers._modules = dict(list(children.items())[:depth])
+    try:
+        return copy.deepcopy(model)
+    finally:
+        stack.layers._modules = children
+
+
+def _list_in(model: nn.Module, stack: LayerStack) -> nn.ModuleList:
+    name = stack.prefix[:-1]
+    return model.get_submodule(name) if name else model
+
+
+def module_names_of(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Module names and class names, as the trace lists them."""
+    names, classes = [], []
+    for name, sub in model.named_modules():
+        names.append(name or "(root)")
+        classes.append(type(sub).__name__)
+    return names, classes
+
+
+def param_names_of(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_parameters()]
+
+
+# -- the rule ---------------------------------------------------------------------------------
+
+
+def extend(
+    short: StepTrace,
+    stack: LayerStack,
+    depth: int,
+    module_names: list[str],
+    module_classes: list[str],
+    param_names: list[str],
+) -> StepTrace:
+    """The trace of the model at ``depth`` layers, built from ``short`` (3 layers) by the
+    repetition rule (module docstring). Raises NotRepeatable where the rule does not apply."""
+    return _Extension(short, stack, depth, module_names, module_classes, param_names).build()
+
+
+class _Extension:
+    def __init__(self, short, stack, depth, module_names, module_classes, param_names):
+        self.short = short
+        self.stack = stack
+        self.depth = depth
+        self.k = len(short.unit_names) - 1
+        if self.k != SHORT_DEPTH:
+            raise NotRepeatable("the short trace must hold three layers")
+        self.module_names = module_names
+        self.module_classes = module_classes
+        self.module_index = {name: i for i, name in enumerate(module_names)}
+        self.param_index = {name: i for i, name in enumerate(param_names)}
+        self.param_names = param_names
+        self.short_param_index = {p.name: i for i, p in enumerate(short.params)}
+        # Layer of each short module and parameter.
+        self.module_layer = [stack.layer_of(n) for n in short.module_names]
+        self.param_layer = [p.unit if p.unit < self.k else OUTER for p in short.params]
+        for p, info in enumerate(short.params):
+            if stack.layer_of(info.name) != self.param_layer[p]:
+                raise NotRepeatable(f"parameter {info.name} lies outside its unit")
+
+    # -- segments and homes ----------------------------------------------------------------
+    def _items(self) -> list[tuple[str, int, int, str]]:
+        """(kind 'e'/'m', index, segment, phase) of every event and marker, in order."""
+        t = self.short
+        markers_at: dict[int, list[int]] = {}
+        for i, m in enumerate(t.markers):
+            markers_at.setdefault(m.event, []).append(i)
+        owner_layer = self._storage_layer_by_owner()
+        items: list[tuple[str, int, int, str]] = []
+        state = OUTER  # the layer whose forward or backward is running
+        phase = "forward"
+        optimizer_state = OUTER  # the layer of the latest storage born in the optimizer step
+        # Frees right after a layer returns (the caller's ``x = layer(x)`` drops the previous
+        # layer's output) belong to that layer: they happen once per layer.
+        trailing = OUTER
+        num_events = len(t.event_storage)
+        for e in range(num_events + 1):
+            for i in markers_at.get(e, ()):
+                m = t.markers[i]
+                phase = PHASE_OF_MARKER.get(m.kind, phase)
+                trailing = OUTER
+                if m.kind in UNIT_MARKERS and 0 <= m.index < self.k:
+                    if m.kind in ("fwd_start", "bwd_start", "recompute_start"):
+                        state = segment = m.index
+                    elif m.kind == "fwd_end":
+                        segment, state, trailing = m.index, OUTER, m.index
+                    elif m.kind == "recompute_end":
+                        segment = state = m.index  # back in the unit's own backward
+                    else:  # bwd_end: may fire once the next layer's backward has begun
+                        segment = state
+                        if state == m.index:
+                            state, trailing = OUTER, m.index
+                elif m.kind == "grad":
+                    segment = self.param_layer[m.index] if state == OUTER else state
+                else:
+                    segment = OUTER
+                    if m.kind in RESETTING_MARKERS:
+                        state = OUTER  # the first layer's backward has no end marker when
+                        # its input needs no gradient: it ends with the step's backward
+                items.append(("m", i, segment, phase))
+            if e == num_events:
+                break
+            if e < t.num_baseline_events:
+                segment = owner_layer[t.event_storage[e]]
+            elif phase == "optimizer":
+                # A per-parameter loop frees the previous parameter's temporary as it makes
+                # the next one's: a free belongs with the latest birth.
+                if t.event_sign[e] > 0:
+                    optimizer_state = owner_layer[t.event_storage[e]]
+                segment = optimizer_state
+            elif state == OUTER and trailing != OUTER and t.event_sign[e] < 0:
+                segment = trailing
+            else:
+                segment = state
+                trailing = OUTER
+            items.append(("e", e, int(segment), "baseline" if e < t.num_baseline_events else phase))
+        return items
+
+    def _storage_layer_by_owner(self) -> np.ndarray:
+        t = self.short
+        layer = np.full(len(t.storage_bytes), OUTER, dtype=np.int64)
+        for s in range(len(layer)):
+            owner = t.storage_owner[s]
+            if owner >= 0:
+                layer[s] = self.param_layer[owner]
+            elif t.storage_module[s] >= 0:
+                layer[s] = self.module_layer[t.storage_module[s]]
+        return layer
+
+    # -- building ---------------------------------------------------------------------------
+    def build(self) -> StepTrace:
+        t = self.short
+        items = self._items()
+        home = np.full(len(t.storage_bytes), OUTER - 1, dtype=np.int64)
+        births: list[list[int]] = [[] for _ in range(self.k)]
+        for kind, index, segment, _ in items:
+            if kind == "e" and t.event_sign[index] > 0:
+                s = int(t.event_storage[index])
+                home[s] = segment
+                if segment != OUTER:
+                    births[segment].append(s)
+        self.home = home
+        self.births = births
+        self._match_end_layers()
+
+        self.new_id: dict[tuple, int] = {}
+        self.new_source: list[tuple[int, int]] = []  # (short storage, full layer or OUTER)
+        self.out_storage: list[int] = []
+        self.out_sign: list[int] = []
+        self.out_markers: list[Marker] = []
+        num_baseline = None
+        for segment, run in _runs(items):
+            phase = run[0][3]
+            if segment == 1:
+                layers = range(1, self.depth - 1)
+                if phase == "backward":
+                    layers = reversed(layers)
+            elif segment == OUTER:
+                layers = [OUTER]
+            else:
+                layers = [self._full_layer(segment)]
+            for full_layer in layers:
+                for kind, index, _, _ in run:
+                    if kind == "m":
+                        self._emit_marker(index, segment, full_layer)
+                        continue
+                    if index >= t.num_baseline_events:
+                        if num_baseline is None:
+                            num_baseline = len(self.out_storage)
+                    elif num_baseline is not None:
+                        raise NotRepeatable("the baseline is not a prefix")
+                    self._emit_event(index, segment, full_layer)
+        if num_baseline is None:
+            num_baseline = len(self.out_storage)
+        return self._trace(num_baseline)
+
+    def _match_end_layers(self) -> None:
+        """Pair each storage of the first and last short layer with the template layer's
+        storage in the same role, by aligning their births (size, degree, kind, module and
+        owner within the layer). The first layer may lack some: its input may need no
+        gradient. A template storage with no partner in an end layer is fine as long as
+        nothing asks for it there."""
+        signature = [self._signature(layer_births) for layer_births in self.births]
+        self.to_template: dict[int, int] = {}
+        self.from_template: dict[int, dict[int, int]] = {0: {}, self.k - 1: {}}
+        for end in (0, self.k - 1):
+            matcher = difflib.SequenceMatcher(None, signature[end], signature[1], autojunk=False)
+            for block in matcher.get_matching_blocks():
+                for i in range(block.size):
+                    end_storage = self.births[end][block.a + i]
+                    template = self.births[1][block.b + i]
+                    self.to_template[end_storage] = template
+                    self.from_template[end][template] = end_storage
+        if len(self.births[self.k - 1]) != len(self.births[1]) or len(self.from_template[self.k - 1]) != len(
+            self.births[1]
+        ):
+            raise NotRepeatable("layers allocate different numbers of storages")
+
+    def _signature(self, storages: list[int]) -> list[tuple]:
+        t = self.short
+        out = []
+        for s in storages:
+            module = int(t.storage_module[s])
+            owner = int(t.storage_owner[s])
+            out.append((
+                int(t.storage_bytes[s]), int(t.storage_batch_degree[s]), int(t.storage_category[s]),
+                self._within_layer(t.module_names[module]) if module >= 0 else None,
+                self._within_layer(t.params[owner].name) if owner >= 0 else None,
+            ))
+        return out
+
+    def _within_layer(self, name: str) -> str:
+        if self.stack.layer_of(name) == OUTER:
+            return name
+        rest = name[len(self.stack.prefix):].split(".", 1)
+        return "." + rest[1] if len(rest) > 1 else "."
+
+    def _full_layer(self, short_layer: int) -> int:
+        """Short layers 0 and 2 are the full model's first and last (1 is the template)."""
+        if short_layer == 0:
+            return 0
+        if short_layer == self.k - 1:
+            return self.depth - 1
+        raise NotRepeatable("the template layer has no fixed place")
+
+    def _target(self, ref_layer: int, segment: int, full_layer: int) -> int:
+        """Full layer of something in short layer ``ref_layer`` seen from a run of
+        ``segment`` placed at ``full_layer``."""
+        if ref_layer == OUTER:
+            return OUTER
+        if segment == OUTER:
+            return self._full_layer(ref_layer)
+        target = full_layer + (ref_layer - segment)
+        if not 0 <= target < self.depth:
+            raise NotRepeatable("a layer reaches past the ends of the stack")
+        return target
+
+    def _key(self, s: int, layer: int) -> tuple:
+        """Which storage of the full trace short storage ``s`` stands for at full ``layer``:
+        ("outer", s), ("first", s), ("last", s), or ("mid", template storage, layer)."""
+        h = int(self.home[s])
+        if layer == OUTER or h == OUTER:
+            if not (layer == OUTER and h == OUTER):
+                raise NotRepeatable("a layer storage seen from no layer")
+            return ("outer", s)
+        template = s if h == 1 else self.to_template.get(s)
+        if layer in (0, self.depth - 1):
+            end = 0 if layer == 0 else self.k - 1
+            if h == end:
+                return ("first" if end == 0 else "last", s)
+            partner = self.from_template[end].get(template) if template is not None else None
+            if partner is None:
+                raise NotRepeatable("an end layer lacks a storage the template has")
+            return ("first" if end == 0 else "last", partner)
+        if template is None:
+            raise NotRepeatable("an end layer's storage has no partner in the template")
+        return ("mid", template, layer)
+
+    def _storage_id(self, s: int, layer: int) -> int:
+        key = self._key(s, layer)
+        new = self.new_id.get(key)
+        if new is None:
+            new = self.new_id[key] = len(self.new_source)
+            self.new_source.append((key[1], layer))
+        return new
+
+    def _emit_event(self, e: int, segment: int, full_layer: int) -> None:
+        t = self.short
+        s = int(t.event_storage[e])
+        sign = int(t.event_sign[e])
+        h = int(self.home[s])
+        if h == OUTER:
+            if segment == 1:
+                raise NotRepeatable("the template layer touches an outer storage")
+            targets = [OUTER]
+        elif segment == OUTER and h == 1:
+            if sign > 0:
+                raise NotRepeatable("a template storage born outside its layer")
+            targets = list(range(1, self.depth - 1))  # frees every copy (autocast's cache)
+        else:
+            targets = [self._target(h, segment, full_layer)]
+        for target in targets:
+            self.out_storage.append(self._storage_id(s, target))
+            self.out_sign.append(sign)
+
+    def _emit_marker(self, i: int, segment: int, full_layer: int) -> None:
+        m = self.short.markers[i]
+        index = m.index
+        if m.kind in UNIT_MARKERS or m.kind in ROOT_MARKERS:
+            index = self.depth if index == self.k else self._target(index, segment, full_layer)
+        elif m.kind == "grad":
+            index = self._full_param(index, self._target(self.param_layer[index], segment, full_layer))
+        self.out_markers.append(Marker(event=len(self.out_storage), kind=m.kind, index=index))
+
+    def _full_param(self, p: int, layer: int) -> int:
+        name = self.short.params[p].name
+        if layer != OUTER:
+            name = self.stack.renamed(name, layer)
+        full = self.param_index.get(name)
+        if full is None:
+            raise NotRepeatable(f"no parameter {name} in the full model")
+        return full
+
+    def _full_module(self, module: int, layer: int) -> int:
+        name = self.short.module_names[module]
+        if layer != OUTER:
+            name = self.stack.renamed(name, layer)
+        full = self.module_index.get(name)
+        if full is None:
+            raise NotRepeatable(f"no module {name} in the full model")
+        return full
+
+    def _trace(self, num_baseline: int) -> StepTrace:
+        t = self.short
+        sources = np.asarray([s for s, _ in self.new_source], dtype=np.int64)
+        module = np.full(len(sources), -1, dtype=np.int64)
+        owner = np.full(len(sources), -1, dtype=np.int64)
+        for new, (s, layer) in enumerate(self.new_source):
+            h = int(self.home[s])
+            m = int(t.storage_module[s])
+            if m >= 0:
+                module[new] = self._full_module(m, self._relative(self.module_layer[m], h, layer))
+            p = int(t.storage_owner[s])
+            if p >= 0:
+                owner[new] = self._full_param(p, self._relative(self.param_layer[p], h, layer))
+        params = []
+        for full_name in self.param_names:
+            layer = self.stack.layer_of(full_name)
+            short_layer = OUTER if layer == OUTER else (0 if layer == 0 else self.k - 1 if layer == self.depth - 1 else 1)
+            short_name = full_name if layer == OUTER else self.stack.renamed(full_name, short_layer)
+            p = self.short_param_index.get(short_name)
+            if p is None:
+                raise NotRepeatable(f"no parameter {short_name} in the short model")
+            info = t.params[p]
+            params.append(
+                ParamInfo(
+                    name=full_name,
+                    numel=info.numel,
+                    itemsize=info.itemsize,
+                    shape=info.shape,
+                    unit=self.depth if info.unit == self.k else layer,
+                    storage=self._param_storage(info.storage, layer),
+                    grad_storage=self._param_storage(info.grad_storage, layer),
+                )
+            )
+        storage_bytes = t.storage_bytes[sources]
+        return StepTrace(
+            settings=t.settings,
+            trace_batch_size=t.trace_batch_size,
+            event_storage=np.asarray(self.out_storage, dtype=np.int64),
+            event_sign=np.asarray(self.out_sign, dtype=np.int64),
+            storage_bytes=storage_bytes,
+            storage_batch_degree=batch_degree(storage_bytes, t.trace_batch_size),
+            storage_category=t.storage_category[sources],
+            storage_module=module,
+            storage_owner=owner,
+            num_baseline_events=num_baseline,
+            markers=self.out_markers,
+            params=params,
+            unit_names=[self.stack.prefix + str(i) for i in range(self.depth)] + ["(root)"],
+            module_names=self.module_names,
+            module_classes=self.module_classes,
+            num_ops=t.num_ops,
+            checkpointing=t.checkpointing,
+        )
+
+    def _relative(self, ref_layer: int, home: int, layer: int) -> int:
+        """Full layer of ``ref_layer`` (a module's or owner's short layer) for a storage of
+        short home ``home`` placed at full ``layer``."""
+        if ref_layer == OUTER:
+            return OUTER
+        if home == OUTER or layer == OUTER:
+            return self._full_layer(ref_layer)
+        return layer + (ref_layer - home)
+
+    def _param_storage(self, s: int, layer: int) -> int:
+        if s < 0:
+            return -1
+        new = self.new_id.get(self._key(s, layer))
+        if new is None:
+            raise NotRepeatable("a parameter's storage never appears")
+        return new
+
+
+def _runs(items):
+    """Maximal runs of consecutive items with the same segment: [(segment, items)]."""
+    runs: list[tuple[int, list]] = []
+    for item in items:
+        if runs and runs[-1][0] == item[2] and runs[-1][1][-1][3] == item[3]:
+            runs[-1][1].append(item)
+        else:
+            runs.append((item[2], [item]))
+    return runs
+
+
+def _with(trace: StepTrace, **changes) -> StepTrace:
+    from dataclasses import replace
+
+    return replace(trace, **changes)
+
+
+# -- comparison -------------------------------------------------------------------------------
+
+
+def canonical_form(trace: StepTrace) -> tuple:
+    """What a trace says, independent of how its storages are numbered and of the order of
+    frees that happen together (no marker between them)."""
+    first_seen: dict[int, int] = {}
+    for s in trace.event_storage.tolist():
+        if s not in first_seen:
+            first_seen[s] = len(first_seen)
+    cid = [first_seen.get(s, -1) for s in range(len(trace.storage_bytes))]
+    marker_events = {m.event for m in trace.markers}
+    events = list(zip(trace.event_sign.tolist(), (cid[s] for s in trace.event_storage.tolist())))
+    i = 0
+    while i < len(events):
+        if events[i][0] < 0:
+            j = i + 1
+            while j < len(events) and events[j][0] < 0 and j not in marker_events:
+                j += 1
+            events[i:j] = sorted(events[i:j])
+            i = j
+        else:
+            i += 1
+    order = sorted(range(len(cid)), key=lambda s: cid[s])
+    storages = [
+        (
+            int(trace.storage_bytes[s]),
+            int(trace.storage_batch_degree[s]),
+            int(trace.storage_category[s]),
+            trace.module_names[trace.storage_module[s]] if trace.storage_module[s] >= 0 else None,
+            trace.params[trace.storage_owner[s]].name if trace.storage_owner[s] >= 0 else None,
+        )
+        for s in order
+    ]
+    params = [
+        (p.name, p.numel, p.itemsize, p.shape, p.unit, cid[p.storage] if p.storage >= 0 else -1,
+         cid[p.grad_storage] if p.grad_storage >= 0 else -1)
+        for p in trace.params
+    ]
+    return (
+        tuple(events),
+        tuple(storages),
+        tuple((m.event, m.kind, m.index) for m in trace.markers),
+        tuple(params),
+        tuple(trace.unit_names),
+        tuple(trace.module_names),
+        tuple(trace.module_classes),
+        trace.num_baseline_events,
+        trace.checkpointing,
+    )
+
+
+last_reason: list = []
+
+
+def _why(reason: str, *traces) -> None:
+    """Why the last model was traced in full (for tests and debugging)."""
+    last_reason[:] = [reason, *traces]
