@@ -1,12 +1,17 @@
 """The command line, in-process with click's CliRunner: every flag and every bad input."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from dpplan.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--strategy", "single,ddp", "--gpus", "1,2"]
 
 
@@ -193,3 +198,27 @@ def test_find_batch_size_on_cpu_needs_a_capacity(tiny_gpt, tmp_path):
     line = one_line_error(run("profile", tiny_gpt, "--device", "cpu", "--find-batch-size", "--out", str(tmp_path)))
     assert "--find-batch-size on CPU ranks needs --gpu-memory" in line
     assert not (tmp_path / "profile.json").exists()  # refused before any launch
+
+
+def test_the_program_flushes_everything_before_its_quick_exit(tiny_gpt, tmp_path):
+    """``dpplan estimate`` ends without Python's teardown of torch (dpplan.cli.run): its table,
+    JSON on a pipe and JSON file are complete, and errors still exit 2 with their line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "plan.json"
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "dpplan.cli", "estimate", tiny_gpt, "--gpus", "1,2", "--json", "-"],
+        env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["estimates"]) == 1 + 2 * 10
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "dpplan.cli", "estimate", tiny_gpt, "--gpus", "2", "--json", str(out)],
+        env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fsdp2" in done.stdout and len(json.loads(out.read_text())["estimates"]) == 10
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "dpplan.cli", "estimate", str(tmp_path / "missing.py")],
+        env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "missing.py" in done.stderr

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from dpplan.planner import gpu_overheads
+from dpplan.planner import forked, gpu_overheads
 from dpplan.planner.config import OFFLOAD_UNSUPPORTED, PlanConfig
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
 from dpplan.planner.model_file import ModelSpec, load_model_file
@@ -139,26 +139,71 @@ def applicable(strategy: str, gpus: int, config: PlanConfig) -> bool:
     return True
 
 
-def estimate(config: PlanConfig, spec: ModelSpec | None = None) -> Plan:
+def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: int | None = None) -> Plan:
+    """Plan every requested strategy and GPU count. ``processes``: 1 plans in this process,
+    2 hands a share to a forked child (planner/forked.py); None decides by the plan's size."""
     spec = spec or load_model_file(config.model)
-    traces: dict[TraceSettings, StepTrace] = {}
-    trace_seconds = 0.0
-    estimates: list[StrategyEstimate] = []
+    families: dict[TraceSettings, list[str]] = {}
     for strategy in config.strategies:
-        settings = trace_settings_for(strategy, config)
+        families.setdefault(trace_settings_for(strategy, config), []).append(strategy)
+    # The first trace runs here before anything else: it pays for torch's lazy imports once.
+    first = next(iter(families))
+    start = time.perf_counter()
+    traces = {first: trace_step(spec, first)}
+    first_seconds = time.perf_counter() - start
+    work = [(settings, strategy) for settings, strategies in families.items() for strategy in strategies]
+    num_estimates = sum(applicable(s, g, config) for _, s in work for g in config.gpus)
+    if processes is None:
+        size = len(traces[first].event_storage) * num_estimates
+        processes = 2 if size >= forked.MIN_WORK else 1
+    child_work: list[tuple[TraceSettings, str]] = []
+    if processes > 1 and forked.can_fork():
+        child_work = _child_share(families, first)
+    own_work = [item for item in work if item not in child_work]
+    child = forked.start(lambda: _plan_share(spec, config, child_work, traces)) if child_work else None
+    try:
+        estimates, trace_seconds = _plan_share(spec, config, own_work, traces)
+        if child is not None:
+            child_estimates, child_seconds = child.result()
+            estimates += child_estimates
+            trace_seconds += child_seconds
+    finally:
+        if child is not None:
+            child.cancel()
+    order = {s: i for i, s in enumerate(config.strategies)}
+    estimates.sort(key=lambda e: (e.gpus, order[e.strategy]))
+    summary = summarize_model(spec, traces[first], config, first_seconds + trace_seconds)
+    return Plan(config=config, model=summary, estimates=estimates)
+
+
+def _child_share(
+    families: dict[TraceSettings, list[str]], traced: TraceSettings
+) -> list[tuple[TraceSettings, str]]:
+    """The work a second process takes: the untraced family with the most strategies (its
+    trace and estimates), or, when one trace serves all, every other strategy."""
+    untraced = [settings for settings in families if settings != traced]
+    if untraced:
+        settings = max(untraced, key=lambda s: len(families[s]))
+        return [(settings, strategy) for strategy in families[settings]]
+    return [(traced, strategy) for strategy in families[traced][1::2]]
+
+
+def _plan_share(
+    spec: ModelSpec, config: PlanConfig, work: list[tuple[TraceSettings, str]], traces: dict
+) -> tuple[list["StrategyEstimate"], float]:
+    """Estimates for ``work`` at every GPU count, tracing what ``traces`` lacks; the seconds
+    spent tracing."""
+    estimates = []
+    trace_seconds = 0.0
+    for settings, strategy in work:
         if settings not in traces:
             start = time.perf_counter()
             traces[settings] = trace_step(spec, settings)
             trace_seconds += time.perf_counter() - start
-        trace = traces[settings]
         for gpus in config.gpus:
-            if not applicable(strategy, gpus, config):
-                continue
-            estimates.append(estimate_strategy(trace, strategy, gpus, config))
-    order = {s: i for i, s in enumerate(config.strategies)}
-    estimates.sort(key=lambda e: (e.gpus, order[e.strategy]))
-    first_trace = next(iter(traces.values()))
-    return Plan(config=config, model=summarize_model(spec, first_trace, config, trace_seconds), estimates=estimates)
+            if applicable(strategy, gpus, config):
+                estimates.append(estimate_strategy(traces[settings], strategy, gpus, config))
+    return estimates, trace_seconds
 
 
 def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanConfig) -> StrategyEstimate:

@@ -16,6 +16,7 @@ makes a search for the largest batch that fits cheap.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,18 +314,29 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
         return _trace_step(spec, settings, batch_size)
 
 
+_UNTRACED_MODELS: "weakref.WeakKeyDictionary[ModelSpec, nn.Module]" = weakref.WeakKeyDictionary()
+"""Per model file, a meta model that is only ever copied, never traced: the precision
+families' traces of one estimate build the model once."""
+
+
 def _trace_step(spec: ModelSpec, settings: TraceSettings, batch_size: int) -> StepTrace:
-    with torch.device("meta"), fake_device.skip_weight_init():
-        model = build_module(spec)
-    # A deep model whose layers are all alike is traced at three and four layers and the
-    # full depth built from those (planner/repeated_layers.py); anything else in full.
     from dpplan.planner import repeated_layers
 
+    model = _UNTRACED_MODELS.get(spec)
+    if model is None:
+        with torch.device("meta"), fake_device.skip_weight_init():
+            model = build_module(spec)
+    # A deep model whose layers are all alike is traced at three and four layers and the
+    # full depth built from those (planner/repeated_layers.py); anything else in full.
     repeated = repeated_layers.trace_by_repeating(
         model, settings.wrap, lambda short, units: trace_model(spec, short, settings, batch_size, units=units)
     )
     if repeated is not None:
+        _UNTRACED_MODELS[spec] = model
         return repeated
+    if _UNTRACED_MODELS.get(spec) is model:
+        with torch.device("meta"), fake_device.skip_weight_init():
+            model = build_module(spec)
     return trace_model(spec, model, settings, batch_size)
 
 

@@ -1,0 +1,102 @@
+"""Run part of a plan in a forked child process, on another core.
+
+Planning is pure Python and numpy on one thread: a large plan (a 70B model, every strategy,
+eight GPU counts) keeps one core busy for seconds while the machine's others idle. After the
+first trace (which pays for torch's lazy imports once), ``estimate`` hands a share of the
+remaining traces and estimates to one child made with ``fork``, which inherits the loaded
+model file, torch and the first trace for free, and sends its results back pickled through a
+pipe. The answer is the same either way (tests/planner/test_forked.py).
+
+The child never prints and exits with ``os._exit``, so it runs no clean-up of the parent's
+(atexit handlers, buffered output). An exception in the child is raised again in the parent.
+If the parent fails or is interrupted first, the child is killed and reaped: no process is
+left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+MIN_WORK = 500_000
+"""Trace events times estimates below which a plan stays in one process (forking costs
+about as much as a small plan)."""
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def can_fork() -> bool:
+    """Forking a process that has imported torch is safe on Linux (no CUDA is initialised by
+    planning); elsewhere plans run in one process."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork") and available_cpus() >= 2
+
+
+@dataclass
+class ForkedCall:
+    """A function running in a child process; ``result()`` waits for its return value."""
+
+    pid: int
+    read_fd: int
+    done: bool = False
+
+    def result(self) -> Any:
+        chunks = []
+        with os.fdopen(self.read_fd, "rb") as pipe:
+            while chunk := pipe.read(1 << 20):
+                chunks.append(chunk)
+        os.waitpid(self.pid, 0)
+        self.done = True
+        if not chunks:
+            raise RuntimeError("the planning child process died without an answer")
+        status, value = pickle.loads(b"".join(chunks))
+        if status == "error":
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        try:
+            os.close(self.read_fd)
+        except OSError:
+            pass
+
+
+def start(fn: Callable[[], Any]) -> ForkedCall:
+    """Run ``fn()`` in a forked child; its return value (or exception) must pickle."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_fd)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it; the parent reports
+        try:
+            payload = pickle.dumps(("ok", fn()))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+            try:
+                payload = pickle.dumps(("error", exc))
+            except Exception:
+                payload = pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        try:
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    return ForkedCall(pid=pid, read_fd=read_fd)

@@ -1,0 +1,59 @@
+"""A share of a plan computed in a forked child gives the same plan; failures come back."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from dpplan.planner import forked
+from dpplan.planner.config import PlanConfig
+from dpplan.planner.estimate import estimate
+from dpplan.planner.trace import TraceError
+
+BENCHMARK_MODELS = Path(__file__).resolve().parents[2] / "benchmarks" / "models"
+needs_fork = pytest.mark.skipif(not forked.can_fork(), reason="plans run in one process here")
+
+
+@needs_fork
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
+def test_two_processes_plan_what_one_plans(tiny_gpt, precision):
+    """bf16-mixed: the child traces FSDP1's family and plans its strategies; fp32 (one trace
+    for all): the child plans every other strategy."""
+    config = PlanConfig(model=tiny_gpt, gpus=(1, 2, 4, 8), batch_size=2, precision=precision)
+    one, two = estimate(config, processes=1), estimate(config, processes=2)
+    assert two.estimates == one.estimates
+    assert len(one.estimates) == 1 + 4 * 10
+    assert two.model.num_traced_ops == one.model.num_traced_ops
+
+
+@needs_fork
+def test_a_failure_in_the_child_is_raised_in_the_parent():
+    """The LSTM cannot run with FSDP1's bf16 parameters and a float32 input: that trace runs in
+    the child, and its one-line error is the same as in one process."""
+    config = PlanConfig(model=str(BENCHMARK_MODELS / "custom.py"), gpus=(2,), precision="bf16-mixed")
+    with pytest.raises(TraceError) as in_one:
+        estimate(config, processes=1)
+    with pytest.raises(TraceError) as in_two:
+        estimate(config, processes=2)
+    assert str(in_two.value) == str(in_one.value)
+    assert "RNN input dtype" in str(in_two.value)
+
+
+@needs_fork
+def test_returned_values_and_exceptions_cross_the_pipe():
+    assert forked.start(lambda: {"bytes": 1 << 40, "list": list(range(10**5))}).result()["bytes"] == 1 << 40
+
+    def fails():
+        raise ValueError("bad wrap class")
+
+    with pytest.raises(ValueError, match="bad wrap class"):
+        forked.start(fails).result()
+
+
+@needs_fork
+def test_cancel_leaves_no_process_behind():
+    call = forked.start(lambda: time.sleep(60))
+    call.cancel()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(call.pid, os.WNOHANG)  # reaped: no such child any more
