@@ -308,37 +308,143 @@ class _Extension:
         self.home = home
         self.births = births
         self._match_end_layers()
+        self._identity_arrays()
 
-        self.new_id: dict[tuple, int] = {}
-        self.new_source: list[tuple[int, int]] = []  # (short storage, full layer or OUTER)
-        self.out_storage: list[int] = []
-        self.out_sign: list[int] = []
-        self.out_markers: list[Marker] = []
+        pieces: list[np.ndarray] = []
+        signs: list[np.ndarray] = []
+        markers: list[Marker] = []
+        position = 0
         num_baseline = None
         for segment, run in _runs(items):
             phase = run[0][3]
+            if phase != "baseline" and num_baseline is None:
+                num_baseline = position
+            elif phase == "baseline" and num_baseline is not None:
+                raise NotRepeatable("the baseline is not a prefix")
+            events = np.asarray([index for kind, index, _, _ in run if kind == "e"], dtype=np.int64)
+            marks = []  # (marker index, events of the run before it)
+            count = 0
+            for kind, index, _, _ in run:
+                if kind == "e":
+                    count += 1
+                else:
+                    marks.append((index, count))
             if segment == 1:
-                layers = range(1, self.depth - 1)
+                layers = list(range(1, self.depth - 1))
                 if phase == "backward":
-                    layers = reversed(layers)
+                    layers.reverse()
             elif segment == OUTER:
                 layers = [OUTER]
             else:
                 layers = [self._full_layer(segment)]
-            for full_layer in layers:
-                for kind, index, _, _ in run:
-                    if kind == "m":
-                        self._emit_marker(index, segment, full_layer)
-                        continue
-                    if index >= t.num_baseline_events:
-                        if num_baseline is None:
-                            num_baseline = len(self.out_storage)
-                    elif num_baseline is not None:
-                        raise NotRepeatable("the baseline is not a prefix")
-                    self._emit_event(index, segment, full_layer)
+            if segment == OUTER:
+                ids, copy_starts = self._outer_run(events), [0]
+                # fan-out moves the markers of an outer run: count output events before each
+                expanded = np.cumsum(np.concatenate([[0], self._outer_widths(events)]))
+                marks = [(i, int(expanded[c])) for i, c in marks]
+            else:
+                ids = self._layer_run(events, segment, np.asarray(layers, dtype=np.int64))
+                copy_starts = [c * len(events) for c in range(len(layers))]
+            run_signs = t.event_sign[events]
+            for c, full_layer in enumerate(layers):
+                for i, offset in marks:
+                    markers.append(self._marker(i, segment, full_layer, position + copy_starts[c] + offset))
+            if segment == OUTER:
+                signs.append(np.repeat(run_signs, self._outer_widths(events)))
+            else:
+                signs.append(np.tile(run_signs, len(layers)))
+            pieces.append(ids)
+            position += len(ids)
         if num_baseline is None:
-            num_baseline = len(self.out_storage)
-        return self._trace(num_baseline)
+            num_baseline = position
+        raw = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        return self._trace(raw, np.concatenate(signs), markers, num_baseline)
+
+    # -- storage identity ---------------------------------------------------------------------
+    # A full-trace storage is named by one integer while the events are built (S = number of
+    # short storages): an outer storage s is s; the first layer's storage s is S + s; the last
+    # layer's storage s is 2S + s; the copy at middle layer T of template storage q is
+    # 3S + (T - 1) S + q. They are renumbered by first appearance at the end.
+    def _identity_arrays(self) -> None:
+        size = len(self.home)
+        self.size = size
+        self.template_of = np.full(size, -1, dtype=np.int64)
+        self.first_of = np.full(size, -1, dtype=np.int64)
+        self.last_of = np.full(size, -1, dtype=np.int64)
+        for s in self.births[1]:
+            self.template_of[s] = s
+        for end_storage, template in self.to_template.items():
+            self.template_of[end_storage] = template
+        for template, end_storage in self.from_template[0].items():
+            self.first_of[template] = end_storage
+        for template, end_storage in self.from_template[self.k - 1].items():
+            self.last_of[template] = end_storage
+
+    def _resolve(self, s: np.ndarray, layer: np.ndarray) -> np.ndarray:
+        """Integer names of layer storages ``s`` seen at full layers ``layer`` (arrays of one
+        shape); raises NotRepeatable where the full trace has no such storage."""
+        size, last = self.size, self.depth - 1
+        home = self.home[s]
+        template = self.template_of[s]
+        if np.any(template[(layer > 0) & (layer < last)] < 0):
+            raise NotRepeatable("an end layer's storage has no partner in the template")
+        first = np.where(home == 0, s, self.first_of[np.maximum(template, 0)])
+        last_partner = np.where(home == self.k - 1, s, self.last_of[np.maximum(template, 0)])
+        at_first, at_last = layer == 0, layer == last
+        if np.any(first[at_first] < 0) or np.any(last_partner[at_last] < 0):
+            raise NotRepeatable("an end layer lacks a storage the template has")
+        middle = 3 * size + (layer - 1) * size + template
+        return np.where(at_first, size + first, np.where(at_last, 2 * size + last_partner, middle))
+
+    def _layer_run(self, events: np.ndarray, segment: int, layers: np.ndarray) -> np.ndarray:
+        """Names of a layer run's events for each of its copies, copy after copy."""
+        s = self.short.event_storage[events]
+        home = self.home[s]
+        outer = home == OUTER
+        if segment == 1 and np.any(outer):
+            raise NotRepeatable("the template layer touches an outer storage")
+        target = layers[:, None] + (home - segment)[None, :]
+        layer_columns = ~outer
+        if np.any((target[:, layer_columns] < 0) | (target[:, layer_columns] >= self.depth)):
+            raise NotRepeatable("a layer reaches past the ends of the stack")
+        s_grid = np.broadcast_to(s, target.shape)
+        ids = np.where(outer[None, :], s_grid, 0)
+        if np.any(layer_columns):
+            ids[:, layer_columns] = self._resolve(s_grid[:, layer_columns], target[:, layer_columns])
+        return ids.reshape(-1)
+
+    def _outer_widths(self, events: np.ndarray) -> np.ndarray:
+        """Output events per outer-run event: every middle copy for a template storage."""
+        home = self.home[self.short.event_storage[events]]
+        return np.where(home == 1, self.depth - 2, 1)
+
+    def _outer_run(self, events: np.ndarray) -> np.ndarray:
+        t = self.short
+        s = t.event_storage[events]
+        home = self.home[s]
+        if np.any((home == 1) & (t.event_sign[events] > 0)):
+            raise NotRepeatable("a template storage born outside its layer")
+        widths = self._outer_widths(events)
+        s_rep = np.repeat(s, widths)
+        home_rep = np.repeat(home, widths)
+        # Within each fanned-out event, the middle layers 1 .. n-2 in order.
+        starts = np.repeat(np.cumsum(widths) - widths, widths)
+        copy = np.arange(len(s_rep)) - starts
+        layer = np.where(home_rep == 1, copy + 1, np.where(home_rep == 0, 0, self.depth - 1))
+        ids = s_rep.copy()
+        inside = home_rep != OUTER
+        if np.any(inside):
+            ids[inside] = self._resolve(s_rep[inside], layer[inside])
+        return ids
+
+    def _marker(self, i: int, segment: int, full_layer: int, event: int) -> Marker:
+        m = self.short.markers[i]
+        index = m.index
+        if m.kind in UNIT_MARKERS or m.kind in ROOT_MARKERS:
+            index = self.depth if index == self.k else self._target(index, segment, full_layer)
+        elif m.kind == "grad":
+            index = self._full_param(index, self._target(self.param_layer[index], segment, full_layer))
+        return Marker(event=event, kind=m.kind, index=index)
 
     def _match_end_layers(self) -> None:
         """Pair each storage of the first and last short layer with the template layer's
@@ -401,63 +507,6 @@ class _Extension:
             raise NotRepeatable("a layer reaches past the ends of the stack")
         return target
 
-    def _key(self, s: int, layer: int) -> tuple:
-        """Which storage of the full trace short storage ``s`` stands for at full ``layer``:
-        ("outer", s), ("first", s), ("last", s), or ("mid", template storage, layer)."""
-        h = int(self.home[s])
-        if layer == OUTER or h == OUTER:
-            if not (layer == OUTER and h == OUTER):
-                raise NotRepeatable("a layer storage seen from no layer")
-            return ("outer", s)
-        template = s if h == 1 else self.to_template.get(s)
-        if layer in (0, self.depth - 1):
-            end = 0 if layer == 0 else self.k - 1
-            if h == end:
-                return ("first" if end == 0 else "last", s)
-            partner = self.from_template[end].get(template) if template is not None else None
-            if partner is None:
-                raise NotRepeatable("an end layer lacks a storage the template has")
-            return ("first" if end == 0 else "last", partner)
-        if template is None:
-            raise NotRepeatable("an end layer's storage has no partner in the template")
-        return ("mid", template, layer)
-
-    def _storage_id(self, s: int, layer: int) -> int:
-        key = self._key(s, layer)
-        new = self.new_id.get(key)
-        if new is None:
-            new = self.new_id[key] = len(self.new_source)
-            self.new_source.append((key[1], layer))
-        return new
-
-    def _emit_event(self, e: int, segment: int, full_layer: int) -> None:
-        t = self.short
-        s = int(t.event_storage[e])
-        sign = int(t.event_sign[e])
-        h = int(self.home[s])
-        if h == OUTER:
-            if segment == 1:
-                raise NotRepeatable("the template layer touches an outer storage")
-            targets = [OUTER]
-        elif segment == OUTER and h == 1:
-            if sign > 0:
-                raise NotRepeatable("a template storage born outside its layer")
-            targets = list(range(1, self.depth - 1))  # frees every copy (autocast's cache)
-        else:
-            targets = [self._target(h, segment, full_layer)]
-        for target in targets:
-            self.out_storage.append(self._storage_id(s, target))
-            self.out_sign.append(sign)
-
-    def _emit_marker(self, i: int, segment: int, full_layer: int) -> None:
-        m = self.short.markers[i]
-        index = m.index
-        if m.kind in UNIT_MARKERS or m.kind in ROOT_MARKERS:
-            index = self.depth if index == self.k else self._target(index, segment, full_layer)
-        elif m.kind == "grad":
-            index = self._full_param(index, self._target(self.param_layer[index], segment, full_layer))
-        self.out_markers.append(Marker(event=len(self.out_storage), kind=m.kind, index=index))
-
     def _full_param(self, p: int, layer: int) -> int:
         name = self.short.params[p].name
         if layer != OUTER:
@@ -476,76 +525,123 @@ class _Extension:
             raise NotRepeatable(f"no module {name} in the full model")
         return full
 
-    def _trace(self, num_baseline: int) -> StepTrace:
+    def _trace(self, raw: np.ndarray, signs: np.ndarray, markers: list[Marker], num_baseline: int) -> StepTrace:
         t = self.short
-        sources = np.asarray([s for s, _ in self.new_source], dtype=np.int64)
-        module = np.full(len(sources), -1, dtype=np.int64)
-        owner = np.full(len(sources), -1, dtype=np.int64)
-        for new, (s, layer) in enumerate(self.new_source):
-            h = int(self.home[s])
-            m = int(t.storage_module[s])
-            if m >= 0:
-                module[new] = self._full_module(m, self._relative(self.module_layer[m], h, layer))
-            p = int(t.storage_owner[s])
-            if p >= 0:
-                owner[new] = self._full_param(p, self._relative(self.param_layer[p], h, layer))
-        params = []
+        size, depth = self.size, self.depth
+        names, first_index, inverse = np.unique(raw, return_index=True, return_inverse=True)
+        order = np.argsort(first_index, kind="stable")
+        number = np.empty(len(order), dtype=np.int64)
+        number[order] = np.arange(len(order))
+        event_storage = number[inverse.reshape(-1)]
+        # Decode each storage's name, in the new order: its short source and full layer.
+        name = names[order]
+        kind = np.minimum(name // size, 3)
+        source = np.where(kind < 3, name - kind * size, (name - 3 * size) % size)
+        layer = np.select([kind == 0, kind == 1, kind == 2], [OUTER, 0, depth - 1], (name - 3 * size) // size + 1)
+        module = self._relocated(t.storage_module[source], self.module_layer, source, layer, self._module_table())
+        owner = self._relocated(t.storage_owner[source], self.param_layer, source, layer, self._param_table())
+        number_of = dict(zip(name.tolist(), range(len(name))))
+        shorts, layers = [], []
         for full_name in self.param_names:
-            layer = self.stack.layer_of(full_name)
-            short_layer = OUTER if layer == OUTER else (0 if layer == 0 else self.k - 1 if layer == self.depth - 1 else 1)
-            short_name = full_name if layer == OUTER else self.stack.renamed(full_name, short_layer)
+            full_layer = self.stack.layer_of(full_name)
+            short_layer = OUTER if full_layer == OUTER else (
+                0 if full_layer == 0 else self.k - 1 if full_layer == depth - 1 else 1
+            )
+            short_name = full_name if full_layer == OUTER else self.stack.renamed(full_name, short_layer)
             p = self.short_param_index.get(short_name)
             if p is None:
                 raise NotRepeatable(f"no parameter {short_name} in the short model")
-            info = t.params[p]
-            params.append(
-                ParamInfo(
-                    name=full_name,
-                    numel=info.numel,
-                    itemsize=info.itemsize,
-                    shape=info.shape,
-                    unit=self.depth if info.unit == self.k else layer,
-                    storage=self._param_storage(info.storage, layer),
-                    grad_storage=self._param_storage(info.grad_storage, layer),
-                )
+            shorts.append(p)
+            layers.append(full_layer)
+        layer_array = np.asarray(layers, dtype=np.int64)
+        storages = self._param_storages([t.params[p].storage for p in shorts], layer_array, number_of)
+        grads = self._param_storages([t.params[p].grad_storage for p in shorts], layer_array, number_of)
+        params = [
+            ParamInfo(
+                name=full_name,
+                numel=t.params[p].numel,
+                itemsize=t.params[p].itemsize,
+                shape=t.params[p].shape,
+                unit=depth if t.params[p].unit == self.k else full_layer,
+                storage=storage,
+                grad_storage=grad,
             )
-        storage_bytes = t.storage_bytes[sources]
+            for full_name, p, full_layer, storage, grad in zip(self.param_names, shorts, layers, storages, grads)
+        ]
+        storage_bytes = t.storage_bytes[source]
         return StepTrace(
             settings=t.settings,
             trace_batch_size=t.trace_batch_size,
-            event_storage=np.asarray(self.out_storage, dtype=np.int64),
-            event_sign=np.asarray(self.out_sign, dtype=np.int64),
+            event_storage=event_storage,
+            event_sign=np.asarray(signs, dtype=np.int64),
             storage_bytes=storage_bytes,
             storage_batch_degree=batch_degree(storage_bytes, t.trace_batch_size),
-            storage_category=t.storage_category[sources],
+            storage_category=t.storage_category[source],
             storage_module=module,
             storage_owner=owner,
             num_baseline_events=num_baseline,
-            markers=self.out_markers,
+            markers=markers,
             params=params,
-            unit_names=[self.stack.prefix + str(i) for i in range(self.depth)] + ["(root)"],
+            unit_names=[self.stack.prefix + str(i) for i in range(depth)] + ["(root)"],
             module_names=self.module_names,
             module_classes=self.module_classes,
             num_ops=t.num_ops,
             checkpointing=t.checkpointing,
         )
 
-    def _relative(self, ref_layer: int, home: int, layer: int) -> int:
-        """Full layer of ``ref_layer`` (a module's or owner's short layer) for a storage of
-        short home ``home`` placed at full ``layer``."""
-        if ref_layer == OUTER:
-            return OUTER
-        if home == OUTER or layer == OUTER:
-            return self._full_layer(ref_layer)
-        return layer + (ref_layer - home)
+    def _module_table(self) -> np.ndarray:
+        """Full index of each short module placed at each full layer (-1: none)."""
+        return self._table(self.short.module_names, self.module_layer, self.module_index)
 
-    def _param_storage(self, s: int, layer: int) -> int:
-        if s < 0:
-            return -1
-        new = self.new_id.get(self._key(s, layer))
-        if new is None:
-            raise NotRepeatable("a parameter's storage never appears")
-        return new
+    def _param_table(self) -> np.ndarray:
+        return self._table([p.name for p in self.short.params], self.param_layer, self.param_index)
+
+    def _table(self, short_names: list[str], short_layer: list[int], full_index: dict[str, int]) -> np.ndarray:
+        table = np.full((max(len(short_names), 1), self.depth), -1, dtype=np.int64)
+        for i, name in enumerate(short_names):
+            if short_layer[i] == OUTER:
+                table[i, :] = full_index.get(name, -1)
+            else:
+                table[i, :] = [full_index.get(self.stack.renamed(name, layer), -1) for layer in range(self.depth)]
+        return table
+
+    def _relocated(self, refs, ref_layer, source, layer, table) -> np.ndarray:
+        """Full indices of modules or parameters ``refs`` (short indices, -1: none) of storages
+        from short ``source`` placed at full ``layer``: a reference inside the stack keeps its
+        distance to the storage's home layer."""
+        refs = np.asarray(refs, dtype=np.int64)
+        present = refs >= 0
+        ref_layer = np.asarray(ref_layer, dtype=np.int64)[np.maximum(refs, 0)]
+        home = self.home[source]
+        end_place = np.where(ref_layer == 0, 0, self.depth - 1)
+        if np.any(present & (ref_layer == 1) & ((home == OUTER) | (layer == OUTER))):
+            raise NotRepeatable("the template layer seen from outside the stack")
+        place = np.where((home == OUTER) | (layer == OUTER), end_place, layer + (ref_layer - home))
+        place = np.where(ref_layer == OUTER, 0, place)
+        if np.any(present & ((place < 0) | (place >= self.depth))):
+            raise NotRepeatable("a reference past the ends of the stack")
+        full = table[np.maximum(refs, 0), np.clip(place, 0, self.depth - 1)]
+        if np.any(present & (full < 0)):
+            raise NotRepeatable("a module or parameter missing from the full model")
+        return np.where(present, full, -1)
+
+    def _param_storages(self, short: list[int], layer: np.ndarray, number_of: dict[int, int]) -> list[int]:
+        """New numbers of the storages ``short`` (short indices, -1: none) of parameters at
+        full ``layer``."""
+        short_array = np.asarray(short, dtype=np.int64)
+        name = short_array.copy()
+        inside = (short_array >= 0) & (self.home[np.maximum(short_array, 0)] != OUTER)
+        if np.any(inside):
+            name[inside] = self._resolve(short_array[inside], layer[inside])
+        numbers = []
+        for s, n in zip(short, name.tolist()):
+            if s < 0:
+                numbers.append(-1)
+            elif n not in number_of:
+                raise NotRepeatable("a parameter's storage never appears")
+            else:
+                numbers.append(number_of[n])
+        return numbers
 
 
 def _runs(items):
