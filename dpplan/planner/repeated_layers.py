@@ -516,15 +516,6 @@ class _Extension:
             raise NotRepeatable(f"no parameter {name} in the full model")
         return full
 
-    def _full_module(self, module: int, layer: int) -> int:
-        name = self.short.module_names[module]
-        if layer != OUTER:
-            name = self.stack.renamed(name, layer)
-        full = self.module_index.get(name)
-        if full is None:
-            raise NotRepeatable(f"no module {name} in the full model")
-        return full
-
     def _trace(self, raw: np.ndarray, signs: np.ndarray, markers: list[Marker], num_baseline: int) -> StepTrace:
         t = self.short
         size, depth = self.size, self.depth
