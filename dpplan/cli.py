@@ -29,9 +29,9 @@ from dpplan.planner.config import DEVICES, OFFLOADS, PRECISIONS, PlanConfig
 from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
-from dpplan.profiler.profile import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
+from dpplan.profiler.profile_settings import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
 from dpplan.profiler.recommend import DEFAULT_HEADROOM_PCT, DEFAULT_MAX_TRIALS, DEFAULT_TRIAL_STEPS
-from dpplan.reports.html_page import PLOTLYJS_MODES
+from dpplan.reports.html_settings import PLOTLYJS_MODES
 
 USER_ERROR_EXIT = 2
 RUNTIME_ERROR_EXIT = 1

@@ -49,16 +49,12 @@ from dpplan.profiler.launch import (
     user_commands,
     worker_command,
 )
+from dpplan.profiler.profile_settings import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
 from dpplan.profiler.worker import RunConfig
 
-DEFAULT_STRATEGIES = ("ddp", "fsdp-full")
 DEFAULT_CPU_RANKS = 2
 DEFAULT_RUNS_DIR = "dpplan-runs"
-PROFILE_DEVICES = ("auto", "cuda", "cpu")
 DETECT_TIMEOUT_S = 120
-MIN_SAMPLE_HZ = 50.0
-"""GpuSampler's MIN_RATE_HZ, checked here so that a bad rate is a usage error before any launch
-(gpu_sampler.py is imported only on CUDA runs)."""
 
 
 DEFAULT_GPU_STEPS = 5

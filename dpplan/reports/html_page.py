@@ -23,8 +23,8 @@ import plotly.io as pio
 from markupsafe import Markup
 
 from dpplan import __version__
+from dpplan.reports.html_settings import PLOTLYJS_MODES
 
-PLOTLYJS_MODES = ("inline", "cdn")
 FIGURE_CONFIG = {
     "displaylogo": False,
     "responsive": True,
