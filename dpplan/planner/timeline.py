@@ -58,6 +58,8 @@ class RankTimeline:
         self._merged_cache = None  # _merged() of the events as they are; reset by every change
         self._order_cache = None  # _event_order() for a number of inserted events
         self._moved_deaths: list[tuple] = []  # (insert index, storage, scale when moved)
+        self._merge_base = None  # (merged, storage_scale, inserted events, positions) of the copied
+        self._merge_base_of_copies = None  # the same, of this timeline as it is when first copied
 
     def copy(self) -> "RankTimeline":
         """An independent timeline with the same events so far (attributes that strategies
@@ -74,6 +76,16 @@ class RankTimeline:
         twin._moved_deaths = list(self._moved_deaths)
         twin._merged_cache = None
         twin._order_cache = self._order_cache
+        # The twin's merge starts from this one's: only events of storages whose scale
+        # changes afterwards need new coefficients (FSDP1 copies one replayed timeline per
+        # rank and rescales only its optimizer storages).
+        if self._merge_base_of_copies is None:
+            merged = self._merged()
+            self._merge_base_of_copies = (
+                merged, self.storage_scale.copy(), len(self._ins_position),
+                _merged_position_of_trace_events(self.trace, merged[2], merged[3]),
+            )
+        twin._merge_base = self._merge_base_of_copies
         return twin
 
     # -- what strategies call ------------------------------------------------------------
@@ -114,6 +126,35 @@ class RankTimeline:
         self._ins_quad.append(0.0)
         self._ins_category.append(0)
 
+    def free_at_many(self, storages, positions) -> None:
+        """``free_at(storage, position)`` for each pair, in order (a storage already moved, or
+        named twice, keeps its first position)."""
+        storages = np.asarray(storages, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(storages) == 0:
+            return
+        valid = storages >= 0
+        valid[valid] = ~self.storage_death_moved[storages[valid]]
+        _, first = np.unique(storages, return_index=True)
+        once = np.zeros(len(storages), dtype=bool)
+        once[first] = True
+        chosen = np.nonzero(valid & once)[0]
+        if len(chosen) == 0:
+            return
+        storages, positions = storages[chosen], positions[chosen]
+        self.storage_death_moved[storages] = True
+        self._merged_cache = None
+        start = len(self._ins_position)
+        self._moved_deaths.extend(
+            zip(range(start, start + len(storages)), storages.tolist(), self.storage_scale[storages].tolist())
+        )
+        self._ins_position.extend(positions.tolist())
+        zeros = [0.0] * len(storages)
+        self._ins_const.extend(zeros)
+        self._ins_lin.extend(zeros)
+        self._ins_quad.extend(zeros)
+        self._ins_category.extend([0] * len(storages))
+
     def storage_bytes(self, storage: int, batch_size: int) -> int:
         const, lin, quad = self._storage_polynomial(storage)
         return int(round(const + lin * batch_size + quad * batch_size * batch_size))
@@ -135,6 +176,9 @@ class RankTimeline:
         return self._merged_cache
 
     def _merge(self):
+        base = self._merge_base
+        if base is not None and len(self._ins_position) == base[2]:
+            return self._merge_from(base[0], base[1], base[3])
         trace = self.trace
         storage = trace.event_storage
         sign = trace.event_sign.astype(np.float64)
@@ -156,6 +200,28 @@ class RankTimeline:
             is_trace = np.ones(len(storage), bool)
             trace_index = np.arange(len(storage))
         return coeffs, category, is_trace, trace_index
+
+    def _merge_from(self, merged, base_scale: np.ndarray, trace_event_position: np.ndarray):
+        """``_merge`` for a copy that only rescaled storages since it was copied: the copied
+        timeline's merged events, with the coefficients of the rescaled storages' trace events
+        computed again, by the same expression as ``_merge`` (so the values are identical)."""
+        (coeffs, category, is_trace, trace_index) = merged
+        changed = np.nonzero(self.storage_scale != base_scale)[0]
+        if len(changed) == 0:
+            return merged
+        trace = self.trace
+        events = _events_of_storages(trace, changed)
+        position = trace_event_position[events]
+        storage = trace.event_storage[events]
+        sign = trace.event_sign[events].astype(np.float64)
+        scaled = trace.storage_bytes[storage] * self.storage_scale[storage]
+        degree = trace.storage_batch_degree[storage]
+        prime = float(trace.trace_batch_size)
+        keep = ~(self.storage_death_moved[storage] & (trace.event_sign[events] < 0))
+        new = [c.copy() for c in coeffs]
+        for d in range(3):
+            new[d][position] = sign * np.where(degree == d, scaled / prime**d, 0.0) * keep
+        return new, category, is_trace, trace_index
 
     def _inserted_events(self):
         """Constant, linear, quadratic coefficients and category of each inserted event, the
@@ -266,6 +332,19 @@ class RankTimeline:
             elif marker.kind == "optimizer":
                 phase = "optimizer"
         return phase
+
+
+def _events_of_storages(trace: StepTrace, storages: np.ndarray) -> np.ndarray:
+    """Indices of the trace events (births and deaths) of ``storages``, in order."""
+    selected = np.zeros(len(trace.storage_bytes), dtype=bool)
+    selected[storages] = True
+    return np.nonzero(selected[trace.event_storage])[0]
+
+
+def _merged_position_of_trace_events(trace: StepTrace, is_trace: np.ndarray, trace_index: np.ndarray) -> np.ndarray:
+    position = np.empty(len(trace.event_storage), dtype=np.int64)
+    position[trace_index[is_trace]] = np.nonzero(is_trace)[0]
+    return position
 
 
 def ceil_div(a: int, b: int) -> int:

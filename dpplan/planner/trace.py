@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -137,6 +137,15 @@ class StepTrace:
 
     def markers_of(self, kind: str) -> list[Marker]:
         return [m for m in self.markers if m.kind == kind]
+
+
+def cached_on_trace(trace: StepTrace, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per trace and key: for what every strategy and rank planned from one
+    trace derives from it alike. What it returns is shared, so read-only."""
+    cache = trace.__dict__.setdefault("_derived", {})  # a frozen dataclass: set past __setattr__
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def batch_degree(nbytes: np.ndarray, prime: int) -> np.ndarray:

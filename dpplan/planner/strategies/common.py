@@ -4,7 +4,6 @@ resize them for a shard or a different dtype."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, TypeVar
 
 import numpy as np
 
@@ -15,9 +14,8 @@ from dpplan.planner.trace import (
     OPTIMIZER_TEMPORARY,
     PARAMETER,
     StepTrace,
+    cached_on_trace,
 )
-
-T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -31,15 +29,6 @@ class ParamStorages:
 
     def all(self) -> list[int]:
         return self.parameter + self.gradient + self.optimizer_state + self.optimizer_temporary
-
-
-def cached_on_trace(trace: StepTrace, key: Hashable, compute: Callable[[], T]) -> T:
-    """``compute()`` once per trace and key: for what every strategy and rank planned from one
-    trace derives from it alike. What it returns is shared, so read-only."""
-    cache = trace.__dict__.setdefault("_derived", {})  # a frozen dataclass: set past __setattr__
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
 
 
 def storages_by_param(trace: StepTrace) -> list[ParamStorages]:
@@ -97,3 +86,51 @@ def resize_param_storages(
         traced_size = element_size_of(trace, storage, param_index)
         new_size = element_size or traced_size
         timeline.scale(storage, (local_numel / numel) * (new_size / traced_size))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnedStorages:
+    """Every storage of one category owned by a parameter, as arrays (read-only, per trace)."""
+
+    storage: np.ndarray
+    owner: np.ndarray
+    """Index of the owning parameter."""
+    shaped: np.ndarray
+    """``is_param_shaped`` of each storage."""
+    numel: np.ndarray
+    """The owner's elements."""
+    element_size: np.ndarray
+    """Bytes per element as traced (shaped storages; 1 for the others)."""
+
+
+def owned_storages(trace: StepTrace, category: str) -> OwnedStorages:
+    """``category`` is an attribute of ParamStorages: optimizer_state, optimizer_temporary, ..."""
+    return cached_on_trace(trace, ("owned storages", category), lambda: _owned_storages(trace, category))
+
+
+def _owned_storages(trace: StepTrace, category: str) -> OwnedStorages:
+    rows = [
+        (storage, index)
+        for index, owned in enumerate(storages_by_param(trace))
+        for storage in getattr(owned, category)
+    ]
+    storage = np.asarray([r[0] for r in rows], dtype=np.int64)
+    owner = np.asarray([r[1] for r in rows], dtype=np.int64)
+    shaped = np.asarray([is_param_shaped(trace, s, i) for s, i in rows], dtype=bool)
+    numel = np.asarray([trace.params[i].numel for i in owner.tolist()], dtype=np.int64)
+    nbytes = trace.storage_bytes[storage] if len(storage) else np.zeros(0, dtype=np.int64)
+    element = np.where(shaped, nbytes // np.maximum(numel, 1), 1)
+    return OwnedStorages(storage=storage, owner=owner, shaped=shaped, numel=numel, element_size=element)
+
+
+def resize_owned_storages(
+    timeline: RankTimeline, owned: OwnedStorages, local_numel: np.ndarray, element_size: np.ndarray
+) -> None:
+    """``resize_param_storages`` for every storage of ``owned`` at once: parameter i keeps
+    ``local_numel[i]`` elements at ``element_size[i]`` bytes each (0: as traced)."""
+    shaped = owned.shaped
+    owner = owned.owner[shaped]
+    traced = owned.element_size[shaped]
+    new_size = np.where(element_size[owner] > 0, element_size[owner], traced)
+    factors = (local_numel[owner] / owned.numel[shaped]) * (new_size / traced)
+    timeline.scale_many(owned.storage[shaped], factors)

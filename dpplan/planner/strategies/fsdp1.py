@@ -40,11 +40,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dpplan.planner.gpu_overheads import ProcessGroup
-from dpplan.planner.strategies.common import cached_on_trace, is_param_shaped, storages_by_param
+from dpplan.planner.strategies.common import is_param_shaped, storages_by_param
 from dpplan.planner.strategies.fsdp1_replay import Replay
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
-from dpplan.planner.trace import PARAM_CAST, StepTrace
+from dpplan.planner.trace import PARAM_CAST, StepTrace, cached_on_trace
 
 SHARDED = ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid")
 ALIGNMENT_BYTES = 16

@@ -44,6 +44,7 @@ from dpplan.planner.strategies.zero_common import (
     micro_batch_spans,
     notes_for,
     scale_step_temporaries,
+    zero_optimizer_state,
 )
 from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OPTIMIZER_TEMPORARY, OTHER, PARAMETER, StepTrace
@@ -280,9 +281,7 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
     timeline.insert(0, (padded - total) * itemsize, PARAMETER)
     # The optimizer steps one flat fp32 tensor: the master slice (``single_partition_of_fp32_groups``,
     # a clone, __init__) and that tensor's state replace the traced per-parameter state.
-    for owned in by_param:
-        for storage in owned.optimizer_state:
-            timeline.scale(storage, 0.0)
+    zero_optimizer_state(timeline)
     master_bytes = slice_numel * FP32_BYTES
     state_bytes = flat_state_bytes(trace.settings.optimizer, slice_numel)
     if not offload:
@@ -312,17 +311,16 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
         # Stage 1 reduces only at the accumulation boundary, after backward (engine
         # ``allreduce_gradients`` -> ``reduce_gradients``): autograd's gradients live until then.
         timeline.insert(spans[0].first_grad, bucket_bytes, OTHER)
-        for i in trainable:
-            timeline.free_at(trace.params[i].grad_storage, optimizer_pos)
+        timeline.free_at_many([trace.params[i].grad_storage for i in trainable], [optimizer_pos] * len(trainable))
         _reduce(timeline, optimizer_pos, groups, itemsize, bucket_bytes, partition_grad_bytes, first=True)
     else:
         # Stage 2: each gradient is copied into the bucket by its hook and autograd's tensor
         # released (``reduce_independent_p_g_buckets_and_remove_grads``); every micro-batch
         # reduces at its end (``independent_gradient_partition_epilogue``).
-        for i in trainable:
-            grad_marker = spans[0].grad_position.get(i)
-            if grad_marker is not None:
-                timeline.free_at(trace.params[i].grad_storage, grad_marker)
+        hooked = [i for i in trainable if i in spans[0].grad_position]
+        timeline.free_at_many(
+            [trace.params[i].grad_storage for i in hooked], [spans[0].grad_position[i] for i in hooked]
+        )
         for index, span in enumerate(spans):
             timeline.insert(span.first_grad, bucket_bytes, OTHER)
             _reduce(timeline, span.backward_end, groups, itemsize, bucket_bytes, partition_grad_bytes,

@@ -6,14 +6,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.optimizers import build_optimizer
-from dpplan.planner.strategies.common import ParamStorages, resize_param_storages
+from dpplan.planner.strategies.common import ParamStorages, owned_storages, resize_owned_storages
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
-from dpplan.planner.trace import StepTrace
+from dpplan.planner.trace import StepTrace, cached_on_trace
 
 # DeepSpeedZeroConfig defaults (deepspeed/runtime/zero/config.py). ``overlap_comm`` defaults to
 # True at stage 3 only (``overlap_comm_valid``); contiguous_gradients=True, reduce_scatter=True.
@@ -33,6 +34,10 @@ MIXED_PRECISIONS = {"bf16-mixed": 2, "fp16-mixed": 2}
 
 
 def comm_sizes(trace: StepTrace, indices: list[int]) -> list[int]:
+    return cached_on_trace(trace, ("comm sizes", tuple(indices)), lambda: _comm_sizes(trace, indices))
+
+
+def _comm_sizes(trace: StepTrace, indices: list[int]) -> list[int]:
     """Bytes per element each parameter's gradient is reduced in.
 
     DeepSpeed keeps one gradient bucket per communication dtype (``ipg_buckets`` keyed by
@@ -87,17 +92,26 @@ def scale_step_temporaries(timeline: RankTimeline, by_param: list[ParamStorages]
     """The traced optimizer-step temporaries, for a step over ``fraction`` of each parameter
     in fp32 (DeepSpeed steps the fp32 master slice; 0 removes them: the step runs on the host)."""
     trace = timeline.trace
-    for i, owned in enumerate(by_param):
-        if fraction == 0.0:
-            for storage in owned.optimizer_temporary:
-                timeline.scale(storage, 0.0)
-            continue
-        itemsize = trace.params[i].itemsize
-        resize_param_storages(
-            timeline, owned.optimizer_temporary, i,
-            local_numel=trace.params[i].numel * fraction,
-            element_size=FP32_BYTES if itemsize != FP32_BYTES else None,
-        )
+    owned = owned_storages(trace, "optimizer_temporary")
+    if fraction == 0.0:
+        timeline.scale_many(owned.storage, np.zeros(len(owned.storage)))
+        return
+    numels, itemsizes = _param_numels_and_itemsizes(trace)
+    element = np.where(itemsizes != FP32_BYTES, FP32_BYTES, 0)
+    resize_owned_storages(timeline, owned, numels * fraction, element)
+
+
+def zero_optimizer_state(timeline: RankTimeline) -> None:
+    """The traced per-parameter optimizer state is gone (DeepSpeed keeps its own, flat)."""
+    owned = owned_storages(timeline.trace, "optimizer_state")
+    timeline.scale_many(owned.storage, np.zeros(len(owned.storage)))
+
+
+def _param_numels_and_itemsizes(trace: StepTrace) -> tuple[np.ndarray, np.ndarray]:
+    return cached_on_trace(trace, "param numels and itemsizes", lambda: (
+        np.asarray([p.numel for p in trace.params], dtype=np.int64),
+        np.asarray([p.itemsize for p in trace.params], dtype=np.int64),
+    ))
 
 
 @dataclass(kw_only=True)
@@ -116,6 +130,11 @@ class MicroBatchSpan:
 
 
 def micro_batch_spans(trace: StepTrace) -> list[MicroBatchSpan]:
+    """Marker positions of each traced micro-batch (shared per trace: read-only)."""
+    return cached_on_trace(trace, "micro-batch spans", lambda: _micro_batch_spans(trace))
+
+
+def _micro_batch_spans(trace: StepTrace) -> list[MicroBatchSpan]:
     root = len(trace.unit_names) - 1
     spans: list[MicroBatchSpan] = []
     for marker in trace.markers:

@@ -34,6 +34,7 @@ from dpplan.planner.strategies.zero_common import (
     flat_state_bytes,
     micro_batch_spans,
     scale_step_temporaries,
+    zero_optimizer_state,
 )
 from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace
@@ -62,9 +63,7 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
     itemsize = params[trainable[0]].itemsize
     shard_numel = sum(shard[i] for i in trainable)
     by_param = storages_by_param(trace)
-    for owned in by_param:
-        for storage in owned.optimizer_state:
-            timeline.scale(storage, 0.0)
+    zero_optimizer_state(timeline)
     master_bytes = shard_numel * FP32_BYTES
     state_bytes = flat_state_bytes(trace.settings.optimizer, shard_numel)
     grad_partition_bytes = shard_numel * itemsize  # gradient_accumulation_dtype: the parameters' dtype
