@@ -62,6 +62,9 @@ class ModelSummary:
     top_activation_modules: list[ModuleActivation]
     trace_seconds: float
     num_traced_ops: int
+    repeated_layers: int = 0
+    """0: every layer was traced; else the model's stack of that many alike layers was traced
+    at three and four layers and built to full depth (checked against the four-layer trace)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +330,7 @@ def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace
         top_activation_modules=top_activation_modules(trace, config.batch_size),
         trace_seconds=trace_seconds,
         num_traced_ops=trace.num_ops,
+        repeated_layers=trace.repeated_layers,
     )
 
 

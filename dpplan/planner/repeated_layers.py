@@ -111,7 +111,11 @@ def trace_by_repeating(
         _why(str(exc))
         return None
     per_layer_ops = four.num_ops - three.num_ops
-    return _with(full, num_ops=three.num_ops + per_layer_ops * (len(stack.layers) - SHORT_DEPTH))
+    return _with(
+        full,
+        num_ops=three.num_ops + per_layer_ops * (len(stack.layers) - SHORT_DEPTH),
+        repeated_layers=len(stack.layers),
+    )
 
 
 def find_layer_stack(model: nn.Module, wrap: str | None) -> LayerStack | None:

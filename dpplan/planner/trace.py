@@ -122,7 +122,11 @@ class StepTrace:
     module_names: list[str]
     module_classes: list[str]
     num_ops: int
+    """Operations of the step (of the full model, also when it was built by repetition)."""
     checkpointing: str = "none"
+    repeated_layers: int = 0
+    """0: every layer was traced; else the number of alike layers in the stack that was traced
+    at three and four layers and built to this depth (planner/repeated_layers.py)."""
 
     def storage_bytes_at(self, batch_size: int) -> np.ndarray:
         """Bytes of every storage at another micro-batch size (exact, see module docstring)."""

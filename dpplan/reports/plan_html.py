@@ -187,9 +187,17 @@ def _assumptions(document: dict) -> Table:
         ["nodes", nodes],
         ["FSDP / checkpoint units", f"{len(units)}: {', '.join(units[:4])}{' …' if len(units) > 4 else ''}"
          if units else "none (root only)"],
-        ["trace", f"{model['num_traced_ops']} ops in {model['trace_seconds']:.1f} s"],
+        ["trace", _trace_text(model)],
     ]
     return Table(headers=["assumption", "value"], rows=rows)
+
+
+def _trace_text(model: dict) -> str:
+    text = f"{model['num_traced_ops']} ops in {model['trace_seconds']:.1f} s"
+    repeated = model.get("repeated_layers", 0)
+    if repeated:
+        text += f"; {repeated} alike layers traced at 3 and 4 and built to full depth"
+    return text
 
 
 def _all_estimates(estimates: list[dict]) -> Table:

@@ -29,6 +29,8 @@ def _header(plan: Plan) -> list[str]:
     if model.num_units:
         first, last = model.unit_names[0], model.unit_names[-1]
         units += f" ({escape(first)} … {escape(last)})" if model.num_units > 1 else f" ({escape(first)})"
+    if model.repeated_layers:
+        units += f" · traced at 3 and 4 layers, built to {model.repeated_layers}"
     if config.device == "cuda":
         gpu = lookup_gpu(config.gpu)
         target = f"{gpu.description} ({format_bytes(gpu.memory_bytes)})"

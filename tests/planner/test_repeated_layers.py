@@ -74,6 +74,7 @@ def test_estimates_do_not_change(deep_gpt, monkeypatch):
     monkeypatch.setattr(repeated_layers, "MIN_LAYERS", 10**6)
     full = estimate(config)
     assert built.model.num_traced_ops == full.model.num_traced_ops
+    assert (built.model.repeated_layers, full.model.repeated_layers) == (9, 0)  # said in the outputs
     assert built.estimates == full.estimates
     assert len(built.estimates) == 1 + 3 * 10  # single at 1 GPU; ten strategies at 1, 2 and 8
 
