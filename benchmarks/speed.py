@@ -66,6 +66,13 @@ def one_run(precision: str, batch_size: int) -> dict:
     }
 
 
+def torch_import_seconds() -> float:
+    """Wall seconds of ``python -c "import torch"``: the part of every run no planner can cut."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16-mixed")
@@ -73,13 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     _ = resource  # ru_maxrss of the child comes from wait4
-    runs = [one_run(args.precision, args.batch_size) for _ in range(args.runs)]
+    runs, imports = [], []
+    for _ in range(args.runs):  # alternated, so that both see the same machine
+        runs.append(one_run(args.precision, args.batch_size))
+        imports.append(torch_import_seconds())
     summary = {
         "command": f"dpplan estimate {MODEL.relative_to(ROOT)} --strategy all --gpus {GPU_COUNTS} "
         f"--gpus-per-node 8 --precision {args.precision} --batch-size {args.batch_size} --json PATH",
         "runs": args.runs,
         "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+        "min_wall_s": min(r["wall_s"] for r in runs),
         "max_wall_s": max(r["wall_s"] for r in runs),
+        "median_import_torch_s": statistics.median(imports),
         "median_trace_s": statistics.median(r["trace_s"] for r in runs),
         "max_peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / 2**20,
         "estimates_per_run": runs[0]["num_estimates"],

@@ -53,9 +53,11 @@ class ForkedCall:
         with os.fdopen(self.read_fd, "rb") as pipe:
             while chunk := pipe.read(1 << 20):
                 chunks.append(chunk)
-        os.waitpid(self.pid, 0)
+        _, status = os.waitpid(self.pid, 0)
         self.done = True
         if not chunks:
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT:
+                raise KeyboardInterrupt  # Ctrl-C reached the child first
             raise RuntimeError("the planning child process died without an answer")
         status, value = pickle.loads(b"".join(chunks))
         if status == "error":

@@ -1,6 +1,7 @@
 """A share of a plan computed in a forked child gives the same plan; failures come back."""
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -57,3 +58,12 @@ def test_cancel_leaves_no_process_behind():
     call.cancel()
     with pytest.raises(ChildProcessError):
         os.waitpid(call.pid, os.WNOHANG)  # reaped: no such child any more
+
+
+@needs_fork
+def test_a_child_stopped_by_ctrl_c_is_an_interrupt():
+    call = forked.start(lambda: time.sleep(60))
+    time.sleep(0.2)
+    os.kill(call.pid, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        call.result()
