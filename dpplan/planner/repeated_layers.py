@@ -6,18 +6,22 @@ trace follows from the 3-layer one because every middle layer does exactly what 
 layer of the short model does, shifted by its index:
 
   - Every event and marker of the 3-layer trace belongs to a *segment*: the layer whose
-    forward or backward is running when it happens (between the unit markers), or, at the
-    baseline and in the optimizer step, the layer that owns the storage (its parameter's
-    layer). Everything else is *outer* (embedding, head, loss, ...).
+    forward or backward is running when it happens (between the unit markers; frees right
+    after a layer returns, as ``x = layer(x)`` drops the previous output, count as that
+    layer's); at the baseline, the layer that owns the storage (its parameter's, its
+    module's); in the optimizer step, the layer of the latest storage born (a per-parameter
+    loop frees one parameter's temporary as it makes the next one's). Everything else is
+    *outer* (embedding, head, loss, ...).
   - A storage's *home* is the segment it is born in. A layer-j segment may touch storages of
     home j-1, j, j+1 or outer; the middle layer's segment must not touch outer storages.
   - Each run of middle-layer items is repeated for layers 1 .. n-2, in ascending order, or
     descending inside backward; a storage of home j+d touched by the copy for layer m is the
     copy for layer m+d. Layers 0 and 2 become layers 0 and n-1. An outer event that frees
-    middle-layer storages (autocast's weight cache, freed when the forward leaves autocast)
-    frees every copy.
-  - Storages of the three homes are matched slot by slot in birth order; they must agree in
-    size, batch degree and category.
+    middle-layer storages (autocast's weight cache, freed when the forward leaves autocast;
+    foreach optimizer lists) frees every copy.
+  - The first and last layers' storages are paired with the middle layer's by aligning their
+    births (size, batch degree, kind, module and owner within the layer): the first layer may
+    lack some (its input may need no gradient), the last must match all.
 
 The rule is not trusted on its word: the 4-layer model is traced too, and the rule applied to
 the 3-layer trace must give it exactly (same events, sizes, kinds, owners, markers, up to the

@@ -126,6 +126,21 @@ class RankTimeline:
         self._ins_quad.append(0.0)
         self._ins_category.append(0)
 
+    def apply_in_order(self, events: list[tuple[int, bool, int, int]]) -> None:
+        """(position, is_insert, a, b) in call order: ``insert(position, a, b)`` (bytes,
+        category) or ``free_at(a, position)``; the same as making those calls one by one."""
+        for position, is_insert, a, b in events:
+            if is_insert:
+                if a:
+                    self._ins_position.append(position)
+                    self._ins_const.append(float(a))
+                    self._ins_lin.append(0.0)
+                    self._ins_quad.append(0.0)
+                    self._ins_category.append(b)
+            else:
+                self.free_at(a, position)
+        self._merged_cache = None
+
     def free_at_many(self, storages, positions) -> None:
         """``free_at(storage, position)`` for each pair, in order (a storage already moved, or
         named twice, keeps its first position)."""

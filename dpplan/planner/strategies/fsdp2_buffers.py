@@ -9,6 +9,7 @@ holds between hooks; ``Schedule`` turns the events into timeline inserts in prog
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -43,7 +44,8 @@ class ShardedParam:
 
 @dataclass(kw_only=True)
 class ParamGroup:
-    """One FSDPParamGroup: the parameters of one unit (FSDP_SRC/_fsdp_param_group.py)."""
+    """One FSDPParamGroup: the parameters of one unit (FSDP_SRC/_fsdp_param_group.py). Its
+    byte counts are computed once, after ``param_groups`` has filled ``params``."""
 
     unit: int
     params: list[ShardedParam]
@@ -53,31 +55,31 @@ class ParamGroup:
         # init_all_gather_outputs: numel * world_size of the padded shard (_fsdp_param.py).
         return p.padded * self.world_size * p.compute_size
 
-    @property
+    @cached_property
     def all_gather_bytes(self) -> int:
         # foreach_all_gather: all_gather_input_numel * world_size (_fsdp_collectives.py).
         return sum(self.unsharded_bytes(p) for p in self.params)
 
-    @property
+    @cached_property
     def copy_in_bytes(self) -> int:
         # _get_param_all_gather_inputs: one flat buffer of the padded shards cast to the
         # param dtype, only when MixedPrecisionPolicy casts (use_foreach_copy).
         return sum(p.padded * p.compute_size for p in self.params if p.compute_size != p.orig_size)
 
-    @property
+    @cached_property
     def with_grad(self) -> list[ShardedParam]:
         return [p for p in self.params if p.trainable]
 
-    @property
+    @cached_property
     def reduce_input_bytes(self) -> int:
         # foreach_reduce: dim-0 padded unsharded numel, in the reduce dtype.
         return sum(p.padded * self.world_size * p.reduce_size for p in self.with_grad)
 
-    @property
+    @cached_property
     def reduce_output_bytes(self) -> int:
         return sum(p.padded * p.reduce_size for p in self.with_grad)
 
-    @property
+    @cached_property
     def sharded_grad_bytes(self) -> int:
         # _to_dtype_if_needed(reduce_output, orig_dtype): the sharded gradients are views of
         # this flat buffer (torch.as_strided in foreach_reduce).
@@ -124,11 +126,9 @@ class Schedule:
         self.items.append((position, stage, len(self.items), "free_at", storage, 0))
 
     def apply(self) -> None:
-        for position, _, _, what, a, b in sorted(self.items):
-            if what == "insert":
-                self.timeline.insert(position, a, b)
-            else:
-                self.timeline.free_at(a, position)
+        self.timeline.apply_in_order(
+            [(position, what == "insert", a, b) for position, _, _, what, a, b in sorted(self.items)]
+        )
 
 
 @dataclass(kw_only=True)
