@@ -154,82 +154,69 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     start = time.perf_counter()
     traces = {first: trace_step(spec, first)}
     first_seconds = time.perf_counter() - start
-    work = [(settings, strategy) for settings, strategies in families.items() for strategy in strategies]
-    num_estimates = sum(applicable(s, g, config) for _, s in work for g in config.gpus)
+    items = {
+        settings: [(settings, strategy, gpus) for strategy in strategies for gpus in config.gpus
+                   if applicable(strategy, gpus, config)]
+        for settings, strategies in families.items()
+    }
+    num_estimates = sum(len(family) for family in items.values())
     if processes is None:
         size = len(traces[first].event_storage) * num_estimates
         processes = 2 if size >= forked.MIN_WORK else 1
-    child_work: list[tuple[TraceSettings, str]] = []
-    if processes > 1 and forked.can_fork():
-        child_work = _child_share(families, first, len(config.gpus))
-    own_work = [item for item in work if item not in child_work]
-    child = forked.start(lambda: _plan_share(spec, config, child_work, traces)) if child_work else None
-    try:
-        estimates, trace_seconds = _plan_share(spec, config, own_work, traces)
-        if child is not None:
-            child_estimates, child_seconds = child.result()
-            estimates += child_estimates
-            trace_seconds += child_seconds
-    finally:
-        if child is not None:
-            child.cancel()
+    if processes == 1 or not forked.can_fork() or len(items[first]) > forked.WorkQueue.MAX_COUNT:
+        everything = [item for family in items.values() for item in family]
+        estimates, trace_seconds = _plan_items(spec, config, everything, traces)
+    else:
+        estimates, trace_seconds = _plan_in_two_processes(spec, config, items, first, traces)
     order = {s: i for i, s in enumerate(config.strategies)}
     estimates.sort(key=lambda e: (e.gpus, order[e.strategy]))
     summary = summarize_model(spec, traces[first], config, first_seconds + trace_seconds)
     return Plan(config=config, model=summary, estimates=estimates)
 
 
-# Seconds one estimate (one GPU count) of each strategy takes, and one trace, measured on the
-# Llama 70B benchmark (python benchmarks/speed.py, 2-core machine). They only decide how the
-# work is split between two processes, never what is computed.
-ESTIMATE_SECONDS = {
-    "single": 0.005, "dp": 0.013, "ddp": 0.004, "zero1": 0.014, "zero2": 0.012, "zero3": 0.012,
-    "fsdp-full": 0.022, "fsdp-grad-op": 0.019, "fsdp-no-shard": 0.008, "fsdp-hybrid": 0.023,
-    "fsdp2": 0.033,
-}
-TRACE_SECONDS = 0.35
-
-
-def _child_share(
-    families: dict[TraceSettings, list[str]], traced: TraceSettings, num_gpu_counts: int
-) -> list[tuple[TraceSettings, str]]:
-    """The work a second process takes: the untraced family with the most strategies (its
-    trace and estimates), then strategies of the traced family (whose trace it inherits)
-    while that evens out the two shares."""
-    def cost(strategy: str) -> float:
-        return ESTIMATE_SECONDS.get(strategy, 0.03) * num_gpu_counts
-
-    untraced = [settings for settings in families if settings != traced]
-    child: list[tuple[TraceSettings, str]] = []
-    if untraced:
-        settings = max(untraced, key=lambda s: len(families[s]))
-        child = [(settings, strategy) for strategy in families[settings]]
-    child_cost = sum(cost(s) for _, s in child) + TRACE_SECONDS * len({f for f, _ in child})
-    parent_cost = sum(cost(s) for f, ss in families.items() for s in ss) - sum(cost(s) for _, s in child)
-    parent_cost += TRACE_SECONDS * sum(1 for f in untraced if f not in {c for c, _ in child})
-    for strategy in sorted(families[traced], key=cost, reverse=True):
-        if max(child_cost + cost(strategy), parent_cost - cost(strategy)) < max(child_cost, parent_cost):
-            child.append((traced, strategy))
-            child_cost += cost(strategy)
-            parent_cost -= cost(strategy)
-    return child
-
-
-def _plan_share(
-    spec: ModelSpec, config: PlanConfig, work: list[tuple[TraceSettings, str]], traces: dict
+def _plan_in_two_processes(
+    spec: ModelSpec, config: PlanConfig, items: dict[TraceSettings, list], traced: TraceSettings, traces: dict
 ) -> tuple[list["StrategyEstimate"], float]:
-    """Estimates for ``work`` at every GPU count, tracing what ``traces`` lacks; the seconds
-    spent tracing."""
+    """The child traces the untraced family with the most estimates and plans it; this process
+    traces and plans the other untraced families; then both take the estimates of the traced
+    family (whose trace the child inherits) from one queue until none is left, so that
+    whichever finishes its own part first does more of the shared one."""
+    untraced = [settings for settings in items if settings != traced]
+    child_family = max(untraced, key=lambda s: len(items[s])) if untraced else None
+    child_own = items[child_family] if child_family is not None else []
+    own = [item for settings in untraced if settings != child_family for item in items[settings]]
+    shared = items[traced]
+    queue = forked.WorkQueue(len(shared))
+
+    def plan_share(first_items: list) -> tuple[list, float]:
+        estimates, seconds = _plan_items(spec, config, first_items, traces)
+        while (index := queue.take()) is not None:
+            estimates += _plan_items(spec, config, [shared[index]], traces)[0]
+        return estimates, seconds
+
+    child = forked.start(lambda: plan_share(child_own))
+    try:
+        estimates, trace_seconds = plan_share(own)
+        child_estimates, child_seconds = child.result()
+    finally:
+        child.cancel()
+        queue.close()
+    return estimates + child_estimates, trace_seconds + child_seconds
+
+
+def _plan_items(
+    spec: ModelSpec, config: PlanConfig, items: list[tuple[TraceSettings, str, int]], traces: dict
+) -> tuple[list["StrategyEstimate"], float]:
+    """Estimates for ``items`` (settings, strategy, GPU count), tracing what ``traces`` lacks;
+    the seconds spent tracing."""
     estimates = []
     trace_seconds = 0.0
-    for settings, strategy in work:
+    for settings, strategy, gpus in items:
         if settings not in traces:
             start = time.perf_counter()
             traces[settings] = trace_step(spec, settings)
             trace_seconds += time.perf_counter() - start
-        for gpus in config.gpus:
-            if applicable(strategy, gpus, config):
-                estimates.append(estimate_strategy(traces[settings], strategy, gpus, config))
+        estimates.append(estimate_strategy(traces[settings], strategy, gpus, config))
     return estimates, trace_seconds
 
 

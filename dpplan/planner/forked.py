@@ -102,3 +102,34 @@ def start(fn: Callable[[], Any]) -> ForkedCall:
             os._exit(0)
     os.close(write_fd)
     return ForkedCall(pid=pid, read_fd=read_fd)
+
+
+class WorkQueue:
+    """Hands the indices 0 .. count-1 out once each, to whichever process asks first, across a
+    fork: they wait in a pipe, 4 bytes each, and a read of 4 bytes from a pipe is atomic (the
+    kernel serialises readers), so no index is handed out twice. All are written before anyone
+    reads, so ``count`` is limited by the pipe's buffer (64 KiB on Linux: 16384 indices)."""
+
+    MAX_COUNT = 16384
+
+    def __init__(self, count: int):
+        if count > self.MAX_COUNT:
+            raise ValueError(f"at most {self.MAX_COUNT} items")
+        self.read_fd, write_fd = os.pipe()
+        data = b"".join(i.to_bytes(4, "little") for i in range(count))
+        try:
+            while data:
+                data = data[os.write(write_fd, data):]
+        finally:
+            os.close(write_fd)  # the queue is empty once drained: reads then return b""
+
+    def take(self) -> int | None:
+        """The next index, or None when all are taken."""
+        chunk = os.read(self.read_fd, 4)
+        return int.from_bytes(chunk, "little") if chunk else None
+
+    def close(self) -> None:
+        try:
+            os.close(self.read_fd)
+        except OSError:
+            pass

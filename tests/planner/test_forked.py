@@ -19,8 +19,9 @@ needs_fork = pytest.mark.skipif(not forked.can_fork(), reason="plans run in one 
 @needs_fork
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
 def test_two_processes_plan_what_one_plans(tiny_gpt, precision):
-    """bf16-mixed: the child traces FSDP1's family and plans its strategies; fp32 (one trace
-    for all): the child plans every other strategy."""
+    """bf16-mixed: the child traces FSDP1's family and plans it, this process FSDP2's; then
+    both take the autocast family's estimates from one queue. fp32: one trace serves all, and
+    every estimate comes from the queue."""
     config = PlanConfig(model=tiny_gpt, gpus=(1, 2, 4, 8), batch_size=2, precision=precision)
     one, two = estimate(config, processes=1), estimate(config, processes=2)
     assert two.estimates == one.estimates
@@ -50,6 +51,26 @@ def test_returned_values_and_exceptions_cross_the_pipe():
 
     with pytest.raises(ValueError, match="bad wrap class"):
         forked.start(fails).result()
+
+
+@needs_fork
+def test_the_work_queue_hands_each_index_out_once():
+    """Two processes drain one queue: every index is taken, none twice."""
+    queue = forked.WorkQueue(1000)
+
+    def drain() -> list[int]:
+        taken = []
+        while (index := queue.take()) is not None:
+            taken.append(index)
+            time.sleep(0.001)  # as if planning: the other process gets its turn
+        return taken
+
+    child = forked.start(drain)
+    mine = drain()
+    theirs = child.result()
+    queue.close()
+    assert sorted(mine + theirs) == list(range(1000))
+    assert mine and theirs  # both took a share
 
 
 @needs_fork
