@@ -3,17 +3,15 @@
 Targets (issue #2): <= 5 s wall and <= 1 GiB peak RSS on a 2-core machine, for the whole
 process (Python start, torch import, trace, every strategy and GPU count, JSON written).
 
-Measured with this script on the shared 2-core development machine (medians of 3 runs), torch
-2.13 CPU build. Idle machine, after the merge of the speed-ups (b327327):
-    bf16-mixed  15.6 s wall (traces 8.1 s), 323 MiB peak RSS
-    fp32         9.4 s wall (trace 2.7 s),  301 MiB peak RSS
-Paired against 76c2602 while another user's tests ran (noisy):
-    bf16-mixed  13.5 s wall (traces 7.2 s), 321 MiB peak RSS   (76c2602: 19.1 s, 9.6 s, 356 MiB)
-    fp32         8.7 s wall (trace 2.7 s),  299 MiB peak RSS   (76c2602: 14.8 s, 5.4 s, 336 MiB)
-In process, bf16-mixed: torch and dpplan import ~3 s, three traces 3.3 + 2.1 + 2.3 s (the first
-also imports sympy for torch's meta kernels), 80 estimates 2.5 s.
+Measured with this script on the shared 2-core development machine, torch 2.13 CPU build,
+``--runs 5`` (medians; min-max), each run alternated with a bare ``python -c "import torch"``:
+    bf16-mixed  5.7 s wall (5.0-6.4 s), bare torch import process 3.1 s, 290 MiB peak RSS
+    fp32        4.9 s wall (4.4-5.3 s), bare torch import process 3.6 s, 289 MiB peak RSS
+Before (stop 7, 3 runs): bf16-mixed 15.6 s, fp32 9.4 s. The ``trace_s`` printed is tracing
+CPU seconds summed over both processes.
 
     python benchmarks/speed.py                       # bf16-mixed, 3 runs, median
+    python benchmarks/speed.py --runs 5
     python benchmarks/speed.py --precision fp32 --runs 5
 
 Equivalent by hand: /usr/bin/time -v dpplan estimate benchmarks/models/llama_70b.py \\
