@@ -23,6 +23,7 @@ from dpplan.planner.trace import (
     PARAM_CAST,
     StepTrace,
     TraceSettings,
+    has_floating_buffers,
     trace_step,
 )
 
@@ -108,14 +109,15 @@ class Plan:
     estimates: list[StrategyEstimate]
 
 
-def trace_settings_for(strategy: str, config: PlanConfig) -> TraceSettings:
-    """The trace a strategy needs. Strategies with the same settings share one trace."""
+def trace_settings_for(strategy: str, config: PlanConfig, *, floating_buffers: bool = True) -> TraceSettings:
+    """The trace a strategy needs. Strategies with the same settings share one trace; a model
+    without floating buffers (``floating_buffers=False``) gives FSDP1 and FSDP2 one trace."""
     mixed = config.precision in ("bf16-mixed", "fp16-mixed")
     family = PARAM_CAST if (mixed and strategy.startswith("fsdp")) else AUTOCAST
     return TraceSettings(
         precision=config.precision,
         family=family,
-        cast_buffers=family == PARAM_CAST and strategy in FSDP1_STRATEGIES,
+        cast_buffers=family == PARAM_CAST and strategy in FSDP1_STRATEGIES and floating_buffers,
         optimizer=config.optimizer,
         activation_checkpointing=config.activation_checkpointing,
         num_micro_batches=2 if config.grad_accum > 1 else 1,
@@ -147,8 +149,10 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     2 hands a share to a forked child (planner/forked.py); None decides by the plan's size."""
     spec = spec or load_model_file(config.model)
     families: dict[TraceSettings, list[str]] = {}
+    floating_buffers = has_floating_buffers(spec)
     for strategy in config.strategies:
-        families.setdefault(trace_settings_for(strategy, config), []).append(strategy)
+        settings = trace_settings_for(strategy, config, floating_buffers=floating_buffers)
+        families.setdefault(settings, []).append(strategy)
     # The first trace runs here before anything else: it pays for torch's lazy imports once.
     first = next(iter(families))
     start = time.perf_counter()
@@ -163,7 +167,7 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     if processes is None:
         size = len(traces[first].event_storage) * num_estimates
         processes = 2 if size >= forked.MIN_WORK else 1
-    if processes == 1 or not forked.can_fork() or len(items[first]) > forked.WorkQueue.MAX_COUNT:
+    if processes == 1 or not forked.can_fork() or num_estimates > forked.WorkQueue.MAX_COUNT:
         everything = [item for family in items.values() for item in family]
         estimates, trace_seconds = _plan_items(spec, config, everything, traces)
     else:
@@ -174,33 +178,44 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     return Plan(config=config, model=summary, estimates=estimates)
 
 
+HELP_MIN_ESTIMATES = 12
+"""A process traces a family the other one owns, to help with its estimates, only when at
+least this many are left (a trace costs about as much as a dozen estimates of a 70B model)."""
+
+
 def _plan_in_two_processes(
     spec: ModelSpec, config: PlanConfig, items: dict[TraceSettings, list], traced: TraceSettings, traces: dict
 ) -> tuple[list["StrategyEstimate"], float]:
-    """The child traces the untraced family with the most estimates and plans it; this process
-    traces and plans the other untraced families; then both take the estimates of the traced
-    family (whose trace the child inherits) from one queue until none is left, so that
-    whichever finishes its own part first does more of the shared one."""
-    untraced = [settings for settings in items if settings != traced]
-    child_family = max(untraced, key=lambda s: len(items[s])) if untraced else None
-    child_own = items[child_family] if child_family is not None else []
-    own = [item for settings in untraced if settings != child_family for item in items[settings]]
-    shared = items[traced]
-    queue = forked.WorkQueue(len(shared))
+    """Each family's estimates wait in a queue of their own. The child first traces and plans
+    the largest untraced family, this process the other untraced ones; then both plan the
+    already traced family (the child inherited its trace), then help with the other's
+    families while enough of them is left. Whichever is faster does more."""
+    untraced = sorted((s for s in items if s != traced), key=lambda s: len(items[s]), reverse=True)
+    child_order = untraced[:1] + [traced] + untraced[1:]
+    parent_order = untraced[1:] + [traced] + untraced[:1]
+    queues = {settings: forked.WorkQueue(len(family)) for settings, family in items.items()}
+    owned = {"child": set(untraced[:1]) | {traced}, "parent": set(untraced[1:]) | {traced}}
 
-    def plan_share(first_items: list) -> tuple[list, float]:
-        estimates, seconds = _plan_items(spec, config, first_items, traces)
-        while (index := queue.take()) is not None:
-            estimates += _plan_items(spec, config, [shared[index]], traces)[0]
-        return estimates, seconds
+    def plan(order: list[TraceSettings], mine: set) -> tuple[list, float]:
+        estimates, trace_seconds = [], 0.0
+        for settings in order:
+            queue, family = queues[settings], items[settings]
+            if settings not in traces and settings not in mine and queue.remaining() < HELP_MIN_ESTIMATES:
+                continue  # the other process will be done with it before a trace here would
+            while (index := queue.take()) is not None:
+                done, seconds = _plan_items(spec, config, [family[index]], traces)
+                estimates += done
+                trace_seconds += seconds
+        return estimates, trace_seconds
 
-    child = forked.start(lambda: plan_share(child_own))
+    child = forked.start(lambda: plan(child_order, owned["child"]))
     try:
-        estimates, trace_seconds = plan_share(own)
+        estimates, trace_seconds = plan(parent_order, owned["parent"])
         child_estimates, child_seconds = child.result()
     finally:
         child.cancel()
-        queue.close()
+        for queue in queues.values():
+            queue.close()
     return estimates + child_estimates, trace_seconds + child_seconds
 
 
@@ -216,7 +231,8 @@ def _plan_items(
             start = time.perf_counter()
             traces[settings] = trace_step(spec, settings)
             trace_seconds += time.perf_counter() - start
-        estimates.append(estimate_strategy(traces[settings], strategy, gpus, config))
+        if strategy is not None:  # (settings, None, 0): the trace only
+            estimates.append(estimate_strategy(traces[settings], strategy, gpus, config))
     return estimates, trace_seconds
 
 

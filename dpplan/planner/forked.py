@@ -2,10 +2,12 @@
 
 Planning is pure Python and numpy on one thread: a large plan (a 70B model, every strategy,
 eight GPU counts) keeps one core busy for seconds while the machine's others idle. After the
-first trace (which pays for torch's lazy imports once), ``estimate`` hands a share of the
-remaining traces and estimates to one child made with ``fork``, which inherits the loaded
-model file, torch and the first trace for free, and sends its results back pickled through a
-pipe. The answer is the same either way (tests/planner/test_forked.py).
+first trace (which pays for torch's lazy imports once), ``estimate`` starts one child with
+``fork``, which inherits the loaded model file, torch and that trace for free. Each precision
+family's estimates wait in a ``WorkQueue`` of their own; the child traces and plans one family,
+this process the others, and both take the rest from the queues (estimate.py
+``_plan_in_two_processes``). The child sends its estimates back pickled through a pipe. The
+answer is the same either way (tests/planner/test_forked.py).
 
 The child never prints and exits with ``os._exit``, so it runs no clean-up of the parent's
 (atexit handlers, buffered output). An exception in the child is raised again in the parent.
@@ -127,6 +129,16 @@ class WorkQueue:
         """The next index, or None when all are taken."""
         chunk = os.read(self.read_fd, 4)
         return int.from_bytes(chunk, "little") if chunk else None
+
+    def remaining(self) -> int:
+        """Indices not taken yet (a moment ago)."""
+        import array
+        import fcntl
+        import termios
+
+        count = array.array("i", [0])
+        fcntl.ioctl(self.read_fd, termios.FIONREAD, count)
+        return count[0] // 4
 
     def close(self) -> None:
         try:

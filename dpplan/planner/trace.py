@@ -328,28 +328,39 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
 
 
 _UNTRACED_MODELS: "weakref.WeakKeyDictionary[ModelSpec, nn.Module]" = weakref.WeakKeyDictionary()
-"""Per model file, a meta model that is only ever copied, never traced: the precision
-families' traces of one estimate build the model once."""
+
+
+def untraced_model(spec: ModelSpec) -> nn.Module:
+    """The model of ``spec`` built on the meta device once per model file and only ever read
+    and copied, never traced: the precision families' traces of one plan build it once."""
+    model = _UNTRACED_MODELS.get(spec)
+    if model is None:
+        with dynamo_untouched(), torch.device("meta"), fake_device.skip_weight_init():
+            model = build_module(spec)
+        _UNTRACED_MODELS[spec] = model
+    return model
+
+
+def has_floating_buffers(spec: ModelSpec) -> bool:
+    """Whether FSDP1's ``buffer_dtype`` has anything to cast: without floating buffers the
+    FSDP1 and FSDP2 mixed-precision traces are the same trace."""
+    return any(b.is_floating_point() for b in untraced_model(spec).buffers())
 
 
 def _trace_step(spec: ModelSpec, settings: TraceSettings, batch_size: int) -> StepTrace:
     from dpplan.planner import repeated_layers
 
-    model = _UNTRACED_MODELS.get(spec)
-    if model is None:
-        with torch.device("meta"), fake_device.skip_weight_init():
-            model = build_module(spec)
     # A deep model whose layers are all alike is traced at three and four layers and the
-    # full depth built from those (planner/repeated_layers.py); anything else in full.
+    # full depth built from those (planner/repeated_layers.py); anything else in full, on a
+    # model of its own (a trace changes the model it runs).
     repeated = repeated_layers.trace_by_repeating(
-        model, settings.wrap, lambda short, units: trace_model(spec, short, settings, batch_size, units=units)
+        untraced_model(spec), settings.wrap,
+        lambda short, units: trace_model(spec, short, settings, batch_size, units=units),
     )
     if repeated is not None:
-        _UNTRACED_MODELS[spec] = model
         return repeated
-    if _UNTRACED_MODELS.get(spec) is model:
-        with torch.device("meta"), fake_device.skip_weight_init():
-            model = build_module(spec)
+    with torch.device("meta"), fake_device.skip_weight_init():
+        model = build_module(spec)
     return trace_model(spec, model, settings, batch_size)
 
 

@@ -19,9 +19,9 @@ needs_fork = pytest.mark.skipif(not forked.can_fork(), reason="plans run in one 
 @needs_fork
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
 def test_two_processes_plan_what_one_plans(tiny_gpt, precision):
-    """bf16-mixed: the child traces FSDP1's family and plans it, this process FSDP2's; then
-    both take the autocast family's estimates from one queue. fp32: one trace serves all, and
-    every estimate comes from the queue."""
+    """bf16-mixed: the child traces FSDP1's family and plans it, this process FSDP2's, and
+    both take the autocast family's estimates from its queue. fp32: one trace serves all, and
+    both take every estimate from one queue."""
     config = PlanConfig(model=tiny_gpt, gpus=(1, 2, 4, 8), batch_size=2, precision=precision)
     one, two = estimate(config, processes=1), estimate(config, processes=2)
     assert two.estimates == one.estimates
@@ -31,8 +31,8 @@ def test_two_processes_plan_what_one_plans(tiny_gpt, precision):
 
 @needs_fork
 def test_a_failure_in_the_child_is_raised_in_the_parent():
-    """The LSTM cannot run with FSDP1's bf16 parameters and a float32 input: that trace runs in
-    the child, and its one-line error is the same as in one process."""
+    """The LSTM cannot run with bf16 parameters and a float32 input: the FSDP traces fail in
+    both processes, and the one-line error is the same as in one process."""
     config = PlanConfig(model=str(BENCHMARK_MODELS / "custom.py"), gpus=(2,), precision="bf16-mixed")
     with pytest.raises(TraceError) as in_one:
         estimate(config, processes=1)
