@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,7 +88,7 @@ def trace_by_repeating(
     """The full-depth trace of ``model`` built from short copies of it, or None when the model
     is not a stack of alike layers or the short traces do not follow the rule (trace in full).
     ``trace_model(short_model, units)`` traces a short copy with the given units."""
-    stack = find_layer_stack(model, wrap)
+    stack = _layer_stack_of(model, wrap)
     if stack is None or len(stack.layers) < MIN_LAYERS:
         return None
     try:
@@ -120,6 +121,18 @@ def trace_by_repeating(
         num_ops=three.num_ops + per_layer_ops * (len(stack.layers) - SHORT_DEPTH),
         repeated_layers=len(stack.layers),
     )
+
+
+_STACKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _layer_stack_of(model: nn.Module, wrap: str | None) -> LayerStack | None:
+    """``find_layer_stack``, once per untraced model and wrap class (each precision family
+    asks again)."""
+    per_wrap = _STACKS.setdefault(model, {})
+    if wrap not in per_wrap:
+        per_wrap[wrap] = find_layer_stack(model, wrap)
+    return per_wrap[wrap]
 
 
 def find_layer_stack(model: nn.Module, wrap: str | None) -> LayerStack | None:
