@@ -131,15 +131,9 @@ class RankTimeline:
         category) or ``free_at(a, position)``; the same as making those calls one by one."""
         for position, is_insert, a, b in events:
             if is_insert:
-                if a:
-                    self._ins_position.append(position)
-                    self._ins_const.append(float(a))
-                    self._ins_lin.append(0.0)
-                    self._ins_quad.append(0.0)
-                    self._ins_category.append(b)
+                self.insert(position, a, b)
             else:
                 self.free_at(a, position)
-        self._merged_cache = None
 
     def free_at_many(self, storages, positions) -> None:
         """``free_at(storage, position)`` for each pair, in order (a storage already moved, or

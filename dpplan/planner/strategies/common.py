@@ -64,30 +64,6 @@ def is_param_shaped(trace: StepTrace, storage: int, param_index: int) -> bool:
     return numel > 1 and nbytes >= numel and nbytes % numel == 0 and nbytes // numel in (1, 2, 4, 8)
 
 
-def element_size_of(trace: StepTrace, storage: int, param_index: int) -> int:
-    return int(trace.storage_bytes[storage]) // trace.params[param_index].numel
-
-
-def resize_param_storages(
-    timeline: RankTimeline,
-    storages: list[int],
-    param_index: int,
-    *,
-    local_numel: float,
-    element_size: int | None = None,
-) -> None:
-    """Make each param-shaped storage hold ``local_numel`` elements (a shard), optionally at
-    another element size (fp32 optimizer state behind bf16 compute). Scalars are kept."""
-    trace = timeline.trace
-    numel = trace.params[param_index].numel
-    for storage in storages:
-        if not is_param_shaped(trace, storage, param_index):
-            continue
-        traced_size = element_size_of(trace, storage, param_index)
-        new_size = element_size or traced_size
-        timeline.scale(storage, (local_numel / numel) * (new_size / traced_size))
-
-
 @dataclass(frozen=True, kw_only=True)
 class OwnedStorages:
     """Every storage of one category owned by a parameter, as arrays (read-only, per trace)."""
@@ -126,8 +102,9 @@ def _owned_storages(trace: StepTrace, category: str) -> OwnedStorages:
 def resize_owned_storages(
     timeline: RankTimeline, owned: OwnedStorages, local_numel: np.ndarray, element_size: np.ndarray
 ) -> None:
-    """``resize_param_storages`` for every storage of ``owned`` at once: parameter i keeps
-    ``local_numel[i]`` elements at ``element_size[i]`` bytes each (0: as traced)."""
+    """Make each parameter-shaped storage of ``owned`` hold a shard: parameter i keeps
+    ``local_numel[i]`` elements at ``element_size[i]`` bytes each (0: as traced), e.g. fp32
+    optimizer state behind bf16 compute. Scalars (Adam's ``step``) are kept."""
     shaped = owned.shaped
     owner = owned.owner[shaped]
     traced = owned.element_size[shaped]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpplan.planner.strategies.common import resize_param_storages, storages_by_param
+from dpplan.planner.strategies.common import owned_storages, resize_owned_storages, storages_by_param
 from dpplan.planner.strategies.fsdp2_buffers import (
     Replay,
     Schedule,
@@ -103,21 +103,28 @@ def _offload(layout: Layout) -> tuple[bool, list[str]]:
     return True, notes
 
 
-def _shard_resident(timeline: RankTimeline, params: list[ShardedParam], owned, offload: bool) -> None:
+def _shard_resident(timeline: RankTimeline, params: list[ShardedParam], offload: bool) -> None:
     """Sharded parameters (padded, original dtype) and optimizer state / step temporaries on
     the rank's unpadded shard (the optimizer runs on the DTensor ``sharded_param``, a narrow
     view of the padded buffer: FSDPParam._init_sharded_param). With CPU offload both live on
     the host (CPUOffloadPolicy: "the optimizer step runs on CPU")."""
+    trace = timeline.trace
+    count = len(trace.params)
+    padded, local, compute, orig = (np.zeros(count, dtype=np.int64) for _ in range(4))
     for p in params:
-        traced = p.numel * p.compute_size
-        for s in owned[p.index].parameter:
-            timeline.scale(s, 0.0 if offload or traced == 0 else p.padded * p.orig_size / traced)
-        step_storages = owned[p.index].optimizer_state + owned[p.index].optimizer_temporary
-        size = p.orig_size if p.orig_size != p.compute_size else None
-        resize_param_storages(timeline, step_storages, p.index, local_numel=p.local, element_size=size)
+        padded[p.index], local[p.index], compute[p.index], orig[p.index] = p.padded, p.local, p.compute_size, p.orig_size
+    parameters = owned_storages(trace, "parameter")
+    traced = parameters.numel * compute[parameters.owner]
+    kept = (traced != 0) & (not offload)
+    factors = np.zeros(len(parameters.storage))
+    factors[kept] = (padded * orig)[parameters.owner[kept]] / traced[kept]
+    timeline.scale_many(parameters.storage, factors)
+    for category in ("optimizer_state", "optimizer_temporary"):
+        step = owned_storages(trace, category)
         if offload:
-            for s in step_storages:
-                timeline.scale(s, 0.0)
+            timeline.scale_many(step.storage, np.zeros(len(step.storage)))
+        else:
+            resize_owned_storages(timeline, step, local, np.where(orig != compute, orig, 0))
 
 
 def _host_bytes(timeline: RankTimeline, params: list[ShardedParam], owned, layout: Layout) -> int:
@@ -149,7 +156,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
         notes.append("adafactor: torch's Adafactor fails on FSDP2's sharded (DTensor) parameters")
     params = _params(trace, layout)
     owned = storages_by_param(trace)
-    _shard_resident(timeline, params, owned, offload=False)
+    _shard_resident(timeline, params, offload=False)
     if layout.device_type == "cpu":
         # fully_shard without a mesh builds its own (FSDP_SRC/_fsdp_init.py
         # ``_init_default_mesh``) at each call: one per unit and one for the root, each holding
@@ -157,7 +164,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
         timeline.insert(0, len(trace.unit_names) * layout.world_size * RANK_MAP_ITEMSIZE, OTHER)
     host = _host_bytes(timeline, params, owned, layout) if offload else None
     if offload:
-        _shard_resident(timeline, params, owned, offload=True)
+        _shard_resident(timeline, params, offload=True)
     birth, death = storage_lifetimes(trace)
     run = Replay(
         trace=trace,
