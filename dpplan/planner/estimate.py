@@ -208,7 +208,12 @@ def _plan_in_two_processes(
                 trace_seconds += seconds
         return estimates, trace_seconds
 
-    child = forked.start(lambda: plan(child_order, owned["child"]))
+    try:
+        child = forked.start(lambda: plan(child_order, owned["child"]))
+    except OSError:  # no process to be had (a limit, no memory): plan everything here
+        for queue in queues.values():
+            queue.close()
+        return _plan_items(spec, config, [item for family in items.values() for item in family], traces)
     try:
         estimates, trace_seconds = plan(parent_order, owned["parent"])
         child_estimates, child_seconds = child.result()

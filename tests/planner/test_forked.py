@@ -88,3 +88,15 @@ def test_a_child_stopped_by_ctrl_c_is_an_interrupt():
     os.kill(call.pid, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         call.result()
+
+
+@needs_fork
+def test_without_a_process_to_fork_the_plan_is_made_here(tiny_gpt, monkeypatch):
+    config = PlanConfig(model=tiny_gpt, gpus=(1, 2), precision="bf16-mixed")
+    expected = estimate(config, processes=1).estimates
+
+    def no_fork():
+        raise BlockingIOError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert estimate(config, processes=2).estimates == expected
