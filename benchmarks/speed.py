@@ -4,11 +4,12 @@ Targets (issue #2): <= 5 s wall and <= 1 GiB peak RSS on a 2-core machine, for t
 process (Python start, torch import, trace, every strategy and GPU count, JSON written).
 
 Measured with this script on the shared 2-core development machine, torch 2.13 CPU build,
-``--runs 7`` (medians; min-max), each run alternated with a bare ``python -c "import torch"``:
-    bf16-mixed  5.8 s wall (5.1-6.3 s), bare torch import process 3.7 s, 292 MiB peak RSS
-    fp32        4.6 s wall (4.3-5.3 s), bare torch import process 3.0 s, 289 MiB peak RSS
-Other runs of the same code that session, bf16-mixed, ``--runs 5``: 5.5 s (bare import 3.1 s),
-6.5 s (4.0 s), 6.8 s (4.3 s): the machine's speed drifts, compare with the bare import.
+``--runs 7`` at the final commit of stop 8 (medians; min-max), each run alternated with a bare
+``python -c "import torch"`` (the machine's speed drifts: compare with the bare import):
+    bf16-mixed  4.7 s wall (3.8-5.6 s), bare torch import process 2.7 s, 292 MiB peak RSS
+    bf16-mixed  5.0 s wall (4.4-5.7 s), bare torch import process 2.9 s, 292 MiB peak RSS
+    fp32        3.9 s wall (3.5-4.7 s), bare torch import process 2.4 s, 289 MiB peak RSS
+An hour earlier, the machine slower: bf16-mixed 5.8 s (bare import 3.7 s), fp32 4.6 s (3.0 s).
 Before (stop 7, 3 runs): bf16-mixed 15.6 s, fp32 9.4 s. The ``trace_s`` printed is tracing
 CPU seconds summed over both processes (building the model, and torch's sympy import, are
 outside it).
