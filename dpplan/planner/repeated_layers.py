@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import difflib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -116,7 +116,7 @@ def trace_by_repeating(
         _why(str(exc))
         return None
     per_layer_ops = four.num_ops - three.num_ops
-    return _with(
+    return replace(
         full,
         num_ops=three.num_ops + per_layer_ops * (len(stack.layers) - SHORT_DEPTH),
         repeated_layers=len(stack.layers),
@@ -358,22 +358,21 @@ class _Extension:
                 layers = [OUTER]
             else:
                 layers = [self._full_layer(segment)]
+            run_signs = t.event_sign[events]
             if segment == OUTER:
-                ids, copy_starts = self._outer_run(events), [0]
+                widths = self._outer_widths(events)
+                ids, copy_starts = self._outer_run(events, widths), [0]
                 # fan-out moves the markers of an outer run: count output events before each
-                expanded = np.cumsum(np.concatenate([[0], self._outer_widths(events)]))
+                expanded = np.cumsum(np.concatenate([[0], widths]))
                 marks = [(i, int(expanded[c])) for i, c in marks]
+                signs.append(np.repeat(run_signs, widths))
             else:
                 ids = self._layer_run(events, segment, np.asarray(layers, dtype=np.int64))
                 copy_starts = [c * len(events) for c in range(len(layers))]
-            run_signs = t.event_sign[events]
+                signs.append(np.tile(run_signs, len(layers)))
             for c, full_layer in enumerate(layers):
                 for i, offset in marks:
                     markers.append(self._marker(i, segment, full_layer, position + copy_starts[c] + offset))
-            if segment == OUTER:
-                signs.append(np.repeat(run_signs, self._outer_widths(events)))
-            else:
-                signs.append(np.tile(run_signs, len(layers)))
             pieces.append(ids)
             position += len(ids)
         if num_baseline is None:
@@ -439,13 +438,12 @@ class _Extension:
         home = self.home[self.short.event_storage[events]]
         return np.where(home == 1, self.depth - 2, 1)
 
-    def _outer_run(self, events: np.ndarray) -> np.ndarray:
+    def _outer_run(self, events: np.ndarray, widths: np.ndarray) -> np.ndarray:
         t = self.short
         s = t.event_storage[events]
         home = self.home[s]
         if np.any((home == 1) & (t.event_sign[events] > 0)):
             raise NotRepeatable("a template storage born outside its layer")
-        widths = self._outer_widths(events)
         s_rep = np.repeat(s, widths)
         home_rep = np.repeat(home, widths)
         # Within each fanned-out event, the middle layers 1 .. n-2 in order.
@@ -665,12 +663,6 @@ def _runs(items):
         else:
             runs.append((item[2], [item]))
     return runs
-
-
-def _with(trace: StepTrace, **changes) -> StepTrace:
-    from dataclasses import replace
-
-    return replace(trace, **changes)
 
 
 # -- comparison -------------------------------------------------------------------------------
