@@ -124,6 +124,8 @@ def trace_settings_for(strategy: str, config: PlanConfig, *, floating_buffers: b
         grad_accum=config.grad_accum,
         wrap=config.wrap,
         device_type=config.device,
+        # only CPU kernels are measured (at the plan's batch): GPU traces stay batch-free
+        kernel_batch_size=config.batch_size if config.device == "cpu" else TraceSettings.kernel_batch_size,
     )
 
 
@@ -270,7 +272,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         max_batch = rank_max if max_batch is None else min(max_batch, rank_max)
     assert best is not None
     total, rank, peak, timeline, runtime = best
-    notes = list(getattr(timeline, "notes", []))
+    notes = list(trace.notes) + list(getattr(timeline, "notes", []))
     if config.offload != "none" and strategy in OFFLOAD_UNSUPPORTED:
         notes.append(f"{strategy} has no offload in torch; planned without offload (use zero* or fsdp*)")
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)

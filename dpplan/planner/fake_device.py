@@ -30,6 +30,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dpplan.planner import cpu_kernels
+
 CPU = torch.device("cpu")
 META = torch.device("meta")
 _Tensor = torch.Tensor
@@ -112,11 +114,20 @@ class StorageTracer(TorchDispatchMode):
         on_free: Callable[[int], None],
         on_op_done: Callable[[Any, tuple, Any], None] | None = None,
         target_device_type: str = "cpu",
+        trace_batch_size: int = 1,
+        kernel_batch_size: int = 2,
     ):
         super().__init__()
         self.target_device_type = target_device_type
-        """The device whose kernels the plan is for; meta kernels follow CUDA's output dtypes,
-        so for a CPU target a few ops are corrected (see ``_cpu_output_dtypes``)."""
+        """The device whose kernels the plan is for; meta kernels follow CUDA's output dtypes
+        and allocate nothing inside an op, so for a CPU target a few ops are corrected and
+        some measured (planner/cpu_kernels.py)."""
+        self.trace_batch_size = trace_batch_size
+        """The micro-batch the step is traced at (dims that are multiples of it carry the batch)."""
+        self.kernel_batch_size = kernel_batch_size
+        """The micro-batch at which CPU kernels' in-op buffers are measured."""
+        self.notes: dict[str, int] = {}
+        """What could not be planned exactly, for the plan's notes: text -> number of calls."""
         self.on_op_done = on_op_done
         """Called as ``on_op_done(func, args, outputs)`` after each op, when set."""
         self._on_alloc = on_alloc
@@ -156,7 +167,7 @@ class StorageTracer(TorchDispatchMode):
         return value
 
     def _replay_kernel(self, steps: list[tuple], result: Any) -> Any:
-        """Wrap ``result`` while replaying the kernel's own buffers (see ``_CPU_KERNEL_BUFFERS``):
+        """Wrap ``result`` while replaying the kernel's own buffers (planner/cpu_kernels.py):
         ``("+", name, nbytes)`` a buffer is born, ``("-", name)`` it dies, ``("out", i)`` output
         ``i`` (of a tuple result; 0 for a single tensor) is born. Outputs no step names are born
         first; every buffer is dead when the op returns."""
@@ -178,6 +189,16 @@ class StorageTracer(TorchDispatchMode):
                 wrapped[step[1]] = self._wrap(outputs[step[1]])
         buffers.clear()
         return wrapped[0] if single else type(result)(wrapped)
+
+    def _cpu_kernel_steps(self, func, args, kwargs, cache_key) -> list[tuple] | None:
+        try:
+            return cpu_kernels.in_op_steps(
+                func, args, kwargs, self.trace_batch_size, cache_key, batch_size=self.kernel_batch_size
+            )
+        except cpu_kernels.ProbeSkipped as skipped:
+            note = f"in-op buffers of {skipped} (planned without them)"
+            self.notes[note] = self.notes.get(note, 0) + 1
+            return None
 
     # -- ops ------------------------------------------------------------------------------
     def _mutates_and_returns_self(self, func) -> bool:
@@ -221,8 +242,8 @@ class StorageTracer(TorchDispatchMode):
             result = _run_foreach_deduplicated(func, args, kwargs, kind)
             if result is _NOT_DEDUPLICATED:
                 result = func(*_unwrap(args), **kwargs)
-            if self.target_device_type == "cpu" and func in _CPU_STATISTICS_OPS:
-                result = _cpu_output_dtypes(func, args, result)
+            if self.target_device_type == "cpu" and func in cpu_kernels.CORRECTED_OPS:
+                result = cpu_kernels.corrected_outputs(func, args, result)
             if key is not None:
                 if kind is _FRESH_OUTPUTS and _shares_input_storage(args, result):
                     # The schema promises fresh outputs but the kernel returned a view
@@ -230,15 +251,13 @@ class StorageTracer(TorchDispatchMode):
                     _OP_KIND[func] = _UNCACHED
                 else:
                     _OP_CACHE[key] = _CHECK_ONLY_MARK if kind is _CHECK_ONLY else _specs_of(result)
-        fix = _MISSIZED_OUTPUTS.get(func) if self.target_device_type == "cpu" else None
-        if fix is not None:
-            result = fix(args, result)
         if self._mutates_and_returns_self(func):
             return args[0]
         if kind is _CHECK_ONLY:
             return result
-        rule = _CPU_KERNEL_BUFFERS.get(func) if self.target_device_type == "cpu" else None
-        steps = rule(args) if rule is not None else None
+        steps = None
+        if self.target_device_type == "cpu" and func in cpu_kernels.PROBED_OPS:
+            steps = self._cpu_kernel_steps(func, args, kwargs, key)
         wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
         if self.on_op_done is not None:
             self.on_op_done(func, args, wrapped)
@@ -407,312 +426,6 @@ def _run_foreach_deduplicated(func, args, kwargs, kind):
         return _NOT_DEDUPLICATED
     specs = [_spec_of(r) for r in result]
     return type(result)(_output_from_spec(specs[u]) for u in element_of)
-
-
-# -- outputs whose meta kernel has the wrong size ---------------------------------------------
-# A few meta kernels return a placeholder for an output whose real size only the device
-# library knows. Each rule here replaces that output by one of the size the CPU kernel
-# allocates, derived from the kernel's own code (cited); a test in test_fake_device.py compares
-# the rule with the real kernel.
-
-
-def _onednn_good_ld(dim: int, itemsize: int) -> int:
-    """oneDNN src/cpu/rnn/rnn_utils.cpp ``get_good_ld``: round up to 64 bytes, and one more
-    64-byte block when the result is a multiple of 256 elements (4K aliasing)."""
-    block = 64 // itemsize
-    ld = -(-dim // block) * block
-    return ld + block if ld % 256 == 0 else ld
-
-
-def onednn_lstm_workspace_bytes(seq_len: int, batch: int, input_size: int, hidden: int) -> int:
-    """Bytes of the training workspace oneDNN's f32 LSTM forward hands to its backward, for one
-    layer and one direction (``mkldnn_rnn_layer`` runs once per layer and direction).
-
-    aten/src/ATen/native/mkldnn/RNN.cpp ``mkldnn_rnn_layer`` allocates it as
-    ``at::empty(pd.workspace_desc().get_size(), kByte)`` when ``train``; the size is oneDNN's
-    (v3, src/cpu/rnn/rnn_utils.hpp ``init_conf`` leading dimensions and
-    ``set_workspace_sizes``, rnn_utils.cpp ``set_offsets``), with n_layer = n_dir = 1:
-    gates T*N*ld(4H), h_t T*N*ld(H), states (T+1)*N*ld(max(I,H)) and c states (T+1)*N*H for
-    the two "layer+1" slots, and the same three for their gradients; all f32.
-
-    oneDNN starts each part on a 4096-byte page and the total is page-rounded; that padding
-    (under 8 pages) is left out, so the size stays proportional to the batch (the tracer's
-    batch scaling needs that): at batch 2 this is 0.3% under the real 4,096,000 bytes of a
-    256-wide LSTM over 128 steps.
-    """
-    t, n = seq_len, batch
-    states_ld = _onednn_good_ld(max(input_size, hidden), 4)
-    gates = t * n * _onednn_good_ld(4 * hidden, 4)
-    h_t = t * n * _onednn_good_ld(hidden, 4)
-    states = 2 * (t + 1) * n * (states_ld + hidden)  # h/x states (good ld) and c states
-    diff_states = 2 * (t + 1) * n * (2 * states_ld + hidden)  # d layer, d iter, d c
-    return 4 * (gates + h_t + states + diff_states)
-
-
-_ONEDNN_LSTM = 2  # ideep::rnn_kind::LSTM, the only mode ATen sends to mkldnn_rnn_layer
-
-
-def _mkldnn_rnn_layer_workspace(args, result):
-    """``mkldnn_rnn_layer``'s meta kernel returns an empty workspace (torch/_meta_registrations.py)."""
-    input, w0 = args[0], args[1]
-    mode, hidden, train = args[9], args[10], args[15]
-    if not train or mode != _ONEDNN_LSTM or input.dtype != torch.float32:
-        return result  # bf16 LSTMs need avx512_bf16: not modelled (kept at the meta size)
-    # ATen's mkldnn_rnn transposes a batch-first input before this op, whose kernel reads
-    # (seq, batch, features) whatever its batch_first argument says (RNNParams).
-    seq_len, batch = input.shape[0], input.shape[1]
-    nbytes = onednn_lstm_workspace_bytes(seq_len, batch, w0.shape[1], hidden)
-    output, hy, cy, _ = result
-    return output, hy, cy, torch.empty(nbytes, dtype=torch.uint8, device=META)
-
-
-def _onednn_lstm_weights_steps(input_size: int, hidden: int) -> list[tuple]:
-    """The weights reordered for the primitive (ideep ``rnn_forward``/``rnn_backward`` compute on
-    weights in oneDNN's own layout: one input-feature row per gate column set, the gates dimension
-    at ``get_good_ld(4H)``), alive for the whole op."""
-    gates_ld = _onednn_good_ld(4 * hidden, 4)
-    return [("+", "weights_layer", input_size * gates_ld * 4), ("+", "weights_iter", hidden * gates_ld * 4)]
-
-
-def _onednn_lstm_scratch_bytes(seq_len: int, batch: int, hidden: int) -> int:
-    """The primitive's scratchpad, which ATen allocates for it per call: its gates scratch,
-    T*N*ld(4H) f32 (oneDNN rnn_utils ``set_conf`` scratch_gates). oneDNN adds a few pages (cell
-    and diff-state scratch, page rounding; 12-21 KiB measured on 256-wide layers) that are left
-    out, so the size stays proportional to the batch as the tracer's batch scaling needs."""
-    return seq_len * batch * _onednn_good_ld(4 * hidden, 4) * 4
-
-
-def _mkldnn_rnn_layer_steps(args) -> list[tuple] | None:
-    """aten/src/ATen/native/mkldnn/RNN.cpp ``mkldnn_rnn_layer`` (f32 LSTM, training): the
-    weights reordered, then the scratchpad, all freed when the op returns."""
-    input, w0 = args[0], args[1]
-    mode, hidden, train = args[9], args[10], args[15]
-    if not train or mode != _ONEDNN_LSTM or input.dtype != torch.float32:
-        return None
-    seq_len, batch = input.shape[0], input.shape[1]
-    steps = [("+", "bias", 4 * hidden * 4)]  # b_ih + b_hh, summed for the primitive
-    steps += _onednn_lstm_weights_steps(w0.shape[1], hidden)
-    steps.append(("+", "scratchpad", _onednn_lstm_scratch_bytes(seq_len, batch, hidden)))
-    return steps + [("-", step[1]) for step in reversed(steps)]
-
-
-def _mkldnn_rnn_layer_backward_steps(args) -> list[tuple] | None:
-    """RNN.cpp ``mkldnn_rnn_layer_backward`` (f32 LSTM): oneDNN computes the weight gradients in
-    its layout (gates x ld(features)) and ATen copies them out, so a padded buffer per weight
-    whose feature count is not already its good leading dimension; the forward weights reordered
-    again; the bias gradient (4H f32); the scratchpad. Measured on torch 2.13 (tests)."""
-    input, w1 = args[0], args[1]
-    mode, hidden = args[14], args[15]
-    if mode != _ONEDNN_LSTM or input.dtype != torch.float32:
-        return None
-    seq_len, batch, input_size = input.shape[0], input.shape[1], w1.shape[1]
-    steps = []
-    for name, features in (("diff_weights_layer", input_size), ("diff_weights_iter", hidden)):
-        ld = _onednn_good_ld(features, 4)
-        if ld != features:
-            steps.append(("+", name, 4 * hidden * ld * 4))
-    steps += _onednn_lstm_weights_steps(input_size, hidden)
-    steps.append(("+", "diff_bias", 4 * hidden * 4))
-    steps.append(("+", "scratchpad", _onednn_lstm_scratch_bytes(seq_len, batch, hidden)))
-    return steps + [("-", step[1]) for step in reversed(steps)]
-
-
-_MISSIZED_OUTPUTS: dict[Any, Callable[[tuple, Any], Any]] = {
-    torch.ops.aten.mkldnn_rnn_layer.default: _mkldnn_rnn_layer_workspace,
-}
-
-
-# -- buffers a CPU kernel allocates and frees inside one op -----------------------------------
-# Invisible to a trace of op outputs. Each rule returns, for the op's arguments, the kernel's
-# allocation sequence as steps for ``StorageTracer._replay_kernel`` (None: nothing to add),
-# from the kernel's code (cited); tests/planner/test_fake_device.py runs the real kernels
-# under the profiler and compares.
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
-
-
-def _conv2d_output_hw(input, weight, stride, padding, dilation) -> tuple[int, int]:
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    kh, kw = weight.shape[2], weight.shape[3]
-    h, w = input.shape[2], input.shape[3]
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-
-def _conv_backend(input, weight, stride, padding, dilation, transposed, output_padding, groups):
-    if transposed or groups != 1 or input.dim() != 4:
-        return None  # grouped, transposed and 1-d/3-d convolutions are not modelled
-    return torch._C._select_conv_backend(
-        input, weight, None, stride, padding, dilation, transposed, output_padding, groups, None
-    )
-
-
-def _slow_conv2d_columns_bytes(input, weight, stride, padding) -> int:
-    """The im2col buffer of ATen's ``_slow_conv2d_forward`` / ``_slow_conv2d_backward``
-    (aten/src/ATen/native/ConvolutionMM2d.cpp): N x (C_in*kH*kW) x (H_out*W_out) elements of
-    the input's dtype, allocated whenever ``requires_columns`` (any kernel, stride or padding
-    other than 1x1 / 1 / 0), born after the outputs, freed when the op returns; forward and
-    backward allocate one each. Only when torch picks the Slow2d backend (on CPU: no oneDNN
-    for the dtype, e.g. bf16 without avx512_bf16), which ``_select_conv_backend`` decides
-    exactly as ``aten::_convolution`` does.
-    """
-    kh, kw = weight.shape[2], weight.shape[3]
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
-        return 0
-    h_out, w_out = _conv2d_output_hw(input, weight, stride, padding, [1])
-    return input.shape[0] * input.shape[1] * kh * kw * h_out * w_out * input.element_size()
-
-
-# oneDNN (mkldnn) fp32 convolutions. ATen's Mkldnn backend (aten/src/ATen/native/mkldnn/Conv.cpp
-# ``_mkldnn_convolution``, ``mkldnn_convolution_backward_input`` / ``_weights``) hands plain
-# NCHW tensors to ideep, which reorders every operand whose layout differs from the one the
-# chosen oneDNN implementation wants into a new buffer (ideep/operators/conv.hpp
-# ``reorder_if_differ_in``), lets oneDNN write the result into a buffer of its own layout, and
-# ATen then copies that into a fresh dense tensor (``mkldnn_to_dense``): the op's output. ideep
-# allocates through c10's CPU allocator (IDeepRegistration.cpp), so all of it is CPU tensor
-# memory, freed when the op returns. The layouts are oneDNN's choice per ISA and shape; these
-# are those of oneDNN 3.x on AVX2 (seen with ONEDNN_VERBOSE=1: jit:avx2, jit_1x1:avx2 and, for
-# strided backward-data, brgconv_strided:avx2):
-#   - activations nChw8c (channels padded to the 8-float block), except that a source with
-#     fewer channels than the block stays plain NCHW (jit_avx2_conv_kernel_f32.cpp
-#     ``init_conf``: the "flat" first-layer case);
-#   - weights OIhw8i8o / OIhw8o8i (both channel dims padded), Ohwi8o for a flat source
-#     (forward, backward-weights; backward-data pads both dims even then);
-#   - strided backward-data: NHWC activations (no padding) and weights blocked over input
-#     channels by 8 to 32 (modelled as 8: brgemm's block choice is a heuristic, and weights are
-#     small); the NHWC gradient then goes through two more gradient-sized buffers (a
-#     jit_direct_copy reorder, then the NCHW output), all three alive at once.
-# Left out: oneDNN's scratchpads (buffers of some implementations sized by thread count and
-# blocking, not by the batch: jit_1x1's strided-source copy and reduction buffers, brgconv's;
-# from 16 KiB to 600 KiB for ResNet-sized layers)
-# and the bias-padding scratchpad (under 1 KiB). AVX-512 machines use 16-float blocks and
-# often other implementations: there the same sequence is assumed with 16-float blocks
-# (not validated).
-_F32 = 4
-
-
-def _onednn_block() -> int:
-    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
-
-
-def _round_up(value: int, block: int) -> int:
-    return -(-value // block) * block
-
-
-def _onednn_conv_layouts(input, weight, stride, padding, dilation) -> dict[str, int] | None:
-    """Bytes of each oneDNN-layout buffer of an fp32 NCHW convolution (None: not this path)."""
-    if input.dtype != torch.float32 or weight.dtype != torch.float32:
-        return None
-    if not (input.is_contiguous() and weight.is_contiguous()):
-        return None  # channels-last: ATen runs oneDNN on NHWC tensors directly (not modelled)
-    block = _onednn_block()
-    n, c, h, w = input.shape
-    o, i, kh, kw = weight.shape
-    h_out, w_out = _conv2d_output_hw(input, weight, stride, padding, dilation)
-    flat = c < block  # the source stays plain NCHW
-    weights = _round_up(o, block) * (i if flat else _round_up(i, block)) * kh * kw * _F32
-    return {
-        "src": 0 if flat else n * _round_up(c, block) * h * w * _F32,
-        "dst": n * _round_up(o, block) * h_out * w_out * _F32,
-        "weights": weights,
-        "diff_src": n * _round_up(c, block) * h * w * _F32,
-        "bwd_data_weights": _round_up(o, block) * _round_up(i, block) * kh * kw * _F32,  # never flat
-        "diff_weights": weights,
-        "bias": o * _F32,
-        # strided backward-data (brgconv, NHWC)
-        "nhwc_diff_dst": n * o * h_out * w_out * _F32,
-        "nhwc_diff_src": n * c * h * w * _F32,
-        "nhwc_weights": o * _round_up(i, 8) * kh * kw * _F32,
-    }
-
-
-def _slow2d_steps(input, weight, stride, padding) -> list[tuple] | None:
-    nbytes = _slow_conv2d_columns_bytes(input, weight, stride, padding)
-    return [("+", "columns", nbytes), ("-", "columns")] if nbytes else None
-
-
-def _convolution_steps(args) -> list[tuple] | None:
-    input, weight, _bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
-    backend = _conv_backend(input, weight, stride, padding, dilation, transposed, output_padding, groups)
-    if backend == torch._C._ConvBackend.Slow2d:
-        return _slow2d_steps(input, weight, stride, padding)
-    if backend != torch._C._ConvBackend.Mkldnn:
-        return None
-    sizes = _onednn_conv_layouts(input, weight, stride, padding, dilation)
-    if sizes is None:
-        return None
-    # Conv.cpp _mkldnn_convolution -> ideep convolution_forward::compute, then mkldnn_to_dense.
-    return [
-        ("+", "src", sizes["src"]), ("+", "weights", sizes["weights"]), ("+", "dst", sizes["dst"]),
-        ("-", "weights"), ("-", "src"), ("out", 0), ("-", "dst"),
-    ]
-
-
-def _convolution_backward_steps(args) -> list[tuple] | None:
-    _grad, input, weight, _bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = args[:11]
-    backend = _conv_backend(input, weight, stride, padding, dilation, transposed, output_padding, groups)
-    if backend == torch._C._ConvBackend.Slow2d:
-        return _slow2d_steps(input, weight, stride, padding) if (mask[0] or mask[1]) else None
-    if backend != torch._C._ConvBackend.Mkldnn:
-        return None
-    sizes = _onednn_conv_layouts(input, weight, stride, padding, dilation)
-    if sizes is None:
-        return None
-    steps: list[tuple] = []
-    if mask[0]:  # Conv.cpp mkldnn_convolution_backward_input -> convolution_backward_data
-        if _pair(stride) == (1, 1):
-            steps += [
-                ("+", "diff_dst", sizes["dst"]), ("+", "weights", sizes["bwd_data_weights"]),
-                ("+", "diff_src", sizes["diff_src"]), ("-", "weights"), ("-", "diff_dst"),
-                ("out", 0), ("-", "diff_src"),
-            ]
-        else:
-            steps += [
-                ("+", "diff_dst", sizes["nhwc_diff_dst"]), ("+", "weights", sizes["nhwc_weights"]),
-                ("+", "diff_src", sizes["nhwc_diff_src"]), ("-", "weights"), ("-", "diff_dst"),
-                ("+", "dense_nhwc", sizes["nhwc_diff_src"]), ("out", 0), ("-", "dense_nhwc"),
-                ("-", "diff_src"),
-            ]
-    if mask[1]:  # mkldnn_convolution_backward_weights -> convolution_backward_weights
-        with_bias = len(mask) > 2 and mask[2]
-        steps += [
-            ("+", "diff_dst", sizes["dst"]), ("+", "src", sizes["src"]),
-            ("+", "diff_weights", sizes["diff_weights"]),
-            ("+", "diff_bias", sizes["bias"] if with_bias else 0),
-            ("-", "src"), ("-", "diff_dst"),
-            ("out", 2), ("out", 1), ("-", "diff_weights"), ("-", "diff_bias"),
-        ]
-    return steps or None
-
-
-_CPU_KERNEL_BUFFERS: dict[Any, Callable[[tuple], list[tuple] | None]] = {
-    torch.ops.aten.convolution.default: _convolution_steps,
-    torch.ops.aten.convolution_backward.default: _convolution_backward_steps,
-    torch.ops.aten.mkldnn_rnn_layer.default: _mkldnn_rnn_layer_steps,
-    torch.ops.aten.mkldnn_rnn_layer_backward.default: _mkldnn_rnn_layer_backward_steps,
-}
-
-
-# -- CPU kernels whose outputs differ from the meta kernel's -----------------------------------
-# Meta kernels keep normalization statistics in the accumulation dtype (fp32 for bf16/fp16
-# inputs), as CUDA does. The CPU kernels keep them in the input dtype unless the weight is fp32
-# ("mixed type"): aten/src/ATen/native/layer_norm.cpp (layer_norm_cpu: mean/rstd use
-# param_scalar_type(input, mixed_type)) and native/Normalization.cpp (batch_norm_cpu).
-_CPU_STATISTICS_OPS = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_batch_norm.default}
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _cpu_output_dtypes(func, args, result):
-    input_ = args[0]
-    weight = args[2] if func is torch.ops.aten.native_layer_norm.default else args[1]
-    if input_.dtype not in _LOW_PRECISION:
-        return result
-    mixed = weight is not None and weight.dtype == torch.float32
-    stats_dtype = torch.float32 if mixed else input_.dtype
-    output, *stats = result
-    return (output, *(s if s.dtype == stats_dtype else torch.empty_like(s, dtype=stats_dtype) for s in stats))
 
 
 def _placeholder_scalar(dtype: torch.dtype):

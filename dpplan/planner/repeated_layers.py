@@ -597,6 +597,7 @@ class _Extension:
             module_classes=self.module_classes,
             num_ops=t.num_ops,
             checkpointing=t.checkpointing,
+            notes=t.notes,
         )
 
     def _module_table(self) -> np.ndarray:

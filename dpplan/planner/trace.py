@@ -66,6 +66,9 @@ class TraceSettings:
     wrap: str | None = None
     device_type: str = "cpu"
     """Target device type: decides optimizer defaults (foreach on cuda)."""
+    kernel_batch_size: int = 2
+    """CPU target: the micro-batch at which the CPU kernels' in-op buffers are measured (the
+    plan's; they are exact there and extrapolated linearly to others: planner/cpu_kernels.py)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +130,9 @@ class StepTrace:
     repeated_layers: int = 0
     """0: every layer was traced; else the number of alike layers in the stack that was traced
     at three and four layers and built to this depth (planner/repeated_layers.py)."""
+    notes: tuple[str, ...] = ()
+    """What the trace assumed where it could not be exact (an op planned at an upper bound, a
+    CPU kernel whose buffers could not be measured); shown with every estimate."""
 
     def storage_bytes_at(self, batch_size: int) -> np.ndarray:
         """Bytes of every storage at another micro-batch size (exact, see module docstring)."""
@@ -381,7 +387,11 @@ def trace_model(
     batch = _prepare_precision(model, batch, settings)
 
     tracer = fake_device.StorageTracer(
-        lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k), target_device_type=settings.device_type
+        lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k), target_device_type=settings.device_type,
+        # CPU kernels' buffers are fitted to the batch where the trace batch is the prime that
+        # marks batch dims; a step traced at a real batch has them measured at that batch.
+        trace_batch_size=batch_size if batch_size == TRACE_BATCH_SIZE else 1,
+        kernel_batch_size=settings.kernel_batch_size,
     )
     module_index: dict[int, int] = {}
     module_names: list[str] = []
@@ -611,6 +621,7 @@ def _trace_steady_step(
         module_classes=module_classes,
         num_ops=tracer.num_ops,
         checkpointing=checkpointing,
+        notes=tuple(f"{note} ({count} calls)" if count > 1 else note for note, count in tracer.notes.items()),
     )
 
 
