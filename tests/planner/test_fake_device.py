@@ -84,3 +84,56 @@ def test_graph_task_id_is_minus_one_outside_backward():
     assert fake_device.current_graph_task_id() == -1
 
 
+
+
+# -- where meta kernels differ from the device kernels --------------------------------------------
+
+
+def test_indexing_with_a_list_after_ellipsis_stays_in_the_tracing_mode():
+    """``x[..., [-2], :]`` (Falcon's fused QKV split) passes its index list as [None, tensor]."""
+    def step():
+        x = fake_device.to_fake_device(torch.empty(2, 5, 7, 4, device="meta"))
+        return x[..., [-2], :]
+
+    _, result = _trace(step)
+    assert type(result) is FakeDeviceTensor and tuple(result.shape) == (2, 5, 1, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_mm_is_planned_in_any_dtype_the_kernels_take(dtype):
+    """The meta kernel demands bf16; the CPU kernel (and CUDA's fallback) take fp32 as well."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    tokens, experts, hidden, ffn = 12, 3, 8, 16
+    real = torch._grouped_mm(torch.randn(tokens, hidden, dtype=dtype), torch.randn(experts, hidden, ffn, dtype=dtype),
+                             offs=torch.tensor([4, 8, 12], dtype=torch.int32))
+
+    def step():
+        a = fake_device.to_fake_device(torch.empty(tokens, hidden, dtype=dtype, device="meta"))
+        b = fake_device.to_fake_device(torch.empty(experts, hidden, ffn, dtype=dtype, device="meta"))
+        offs = torch.tensor([4, 8, 12], dtype=torch.int32)
+        return torch._grouped_mm(a, b, offs=offs)
+
+    events, result = _trace(step)
+    assert (result.shape, result.dtype) == (real.shape, real.dtype)
+    assert ("alloc", real.untyped_storage().nbytes()) in events
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_convolutions_keep_the_memory_format_the_kernel_returns(dims):
+    """A channels-last input gives a channels-last output on CPU (oneDNN), which the meta kernel
+    leaves contiguous; ConvNeXt's permutes copy or not depending on it."""
+    shape, kernel = ((2, 16, 12, 12), (16, 16, 3, 3)) if dims == 2 else ((2, 16, 12), (16, 16, 3))
+    real_input = torch.randn(shape)
+    if dims == 2:
+        real_input = real_input.to(memory_format=torch.channels_last)
+    real = torch.ops.aten.convolution(real_input, torch.randn(kernel), None, [1] * dims, [1] * dims, [1] * dims,
+                                      False, [0] * dims, 1)
+
+    def step():
+        x = fake_device.to_fake_device(torch.empty_strided(shape, real_input.stride(), device="meta"))
+        w = fake_device.to_fake_device(torch.empty(kernel, device="meta"))
+        return torch.ops.aten.convolution(x, w, None, [1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
+
+    _, result = _trace(step)
+    assert result.stride() == real.stride()
