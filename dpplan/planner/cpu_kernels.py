@@ -414,6 +414,25 @@ def _cpu_output_dtypes(func, args, result):
     return (output, *(s if s.dtype == stats_dtype else torch.empty_like(s, dtype=stats_dtype) for s in stats))
 
 
+# -- in-op buffers of kernels that cannot run on zeros ----------------------------------------
+# A probe runs the kernel on zero-filled inputs; a kernel whose work is set by the values of its
+# inputs (sequence lengths) would do nothing there. Its buffers come from its code instead.
+
+
+def _ctc_loss_backward_steps(args: tuple) -> list[tuple]:
+    """aten/src/ATen/native/LossCTC.cpp ``ctc_loss_backward_cpu_template``: ``log_beta``, shaped
+    like the forward's ``log_alpha`` (args[6]), is allocated before the gradient and freed when
+    the op returns."""
+    log_alpha = args[6]
+    return [("+", "log_beta", log_alpha.untyped_storage().nbytes()), ("out", 0), ("-", "log_beta")]
+
+
+RULED_OPS = {
+    aten._ctc_loss_backward.Tensor: _ctc_loss_backward_steps,
+    aten._ctc_loss_backward.default: _ctc_loss_backward_steps,
+}
+
+
 def corrected_outputs(func, args: tuple, result: Any) -> Any:
     """``result`` of the meta kernel with the outputs a CPU kernel returns instead."""
     if func in _CPU_STATISTICS_OPS:

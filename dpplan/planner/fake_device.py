@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpplan.planner import cpu_kernels
+from dpplan.planner import cpu_kernels, data_dependent, known_values
 
 CPU = torch.device("cpu")
 META = torch.device("meta")
@@ -90,6 +90,24 @@ def _unwrap(values):
     return out
 
 
+def _pairs(meta_args: list, args: tuple):
+    """(meta tensor, traced tensor) for every tensor argument, also inside lists."""
+    for meta, arg in zip(meta_args, args):
+        if isinstance(meta, (list, tuple)):
+            yield from _pairs(list(meta), tuple(arg))
+        elif isinstance(meta, _Tensor):
+            yield meta, arg
+
+
+def _meta_like(value: Any) -> Any:
+    """Meta tensors with the shapes, strides and dtypes of real ones."""
+    if isinstance(value, _Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=META)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_meta_like(v) for v in value)
+    return value
+
+
 def _is_real_device(device: Any) -> bool:
     return device is not None and torch.device(device).type != "meta"
 
@@ -127,7 +145,12 @@ class StorageTracer(TorchDispatchMode):
         """The micro-batch the step is traced at (dims that are multiples of it carry the batch)."""
         self.kernel_batch_size = kernel_batch_size
         """The micro-batch at which CPU kernels' in-op buffers are measured."""
+        self.location: Callable[[], str] | None = None
+        """Says where in the model the step is (the running module), for errors."""
         self.notes: dict[str, int] = {}
+        self._writes: dict[Any, bool] = {}
+        self._stale_values: set[int] = set()
+        """Storages whose known values an in-place op with unknown inputs has overwritten."""
         """What could not be planned exactly, for the plan's notes: text -> number of calls."""
         self.on_op_done = on_op_done
         """Called as ``on_op_done(func, args, outputs)`` after each op, when set."""
@@ -149,6 +172,7 @@ class StorageTracer(TorchDispatchMode):
         self._on_alloc(key, storage.nbytes())
 
     def _died(self, key: int) -> None:
+        self._stale_values.discard(key)
         if self._alive.pop(key, None) is not None:
             self._on_free(key)
 
@@ -219,19 +243,25 @@ class StorageTracer(TorchDispatchMode):
         if func is _PRIM_DEVICE:
             return CPU
         if func is _LOCAL_SCALAR_DENSE:
-            # ``.item()``: there is no data. Optimizers read their step count this way
-            # (1 keeps bias corrections finite); other data-dependent control flow in a model
-            # cannot be planned without data anyway.
-            return _placeholder_scalar(args[0].dtype)
+            # ``.item()``: the value when the trace knows it (planner/known_values.py), else a
+            # placeholder: 1 keeps an optimizer's bias corrections finite.
+            value = known_values.value_of(args[0], self._is_stale)
+            return _placeholder_scalar(args[0].dtype) if known_values.is_unknown(value) else value.item()
         self.num_ops += 1
         self.current_op = func
         kwargs = kwargs or {}
+        real_kwargs = kwargs
         if kwargs:
             if _is_real_device(kwargs.get("device")):
                 kwargs = {**kwargs, "device": META}
             if "out" in kwargs:
                 raise FakeDeviceError(f"out= variants are not traced: {func}")
             kwargs = dict(zip(kwargs, _unwrap(kwargs.values())))
+        maybe_known = self._may_have_values(args)
+        if data_dependent.needs_data(func, args):
+            return self._data_dependent(func, args, kwargs, real_kwargs, maybe_known)
+        in_place = self._writes_to_inputs(func)
+        values = self._known_values(func, args, real_kwargs) if maybe_known and in_place else None
         kind = _op_kind(func)
         key = _cache_key(func, args, kwargs, self.target_device_type) if kind is not _UNCACHED else None
         cached = _OP_CACHE.get(key) if key is not None else None
@@ -253,13 +283,83 @@ class StorageTracer(TorchDispatchMode):
                 else:
                     _OP_CACHE[key] = _CHECK_ONLY_MARK if kind is _CHECK_ONLY else _specs_of(result)
         if self._mutates_and_returns_self(func):
-            return args[0]
+            return args[0]  # its value, if any, was updated in place
         if kind is _CHECK_ONLY:
             return result
+        if maybe_known and not in_place and known_values.small_enough(result):
+            values = self._known_values(func, args, real_kwargs)
         steps = None
         if self.target_device_type == "cpu" and func in cpu_kernels.PROBED_OPS:
             steps = self._cpu_kernel_steps(func, args, kwargs, key)
+        elif self.target_device_type == "cpu" and func in cpu_kernels.RULED_OPS:
+            steps = cpu_kernels.RULED_OPS[func](args)
         wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
+        known_values.attach(wrapped, values)
+        if self.on_op_done is not None:
+            self.on_op_done(func, args, wrapped)
+        return wrapped
+
+    # -- values the trace knows -------------------------------------------------------------
+    def _is_stale(self, tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage()._cdata in self._stale_values
+
+    def _may_have_values(self, args: tuple) -> bool:
+        """False for the common op, on activations or parameters, none of which has a value."""
+        for value in args:
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, _Tensor):
+                return type(value) is not FakeDeviceTensor or "known_value" in value.__dict__
+        return True  # a factory
+
+    def _writes_to_inputs(self, func) -> bool:
+        known = self._writes.get(func)
+        if known is None:
+            known = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+            self._writes[func] = known
+        return known
+
+    def _known_values(self, func, args: tuple, kwargs: dict) -> Any:
+        """The op run on the known values of its inputs (planner/known_values.py), or None.
+        An in-place op on a tensor with a value, from inputs without one, makes the value of
+        everything sharing its storage unknown."""
+        values = known_values.run_on_values(func, args, kwargs, self._is_stale)
+        if not known_values.is_unknown(values):
+            return values
+        for argument, value in zip(func._schema.arguments, args):
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, _Tensor):
+                self._stale_values.add(value.untyped_storage()._cdata)
+        return None
+
+    def _data_dependent(self, func, args: tuple, kwargs: dict, real_kwargs: dict, maybe_known: bool) -> Any:
+        """An op whose output size depends on data (planner/data_dependent.py): sized from the
+        values when the trace knows them, else at its upper bound (with a note)."""
+        values = self._known_values(func, args, real_kwargs) if maybe_known else None
+        meta_args = _unwrap(args)
+        if values is not None:
+            result = _meta_like(values)
+        else:
+            try:
+                result = func(*meta_args, **kwargs)  # a meta kernel that can (one_hot with classes)
+            except Exception:
+                masks = {id(m): a for m, a in _pairs(meta_args, args)}
+
+                def known(meta: torch.Tensor) -> Any:
+                    value = known_values.value_of(masks[id(meta)], self._is_stale) if id(meta) in masks else None
+                    return None if value is None or known_values.is_unknown(value) else value
+
+                try:
+                    result, exact = data_dependent.sized(func, meta_args, kwargs, known)
+                except data_dependent.UnboundedOp as exc:
+                    exc.where = self.location() if self.location is not None else ""
+                    raise
+                if not exact:
+                    note = f"{func} sized as if its mask selected everything (an upper bound: its data is unknown)"
+                    self.notes[note] = self.notes.get(note, 0) + 1
+        if self._mutates_and_returns_self(func):
+            return args[0]
+        wrapped = self._wrap(result)
+        known_values.attach(wrapped, values)
         if self.on_op_done is not None:
             self.on_op_done(func, args, wrapped)
         return wrapped
@@ -388,11 +488,21 @@ def _run_meta_kernel(mode: "StorageTracer", func, args: tuple, meta_args: list, 
     ``args`` report the target device, ``meta_args`` are the meta tensors behind them."""
     if func in _BF16_ONLY_META:
         return _grouped_mm_any_dtype(func, meta_args, kwargs)
+    if func in _NO_META_KERNEL:
+        return _NO_META_KERNEL[func](*meta_args, **kwargs)
     result = func(*meta_args, **kwargs)
     if func in _CONVOLUTIONS:
         with mode:  # torch's backend choice runs ops (1-d: unsqueeze) on the fake-device tensors
             result = _convolution_memory_format(func, args, result)
     return result
+
+
+# Ops without any meta kernel, whose outputs are shaped like an input:
+#   - ``_ctc_loss_backward``: the gradient of ``log_probs`` (LossCTC.cpp ``ctc_loss_backward_cpu``).
+_NO_META_KERNEL = {
+    torch.ops.aten._ctc_loss_backward.Tensor: lambda grad, log_probs, *rest, **kwargs: torch.empty_like(log_probs),
+    torch.ops.aten._ctc_loss_backward.default: lambda grad, log_probs, *rest, **kwargs: torch.empty_like(log_probs),
+}
 
 
 # ``_grouped_mm`` (MoE experts: transformers' integrations/moe.py calls it on CPU and CUDA for

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpplan.planner import fake_device
+from dpplan.planner import data_dependent, fake_device
 from dpplan.planner.no_dynamo import dynamo_untouched
-from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user
+from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user, describe_user_exception
 from dpplan.planner.optimizers import build_optimizer
 from dpplan.planner.training_step import LOW_PRECISION_DTYPE, autocast_context, run_micro_batch, run_optimizer_step
 from dpplan.planner.units import checkpoint_units, find_units
@@ -256,8 +256,6 @@ class _Recorder:
 
 
 def _describe_trace_failure(exc: BaseException, spec: ModelSpec) -> str:
-    from dpplan.planner.model_file import describe_user_exception
-
     text = describe_user_exception(exc, spec.path)
     if "data-dependent" in str(exc) or "nonzero" in str(exc) or "_local_scalar_dense" in str(exc):
         text += " (the model uses an op whose output size depends on data, which cannot be planned without data)"
@@ -386,6 +384,10 @@ def trace_model(
         checkpointing = checkpoint_units(model, units, observe=lambda u, fwd: _observe_recompute(recorder, u, fwd))
     batch = _prepare_precision(model, batch, settings)
 
+    def location() -> str:
+        module = recorder.module_stack[-1]
+        return f"{module_names[module]} ({module_classes[module]})" if module >= 0 else ""
+
     tracer = fake_device.StorageTracer(
         lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k), target_device_type=settings.device_type,
         # CPU kernels' buffers are fitted to the batch where the trace batch is the prime that
@@ -393,6 +395,7 @@ def trace_model(
         trace_batch_size=batch_size if batch_size == TRACE_BATCH_SIZE else 1,
         kernel_batch_size=settings.kernel_batch_size,
     )
+    tracer.location = location
     module_index: dict[int, int] = {}
     module_names: list[str] = []
     module_classes: list[str] = []
@@ -421,6 +424,13 @@ def trace_model(
         raise
     except fake_device.FakeDeviceError:
         raise
+    except data_dependent.UnboundedOp as exc:
+        where = f" in module {exc.where}" if exc.where else ""
+        location = describe_user_exception(exc, spec.path).split(": ", 1)[0]
+        raise TraceError(
+            f"cannot plan {exc.op}{where} ({location}): its output size depends on data, which does "
+            "not exist while planning, and has no upper bound"
+        ) from None
     except Exception as exc:
         raise TraceError(_describe_trace_failure(exc, spec)) from None
 

@@ -68,9 +68,55 @@ def test_autocast_applies_to_fake_cpu_tensors():
     assert dtype == torch.bfloat16
 
 
-def test_item_returns_a_placeholder_instead_of_failing():
-    _, value = _trace(lambda: torch.tensor(3.0).item())
+def test_item_returns_a_placeholder_where_the_value_is_unknown():
+    def step():
+        x = fake_device.to_fake_device(torch.empty(4, device="meta"))
+        return x.sum().item()
+
+    _, value = _trace(step)
     assert value == 1.0
+
+
+def test_values_computed_from_constants_are_known():
+    """Hugging Face's masking code asks whether position ids (an arange) are one sequence per row;
+    the trace answers as the real run does, and sizes boolean indexing from known masks."""
+    def step():
+        positions = torch.arange(6).expand(3, -1)
+        packed = (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        single_sequences = bool((packed[:, -1] == 0).all())
+        x = fake_device.to_fake_device(torch.empty(3, 6, 4, device="meta"))
+        selected = x[positions % 2 == 0]
+        return single_sequences, tuple(selected.shape), torch.tensor(3.0).item()
+
+    _, (single_sequences, shape, item) = _trace(step)
+    assert single_sequences and shape == (9, 4) and item == 3.0
+
+
+def test_an_in_place_write_from_unknown_data_forgets_the_value():
+    def step():
+        mask = torch.zeros(5, dtype=torch.bool)
+        known = tuple(fake_device.to_fake_device(torch.empty(5, 2, device="meta"))[mask].shape)
+        data = fake_device.to_fake_device(torch.empty(5, dtype=torch.bool, device="meta"))
+        mask.copy_(data)  # now the mask is whatever the data was
+        bounded = tuple(fake_device.to_fake_device(torch.empty(5, 2, device="meta"))[mask].shape)
+        return known, bounded
+
+    _, (known, bounded) = _trace(step)
+    assert known == (0, 2) and bounded == (5, 2)  # unknown: planned at the upper bound
+
+
+def test_data_dependent_ops_without_values_are_planned_at_their_upper_bound():
+    def step():
+        x = fake_device.to_fake_device(torch.empty(4, 3, device="meta"))
+        labels = fake_device.to_fake_device(torch.empty(4, 3, dtype=torch.long, device="meta"))
+        return tuple(labels.masked_select(labels >= 0).shape), tuple(torch.nonzero(x).shape)
+
+    events = []
+    tracer = StorageTracer(lambda key, nbytes: events.append(nbytes), lambda key: None)
+    with tracer:
+        selected, nonzero = step()
+    assert selected == (12,) and nonzero == (12, 2)
+    assert any("upper bound" in note for note in tracer.notes)
 
 
 def test_skip_weight_init_restores_initialisers():

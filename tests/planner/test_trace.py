@@ -111,7 +111,7 @@ def test_unit_markers_bracket_forward_and_backward(tiny_gpt):
         assert kinds == ["fwd_start", "fwd_end", "bwd_start", "bwd_end"]
 
 
-def test_data_dependent_shapes_are_reported(write_model):
+def test_data_dependent_shapes_are_planned_at_their_upper_bound(write_model):
     path = write_model(
         """
         import torch
@@ -124,7 +124,29 @@ def test_data_dependent_shapes_are_reported(write_model):
         def example_batch(b): return torch.randn(b, 4)
         """
     )
-    with pytest.raises(TraceError, match=r"rejected its example batch: model.py:7: .*depends on data"):
+    trace = trace_step(load_model_file(path), TraceSettings(), batch_size=3)
+    assert any("aten.index.Tensor" in note and "upper bound" in note for note in trace.notes)
+    fc_input = 3 * 4 * 4  # every entry selected: 12 floats
+    assert fc_input in trace.storage_bytes.tolist()
+
+
+def test_an_op_without_an_upper_bound_names_the_op_and_the_module(write_model):
+    path = write_model(
+        """
+        import torch
+        class Counter(torch.nn.Module):
+            def forward(self, x):
+                return torch.bincount(x.long().flatten()).float()
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__(); self.fc = torch.nn.Linear(4, 4); self.counter = Counter()
+            def forward(self, x):
+                return self.fc(x).sum() + self.counter(x).sum()
+        def build_model(): return M()
+        def example_batch(b): return torch.randn(b, 4)
+        """
+    )
+    with pytest.raises(TraceError, match=r"aten.bincount.default in module counter \(Counter\).*data"):
         trace_step(load_model_file(path), TraceSettings())
 
 

@@ -1,0 +1,128 @@
+"""Ops whose output size depends on data, planned where the data is unknown: at an upper bound.
+
+``nonzero``, ``masked_select`` and boolean indexing return as many elements as a mask has true
+entries; no meta kernel can size them (torch raises "no fake impl or Meta kernel"). Where the
+mask's values are known (planner/known_values.py: computed from constants) the tracer runs the op
+on them and is exact. Where they are not (a mask computed from the labels or the activations),
+the op is planned as if every entry were true: the most the op can allocate, and exact for the
+common case of a mask that selects all (CTC targets without padding). The plan says so in a
+note naming the op. An op that has no upper bound (``repeat_interleave`` without
+``output_size``, ``bincount``) is an error naming the op and its module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+aten = torch.ops.aten
+META = torch.device("meta")
+
+
+class UnboundedOp(ValueError):
+    """A data-dependent op whose output size has no bound without the data."""
+
+    op: str = ""
+    where: str = ""
+    """The module running it (set by the tracer)."""
+
+
+def _is_mask(index: Any) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+
+
+def _selected(mask: torch.Tensor, known: Any) -> int:
+    """How many entries the mask selects: counted when its value is known, else all."""
+    return int(known.count_nonzero()) if known is not None else mask.numel()
+
+
+def _mask_as_indices(mask: torch.Tensor, known: Any) -> list[torch.Tensor]:
+    """Long indices of the entries the mask selects (one per mask dim), as meta tensors."""
+    count = _selected(mask, known)
+    return [torch.empty(count, dtype=torch.long, device=META) for _ in range(mask.dim())]
+
+
+def _nonzero(x, *, known):
+    return torch.empty(_selected(x, known(x)), x.dim(), dtype=torch.long, device=META)
+
+
+def _masked_select(x, mask, *, known):
+    shape = torch.broadcast_shapes(x.shape, mask.shape)
+    mask_value = known(mask)
+    if mask_value is not None:
+        return torch.empty(int(mask_value.expand(shape).count_nonzero()), dtype=x.dtype, device=META)
+    return torch.empty(math.prod(shape), dtype=x.dtype, device=META)
+
+
+def _index(x, indices, *, known):
+    expanded: list = []
+    for index in indices:
+        expanded += _mask_as_indices(index, known(index)) if _is_mask(index) else [index]
+    return aten.index.Tensor(x, expanded)
+
+
+def _index_put(x, indices, values, accumulate=False, *, known):
+    return x  # in place: the same storage, whatever the mask selects
+
+
+def _unique2(x, sorted=True, return_inverse=False, return_counts=False, *, known=None):
+    n = x.numel()
+    return (
+        torch.empty(n, dtype=x.dtype, device=META),
+        torch.empty(x.shape if return_inverse else 0, dtype=torch.long, device=META),
+        torch.empty(n if return_counts else 0, dtype=torch.long, device=META),
+    )
+
+
+def _unique_consecutive(x, return_inverse=False, return_counts=False, dim=None, *, known=None):
+    return _unique2(x, True, return_inverse, return_counts)
+
+
+def _ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False, *, known=None):
+    """``log_alpha`` is (batch, time, 2 * longest target + 1) (aten/src/ATen/native/LossCTC.cpp
+    ``ctc_loss_cpu_template``); the longest target is at most the padded targets' width (2-D
+    targets), else all targets together, and CTC needs it no longer than the input's time."""
+    time, batch = log_probs.shape[0], log_probs.shape[1] if log_probs.dim() == 3 else 1
+    longest = targets.shape[1] if targets.dim() == 2 else min(targets.numel(), time)
+    return (
+        torch.empty(batch, dtype=log_probs.dtype, device=META),
+        torch.empty(batch, time, 2 * longest + 1, dtype=log_probs.dtype, device=META),
+    )
+
+
+UPPER_BOUNDS = {
+    aten._ctc_loss.Tensor: _ctc_loss,
+    aten.nonzero.default: _nonzero,
+    aten.masked_select.default: _masked_select,
+    aten.index.Tensor: _index,
+    aten.index_put_.default: _index_put,
+    aten.index_put.default: lambda x, indices, values, accumulate=False, *, known: torch.empty_like(x),
+    aten._unique2.default: _unique2,
+    aten.unique_consecutive.default: _unique_consecutive,
+}
+"""Per op: its outputs (meta tensors), from the masks' values where known, else as if every
+entry counted."""
+
+
+def needs_data(func, args: tuple) -> bool:
+    """Whether the meta kernel cannot size this call (indexing only with a mask)."""
+    if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+        return any(_is_mask(i) for i in args[1])
+    return func in UPPER_BOUNDS or torch.Tag.dynamic_output_shape in func.tags
+
+
+def sized(func, meta_args: list, kwargs: dict, known) -> tuple[Any, bool]:
+    """The op's outputs (meta tensors) and whether they are exact: sized from the masks whose
+    values ``known(tensor)`` gives (None: unknown), the rest at their upper bound."""
+    rule = UPPER_BOUNDS.get(func)
+    if rule is None:
+        error = UnboundedOp(f"{func} returns as many elements as its data says, which is unknown while planning")
+        error.op = str(func)
+        raise error
+    masks = [a for a in meta_args if _is_mask(a)] + [i for a in meta_args if isinstance(a, (list, tuple)) for i in a if _is_mask(i)]
+    if func is aten.nonzero.default:
+        masks = [meta_args[0]]
+    exact = bool(masks) and all(known(m) is not None for m in masks)
+    return rule(*meta_args, **kwargs, known=known), exact
