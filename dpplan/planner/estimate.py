@@ -25,6 +25,7 @@ from dpplan.planner.trace import (
     TraceSettings,
     has_floating_buffers,
     trace_step,
+    untraced_model,
 )
 
 BREAKDOWN_OF_CATEGORY = {
@@ -107,6 +108,8 @@ class Plan:
     config: PlanConfig
     model: ModelSummary
     estimates: list[StrategyEstimate]
+    unsupported: dict[str, str] = field(default_factory=dict)
+    """Strategies asked for that the real wrapper refuses for this model, with what it says."""
 
 
 def trace_settings_for(strategy: str, config: PlanConfig, *, floating_buffers: bool = True) -> TraceSettings:
@@ -150,9 +153,13 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     """Plan every requested strategy and GPU count. ``processes``: 1 plans in this process,
     2 hands a share to a forked child (planner/forked.py); None decides by the plan's size."""
     spec = spec or load_model_file(config.model)
+    unsupported = refused_strategies(config.strategies, untraced_model(spec))
+    strategies = [s for s in config.strategies if s not in unsupported]
+    if not strategies:
+        raise ValueError("; ".join(f"{s}: {reason}" for s, reason in unsupported.items()))
     families: dict[TraceSettings, list[str]] = {}
     floating_buffers = has_floating_buffers(spec)
-    for strategy in config.strategies:
+    for strategy in strategies:
         settings = trace_settings_for(strategy, config, floating_buffers=floating_buffers)
         families.setdefault(settings, []).append(strategy)
     # The first trace runs here before anything else: it pays for torch's lazy imports once.
@@ -177,7 +184,18 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     order = {s: i for i, s in enumerate(config.strategies)}
     estimates.sort(key=lambda e: (e.gpus, order[e.strategy]))
     summary = summarize_model(spec, traces[first], config, first_seconds + trace_seconds)
-    return Plan(config=config, model=summary, estimates=estimates)
+    return Plan(config=config, model=summary, estimates=estimates, unsupported=unsupported)
+
+
+def refused_strategies(strategies, model) -> dict[str, str]:
+    """Each strategy whose real wrapper would refuse ``model``, with the reason it gives."""
+    refused = {}
+    for strategy in strategies:
+        refusal = getattr(strategy_module(strategy), "refusal", None)
+        reason = refusal(model) if refusal is not None else None
+        if reason:
+            refused[strategy] = reason
+    return refused
 
 
 HELP_MIN_ESTIMATES = 12

@@ -268,13 +268,14 @@ def default_out_dir(now: datetime | None = None) -> Path:
     return path
 
 
-def estimate_entries(config: ProfileConfig, target: Target) -> tuple[dict, dict[str, dict]]:
-    """The model summary and the `dpplan estimate` JSON entry of each strategy, for exactly
-    the runs profiled (cpu runs: ``--device cpu`` estimates; cuda: the detected GPU)."""
+def estimate_entries(config: ProfileConfig, target: Target) -> tuple[dict, dict[str, dict], dict[str, str]]:
+    """The model summary, the `dpplan estimate` JSON entry of each strategy, for exactly the
+    runs profiled (cpu runs: ``--device cpu`` estimates; cuda: the detected GPU), and the
+    strategies whose wrapper refuses the model, with its reason."""
     from dpplan.planner.estimate import estimate
 
     plan = estimate(plan_config(config, target, config.strategies))
-    return asdict(plan.model), {e.strategy: asdict(e) for e in plan.estimates}
+    return asdict(plan.model), {e.strategy: asdict(e) for e in plan.estimates}, dict(plan.unsupported)
 
 
 def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ...], **overrides):
@@ -495,7 +496,7 @@ def profile(
     for notice in target.notices:
         if on_notice:
             on_notice(notice)
-    model, estimates = estimate_entries(config, target)  # a broken model file fails here, before any launch
+    model, estimates, unsupported = estimate_entries(config, target)  # a broken model file fails here, before any launch
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     document = {
@@ -527,6 +528,8 @@ def profile(
             entry["estimate"] = estimates.get(strategy)
             entry["notes"] = run_notes(strategy, target, config)
             reason = skip_reason(strategy, target.gpus)
+            if strategy in unsupported:
+                reason = f"{strategy} cannot wrap this model: {unsupported[strategy]}"
             if reason:
                 entry.update(status="skipped", error=reason)
             else:

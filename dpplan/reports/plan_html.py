@@ -255,6 +255,7 @@ def plan_page(document: dict) -> Page:
     if activations:
         sections.append(Section(title="Activation memory by module", anchor="activations", blocks=[activations]))
     notes = merge_notes((e["strategy"], e.get("notes") or []) for e in estimates)
+    notes += [f"not planned: {strategy}: {reason}" for strategy, reason in (document.get("unsupported") or {}).items()]
     sections.append(Section(title="Assumptions", anchor="assumptions", blocks=[
         _assumptions(document),
         *([Text(text="Notes:"), BulletList(items=notes)] if notes else []),

@@ -29,6 +29,7 @@ def plan_to_json(plan: Plan, *, command: str | None = None) -> dict:
         "config": plan.config.to_json(),
         "model": model,
         "estimates": [asdict(e) for e in plan.estimates],
+        "unsupported": dict(plan.unsupported),
     }
 
 

@@ -105,6 +105,11 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
             console.print(f"  {format_bytes(m.activation_bytes):>11}  {escape(m.name)} ({escape(m.class_name)})", highlight=False)
     for note in merged_notes(plan):
         console.print(f"note: {escape(note)}", style="yellow", highlight=False)
+    by_reason: dict[str, list[str]] = {}
+    for strategy, reason in plan.unsupported.items():
+        by_reason.setdefault(reason, []).append(strategy)
+    for reason, strategies in by_reason.items():
+        console.print(f"not planned: {', '.join(strategies)}: {escape(reason)}", style="yellow", highlight=False)
 
 
 def merged_notes(plan: Plan) -> list[str]:

@@ -1,6 +1,8 @@
 """fully_shard (FSDP2): sharding, resharding after forward, offload. Byte-exact checks against
 real runs are in tests/profiler/test_cpu_accuracy.py and benchmarks/accuracy.py."""
 
+import pytest
+
 from dpplan.planner.config import PlanConfig
 from dpplan.planner.estimate import estimate
 
@@ -31,3 +33,26 @@ def test_offload_moves_sharded_state_to_the_host(tiny_gpt):
     assert offloaded.breakdown["optimizer"] == 0
     assert offloaded.host_bytes > kept.breakdown["optimizer"]
     assert offloaded.peak_allocated_bytes < kept.peak_allocated_bytes
+
+
+def test_a_model_with_a_scalar_parameter_is_refused_as_fsdp_refuses_it(write_model):
+    """CLIP's logit_scale: FSDP1 and fully_shard raise at wrap time; the plan says so instead of
+    planning a run that cannot start, and plans the other strategies."""
+    path = write_model(
+        """
+        import torch
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__(); self.fc = torch.nn.Linear(4, 4); self.scale = torch.nn.Parameter(torch.tensor(1.0))
+            def forward(self, x):
+                return (self.fc(x) * self.scale).sum()
+        def build_model(): return M()
+        def example_batch(b): return torch.randn(b, 4)
+        """
+    )
+    plan = estimate(PlanConfig(model=path, strategies=("ddp", "fsdp-full", "fsdp2"), gpus=(2,), device="cpu"))
+    assert [e.strategy for e in plan.estimates] == ["ddp"]
+    assert "FSDP doesn't support scalar parameters: scale" in plan.unsupported["fsdp-full"]
+    assert "fully_shard doesn't support scalar parameters: scale" in plan.unsupported["fsdp2"]
+    with pytest.raises(ValueError, match="fully_shard doesn't support scalar parameters"):
+        estimate(PlanConfig(model=path, strategies=("fsdp2",), gpus=(2,), device="cpu"))

@@ -111,3 +111,11 @@ def resize_owned_storages(
     new_size = np.where(element_size[owner] > 0, element_size[owner], traced)
     factors = (local_numel[owner] / owned.numel[shaped]) * (new_size / traced)
     timeline.scale_many(owned.storage[shaped], factors)
+
+
+def scalar_parameter(model) -> str | None:
+    """The name of the model's first 0-d parameter (FSDP shards along a dim, so it refuses them)."""
+    for name, param in model.named_parameters():
+        if param.dim() == 0:
+            return name
+    return None

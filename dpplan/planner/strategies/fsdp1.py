@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dpplan.planner.gpu_overheads import ProcessGroup
-from dpplan.planner.strategies.common import is_param_shaped, storages_by_param
+from dpplan.planner.strategies.common import is_param_shaped, storages_by_param, scalar_parameter
 from dpplan.planner.strategies.fsdp1_replay import Replay
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
@@ -340,3 +340,12 @@ def process_groups(layout: Layout) -> list[ProcessGroup]:
             ProcessGroup(num_ranks=layout.num_nodes, spans_nodes=layout.num_nodes > 1),
         ]
     return [ProcessGroup(num_ranks=layout.world_size, spans_nodes=layout.num_nodes > 1)]
+
+
+def refusal(model) -> str | None:
+    """What the real wrapper says when it refuses to wrap ``model`` (None: it wraps it): a 0-d
+    parameter (torch/distributed/fsdp/_init_utils.py ``_validate_frozen_params``/scalar check)."""
+    name = scalar_parameter(model)
+    if name is None:
+        return None
+    return f"FSDP doesn't support scalar parameters: {name} is 0-d (the wrapper asks to make it a 1-d tensor with one element)"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpplan.planner.strategies.common import owned_storages, resize_owned_storages, storages_by_param
+from dpplan.planner.strategies.common import owned_storages, resize_owned_storages, storages_by_param, scalar_parameter
 from dpplan.planner.strategies.fsdp2_buffers import (
     Replay,
     Schedule,
@@ -197,3 +197,11 @@ def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
     most unpadded rows, so its optimizer state and step temporaries are the largest."""
     return [0]
 
+
+def refusal(model) -> str | None:
+    """What the real wrapper says when it refuses to wrap ``model`` (None: it wraps it): a 0-d
+    parameter (torch/distributed/fsdp/_fully_shard/_fsdp_init.py ``_verify_managed_param``)."""
+    name = scalar_parameter(model)
+    if name is None:
+        return None
+    return f"fully_shard doesn't support scalar parameters: {name} is 0-d (the wrapper asks to make it a 1-d tensor with one element)"
