@@ -5,7 +5,9 @@ measures every rank's exact peak of live tensor bytes from the second step on (t
 memory events, started before the model is built), and compares the largest per-rank peak with
 the estimate's ``peak_bytes``.
 
-    python benchmarks/accuracy.py                 # the whole suite (about 25 minutes on 2 cores)
+    python benchmarks/accuracy.py                 # the whole suite: dpplan's zoo and the third-party zoo
+    python benchmarks/accuracy.py --suite own     # dpplan's own zoo (about 25 minutes on 2 cores)
+    python benchmarks/accuracy.py --suite third-party   # 35 transformers architectures (needs transformers)
     python benchmarks/accuracy.py --quick         # a few cases
     python benchmarks/accuracy.py --filter fsdp2  # cases whose label contains "fsdp2"
     python benchmarks/accuracy.py --case benchmarks/models/gpt.py fsdp2 2 --precision bf16-mixed
@@ -32,6 +34,7 @@ from dpplan.profiler.cpu_run import RunFailed, run_cpu  # noqa: E402
 from dpplan.profiler.worker import RunConfig  # noqa: E402
 
 MODELS = ROOT / "benchmarks" / "models"
+THIRD_PARTY = MODELS / "hf"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +52,10 @@ class Case:
 
     @property
     def label(self) -> str:
-        parts = [Path(self.model).stem, self.strategy, f"{self.ranks}r", f"b{self.batch_size}", self.precision, self.optimizer]
+        name = Path(self.model).stem
+        if Path(self.model).resolve().parent == THIRD_PARTY:
+            name = f"hf/{name}"
+        parts = [name, self.strategy, f"{self.ranks}r", f"b{self.batch_size}", self.precision, self.optimizer]
         if self.activation_checkpointing:
             parts.append("ac")
         if self.grad_accum > 1:
@@ -68,6 +74,8 @@ class Result:
     estimate_seconds: float = 0.0
     run_seconds: float = 0.0
     error: str | None = None
+    refused: str | None = None
+    """Both the planner and the real wrapper refused the model, for this reason (an answer)."""
 
     @property
     def error_pct(self) -> float | None:
@@ -119,6 +127,35 @@ def suite() -> list[Case]:
     return cases + extra
 
 
+THIRD_PARTY_SETTINGS = (
+    # strategy, ranks, precision: one case each for every third-party architecture
+    ("single", 1, "fp32"),
+    ("ddp", 2, "bf16-mixed"),
+    ("fsdp2", 2, "fp32"),
+    ("fsdp-full", 2, "bf16-mixed"),
+)
+
+
+def third_party_suite() -> list[Case]:
+    """The transformers zoo (benchmarks/models/hf/zoo.py): every architecture under the four
+    settings, plus a few options on a decoder, a MoE, an encoder-decoder and a CNN."""
+    names = sorted(p.stem for p in THIRD_PARTY.glob("*.py") if p.stem != "zoo")
+    cases = [
+        Case(model=str(THIRD_PARTY / f"{name}.py"), strategy=strategy, ranks=ranks, precision=precision)
+        for name in names for strategy, ranks, precision in THIRD_PARTY_SETTINGS
+    ]
+    hf = lambda name: str(THIRD_PARTY / f"{name}.py")  # noqa: E731
+    cases += [
+        Case(model=hf("llama"), strategy="zero1", ranks=2, precision="bf16-mixed"),
+        Case(model=hf("llama"), strategy="fsdp2", ranks=2, precision="bf16-mixed", activation_checkpointing=True),
+        Case(model=hf("qwen3_moe"), strategy="fsdp-grad-op", ranks=2, grad_accum=2),
+        Case(model=hf("t5"), strategy="ddp", ranks=2, activation_checkpointing=True),
+        Case(model=hf("resnet"), strategy="fsdp2", ranks=2, precision="bf16-mixed"),
+        Case(model=hf("gpt2"), strategy="fsdp2", ranks=4, precision="bf16-mixed"),
+    ]
+    return cases
+
+
 def quick_suite() -> list[Case]:
     return [
         Case(model=_m("gpt.py"), strategy="single", ranks=1),
@@ -164,10 +201,16 @@ def measure_case(case: Case) -> list[int]:
 
 def run_case(case: Case) -> Result:
     result = Result(case=case)
+    refusal = None
     try:
         start = time.perf_counter()
         result.estimate_bytes = estimate_case(case)
         result.estimate_seconds = time.perf_counter() - start
+    except ValueError as exc:
+        if not any(marker in str(exc) for marker in REFUSALS):
+            result.error = f"estimate: {type(exc).__name__}: {exc}"
+            return result
+        refusal = str(exc)  # the plan says the wrapper refuses: the real run must say so too
     except Exception as exc:  # reported in the table, the suite goes on
         result.error = f"estimate: {type(exc).__name__}: {exc}"
         return result
@@ -176,26 +219,59 @@ def run_case(case: Case) -> Result:
         result.measured_per_rank = measure_case(case)
         result.measured_bytes = max(result.measured_per_rank)
         result.run_seconds = time.perf_counter() - start
+        if refusal is not None:
+            result.error = f"estimate refused ({refusal}) but the real run trained"
     except (RunFailed, Exception) as exc:
-        result.error = f"run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        first_line = str(exc).splitlines()[0]
+        if refusal is not None and any(marker in str(exc) for marker in REFUSALS):
+            result.refused = refusal
+        else:
+            result.error = f"run: {type(exc).__name__}: {first_line}"
     return result
+
+
+REFUSALS = ("doesn't support scalar parameters",)
+"""What a wrapper says when it refuses a model (and the planner with it)."""
 
 
 def summarize(results: list[Result]) -> dict:
     errors = [abs(r.error_pct) for r in results if r.error_pct is not None]
     return {
         "cases": len(results),
-        "answered": len(errors),
+        "answered": len(errors) + sum(r.refused is not None for r in results),
+        "refused_as_the_wrapper": sum(r.refused is not None for r in results),
         "median_abs_error_pct": statistics.median(errors) if errors else None,
         "max_abs_error_pct": max(errors) if errors else None,
         "within_2pct": sum(e <= 2.0 for e in errors),
     }
 
 
-def markdown(results: list[Result], summary: dict, command: str) -> str:
+SUITES = {"own": "dpplan's model zoo (benchmarks/models)", "third-party": "third-party architectures (transformers, benchmarks/models/hf)"}
+
+
+def suite_of(case: Case) -> str:
+    return "third-party" if Path(case.model).resolve().parent == THIRD_PARTY else "own"
+
+
+def _summary_line(summary: dict) -> str:
+    if not summary["answered"]:
+        return "No case answered."
+    refused = summary.get("refused_as_the_wrapper", 0)
+    line = f"Answered {summary['answered']} of {summary['cases']}"
+    if refused:
+        line += f" ({refused} refused by the planner exactly as the real wrapper refuses them)"
+    if summary["median_abs_error_pct"] is not None:
+        line += (f"; within 2%: {summary['within_2pct']}, median |error|: {summary['median_abs_error_pct']:.3f}%, "
+                 f"max |error|: {summary['max_abs_error_pct']:.3f}%")
+    return line + "."
+
+
+def markdown(results: list[Result], command: str) -> str:
     import platform
 
     import torch
+
+    from dpplan.planner.cpu_kernels import cpu_description
 
     lines = [
         "# Accuracy: `dpplan estimate --device cpu` against real CPU training runs",
@@ -208,27 +284,45 @@ def markdown(results: list[Result], summary: dict, command: str) -> str:
         "same settings. Micro-batch 2 unless the case says otherwise.",
         "",
         f"Generated by `{command}` with torch {torch.__version__}, Python {platform.python_version()},",
-        f"{platform.machine()}, {os.cpu_count()} CPU cores.",
+        f"{os.cpu_count()} CPU cores, CPU kernels: {cpu_description()}.",
         "",
-        "| case | estimate (bytes) | measured max rank (bytes) | error |",
-        "|---|---:|---:|---:|",
+        f"**All cases: {_summary_line(summarize(results))}**",
     ]
-    for r in results:
-        err = f"{r.error_pct:+.3f}%" if r.error_pct is not None else (r.error or "")
-        lines.append(f"| {r.case.label} | {r.estimate_bytes or ''} | {r.measured_bytes or ''} | {err} |")
-    lines += [
-        "",
-        f"Cases: {summary['cases']}, answered: {summary['answered']}, within 2%: {summary['within_2pct']}, "
-        f"median |error|: {summary['median_abs_error_pct']:.3f}%, max |error|: {summary['max_abs_error_pct']:.3f}%"
-        if summary["answered"]
-        else "No case answered.",
-    ]
+    for suite, title in SUITES.items():
+        chosen = [r for r in results if suite_of(r.case) == suite]
+        if not chosen:
+            continue
+        lines += ["", f"## {title}", "", _summary_line(summarize(chosen)), "",
+                  "| case | estimate (bytes) | measured max rank (bytes) | error |", "|---|---:|---:|---:|"]
+        for r in chosen:
+            if r.error_pct is not None:
+                err = f"{r.error_pct:+.3f}%"
+            elif r.refused:
+                err = "refused, as the wrapper refuses it"
+            else:
+                err = r.error or ""
+            lines.append(f"| {r.case.label} | {r.estimate_bytes or ''} | {r.measured_bytes or ''} | {err} |")
     return "\n".join(lines) + "\n"
+
+
+def _write(results: list[Result], command: str, json_path: Path | None, markdown_path: Path | None) -> None:
+    if json_path:
+        json_path.write_text(json.dumps(
+            {"command": command, "summary": summarize(results),
+             "summary_by_suite": {s: summarize([r for r in results if suite_of(r.case) == s]) for s in SUITES},
+             "results": [{**asdict(r.case), "label": r.case.label, "suite": suite_of(r.case),
+                          "estimate_bytes": r.estimate_bytes, "measured_bytes": r.measured_bytes,
+                          "measured_per_rank": r.measured_per_rank, "error_pct": r.error_pct,
+                          "error": r.error, "refused": r.refused} for r in results]},
+            indent=1))
+    if markdown_path:
+        markdown_path.write_text(markdown(results, command))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="dpplan estimate vs real CPU runs")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--suite", choices=("all", *SUITES), default="all")
     parser.add_argument("--filter", default=None)
     parser.add_argument("--case", nargs=3, metavar=("MODEL", "STRATEGY", "RANKS"))
     parser.add_argument("--batch-size", type=int, default=2)
@@ -237,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="written after every case, so an interrupted run keeps its results")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
 
@@ -250,34 +344,29 @@ def main(argv: list[str] | None = None) -> int:
                 nodes=args.nodes,
             )
         ]
+    elif args.quick:
+        cases = quick_suite()
     else:
-        cases = quick_suite() if args.quick else suite()
+        cases = (suite() if args.suite in ("all", "own") else []) + (
+            third_party_suite() if args.suite in ("all", "third-party") else [])
     if args.filter:
         cases = [c for c in cases if args.filter in c.label]
 
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for path in (args.json, args.markdown):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     results = []
     print(f"{'case':<58} {'estimate':>12} {'measured':>12} {'error':>9}", flush=True)
     for case in cases:
         r = run_case(case)
         results.append(r)
-        err = f"{r.error_pct:+.3f}%" if r.error_pct is not None else "-"
+        err = f"{r.error_pct:+.3f}%" if r.error_pct is not None else ("refused" if r.refused else "-")
         print(f"{case.label:<58} {r.estimate_bytes or '-':>12} {r.measured_bytes or '-':>12} {err:>9}"
               + (f"  {r.error}" if r.error else ""), flush=True)
-    summary = summarize(results)
-    print(json.dumps(summary))
-    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for path in (args.json, args.markdown):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    if args.json:
-        args.json.write_text(json.dumps(
-            {"command": command, "summary": summary,
-             "results": [{**asdict(r.case), "label": r.case.label, "estimate_bytes": r.estimate_bytes,
-                          "measured_bytes": r.measured_bytes, "measured_per_rank": r.measured_per_rank,
-                          "error_pct": r.error_pct, "error": r.error} for r in results]},
-            indent=1))
-    if args.markdown:
-        args.markdown.write_text(markdown(results, summary, command.strip()))
+        _write(results, command.strip(), args.json, None)
+    print(json.dumps(summarize(results)))
+    _write(results, command.strip(), args.json, args.markdown)
     return 0
 
 

@@ -5,8 +5,11 @@ entries; no meta kernel can size them (torch raises "no fake impl or Meta kernel
 mask's values are known (planner/known_values.py: computed from constants) the tracer runs the op
 on them and is exact. Where they are not (a mask computed from the labels or the activations),
 the op is planned as if every entry were true: the most the op can allocate, and exact for the
-common case of a mask that selects all (CTC targets without padding). The plan says so in a
-note naming the op. An op that has no upper bound (``repeat_interleave`` without
+common case of a mask that selects all (CTC targets without padding). One kind of mask is known
+better: one built by ``one_hot`` (MoE routing: which expert each token goes to) selects
+``1 / num_classes`` of its entries on average, and the slices a MoE loop takes of it (one
+expert's tokens) are assumed to select evenly, as a balanced router does. The plan says which
+assumption it made in a note naming the op. An op that has no upper bound (``repeat_interleave`` without
 ``output_size``, ``bincount``) is an error naming the op and its module.
 """
 
@@ -33,14 +36,19 @@ def _is_mask(index: Any) -> bool:
     return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
 
 
-def _selected(mask: torch.Tensor, known: Any) -> int:
-    """How many entries the mask selects: counted when its value is known, else all."""
-    return int(known.count_nonzero()) if known is not None else mask.numel()
+def _selected(mask: torch.Tensor, info: Any) -> int:
+    """How many entries the mask selects: counted from its value (a tensor), from its expected
+    share of selected entries (a float: a one-hot routing mask), else all of them."""
+    if isinstance(info, torch.Tensor):
+        return int(info.count_nonzero())
+    if isinstance(info, float):
+        return round(mask.numel() * info)
+    return mask.numel()
 
 
-def _mask_as_indices(mask: torch.Tensor, known: Any) -> list[torch.Tensor]:
+def _mask_as_indices(mask: torch.Tensor, info: Any) -> list[torch.Tensor]:
     """Long indices of the entries the mask selects (one per mask dim), as meta tensors."""
-    count = _selected(mask, known)
+    count = _selected(mask, info)
     return [torch.empty(count, dtype=torch.long, device=META) for _ in range(mask.dim())]
 
 
@@ -50,10 +58,11 @@ def _nonzero(x, *, known):
 
 def _masked_select(x, mask, *, known):
     shape = torch.broadcast_shapes(x.shape, mask.shape)
-    mask_value = known(mask)
-    if mask_value is not None:
-        return torch.empty(int(mask_value.expand(shape).count_nonzero()), dtype=x.dtype, device=META)
-    return torch.empty(math.prod(shape), dtype=x.dtype, device=META)
+    info = known(mask)
+    if isinstance(info, torch.Tensor):
+        return torch.empty(int(info.expand(shape).count_nonzero()), dtype=x.dtype, device=META)
+    share = info if isinstance(info, float) else 1.0
+    return torch.empty(round(math.prod(shape) * share), dtype=x.dtype, device=META)
 
 
 def _index(x, indices, *, known):
@@ -113,9 +122,26 @@ def needs_data(func, args: tuple) -> bool:
     return func in UPPER_BOUNDS or torch.Tag.dynamic_output_shape in func.tags
 
 
-def sized(func, meta_args: list, kwargs: dict, known) -> tuple[Any, bool]:
-    """The op's outputs (meta tensors) and whether they are exact: sized from the masks whose
-    values ``known(tensor)`` gives (None: unknown), the rest at their upper bound."""
+def bound_values(func, meta_args: list) -> Any:
+    """The values an upper bound implies, where it implies any: ``nonzero`` of a mask that selects
+    everything returns every coordinate in order, so a loop over its rows (Hugging Face's eager
+    MoE loops over the experts hit) visits each one."""
+    if func is aten.nonzero.default and meta_args[0].numel() <= BOUND_VALUES_MAX_ELEMENTS:
+        return torch.ones(meta_args[0].shape, dtype=torch.bool).nonzero()
+    return None
+
+
+BOUND_VALUES_MAX_ELEMENTS = 1 << 16
+
+
+EXACT, BALANCED, UPPER_BOUND = "exact", "balanced", "upper bound"
+
+
+def sized(func, meta_args: list, kwargs: dict, known) -> tuple[Any, str]:
+    """The op's outputs (meta tensors) and how they were sized: EXACT from the masks' values,
+    BALANCED from one-hot routing masks assumed to select evenly, else their UPPER_BOUND.
+    ``known(mask)`` gives a mask's value (a tensor), its expected share of selected entries
+    (a float), or None."""
     rule = UPPER_BOUNDS.get(func)
     if rule is None:
         error = UnboundedOp(f"{func} returns as many elements as its data says, which is unknown while planning")
@@ -124,5 +150,11 @@ def sized(func, meta_args: list, kwargs: dict, known) -> tuple[Any, bool]:
     masks = [a for a in meta_args if _is_mask(a)] + [i for a in meta_args if isinstance(a, (list, tuple)) for i in a if _is_mask(i)]
     if func is aten.nonzero.default:
         masks = [meta_args[0]]
-    exact = bool(masks) and all(known(m) is not None for m in masks)
-    return rule(*meta_args, **kwargs, known=known), exact
+    infos = [known(m) for m in masks]
+    if masks and all(isinstance(i, torch.Tensor) for i in infos):
+        how = EXACT
+    elif masks and all(i is not None for i in infos):
+        how = BALANCED
+    else:
+        how = UPPER_BOUND
+    return rule(*meta_args, **kwargs, known=known), how

@@ -67,6 +67,13 @@ class FakeDeviceTensor(torch.Tensor):
     def __repr__(self) -> str:
         return f"FakeDeviceTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
 
+    def __format__(self, format_spec: str) -> str:
+        # torch.Tensor formats a 0-d tensor as its item only for exact Tensors; models use
+        # f"expert_{index}" with one (Hugging Face's MoE loops).
+        if self.dim() == 0:
+            return self.item().__format__(format_spec)
+        return object.__format__(self, format_spec)
+
 
 def _to_meta(value: Any) -> Any:
     if type(value) is FakeDeviceTensor:
@@ -88,6 +95,40 @@ def _unwrap(values):
         else:
             out.append(value)
     return out
+
+
+# One-hot masks (MoE routing): ``one_hot(x, n)`` has 1/n of its entries set (it reaches the tracer
+# as a comparison with an arange: ``StorageTracer._mark_one_hot``); views, copies and
+# selections of it (one expert's slice) are taken to keep that share, as a balanced router's
+# would (planner/data_dependent.py uses it to size ``nonzero`` and boolean indexing of them).
+_KEEPS_MASK_SHARE = frozenset({
+    torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.index.Tensor,
+    torch.ops.aten.ne.Scalar, torch.ops.aten.gt.Scalar, torch.ops.aten.eq.Scalar,
+})
+
+
+_EQ_TENSOR = torch.ops.aten.eq.Tensor
+_AT_MOST_MASK_SHARE = frozenset({
+    torch.ops.aten.mul.Tensor, torch.ops.aten.logical_and.default, torch.ops.aten.bitwise_and.Tensor,
+})
+
+
+def _pass_on_mask_share(func, args: tuple, wrapped: Any) -> None:
+    if func in _AT_MOST_MASK_SHARE:  # zeros stay zeros: at most the one-hot's entries are set
+        shares = [getattr(a, "mask_share", None) for a in args[:2] if isinstance(a, _Tensor)]
+        shares = [x for x in shares if x is not None]
+        if shares and isinstance(wrapped, _Tensor):
+            wrapped.mask_share = min(shares)
+        return
+    source = args[0] if args and isinstance(args[0], _Tensor) else None
+    share = getattr(source, "mask_share", None) if source is not None else None
+    if share is None:
+        return
+    is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+    if is_view or func in _KEEPS_MASK_SHARE:
+        for output in wrapped if isinstance(wrapped, (list, tuple)) else [wrapped]:
+            if isinstance(output, _Tensor):
+                output.mask_share = share
 
 
 def _pairs(meta_args: list, args: tuple):
@@ -295,6 +336,9 @@ class StorageTracer(TorchDispatchMode):
             steps = cpu_kernels.RULED_OPS[func](args)
         wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
         known_values.attach(wrapped, values)
+        _pass_on_mask_share(func, args, wrapped)
+        if maybe_known:
+            self._mark_one_hot(func, args, wrapped)
         if self.on_op_done is not None:
             self.on_op_done(func, args, wrapped)
         return wrapped
@@ -305,12 +349,15 @@ class StorageTracer(TorchDispatchMode):
 
     def _may_have_values(self, args: tuple) -> bool:
         """False for the common op, on activations or parameters, none of which has a value."""
+        tensors = 0
         for value in args:
             if isinstance(value, (list, tuple)):
                 value = value[0] if value else None
             if isinstance(value, _Tensor):
-                return type(value) is not FakeDeviceTensor or "known_value" in value.__dict__
-        return True  # a factory
+                if type(value) is not FakeDeviceTensor or "known_value" in value.__dict__:
+                    return True
+                tensors += 1
+        return not tensors  # a factory
 
     def _writes_to_inputs(self, func) -> bool:
         known = self._writes.get(func)
@@ -331,6 +378,23 @@ class StorageTracer(TorchDispatchMode):
                 self._stale_values.add(value.untyped_storage()._cdata)
         return None
 
+    def _mark_one_hot(self, func, args: tuple, wrapped: Any) -> None:
+        """``one_hot(x, n)`` reaches the tracer as ``x.unsqueeze(-1) == arange(n)`` (its meta path,
+        aten/src/ATen/native/Onehot.cpp): a comparison with n distinct known values along a dim
+        where the other side has one entry sets at most one in n."""
+        if func is not _EQ_TENSOR or not isinstance(wrapped, _Tensor):
+            return
+        for classes, other in ((args[1], args[0]), (args[0], args[1])):
+            if not isinstance(classes, _Tensor) or not isinstance(other, _Tensor):
+                continue
+            value = known_values.value_of(classes, self._is_stale)
+            if known_values.is_unknown(value) or value.dim() == 0 or value.dim() > other.dim():
+                continue
+            n = value.shape[-1]
+            if n > 1 and value.numel() == n and other.shape[-1] == 1 and value.unique().numel() == n:
+                wrapped.mask_share = 1.0 / n
+                return
+
     def _data_dependent(self, func, args: tuple, kwargs: dict, real_kwargs: dict, maybe_known: bool) -> Any:
         """An op whose output size depends on data (planner/data_dependent.py): sized from the
         values when the trace knows them, else at its upper bound (with a note)."""
@@ -345,17 +409,25 @@ class StorageTracer(TorchDispatchMode):
                 masks = {id(m): a for m, a in _pairs(meta_args, args)}
 
                 def known(meta: torch.Tensor) -> Any:
-                    value = known_values.value_of(masks[id(meta)], self._is_stale) if id(meta) in masks else None
-                    return None if value is None or known_values.is_unknown(value) else value
+                    """A mask's value, else its expected share of selected entries, else None."""
+                    traced = masks.get(id(meta))
+                    if traced is None:
+                        return None
+                    value = known_values.value_of(traced, self._is_stale)
+                    return getattr(traced, "mask_share", None) if known_values.is_unknown(value) else value
 
                 try:
-                    result, exact = data_dependent.sized(func, meta_args, kwargs, known)
+                    result, how = data_dependent.sized(func, meta_args, kwargs, known)
                 except data_dependent.UnboundedOp as exc:
                     exc.where = self.location() if self.location is not None else ""
                     raise
-                if not exact:
+                if how == data_dependent.BALANCED:
+                    note = f"{func} sized as a balanced router selects (each expert an even share of the tokens)"
+                    self.notes[note] = self.notes.get(note, 0) + 1
+                elif how == data_dependent.UPPER_BOUND:
                     note = f"{func} sized as if its mask selected everything (an upper bound: its data is unknown)"
                     self.notes[note] = self.notes.get(note, 0) + 1
+                    values = data_dependent.bound_values(func, meta_args)
         if self._mutates_and_returns_self(func):
             return args[0]
         wrapped = self._wrap(result)

@@ -183,3 +183,26 @@ def test_convolutions_keep_the_memory_format_the_kernel_returns(dims):
 
     _, result = _trace(step)
     assert result.stride() == real.stride()
+
+
+def test_a_moe_loop_over_a_one_hot_routing_mask_is_sized_as_a_balanced_router():
+    """Switch-Transformers-style expert loop: which tokens go to which expert is data, but a
+    one-hot mask selects 1/n of its entries, and each expert's slice is taken to hold its share."""
+    tokens, experts = 12, 4
+
+    def step():
+        logits = fake_device.to_fake_device(torch.empty(tokens, experts, device="meta"))
+        mask = torch.nn.functional.one_hot(logits.argmax(-1), num_classes=experts)  # (tokens, experts)
+        hit = (mask.sum(0) > 0).nonzero()  # unknown data: every expert hit (an upper bound)
+        sizes = []
+        for expert in hit:
+            (chosen,) = torch.where(mask[:, expert[0]])
+            sizes.append((int(expert[0]), tuple(chosen.shape)))
+        return sizes
+
+    events = []
+    tracer = StorageTracer(lambda key, nbytes: events.append(nbytes), lambda key: None)
+    with tracer:
+        sizes = step()
+    assert sizes == [(e, (tokens // experts,)) for e in range(experts)]
+    assert any("balanced router" in note for note in tracer.notes)
