@@ -11,13 +11,15 @@ Their sizes depend on the instruction set: oneDNN and ATen pick the implementati
 memory layouts for the running CPU (AVX2: 8-float blocks, AVX-512: 16, AVX512-BF16 and AMX: bf16
 convolutions in oneDNN instead of ATen's im2col). They also depend on the thread count and on
 the shapes. So they are not modelled from source but measured on this machine, the way the
-kernels choose them: for each distinct call of an op in ``PROBED_OPS`` the real CPU kernel runs
-once on zero-filled tensors of the traced shapes at micro-batch 1 and once at micro-batch 2
-(dims that carry the trace's prime batch are scaled to it), with ``CPU_RANK_THREADS`` threads,
-under torch's profiler, which reports every CPU allocation and free with its address. Each
-buffer born and freed inside the op is then a constant part plus a part proportional to the
-micro-batch (both fitted from the two runs; measured linear from batch 1 to 8 on convolutions,
-flash attention and layer norm), and the tracer replays it at the trace batch
+kernels choose them: for each distinct call that ``needs_probe`` (the ops in ``PROBED_OPS``;
+bf16/fp16 matrix products; elementwise ops on mixed float dtypes) the real CPU kernel runs
+on zero-filled tensors of the traced shapes at the plan's micro-batch and at the next (dims that
+carry the trace's prime batch are scaled to them; not at 1 below it: oneDNN picks other
+implementations at batch 1), with ``CPU_RANK_THREADS`` threads, under torch's profiler, which
+reports every CPU allocation and free with its address. Each buffer born and freed inside the op
+is then a constant part plus a part proportional to the micro-batch, fitted from the two runs:
+exact at the plan's batch and extrapolated to others (tests/planner/test_cpu_kernels.py checks
+the extrapolation against the real kernels), and the tracer replays it at the trace batch
 (``StorageTracer._replay_kernel``). To plan for another CPU, set oneDNN's and ATen's own ISA
 caps before torch starts (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``; ``dpplan estimate
 --cpu-isa`` does that): the kernels, and so the probes, then choose as on that CPU.
@@ -56,6 +58,41 @@ PROBED_OPS = frozenset({
     aten.embedding_dense_backward.default,  # a contiguous copy of the gradient
     aten._safe_softmax.default,  # the -inf mask and its row reduction
 })
+
+LOW_PRECISION_MATMULS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default})
+"""bf16/fp16 matrix products: on CPUs with AVX512-BF16 or AMX they run in oneDNN, which packs
+its operands into buffers of its own (fp32 products run in MKL/OpenBLAS without any)."""
+
+MIXED_DTYPE_OPS = frozenset({
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self,
+})
+"""Elementwise ops whose CPU kernel converts an operand of another float dtype into a temporary
+first (a bf16 attention output added to an fp32 residual under autocast)."""
+
+PROBE_MAX_FLOPS = 2e10
+"""Matrix products larger than this at the plan's batch are not run for real (about a second on
+one core); the plan says so."""
+
+
+def needs_probe(func, args: tuple) -> bool:
+    """Whether this call's in-op buffers are measured (its kernel may allocate beyond its outputs)."""
+    if func in PROBED_OPS:
+        return True
+    if func in LOW_PRECISION_MATMULS:
+        return any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args[:3])
+    if func in MIXED_DTYPE_OPS:
+        dtypes = {a.dtype for a in args[:3] if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim()}
+        return len(dtypes) > 1
+    return False
+
+
+def _matmul_flops(func, args: tuple) -> float:
+    if func not in LOW_PRECISION_MATMULS:
+        return 0.0
+    a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (args[0], args[1])
+    batch = a.shape[0] if a.dim() == 3 else 1
+    return 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+
 
 CPU_RANK_THREADS = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
 """Threads of one CPU rank: torchrun sets OMP_NUM_THREADS=1 for each process it starts
@@ -193,6 +230,8 @@ def _measure(func, args: tuple, kwargs: dict, trace_batch_size: int, n: int) -> 
         real_kwargs = _real_args(kwargs, trace_batch_size, n)
         if _input_bytes((real_args, real_kwargs)) > PROBE_MAX_BYTES:
             raise ProbeSkipped(f"{func}: inputs over {PROBE_MAX_BYTES // 2**20} MiB, not run for real")
+        if _matmul_flops(func, real_args) > PROBE_MAX_FLOPS:
+            raise ProbeSkipped(f"{func}: over {PROBE_MAX_FLOPS:.0e} FLOPs, not run for real")
         threads = torch.get_num_threads()
         torch.set_num_threads(CPU_RANK_THREADS)
         # torch.autograd.profiler, not torch.profiler: the latter imports torch._inductor (2 s)

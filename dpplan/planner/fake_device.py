@@ -313,7 +313,7 @@ class StorageTracer(TorchDispatchMode):
         else:
             result = _run_foreach_deduplicated(func, args, kwargs, kind)
             if result is _NOT_DEDUPLICATED:
-                result = _run_meta_kernel(self, func, args, _unwrap(args), kwargs)
+                result = _run_meta_kernel(func, args, _unwrap(args), kwargs)
             if self.target_device_type == "cpu" and func in cpu_kernels.CORRECTED_OPS:
                 result = cpu_kernels.corrected_outputs(func, args, result)
             if key is not None:
@@ -330,7 +330,7 @@ class StorageTracer(TorchDispatchMode):
         if maybe_known and not in_place and known_values.small_enough(result):
             values = self._known_values(func, args, real_kwargs)
         steps = None
-        if self.target_device_type == "cpu" and func in cpu_kernels.PROBED_OPS:
+        if self.target_device_type == "cpu" and cpu_kernels.needs_probe(func, args):
             steps = self._cpu_kernel_steps(func, args, kwargs, key)
         elif self.target_device_type == "cpu" and func in cpu_kernels.RULED_OPS:
             steps = cpu_kernels.RULED_OPS[func](args)
@@ -555,7 +555,7 @@ def _outputs_from_specs(cached):
 # decides. Where that changes what a step allocates, the tracer decides as the device does.
 
 
-def _run_meta_kernel(mode: "StorageTracer", func, args: tuple, meta_args: list, kwargs: dict) -> Any:
+def _run_meta_kernel(func, args: tuple, meta_args: list, kwargs: dict) -> Any:
     """The op's outputs on the meta device, as the target's kernels would return them.
     ``args`` report the target device, ``meta_args`` are the meta tensors behind them."""
     if func in _BF16_ONLY_META:
@@ -564,8 +564,7 @@ def _run_meta_kernel(mode: "StorageTracer", func, args: tuple, meta_args: list, 
         return _NO_META_KERNEL[func](*meta_args, **kwargs)
     result = func(*meta_args, **kwargs)
     if func in _CONVOLUTIONS:
-        with mode:  # torch's backend choice runs ops (1-d: unsqueeze) on the fake-device tensors
-            result = _convolution_memory_format(func, args, result)
+        result = _convolution_memory_format(func, args, result)
     return result
 
 
@@ -605,17 +604,37 @@ def _grouped_mm_any_dtype(func, meta_args: list, kwargs: dict) -> Any:
 _CONVOLUTIONS = frozenset({torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default})
 
 
+class _UntracedMode(TorchDispatchMode):
+    """Runs ops on fake-device tensors without recording them: for torch's own helpers that look
+    at tensors the way a kernel would (``_select_conv_backend``), not ops of the step."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _PRIM_DEVICE:
+            return CPU
+        result = func(*_unwrap(args), **dict(zip(kwargs or {}, _unwrap((kwargs or {}).values()))))
+        if isinstance(result, _Tensor):
+            return FakeDeviceTensor(result)
+        if isinstance(result, (list, tuple)):
+            return type(result)(FakeDeviceTensor(r) if isinstance(r, _Tensor) else r for r in result)
+        return result
+
+
 def _convolution_memory_format(func, args: tuple, result: Any) -> Any:
     input_, weight = (args[0], args[1]) if func is torch.ops.aten.convolution.default else (args[1], args[2])
     stride, padding, dilation, transposed, output_padding, groups = (
         args[3:9] if func is torch.ops.aten.convolution.default else args[4:10]
     )
-    backend = torch._C._select_conv_backend(
-        input_, weight, None, stride, padding, dilation, transposed, output_padding, groups, None
-    )
+    with _UntracedMode():  # the backend choice runs ops (1-d: a contiguous copy) of its own
+        backend = torch._C._select_conv_backend(
+            input_, weight, None, stride, padding, dilation, transposed, output_padding, groups, None
+        )
+    input_, weight = _to_meta(input_), _to_meta(weight)  # outside the mode: nothing here is traced
     if weight.dim() == 3:  # 1-d: decided on the 2-d view, as Convolution.cpp does
-        input_, weight = _to_meta(input_).contiguous().unsqueeze(2), _to_meta(weight).unsqueeze(2)
-    # (the meta twins from here: what follows only reads layouts)
+        input_, weight = input_.contiguous().unsqueeze(2), weight.unsqueeze(2)
     memory_format = torch._C._conv_determine_backend_memory_format(input_, weight, backend)
     if memory_format == torch.contiguous_format:
         return result
