@@ -51,7 +51,11 @@ USER_ERRORS = {
     "dpplan.planner.trace": "TraceError",
     "dpplan.planner.units": "WrapError",
 }
-INTERNAL_ERRORS = {"dpplan.planner.fake_device": "FakeDeviceError"}
+INTERNAL_ERRORS = {
+    "dpplan.planner.fake_tensor": "FakeDeviceError",
+    "dpplan.planner.torch_apis": "TorchApiChanged",
+    "dpplan.planner.trace": "TracerBug",
+}
 
 
 def _loaded_classes(where: dict[str, str]) -> tuple[type, ...]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -238,7 +237,7 @@ def _measure(func, args: tuple, kwargs: dict, trace_batch_size: int, n: int) -> 
         # the first time it starts.
         recorder = autograd_profiler.profile(use_cpu=True, profile_memory=True, use_kineto=True)
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 recorder.__enter__()
                 try:
                     outputs = func(*real_args, **real_kwargs)
@@ -361,7 +360,7 @@ def _linear(sizes: list[int], batch_sizes: tuple[int, ...]) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Kineto prints a line to the process's stderr each time a profiler starts and stops
     ("USDT: ... profiler_start"), whatever its log level; a plan's output must not show it."""
     try:

@@ -158,3 +158,38 @@ def sized(func, meta_args: list, kwargs: dict, known) -> tuple[Any, str]:
     else:
         how = UPPER_BOUND
     return rule(*meta_args, **kwargs, known=known), how
+
+
+# -- one-hot routing masks ---------------------------------------------------------------------
+# One-hot masks (MoE routing): ``one_hot(x, n)`` has 1/n of its entries set (it reaches the tracer
+# as a comparison with an arange: ``mark_one_hot``); views, copies and
+# selections of it (one expert's slice) are taken to keep that share, as a balanced router's
+# would (planner/data_dependent.py uses it to size ``nonzero`` and boolean indexing of them).
+_KEEPS_MASK_SHARE = frozenset({
+    torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.index.Tensor,
+    torch.ops.aten.ne.Scalar, torch.ops.aten.gt.Scalar, torch.ops.aten.eq.Scalar,
+})
+
+
+EQ_TENSOR = torch.ops.aten.eq.Tensor
+_AT_MOST_MASK_SHARE = frozenset({
+    torch.ops.aten.mul.Tensor, torch.ops.aten.logical_and.default, torch.ops.aten.bitwise_and.Tensor,
+})
+
+
+def pass_on_mask_share(func, args: tuple, wrapped: Any) -> None:
+    if func in _AT_MOST_MASK_SHARE:  # zeros stay zeros: at most the one-hot's entries are set
+        shares = [getattr(a, "mask_share", None) for a in args[:2] if isinstance(a, torch.Tensor)]
+        shares = [x for x in shares if x is not None]
+        if shares and isinstance(wrapped, torch.Tensor):
+            wrapped.mask_share = min(shares)
+        return
+    source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    share = getattr(source, "mask_share", None) if source is not None else None
+    if share is None:
+        return
+    is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+    if is_view or func in _KEEPS_MASK_SHARE:
+        for output in wrapped if isinstance(wrapped, (list, tuple)) else [wrapped]:
+            if isinstance(output, torch.Tensor):
+                output.mask_share = share

@@ -1,24 +1,18 @@
-"""Run a model on a fake device: meta tensors that report the target device type.
+"""The tracer: runs a training step on fake-device tensors and reports storage births and deaths.
 
-This module holds every private torch API dpplan relies on (but for ``torch._dynamo``'s stand-in
-in no_dynamo.py); tests/planner/test_fake_device.py and test_trace_speed.py fail loudly if a
-torch release changes one of them.
+Every aten op of the step reaches ``StorageTracer.__torch_dispatch__``, runs only its meta
+kernel on the meta tensors behind the fake-device tensors (planner/fake_tensor.py), and the new
+storages it creates, and the ones that die, are reported. Around that:
+  - the meta kernel's outputs are corrected where the device's kernel differs
+    (planner/meta_kernels.py), and on a CPU target a kernel's in-op buffers are measured
+    (planner/cpu_kernels.py);
+  - small tensors computed from constants keep their values (planner/known_values.py), and ops
+    whose output size depends on data are sized from them or at a stated bound
+    (planner/data_dependent.py);
+  - outputs of ops seen before with the same metadata are made from a cache, and foreach ops
+    run their kernel once per distinct element (speed).
 
-Why not plain meta tensors: on the meta device ``torch.autocast("cpu")`` casts nothing
-(autocast only touches tensors of its device) and ``scaled_dot_product_attention`` falls back
-to the math path that keeps the full S x S attention matrix, which neither CPU nor GPU fused
-attention keeps. A tensor that *is* meta underneath but reports ``cpu`` gets the real
-autocast, the real SDPA kernel choice and the real optimizer defaults of that device, while
-each op still runs only the meta kernel: no data, no memory. This is the idea of torch's
-``FakeTensorMode``, reduced to what a memory trace needs, which makes it about twice as fast.
-
-Private APIs used:
-  - ``torch.Tensor._make_subclass(..., dispatch_device=True, device_for_backend_keys=...)``
-    (a subclass whose backend keys are those of the reported device),
-  - ``torch.ops.prim.device`` (how C++ asks such a subclass for its device),
-  - ``torch.utils._python_dispatch.TorchDispatchMode`` (intercepts every aten op),
-  - ``UntypedStorage._cdata`` (a storage's identity) and weak references to storages (their
-    Python objects live exactly as long as the storage, so a callback marks the free).
+The private torch APIs this relies on are checked before a trace (planner/torch_apis.py).
 """
 
 from __future__ import annotations
@@ -31,104 +25,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpplan.planner import cpu_kernels, data_dependent, known_values
+from dpplan.planner.fake_tensor import (  # noqa: F401 (the tracer's tensors, re-exported)
+    CPU,
+    META,
+    PRIM_DEVICE as _PRIM_DEVICE,
+    FakeDeviceError,
+    FakeDeviceTensor,
+    meta_like as _meta_like,
+    module_to_fake_device,
+    to_fake_device,
+    tree_to_fake_device,
+    unwrap as _unwrap,
+)
+from dpplan.planner.meta_kernels import run_meta_kernel
 
-CPU = torch.device("cpu")
-META = torch.device("meta")
 _Tensor = torch.Tensor
-_PRIM_DEVICE = torch.ops.prim.device.default
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
-
-
-class FakeDeviceError(RuntimeError):
-    """An op reached a fake-device tensor outside the tracing mode (a dpplan bug)."""
-
-
-class FakeDeviceTensor(torch.Tensor):
-    """A meta tensor that reports device ``cpu``. ``.meta`` is the meta tensor it stands for."""
-
-    meta: torch.Tensor
-
-    @staticmethod
-    def __new__(cls, meta: torch.Tensor):
-        tensor = _Tensor._make_subclass(
-            cls, meta, meta.requires_grad, dispatch_device=True, device_for_backend_keys=CPU
-        )
-        tensor.meta = meta
-        return tensor
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        if func is _PRIM_DEVICE:
-            return CPU
-        raise FakeDeviceError(f"{func} ran on a fake-device tensor outside dpplan's tracing mode")
-
-    def __repr__(self) -> str:
-        return f"FakeDeviceTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
-
-    def __format__(self, format_spec: str) -> str:
-        # torch.Tensor formats a 0-d tensor as its item only for exact Tensors; models use
-        # f"expert_{index}" with one (Hugging Face's MoE loops).
-        if self.dim() == 0:
-            return self.item().__format__(format_spec)
-        return object.__format__(self, format_spec)
-
-
-def _to_meta(value: Any) -> Any:
-    if type(value) is FakeDeviceTensor:
-        return value.meta
-    if isinstance(value, _Tensor) and value.device.type != "meta":
-        # A real tensor created outside the trace (a global in the model file): a meta twin.
-        return value.to(META)
-    return value
-
-
-def _unwrap(values):
-    out = []
-    for value in values:
-        if isinstance(value, _Tensor):
-            out.append(_to_meta(value))
-        elif isinstance(value, (list, tuple)) and any(isinstance(v, _Tensor) for v in value):
-            # also lists that start with None: the indices of ``x[..., [i], :]``
-            out.append(type(value)(_to_meta(v) for v in value))
-        else:
-            out.append(value)
-    return out
-
-
-# One-hot masks (MoE routing): ``one_hot(x, n)`` has 1/n of its entries set (it reaches the tracer
-# as a comparison with an arange: ``StorageTracer._mark_one_hot``); views, copies and
-# selections of it (one expert's slice) are taken to keep that share, as a balanced router's
-# would (planner/data_dependent.py uses it to size ``nonzero`` and boolean indexing of them).
-_KEEPS_MASK_SHARE = frozenset({
-    torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.index.Tensor,
-    torch.ops.aten.ne.Scalar, torch.ops.aten.gt.Scalar, torch.ops.aten.eq.Scalar,
-})
-
-
-_EQ_TENSOR = torch.ops.aten.eq.Tensor
-_AT_MOST_MASK_SHARE = frozenset({
-    torch.ops.aten.mul.Tensor, torch.ops.aten.logical_and.default, torch.ops.aten.bitwise_and.Tensor,
-})
-
-
-def _pass_on_mask_share(func, args: tuple, wrapped: Any) -> None:
-    if func in _AT_MOST_MASK_SHARE:  # zeros stay zeros: at most the one-hot's entries are set
-        shares = [getattr(a, "mask_share", None) for a in args[:2] if isinstance(a, _Tensor)]
-        shares = [x for x in shares if x is not None]
-        if shares and isinstance(wrapped, _Tensor):
-            wrapped.mask_share = min(shares)
-        return
-    source = args[0] if args and isinstance(args[0], _Tensor) else None
-    share = getattr(source, "mask_share", None) if source is not None else None
-    if share is None:
-        return
-    is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-    if is_view or func in _KEEPS_MASK_SHARE:
-        for output in wrapped if isinstance(wrapped, (list, tuple)) else [wrapped]:
-            if isinstance(output, _Tensor):
-                output.mask_share = share
 
 
 def _pairs(meta_args: list, args: tuple):
@@ -138,15 +50,6 @@ def _pairs(meta_args: list, args: tuple):
             yield from _pairs(list(meta), tuple(arg))
         elif isinstance(meta, _Tensor):
             yield meta, arg
-
-
-def _meta_like(value: Any) -> Any:
-    """Meta tensors with the shapes, strides and dtypes of real ones."""
-    if isinstance(value, _Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=META)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_meta_like(v) for v in value)
-    return value
 
 
 def _is_real_device(device: Any) -> bool:
@@ -313,7 +216,7 @@ class StorageTracer(TorchDispatchMode):
         else:
             result = _run_foreach_deduplicated(func, args, kwargs, kind)
             if result is _NOT_DEDUPLICATED:
-                result = _run_meta_kernel(func, args, _unwrap(args), kwargs)
+                result = run_meta_kernel(func, args, _unwrap(args), kwargs)
             if self.target_device_type == "cpu" and func in cpu_kernels.CORRECTED_OPS:
                 result = cpu_kernels.corrected_outputs(func, args, result)
             if key is not None:
@@ -336,7 +239,7 @@ class StorageTracer(TorchDispatchMode):
             steps = cpu_kernels.RULED_OPS[func](args)
         wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
         known_values.attach(wrapped, values)
-        _pass_on_mask_share(func, args, wrapped)
+        data_dependent.pass_on_mask_share(func, args, wrapped)
         if maybe_known:
             self._mark_one_hot(func, args, wrapped)
         if self.on_op_done is not None:
@@ -382,7 +285,7 @@ class StorageTracer(TorchDispatchMode):
         """``one_hot(x, n)`` reaches the tracer as ``x.unsqueeze(-1) == arange(n)`` (its meta path,
         aten/src/ATen/native/Onehot.cpp): a comparison with n distinct known values along a dim
         where the other side has one entry sets at most one in n."""
-        if func is not _EQ_TENSOR or not isinstance(wrapped, _Tensor):
+        if func is not data_dependent.EQ_TENSOR or not isinstance(wrapped, _Tensor):
             return
         for classes, other in ((args[1], args[0]), (args[0], args[1])):
             if not isinstance(classes, _Tensor) or not isinstance(other, _Tensor):
@@ -550,107 +453,6 @@ def _outputs_from_specs(cached):
     return container(_outputs_from_specs(s) for s in specs)
 
 
-# -- where a meta kernel differs from the device kernels ---------------------------------------
-# A meta kernel is written to mirror one device's checks and leaves out what only the device
-# decides. Where that changes what a step allocates, the tracer decides as the device does.
-
-
-def _run_meta_kernel(func, args: tuple, meta_args: list, kwargs: dict) -> Any:
-    """The op's outputs on the meta device, as the target's kernels would return them.
-    ``args`` report the target device, ``meta_args`` are the meta tensors behind them."""
-    if func in _BF16_ONLY_META:
-        return _grouped_mm_any_dtype(func, meta_args, kwargs)
-    if func in _NO_META_KERNEL:
-        return _NO_META_KERNEL[func](*meta_args, **kwargs)
-    result = func(*meta_args, **kwargs)
-    if func in _CONVOLUTIONS:
-        result = _convolution_memory_format(func, args, result)
-    return result
-
-
-# Ops without any meta kernel, whose outputs are shaped like an input:
-#   - ``_ctc_loss_backward``: the gradient of ``log_probs`` (LossCTC.cpp ``ctc_loss_backward_cpu``).
-_NO_META_KERNEL = {
-    torch.ops.aten._ctc_loss_backward.Tensor: lambda grad, log_probs, *rest, **kwargs: torch.empty_like(log_probs),
-    torch.ops.aten._ctc_loss_backward.default: lambda grad, log_probs, *rest, **kwargs: torch.empty_like(log_probs),
-}
-
-
-# ``_grouped_mm`` (MoE experts: transformers' integrations/moe.py calls it on CPU and CUDA for
-# any dtype): torch/_meta_registrations.py ``_meta_grouped_mm_common`` demands bf16, as the
-# first CUDA kernel did; the CPU kernel and the CUDA fallback of torch 2.10+ take fp32 and fp16
-# too and return ``out_dtype or mat_a.dtype``. Planned from the meta kernel run on bf16
-# stand-ins, its output in the real dtype.
-_BF16_ONLY_META = frozenset({torch.ops.aten._grouped_mm.default})
-
-
-def _grouped_mm_any_dtype(func, meta_args: list, kwargs: dict) -> Any:
-    floating = [a for a in meta_args if isinstance(a, _Tensor) and a.is_floating_point()]
-    if all(a.dtype == torch.bfloat16 for a in floating):
-        return func(*meta_args, **kwargs)
-    positional_out_dtype = meta_args[4] if len(meta_args) > 4 else None
-    out_dtype = kwargs.get("out_dtype") or positional_out_dtype or floating[0].dtype
-    stand_ins = [a.to(torch.bfloat16) if isinstance(a, _Tensor) and a.is_floating_point() else a for a in meta_args]
-    kwargs = {k: v for k, v in kwargs.items() if k != "out_dtype"}
-    return func(*stand_ins[:4], **kwargs).to(out_dtype)
-
-
-# Convolutions: the meta kernel returns contiguous outputs ("meta tensors have no device info,
-# so _select_conv_backend returns Overrideable", torch/_meta_registrations.py ``meta_conv``);
-# the device kernels return channels-last outputs for channels-last inputs (oneDNN, cuDNN),
-# which changes what later permutes and ``contiguous()`` copy (ConvNeXt). The layout is chosen
-# as torch's FakeTensor does (torch/_subclasses/fake_impls.py ``conv``): the backend torch would
-# select for tensors of the target device, then its memory format.
-_CONVOLUTIONS = frozenset({torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default})
-
-
-class _UntracedMode(TorchDispatchMode):
-    """Runs ops on fake-device tensors without recording them: for torch's own helpers that look
-    at tensors the way a kernel would (``_select_conv_backend``), not ops of the step."""
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _PRIM_DEVICE:
-            return CPU
-        result = func(*_unwrap(args), **dict(zip(kwargs or {}, _unwrap((kwargs or {}).values()))))
-        if isinstance(result, _Tensor):
-            return FakeDeviceTensor(result)
-        if isinstance(result, (list, tuple)):
-            return type(result)(FakeDeviceTensor(r) if isinstance(r, _Tensor) else r for r in result)
-        return result
-
-
-def _convolution_memory_format(func, args: tuple, result: Any) -> Any:
-    input_, weight = (args[0], args[1]) if func is torch.ops.aten.convolution.default else (args[1], args[2])
-    stride, padding, dilation, transposed, output_padding, groups = (
-        args[3:9] if func is torch.ops.aten.convolution.default else args[4:10]
-    )
-    with _UntracedMode():  # the backend choice runs ops (1-d: a contiguous copy) of its own
-        backend = torch._C._select_conv_backend(
-            input_, weight, None, stride, padding, dilation, transposed, output_padding, groups, None
-        )
-    input_, weight = _to_meta(input_), _to_meta(weight)  # outside the mode: nothing here is traced
-    if weight.dim() == 3:  # 1-d: decided on the 2-d view, as Convolution.cpp does
-        input_, weight = input_.contiguous().unsqueeze(2), weight.unsqueeze(2)
-    memory_format = torch._C._conv_determine_backend_memory_format(input_, weight, backend)
-    if memory_format == torch.contiguous_format:
-        return result
-
-    def convert(tensor):
-        if tensor is None:
-            return None
-        if tensor.dim() == 3 and memory_format == torch.channels_last:
-            return tensor.unsqueeze(2).to(memory_format=memory_format).squeeze(2)
-        return tensor.to(memory_format=memory_format)
-
-    if func is torch.ops.aten.convolution.default:
-        return convert(result)
-    return convert(result[0]), convert(result[1]), result[2]
-
-
 # -- foreach ops: one kernel call per distinct element ---------------------------------------
 # A foreach op is its single-tensor op applied element by element (``_foreach_add_(xs, ys)``
 # is ``x.add_(y)`` for each pair): the meta kernel checks, and for an out-of-place op shapes,
@@ -723,51 +525,6 @@ def always_stepping(grad_scaler):
 
     grad_scaler._maybe_opt_step = step_unconditionally
     return grad_scaler
-
-
-def to_fake_device(tensor: torch.Tensor) -> torch.Tensor:
-    """A fake-device tensor for a meta tensor (keeps ``requires_grad``)."""
-    if type(tensor) is FakeDeviceTensor:
-        return tensor
-    if tensor.device.type != "meta":
-        tensor = tensor.to(META)
-    return FakeDeviceTensor(tensor)
-
-
-def module_to_fake_device(module: torch.nn.Module) -> None:
-    """Replace every meta parameter and buffer by a fake-device twin, keeping tied ones tied.
-
-    Must run inside a ``StorageTracer`` (``nn.Parameter`` runs ``detach`` on its data).
-    """
-    twins: dict[int, torch.Tensor] = {}
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is None:
-                continue
-            twin = twins.get(id(param))
-            if twin is None:
-                twin = torch.nn.Parameter(to_fake_device(param.detach()), requires_grad=param.requires_grad)
-                twins[id(param)] = twin
-            sub._parameters[name] = twin
-        for name, buffer in list(sub._buffers.items()):
-            if buffer is None:
-                continue
-            twin = twins.get(id(buffer))
-            if twin is None:
-                twin = to_fake_device(buffer)
-                twins[id(buffer)] = twin
-            sub._buffers[name] = twin
-
-
-def tree_to_fake_device(value: Any) -> Any:
-    """The batch (dict / tuple / list / tensor, nested) with every tensor on the fake device."""
-    if isinstance(value, _Tensor):
-        return to_fake_device(value)
-    if isinstance(value, dict):
-        return type(value)((k, tree_to_fake_device(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(tree_to_fake_device(v) for v in value)
-    return value
 
 
 @contextlib.contextmanager

@@ -16,15 +16,17 @@ makes a search for the largest batch that fits cheap.
 from __future__ import annotations
 
 import contextlib
+import traceback
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpplan.planner import data_dependent, fake_device
+from dpplan.planner import data_dependent, fake_device, torch_apis
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user, describe_user_exception
 from dpplan.planner.optimizers import build_optimizer
@@ -255,6 +257,28 @@ class _Recorder:
                 self.storage_owner[index] = owner
 
 
+class TracerBug(RuntimeError):
+    """The tracer itself failed (a dpplan bug, or a torch change under it): an internal error."""
+
+
+_PACKAGE = str(Path(__file__).resolve().parent.parent)
+
+
+def _raised_by_dpplan(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of the failure is dpplan's: an AttributeError or a
+    TypeError of ours, or a private torch API that changed under a call of ours. Failures inside
+    torch's kernels (a shape mismatch) and inside the model's code are the model's."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE) and not isinstance(
+        exc, (RuntimeError, NotImplementedError)
+    )
+
+
+def _innermost(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} ({frame.line})"
+
+
 def _describe_trace_failure(exc: BaseException, spec: ModelSpec) -> str:
     text = describe_user_exception(exc, spec.path)
     if "data-dependent" in str(exc) or "nonzero" in str(exc) or "_local_scalar_dense" in str(exc):
@@ -374,6 +398,7 @@ def trace_model(
     """Trace one step of ``model`` (built on the meta device, not yet traced): ``spec``
     gives its example batch and loss; ``units``, when given, replaces the units that
     ``settings.wrap`` would pick."""
+    torch_apis.check(settings.device_type)
     with torch.device("meta"), fake_device.skip_weight_init():
         batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)
     if units is None:
@@ -432,6 +457,11 @@ def trace_model(
             "not exist while planning, and has no upper bound"
         ) from None
     except Exception as exc:
+        if _raised_by_dpplan(exc):  # our code or a torch API under it, not the user's model
+            raise TracerBug(
+                f"{_innermost(exc)}: {type(exc).__name__}: {exc} (torch {torch.__version__}; the tracer is "
+                f"tested with torch {', '.join(torch_apis.TESTED_TORCH)})"
+            ) from exc
         raise TraceError(_describe_trace_failure(exc, spec)) from None
 
 
