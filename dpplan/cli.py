@@ -27,6 +27,8 @@ from dpplan import __version__
 from dpplan.cli_types import BYTE_SIZE, ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
 from dpplan.planner.config import DEVICES, OFFLOADS, PRECISIONS, PlanConfig
 from dpplan.planner.hardware import DEFAULT_GPU
+from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
+from dpplan.planner.cpu_isa import apply as apply_cpu_isa
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
 from dpplan.profiler.profile_settings import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
@@ -149,10 +151,12 @@ def main() -> None:
 @click.option("--gpu", type=GPU_NAME, default=DEFAULT_GPU, show_default=True, help="GPU model (see `dpplan gpus`).")
 @click.option("--device", type=click.Choice(DEVICES), default="cuda", show_default=True,
               help="cuda: GPU memory; cpu: the tensor bytes of a CPU (gloo) run, for validation without GPUs.")
+@click.option("--cpu-isa", type=click.Choice(tuple(CPU_ISAS)), default="native", show_default=True,
+              help="--device cpu: plan the CPU kernels of this instruction set (this CPU's or a lower one).")
 @click.option("--json", "json_path", metavar="PATH|-", default=None, help="Also write the plan as JSON ('-': stdout only).")
 @html_options
 def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_accum, precision, optimizer,
-             activation_checkpointing, offload, wrap, gpu, device, json_path, html_path, plotlyjs):
+             activation_checkpointing, offload, wrap, gpu, device, cpu_isa, json_path, html_path, plotlyjs):
     """Plan per-GPU memory of MODEL (path.py or path.py:factory) for each strategy.
 
     Without MODEL, plans dpplan's bundled GPT model. Nothing is allocated: the model is
@@ -169,7 +173,12 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
     if nodes is not None and gpus_per_node is not None:
         raise click.UsageError("give either --nodes or --gpus-per-node, not both")
 
+    if cpu_isa != "native" and device != "cpu":
+        raise click.UsageError("--cpu-isa applies to --device cpu only")
+
     def action():
+        if device == "cpu":
+            apply_cpu_isa(cpu_isa)  # before torch loads: oneDNN and ATen read their caps once
         from dpplan.planner.estimate import estimate as plan_memory
         from dpplan.reports.plan_json import plan_to_json
         from dpplan.reports.plan_table import render_plan
@@ -179,7 +188,7 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
             batch_size=batch_size,
             grad_accum=grad_accum, precision=precision, optimizer=optimizer,
             activation_checkpointing=activation_checkpointing, offload=offload, wrap=wrap,
-            gpu=gpu, device=device,
+            gpu=gpu, device=device, cpu_isa=cpu_isa,
         )
         if html_path:
             _check_html_destination(html_path)

@@ -108,6 +108,8 @@ def test_gpus_command_lists_the_catalog():
         (["--gpu", "h800"], "unknown GPU 'h800'"),
         (["--batch-size", "0"], "0 is not in the range"),
         (["--device", "tpu"], "'tpu' is not one of"),
+        (["--cpu-isa", "avx2"], "--cpu-isa applies to --device cpu only"),
+        (["--device", "cpu", "--cpu-isa", "sse4"], "'sse4' is not one of"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(tiny_gpt, args, message):
@@ -222,3 +224,25 @@ def test_the_program_flushes_everything_before_its_quick_exit(tiny_gpt, tmp_path
         env=env, capture_output=True, text=True,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "missing.py" in done.stderr
+
+
+def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set(tmp_path):
+    """--cpu-isa caps oneDNN and ATen before torch starts (a fresh process): the kernels, and the
+    in-op buffers measured from them, are those of that CPU; the plan says which."""
+    from tests.conftest import FIXTURES
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        env.pop(name, None)
+    command = [sys.executable, "-P", "-m", "dpplan.cli", "estimate", str(FIXTURES / "tiny_cnn.py"), "--device", "cpu",
+               "--gpus", "2", "--strategy", "fsdp2", "--batch-size", "2", "--json", "-"]
+    done = subprocess.run(command + ["--cpu-isa", "avx2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert "kernels for avx2 (ATen AVX2" in plan["cpu_kernels"] and plan["config"]["cpu_isa"] == "avx2"
+    import torch
+
+    if torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has AMX: no instruction set above it to refuse")
+    done = subprocess.run(command + ["--cpu-isa", "amx"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "this CPU has no amx" in done.stderr

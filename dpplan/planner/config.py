@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from dpplan.planner.cpu_isa import ISAS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
 from dpplan.planner.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.layout import STRATEGIES
@@ -60,6 +61,9 @@ class PlanConfig:
     gpu: str = DEFAULT_GPU
     device: str = "cuda"
     """cuda: plan GPU memory on ``gpu``; cpu: plan the tensor bytes of a CPU (gloo) run."""
+    cpu_isa: str = "native"
+    """cpu: the instruction set the CPU kernels are planned for (planner/cpu_isa.py): this CPU's,
+    or a lower one (avx2, avx512, avx512-bf16, amx), set before torch starts."""
     capacity_bytes: int | None = None
     """Memory one rank may use, overriding the GPU's (cuda) or host RAM per rank (cpu); what
     ``fits`` and ``max_batch_size`` are judged against. ``dpplan profile --gpu-memory`` sets
@@ -84,6 +88,9 @@ class PlanConfig:
             if gpus % self.nodes_for(gpus):
                 raise ValueError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
         _choice("device", self.device, DEVICES)
+        _choice("cpu_isa", self.cpu_isa, tuple(ISAS))
+        if self.cpu_isa != "native" and self.device != "cpu":
+            raise ValueError("cpu_isa applies to the cpu device only (the GPU's kernels are planned for the GPU)")
         if self.capacity_bytes is not None and self.capacity_bytes < 1:
             raise ValueError(f"capacity_bytes must be >= 1 (got {self.capacity_bytes})")
         if self.gpu.lower() not in GPU_CATALOG:

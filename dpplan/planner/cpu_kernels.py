@@ -109,16 +109,20 @@ class ProbeSkipped(Exception):
 
 
 def cpu_description() -> str:
-    """The instruction sets the CPU kernels choose from, as they see them."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    parts = [f"ATen {capability}"]
+    """This CPU's instruction sets and those its kernels are planned for (``--cpu-isa``)."""
+    from dpplan.planner import cpu_isa
+
+    has = [name for name, supported in (
+        ("AVX2", torch.cpu._is_avx2_supported), ("AVX-512", torch.cpu._is_avx512_supported),
+        ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported), ("AMX", torch.cpu._is_amx_tile_supported),
+    ) if supported()]
+    kernels = f"ATen {torch.backends.cpu.get_cpu_capability()}"
     if torch.backends.mkldnn.is_available():
-        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        parts.append("oneDNN bf16 " + ("yes" if bf16 else "no"))
-        if onednn_cap:
-            parts.append(f"ONEDNN_MAX_CPU_ISA={onednn_cap}")
-    return f"{platform.machine()} ({', '.join(parts)}), {CPU_RANK_THREADS} thread(s) per rank"
+        kernels += ", oneDNN bf16 " + ("yes" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no")
+    return (
+        f"{platform.machine()} with {', '.join(has) or 'no AVX2'}; kernels for {cpu_isa.active()} ({kernels}); "
+        f"{CPU_RANK_THREADS} thread(s) per rank"
+    )
 
 
 # -- the probe ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from dpplan.planner import forked, gpu_overheads
+from dpplan.planner import cpu_isa, forked, gpu_overheads
 from dpplan.planner.config import OFFLOAD_UNSUPPORTED, PlanConfig
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
 from dpplan.planner.model_file import ModelSpec, load_model_file
@@ -152,6 +152,9 @@ def applicable(strategy: str, gpus: int, config: PlanConfig) -> bool:
 def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: int | None = None) -> Plan:
     """Plan every requested strategy and GPU count. ``processes``: 1 plans in this process,
     2 hands a share to a forked child (planner/forked.py); None decides by the plan's size."""
+    if config.device == "cpu":
+        cpu_isa.apply(config.cpu_isa)
+        cpu_isa.check_supported(config.cpu_isa)
     spec = spec or load_model_file(config.model)
     unsupported = refused_strategies(config.strategies, untraced_model(spec))
     strategies = [s for s in config.strategies if s not in unsupported]

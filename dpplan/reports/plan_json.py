@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dpplan import __version__
+from dpplan.planner.cpu_kernels import cpu_description
 from dpplan.planner.estimate import Plan
 
 SCHEMA_VERSION = 1
@@ -30,6 +31,8 @@ def plan_to_json(plan: Plan, *, command: str | None = None) -> dict:
         "model": model,
         "estimates": [asdict(e) for e in plan.estimates],
         "unsupported": dict(plan.unsupported),
+        # cpu target: the kernels' instruction set and threads the in-op buffers were measured with
+        "cpu_kernels": cpu_description() if plan.config.device == "cpu" else None,
     }
 
 

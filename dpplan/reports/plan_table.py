@@ -35,7 +35,9 @@ def _header(plan: Plan) -> list[str]:
         gpu = lookup_gpu(config.gpu)
         target = f"{gpu.description} ({format_bytes(gpu.memory_bytes)})"
     else:
-        target = "CPU (gloo): live tensor bytes, capacity = this machine's RAM / ranks per node"
+        from dpplan.planner.cpu_kernels import cpu_description
+
+        target = f"CPU (gloo): live tensor bytes, capacity = this machine's RAM / ranks per node · {cpu_description()}"
     checkpointing = {"none": "no checkpointing", "model": "checkpointing (model's own)", "units": "checkpointing per unit"}[
         model.checkpointing
     ] if config.activation_checkpointing else "no checkpointing"
