@@ -56,6 +56,15 @@ PROBED_OPS = frozenset({
     aten.native_group_norm_backward.default,
     aten.embedding_dense_backward.default,  # a contiguous copy of the gradient
     aten._safe_softmax.default,  # the -inf mask and its row reduction
+    # contiguous copies of strided inputs, scans' and sorts' scratch (wav2vec2's transposed
+    # convolution features, MoE routers' sort and cumsum)
+    aten.gelu_backward.default,
+    aten._softmax_backward_data.default,
+    aten._log_softmax_backward_data.default,
+    aten._weight_norm_interface_backward.default,
+    aten.cumsum.default,
+    aten.sort.default,
+    aten.sort.stable,
 })
 
 LOW_PRECISION_MATMULS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default})
@@ -68,6 +77,10 @@ MIXED_DTYPE_OPS = frozenset({
 """Elementwise ops whose CPU kernel converts an operand of another float dtype into a temporary
 first (a bf16 attention output added to an fp32 residual under autocast)."""
 
+LOW_PRECISION_REDUCTIONS = frozenset({aten.mean.dim, aten.sum.dim_IntList, aten.mean.default, aten.sum.default})
+"""Reductions of bf16, fp16, bool or integer tensors, which the CPU kernel may run on a copy of
+the input in the accumulation dtype (autocast's fp32 ``mean``; a mask's ``sum``)."""
+
 PROBE_MAX_FLOPS = 2e10
 """Matrix products larger than this at the plan's batch are not run for real (about a second on
 one core); the plan says so."""
@@ -79,6 +92,8 @@ def needs_probe(func, args: tuple) -> bool:
         return True
     if func in LOW_PRECISION_MATMULS:
         return any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args[:3])
+    if func in LOW_PRECISION_REDUCTIONS:
+        return isinstance(args[0], torch.Tensor) and args[0].dtype not in (torch.float32, torch.float64)
     if func in MIXED_DTYPE_OPS:
         dtypes = {a.dtype for a in args[:3] if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim()}
         return len(dtypes) > 1

@@ -36,47 +36,53 @@ def _is_mask(index: Any) -> bool:
     return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
 
 
-def _selected(mask: torch.Tensor, info: Any) -> int:
+def _selected(mask: torch.Tensor, info: Any, batch: int = 1) -> int:
     """How many entries the mask selects: counted from its value (a tensor), from its expected
-    share of selected entries (a float: a one-hot routing mask), else all of them."""
+    share of selected entries (a float: a one-hot routing mask), else all of them. A mask that
+    holds the trace's prime batch selects a whole number of entries per sample (the count is
+    rounded to a multiple of the batch), so the sizes that follow scale with the batch."""
     if isinstance(info, torch.Tensor):
-        return int(info.count_nonzero())
-    if isinstance(info, float):
-        return round(mask.numel() * info)
-    return mask.numel()
+        count = int(info.count_nonzero())
+    elif isinstance(info, float):
+        count = round(mask.numel() * info)
+    else:
+        return mask.numel()
+    if batch > 1 and mask.numel() % batch == 0 and count % batch:
+        count = round(count / batch) * batch
+    return count
 
 
-def _mask_as_indices(mask: torch.Tensor, info: Any) -> list[torch.Tensor]:
+def _mask_as_indices(mask: torch.Tensor, info: Any, batch: int) -> list[torch.Tensor]:
     """Long indices of the entries the mask selects (one per mask dim), as meta tensors."""
-    count = _selected(mask, info)
+    count = _selected(mask, info, batch)
     return [torch.empty(count, dtype=torch.long, device=META) for _ in range(mask.dim())]
 
 
-def _nonzero(x, *, known):
-    return torch.empty(_selected(x, known(x)), x.dim(), dtype=torch.long, device=META)
+def _nonzero(x, *, known, batch=1):
+    return torch.empty(_selected(x, known(x), batch), x.dim(), dtype=torch.long, device=META)
 
 
-def _masked_select(x, mask, *, known):
+def _masked_select(x, mask, *, known, batch=1):
     shape = torch.broadcast_shapes(x.shape, mask.shape)
     info = known(mask)
+    broadcast = torch.empty(shape, dtype=torch.bool, device=META)
     if isinstance(info, torch.Tensor):
-        return torch.empty(int(info.expand(shape).count_nonzero()), dtype=x.dtype, device=META)
-    share = info if isinstance(info, float) else 1.0
-    return torch.empty(round(math.prod(shape) * share), dtype=x.dtype, device=META)
+        info = info.expand(shape)
+    return torch.empty(_selected(broadcast, info, batch), dtype=x.dtype, device=META)
 
 
-def _index(x, indices, *, known):
+def _index(x, indices, *, known, batch=1):
     expanded: list = []
     for index in indices:
-        expanded += _mask_as_indices(index, known(index)) if _is_mask(index) else [index]
+        expanded += _mask_as_indices(index, known(index), batch) if _is_mask(index) else [index]
     return aten.index.Tensor(x, expanded)
 
 
-def _index_put(x, indices, values, accumulate=False, *, known):
+def _index_put(x, indices, values, accumulate=False, *, known, batch=1):
     return x  # in place: the same storage, whatever the mask selects
 
 
-def _unique2(x, sorted=True, return_inverse=False, return_counts=False, *, known=None):
+def _unique2(x, sorted=True, return_inverse=False, return_counts=False, *, known=None, batch=1):
     n = x.numel()
     return (
         torch.empty(n, dtype=x.dtype, device=META),
@@ -85,11 +91,11 @@ def _unique2(x, sorted=True, return_inverse=False, return_counts=False, *, known
     )
 
 
-def _unique_consecutive(x, return_inverse=False, return_counts=False, dim=None, *, known=None):
+def _unique_consecutive(x, return_inverse=False, return_counts=False, dim=None, *, known=None, batch=1):
     return _unique2(x, True, return_inverse, return_counts)
 
 
-def _ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False, *, known=None):
+def _ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False, *, known=None, batch=1):
     """``log_alpha`` is (batch, time, 2 * longest target + 1) (aten/src/ATen/native/LossCTC.cpp
     ``ctc_loss_cpu_template``); the longest target is at most the padded targets' width (2-D
     targets), else all targets together, and CTC needs it no longer than the input's time."""
@@ -107,7 +113,7 @@ UPPER_BOUNDS = {
     aten.masked_select.default: _masked_select,
     aten.index.Tensor: _index,
     aten.index_put_.default: _index_put,
-    aten.index_put.default: lambda x, indices, values, accumulate=False, *, known: torch.empty_like(x),
+    aten.index_put.default: lambda x, indices, values, accumulate=False, **_: torch.empty_like(x),
     aten._unique2.default: _unique2,
     aten.unique_consecutive.default: _unique_consecutive,
 }
@@ -134,10 +140,34 @@ def bound_values(func, meta_args: list) -> Any:
 BOUND_VALUES_MAX_ELEMENTS = 1 << 16
 
 
+def indexes_with_mask(func, args: tuple) -> bool:
+    return func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
+        _is_mask(i) for i in args[1]
+    )
+
+
+def mask_index_steps(func, args: tuple, meta_args: list, known, batch: int = 1) -> list[tuple] | None:
+    """Indexing with a mask on CPU first turns the mask into long indices, one int64 per selected
+    entry and mask dim (aten/src/ATen/native/TensorAdvancedIndexing.cpp ``expandTensors`` calls
+    ``nonzero``), alive while the op runs: replay steps for the tracer (None: no mask)."""
+    if func not in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+        return None
+    nbytes = 0
+    for index, meta in zip(args[1], meta_args[1]):
+        if _is_mask(meta):
+            nbytes += _selected(meta, known(meta), batch) * meta.dim() * 8
+    if not nbytes:
+        return None
+    steps = [("+", "indices", nbytes)]
+    if func is not aten.index_put_.default:
+        steps.append(("out", 0))
+    return steps + [("-", "indices")]
+
+
 EXACT, BALANCED, UPPER_BOUND = "exact", "balanced", "upper bound"
 
 
-def sized(func, meta_args: list, kwargs: dict, known) -> tuple[Any, str]:
+def sized(func, meta_args: list, kwargs: dict, known, batch: int = 1) -> tuple[Any, str]:
     """The op's outputs (meta tensors) and how they were sized: EXACT from the masks' values,
     BALANCED from one-hot routing masks assumed to select evenly, else their UPPER_BOUND.
     ``known(mask)`` gives a mask's value (a tensor), its expected share of selected entries
@@ -157,7 +187,7 @@ def sized(func, meta_args: list, kwargs: dict, known) -> tuple[Any, str]:
         how = BALANCED
     else:
         how = UPPER_BOUND
-    return rule(*meta_args, **kwargs, known=known), how
+    return rule(*meta_args, **kwargs, known=known, batch=batch), how
 
 
 # -- one-hot routing masks ---------------------------------------------------------------------

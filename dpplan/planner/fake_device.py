@@ -300,40 +300,46 @@ class StorageTracer(TorchDispatchMode):
 
     def _data_dependent(self, func, args: tuple, kwargs: dict, real_kwargs: dict, maybe_known: bool) -> Any:
         """An op whose output size depends on data (planner/data_dependent.py): sized from the
-        values when the trace knows them, else at its upper bound (with a note)."""
+        values of its masks when the trace knows them, else from a one-hot mask's share, else at
+        its upper bound (with a note)."""
         values = self._known_values(func, args, real_kwargs) if maybe_known else None
         meta_args = _unwrap(args)
-        if values is not None:
+        masks = {id(m): a for m, a in _pairs(meta_args, args)}
+
+        def known(meta: torch.Tensor) -> Any:
+            """A mask's value, else its expected share of selected entries, else None."""
+            traced = masks.get(id(meta))
+            if traced is None:
+                return None
+            value = known_values.value_of(traced, self._is_stale)
+            return getattr(traced, "mask_share", None) if known_values.is_unknown(value) else value
+
+        if func in data_dependent.UPPER_BOUNDS:
+            result, how = data_dependent.sized(func, meta_args, kwargs, known, self.trace_batch_size)
+            if how == data_dependent.BALANCED:
+                note = f"{func} sized as a balanced router selects (each expert an even share of the tokens)"
+                self.notes[note] = self.notes.get(note, 0) + 1
+            elif how == data_dependent.UPPER_BOUND:
+                note = f"{func} sized as if its mask selected everything (an upper bound: its data is unknown)"
+                self.notes[note] = self.notes.get(note, 0) + 1
+                values = values if values is not None else data_dependent.bound_values(func, meta_args)
+        elif values is not None:
             result = _meta_like(values)
         else:
             try:
                 result = func(*meta_args, **kwargs)  # a meta kernel that can (one_hot with classes)
             except Exception:
-                masks = {id(m): a for m, a in _pairs(meta_args, args)}
-
-                def known(meta: torch.Tensor) -> Any:
-                    """A mask's value, else its expected share of selected entries, else None."""
-                    traced = masks.get(id(meta))
-                    if traced is None:
-                        return None
-                    value = known_values.value_of(traced, self._is_stale)
-                    return getattr(traced, "mask_share", None) if known_values.is_unknown(value) else value
-
-                try:
-                    result, how = data_dependent.sized(func, meta_args, kwargs, known)
-                except data_dependent.UnboundedOp as exc:
-                    exc.where = self.location() if self.location is not None else ""
-                    raise
-                if how == data_dependent.BALANCED:
-                    note = f"{func} sized as a balanced router selects (each expert an even share of the tokens)"
-                    self.notes[note] = self.notes.get(note, 0) + 1
-                elif how == data_dependent.UPPER_BOUND:
-                    note = f"{func} sized as if its mask selected everything (an upper bound: its data is unknown)"
-                    self.notes[note] = self.notes.get(note, 0) + 1
-                    values = data_dependent.bound_values(func, meta_args)
+                error = data_dependent.UnboundedOp(f"{func} returns as many elements as its data says")
+                error.op, error.where = str(func), self.location() if self.location is not None else ""
+                raise error from None
+        steps = None
+        if self.target_device_type == "cpu":
+            steps = data_dependent.mask_index_steps(func, args, meta_args, known, self.trace_batch_size)
         if self._mutates_and_returns_self(func):
+            if steps:
+                self._replay_kernel(steps, [])
             return args[0]
-        wrapped = self._wrap(result)
+        wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
         known_values.attach(wrapped, values)
         if self.on_op_done is not None:
             self.on_op_done(func, args, wrapped)

@@ -14,7 +14,7 @@ import contextlib
 import pytest
 import torch
 
-from dpplan.planner import cpu_kernels, fake_device
+from dpplan.planner import cpu_kernels, data_dependent, fake_device
 
 aten = torch.ops.aten
 TRACE_BATCH = 1009
@@ -257,3 +257,91 @@ def test_the_tracer_replays_a_convolutions_buffers_at_the_trace_batch():
     assert sorted(born) == sorted(buffers + [output.untyped_storage().nbytes()])
     assert len([e for e in events if e[0] == "free"]) == len(buffers)  # all freed inside the op
     assert not tracer.notes
+
+
+# -- the survey: no op outside the measured set allocates inside itself ------------------------
+
+
+def _ops_with_in_op_buffers(model_path: str, precision: str) -> dict[str, int]:
+    """Run one real training step with every aten op marked, under the profiler; per op, the
+    most it allocated beyond its outputs while it ran, for the calls the probe would not measure."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dpplan.planner.model_file import load_model_file
+    from dpplan.planner.optimizers import build_optimizer
+    from dpplan.planner.training_step import autocast_context, run_training_step
+
+    spec = load_model_file(model_path)
+    torch.manual_seed(0)
+    model, batch = spec.build_model(), spec.example_batch(2)
+    optimizer = build_optimizer("adamw", model.parameters(), device_type="cpu")
+
+    def step():
+        run_training_step(model, optimizer, batch, spec.loss_fn, grad_accum=1, no_sync=None,
+                          autocast=lambda: autocast_context(precision, "cpu", True))
+
+    calls: list = []
+
+    class Marked(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            with record_function(f"dpplan_op_{len(calls)}"):
+                calls.append(None)
+                out = func(*args, **(kwargs or {}))
+            outputs = out if isinstance(out, (list, tuple)) else [out]
+            ptrs = {o.untyped_storage().data_ptr() for o in outputs if isinstance(o, torch.Tensor) and o.numel()}
+            probed = (cpu_kernels.needs_probe(func, args) or func in cpu_kernels.RULED_OPS
+                      or data_dependent.indexes_with_mask(func, args))
+            calls[-1] = (str(func), ptrs, probed)
+            return out
+
+    with _rank_threads():
+        step()  # the optimizer state exists from here on
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorder, Marked():
+            step()
+    missed: dict[str, int] = {}
+
+    def allocations(node, found):
+        if type(node.extra_fields).__name__.endswith("Allocation"):
+            found.append(node.extra_fields)
+        for child in node.children:
+            allocations(child, found)
+        return found
+
+    def visit(node):
+        if node.name.startswith("dpplan_op_"):
+            name, ptrs, probed = calls[int(node.name[len("dpplan_op_"):])]
+            level = peak = outputs = 0
+            for event in allocations(node, []):
+                level += event.alloc_size
+                peak = max(peak, level)
+                outputs += event.alloc_size if event.alloc_size > 0 and event.ptr in ptrs else 0
+            if not probed and peak - outputs > cpu_kernels.SURVEY_MIN_BYTES:
+                missed[name] = max(missed.get(name, 0), peak - outputs)
+            return
+        for child in node.children:
+            visit(child)
+
+    for root in recorder.profiler.kineto_results.experimental_event_tree():
+        visit(root)
+    return missed
+
+
+@pytest.mark.parametrize(("model", "precision"), [("tiny_gpt", "fp32"), ("tiny_gpt", "bf16-mixed"), ("tiny_cnn", "bf16-mixed")])
+def test_no_op_outside_the_measured_set_allocates_inside_itself(model, precision):
+    """The canary for PROBED_OPS and needs_probe: on this CPU, every op of a real step either
+    allocates nothing beyond its outputs or is measured. A torch or oneDNN release whose kernel
+    starts to allocate inside an op fails here, naming it."""
+    from tests.conftest import FIXTURES
+
+    assert _ops_with_in_op_buffers(str(FIXTURES / f"{model}.py"), precision) == {}
+
+
+@pytest.mark.parametrize(("model", "precision"), [("vit", "bf16-mixed"), ("wav2vec2", "fp32"), ("qwen3_moe", "fp32"),
+                                                  ("convnext", "bf16-mixed")])
+def test_third_party_models_allocate_inside_no_op_outside_the_measured_set(model, precision):
+    pytest.importorskip("transformers", reason="the third-party zoo is built with transformers")
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "models" / "hf" / f"{model}.py"
+    assert _ops_with_in_op_buffers(str(path), precision) == {}
