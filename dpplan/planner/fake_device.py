@@ -41,6 +41,7 @@ from dpplan.planner.meta_kernels import run_meta_kernel
 
 _Tensor = torch.Tensor
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
+_ADD_TENSOR = torch.ops.aten.add.Tensor
 
 
 def _pairs(meta_args: list, args: tuple):
@@ -89,6 +90,10 @@ class StorageTracer(TorchDispatchMode):
         """The micro-batch the step is traced at (dims that are multiples of it carry the batch)."""
         self.kernel_batch_size = kernel_batch_size
         """The micro-batch at which CPU kernels' in-op buffers are measured."""
+        self.on_merge: Callable[[int, int], bool] | None = None
+        """``on_merge(new_key, old_key)``: storage ``new_key``, just born, is to be recorded as the
+        continuation of ``old_key``, which just died (True if it was); see ``_note_accumulation``."""
+        self._accumulation: tuple[int, tuple[int, ...]] | None = None
         self.location: Callable[[], str] | None = None
         """Says where in the model the step is (the running module), for errors."""
         self.notes: dict[str, int] = {}
@@ -117,8 +122,14 @@ class StorageTracer(TorchDispatchMode):
 
     def _died(self, key: int) -> None:
         self._stale_values.discard(key)
-        if self._alive.pop(key, None) is not None:
-            self._on_free(key)
+        if self._alive.pop(key, None) is None:
+            return
+        pending = self._accumulation
+        if pending is not None and key in pending[1] and self.on_merge is not None:
+            self._accumulation = None
+            if pending[0] in self._alive and self.on_merge(pending[0], key):
+                return  # the sum lives on in this storage, as the engine's add_ would have left it
+        self._on_free(key)
 
     def is_alive(self, key: int) -> bool:
         return key in self._alive
@@ -192,6 +203,7 @@ class StorageTracer(TorchDispatchMode):
             value = known_values.value_of(args[0], self._is_stale)
             return _placeholder_scalar(args[0].dtype) if known_values.is_unknown(value) else value.item()
         self.num_ops += 1
+        self._accumulation = None  # a gradient sum is taken over only right after it is made
         self.current_op = func
         kwargs = kwargs or {}
         real_kwargs = kwargs
@@ -238,6 +250,8 @@ class StorageTracer(TorchDispatchMode):
         elif self.target_device_type == "cpu" and func in cpu_kernels.RULED_OPS:
             steps = cpu_kernels.RULED_OPS[func](args)
         wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
+        if func is _ADD_TENSOR:
+            self._note_accumulation(args, kwargs, wrapped)
         known_values.attach(wrapped, values)
         data_dependent.pass_on_mask_share(func, args, wrapped)
         if maybe_known:
@@ -245,6 +259,26 @@ class StorageTracer(TorchDispatchMode):
         if self.on_op_done is not None:
             self.on_op_done(func, args, wrapped)
         return wrapped
+
+    def _note_accumulation(self, args: tuple, kwargs: dict, output: Any) -> None:
+        """Autograd sums the gradients that reach one input in its InputBuffer
+        (torch/csrc/autograd/input_buffer.cpp ``accumulate``): in place (``old.add_(new)``) when
+        it holds the last reference to a dense plain tensor, else ``old + new``. A tensor subclass
+        is never summed in place, so the fake device sees ``old + new``; when one of the two dies
+        right after, the real engine would have summed into it. ``_died`` then records the sum as
+        that storage continued, instead of a new one born beside it."""
+        if current_graph_task_id() == -1 or kwargs.get("alpha", 1) != 1 or len(args) != 2:
+            return
+        a, b = args
+        if not (isinstance(a, _Tensor) and isinstance(b, _Tensor) and isinstance(output, _Tensor)):
+            return
+        if a.shape != b.shape or a.dtype != b.dtype or output.shape != a.shape or output.dtype != a.dtype:
+            return
+        if not (a.is_contiguous() and b.is_contiguous() and output.is_contiguous()):
+            return
+        self._accumulation = (
+            output.untyped_storage()._cdata, (a.untyped_storage()._cdata, b.untyped_storage()._cdata)
+        )
 
     # -- values the trace knows -------------------------------------------------------------
     def _is_stale(self, tensor: torch.Tensor) -> bool:

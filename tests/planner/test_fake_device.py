@@ -206,3 +206,29 @@ def test_a_moe_loop_over_a_one_hot_routing_mask_is_sized_as_a_balanced_router():
         sizes = step()
     assert sizes == [(e, (tokens // experts,)) for e in range(experts)]
     assert any("balanced router" in note for note in tracer.notes)
+
+
+def test_gradients_summed_by_autograd_reuse_the_buffer_as_the_real_engine_does():
+    """Four slices of one tensor: autograd sums their gradients in the tensor's InputBuffer. The
+    real engine adds in place (torch/csrc/autograd/input_buffer.cpp); on fake tensors it adds out
+    of place, so the trace records the sum as the dying buffer continued: at most two full-size
+    gradients alive at once in backward, as a real CPU run measures (profiler: two 256000-byte
+    blocks at most)."""
+    import numpy as np
+
+    from dpplan.planner.trace import _Recorder
+
+    recorder = _Recorder()
+    tracer = StorageTracer(recorder.alloc, recorder.free)
+    tracer.on_merge = recorder.merge
+    with tracer:
+        x = fake_device.to_fake_device(torch.empty(64, 1000, device="meta")).requires_grad_()
+        loss = sum((x[:, i] * 2).sum() for i in range(4))
+        start = len(recorder.event_storage)
+        loss.backward()
+    sizes = np.asarray(recorder.storage_bytes)
+    events = np.asarray(recorder.event_storage[start:])
+    signs = np.asarray(recorder.event_sign[start:])
+    full = 64 * 1000 * 4
+    blocks = np.cumsum(signs * (sizes[events] == full))
+    assert blocks.max() == 2
