@@ -1,8 +1,10 @@
 """CI's guard on accuracy: a few real CPU runs (gloo, torchrun) against `--device cpu` estimates.
 
 The full table is benchmarks/accuracy.py (docs/accuracy.md); these are the cheap cases, one per
-strategy family, on the tiny GPT fixture, and FSDP mixed precision on a CNN whose float input is
-large next to it (FSDP casts the root's inputs while the fp32 batch stays alive). Both sides are
+strategy family, on the tiny GPT fixture, FSDP mixed precision on a CNN whose float input is
+large next to it (FSDP casts the root's inputs while the fp32 batch stays alive), and the hard
+third-party cases: a grouped-matmul MoE, a MoE routed through nonzero(), a data-dependent audio
+model and a bf16 CNN (.ci/run runs them once natively and once forced to AVX2). Both sides are
 exact byte counts, so the bound is the benchmark's median target, not its worst-case one.
 """
 
@@ -28,12 +30,22 @@ CASES = [
     ("tiny_gpt", "fsdp2", 2, "bf16-mixed", {}),
     ("tiny_cnn", "fsdp2", 2, "bf16-mixed", {}),
     ("tiny_cnn", "fsdp-full", 2, "bf16-mixed", {}),
+    # third-party architectures (benchmarks/models/hf, built with transformers): the hard cases
+    ("hf/qwen3_moe", "single", 1, "fp32", {}),  # MoE experts through torch._grouped_mm
+    ("hf/switch", "single", 1, "fp32", {}),  # MoE loop over nonzero() of a one-hot routing mask
+    ("hf/wav2vec2", "single", 1, "fp32", {}),  # data-dependent: time masking, CTC targets
+    ("hf/convnext", "ddp", 2, "bf16-mixed", {}),  # bf16 CNN: channels-last depthwise convolutions
 ]
+THIRD_PARTY = FIXTURES.parent.parent / "benchmarks" / "models"
 
 
 @pytest.mark.parametrize(("model", "strategy", "ranks", "precision", "extra"), CASES, ids=lambda v: str(v))
 def test_estimate_matches_a_real_cpu_run(model, strategy, ranks, precision, extra):
-    path = str(FIXTURES / f"{model}.py")
+    if model.startswith("hf/"):
+        pytest.importorskip("transformers", reason="the third-party zoo is built with transformers")
+        path = str(THIRD_PARTY / f"{model}.py")
+    else:
+        path = str(FIXTURES / f"{model}.py")
     settings = dict(batch_size=2, precision=precision, optimizer="adamw", **extra)
     plan = estimate(PlanConfig(model=path, strategies=(strategy,), gpus=(ranks,), device="cpu", **settings))
     estimated = plan.estimates[0].peak_bytes
