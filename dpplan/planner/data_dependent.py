@@ -97,13 +97,15 @@ def _unique_consecutive(x, return_inverse=False, return_counts=False, dim=None, 
 
 def _ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False, *, known=None, batch=1):
     """``log_alpha`` is (batch, time, 2 * longest target + 1) (aten/src/ATen/native/LossCTC.cpp
-    ``ctc_loss_cpu_template``); the longest target is at most the padded targets' width (2-D
-    targets), else all targets together, and CTC needs it no longer than the input's time."""
-    time, batch = log_probs.shape[0], log_probs.shape[1] if log_probs.dim() == 3 else 1
-    longest = targets.shape[1] if targets.dim() == 2 else min(targets.numel(), time)
+    ``ctc_loss_cpu_template``). The longest target is the padded targets' width (2-D targets: an
+    upper bound, exact without padding); for targets concatenated into one dim (Hugging Face's
+    CTC loss) it is taken as their mean length, exact when all are as long (no padding in the
+    labels), and never longer than the input's time, which CTC needs."""
+    time, samples = log_probs.shape[0], log_probs.shape[1] if log_probs.dim() == 3 else 1
+    longest = targets.shape[1] if targets.dim() == 2 else min(-(-targets.numel() // samples), time)
     return (
-        torch.empty(batch, dtype=log_probs.dtype, device=META),
-        torch.empty(batch, time, 2 * longest + 1, dtype=log_probs.dtype, device=META),
+        torch.empty(samples, dtype=log_probs.dtype, device=META),
+        torch.empty(samples, time, 2 * longest + 1, dtype=log_probs.dtype, device=META),
     )
 
 

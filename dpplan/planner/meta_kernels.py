@@ -29,14 +29,40 @@ def run_meta_kernel(func, args: tuple, meta_args: list, kwargs: dict) -> Any:
     result = func(*meta_args, **kwargs)
     if func in _CONVOLUTIONS:
         result = _convolution_memory_format(func, args, result)
+    elif func in _CONTIGUOUS_GRADIENTS:
+        first = result[0] if isinstance(result, (tuple, list)) else result
+        if isinstance(first, _Tensor) and not first.is_contiguous():
+            first = first.contiguous()
+            result = (first, *result[1:]) if isinstance(result, (tuple, list)) else first
     return result
 
 
+# Backward kernels that allocate the input's gradient contiguous whatever the input's strides,
+# where the meta kernel keeps them: a later ``reshape`` is then a view on the device, not a copy
+# (Swin's final layer norm, a CTC head's log-softmax):
+#   - ``native_layer_norm_backward``: aten/src/ATen/native/layer_norm.cpp ``layer_norm_backward_cpu``
+#     and cuda/layer_norm_kernel.cu, ``at::native::empty_like(*X, ..., LEGACY_CONTIGUOUS_MEMORY_FORMAT)``;
+#   - ``_softmax_backward_data``, ``_log_softmax_backward_data``: aten/src/ATen/native/SoftMax.cpp,
+#     the structured kernels' ``set_output_raw_strided(0, input.sizes(), {}, ...)`` (no strides:
+#     contiguous).
+_CONTIGUOUS_GRADIENTS = frozenset({
+    torch.ops.aten.native_layer_norm_backward.default,
+    torch.ops.aten._softmax_backward_data.default,
+    torch.ops.aten._log_softmax_backward_data.default,
+})
+
+
 # Ops without any meta kernel, whose outputs are shaped like an input:
-#   - ``_ctc_loss_backward``: the gradient of ``log_probs`` (LossCTC.cpp ``ctc_loss_backward_cpu``).
+#   - ``_ctc_loss_backward``: the gradient of ``log_probs``, contiguous (LossCTC.cpp
+#     ``ctc_loss_backward_cpu_template``: ``at::full_like(log_probs, neginf,
+#     LEGACY_CONTIGUOUS_MEMORY_FORMAT)``).
+def _ctc_loss_backward(grad, log_probs, *rest, **kwargs):
+    return torch.empty_like(log_probs, memory_format=torch.contiguous_format)
+
+
 _NO_META_KERNEL = {
-    torch.ops.aten._ctc_loss_backward.Tensor: lambda grad, log_probs, *rest, **kwargs: torch.empty_like(log_probs),
-    torch.ops.aten._ctc_loss_backward.default: lambda grad, log_probs, *rest, **kwargs: torch.empty_like(log_probs),
+    torch.ops.aten._ctc_loss_backward.Tensor: _ctc_loss_backward,
+    torch.ops.aten._ctc_loss_backward.default: _ctc_loss_backward,
 }
 
 

@@ -232,3 +232,30 @@ def test_gradients_summed_by_autograd_reuse_the_buffer_as_the_real_engine_does()
     full = 64 * 1000 * 4
     blocks = np.cumsum(signs * (sizes[events] == full))
     assert blocks.max() == 2
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "log_softmax", "softmax"])
+def test_backward_kernels_return_the_strides_the_device_returns(op):
+    """A gradient that arrives transposed: the CPU kernels give the input's gradient contiguous
+    strides, where the meta kernels follow the incoming gradient's (a later reshape then copies
+    on the fake device only: Swin's final layer norm, a CTC head's log-softmax)."""
+
+    def run(x):
+        y = F.layer_norm(x, (x.shape[-1],)) if op == "layer_norm" else getattr(F, op)(x, dim=-1)
+        return y.transpose(1, 2)  # the gradient reaching y is transposed
+
+    real_x = torch.randn(2, 6, 5, requires_grad=True)
+    real = {}
+    real_x.register_hook(lambda grad: real.update(grad=grad.stride()))
+    (run(real_x) * torch.randn(2, 5, 6)).sum().backward()
+
+    traced = {}
+
+    def step():
+        x = fake_device.to_fake_device(torch.empty(2, 6, 5, device="meta")).requires_grad_()
+        x.register_hook(lambda grad: traced.update(grad=grad.stride()))
+        weight = fake_device.to_fake_device(torch.empty(2, 5, 6, device="meta"))
+        (run(x) * weight).sum().backward()
+
+    _trace(step)
+    assert traced["grad"] == real["grad"] == (30, 5, 1)
