@@ -316,16 +316,49 @@ def _prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) ->
         model.to(torch.bfloat16)
         return batch
     if settings.family == PARAM_CAST and low is not None and settings.precision != "bf16":
+        # FSDP1 (the family that casts buffers) keeps BatchNorm in full precision, below
+        full_precision = _batch_norms_in_full_precision(model) if settings.cast_buffers else set()
+        kept = {id(t) for m in full_precision for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
         for param in model.parameters():
-            if param.is_floating_point():
+            if param.is_floating_point() and id(param) not in kept:
                 param.data = param.data.to(low)
         if settings.cast_buffers:
             for sub in model.modules():
                 for name, buf in sub._buffers.items():
-                    if buf is not None and buf.is_floating_point():
+                    if buf is not None and buf.is_floating_point() and id(buf) not in kept:
                         sub._buffers[name] = buf.to(low)
         _cast_root_inputs(model, low)
     return batch
+
+
+def _batch_norms_in_full_precision(model: nn.Module) -> set[nn.Module]:
+    """FSDP1's ``MixedPrecision._module_classes_to_ignore`` (default ``(_BatchNorm,)``): with an
+    auto-wrap policy, as dpplan's runs wrap, each BatchNorm becomes an FSDP unit of its own with
+    mixed precision off, and hooks cast its inputs to fp32 and its outputs back
+    (torch/distributed/fsdp/_common_utils.py ``_override_module_mixed_precision``): its
+    parameters and statistics stay fp32, and it keeps an fp32 copy of its input for backward."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    kept = {m for m in model.modules() if isinstance(m, _BatchNorm)}
+    for module in kept:
+        dtypes: dict[int, torch.dtype] = {}
+
+        def to_fp32(module, args, dtypes=dtypes):
+            def cast(x):
+                if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+                    dtypes[0] = x.dtype
+                    return x.to(torch.float32)
+                return x
+            return tuple(cast(a) for a in args)
+
+        def back(module, args, output, dtypes=dtypes):
+            if 0 in dtypes and isinstance(output, torch.Tensor) and output.is_floating_point():
+                return output.to(dtypes[0])
+            return output
+
+        module.register_forward_pre_hook(to_fp32)
+        module.register_forward_hook(back)
+    return kept
 
 
 def _cast_root_inputs(model: nn.Module, low: torch.dtype) -> None:
