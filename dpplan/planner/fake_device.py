@@ -91,8 +91,9 @@ class StorageTracer(TorchDispatchMode):
         self.kernel_batch_size = kernel_batch_size
         """The micro-batch at which CPU kernels' in-op buffers are measured."""
         self.on_merge: Callable[[int, int], bool] | None = None
-        """``on_merge(new_key, old_key)``: storage ``new_key``, just born, is to be recorded as the
-        continuation of ``old_key``, which just died (True if it was); see ``_note_accumulation``."""
+        """``on_merge(new_key, old_key)``: storage ``old_key`` died holding what ``new_key``, just
+        born, continues; the recorder records the death first (True if it did, and then the free
+        is not reported again); see ``_note_accumulation``."""
         self._accumulation: tuple[int, tuple[int, ...]] | None = None
         self.location: Callable[[], str] | None = None
         """Says where in the model the step is (the running module), for errors."""
@@ -128,7 +129,7 @@ class StorageTracer(TorchDispatchMode):
         if pending is not None and key in pending[1] and self.on_merge is not None:
             self._accumulation = None
             if pending[0] in self._alive and self.on_merge(pending[0], key):
-                return  # the sum lives on in this storage, as the engine's add_ would have left it
+                return  # recorded as dying before the sum was born, as the engine's add_ leaves it
         self._on_free(key)
 
     def is_alive(self, key: int) -> bool:
@@ -264,9 +265,10 @@ class StorageTracer(TorchDispatchMode):
         """Autograd sums the gradients that reach one input in its InputBuffer
         (torch/csrc/autograd/input_buffer.cpp ``accumulate``): in place (``old.add_(new)``) when
         it holds the last reference to a dense plain tensor, else ``old + new``. A tensor subclass
-        is never summed in place, so the fake device sees ``old + new``; when one of the two dies
-        right after, the real engine would have summed into it. ``_died`` then records the sum as
-        that storage continued, instead of a new one born beside it."""
+        is never summed in place, so the fake device sees ``old + new``; when the old sum, no
+        view, dies right after, the real engine would have summed into it (profiled on CPU: a
+        residual stream's and Mamba's sums are ``aten::add_``, a tied head's ``aten::add``). ``_died`` then records its death
+        before the sum's birth: never the two alive together."""
         if current_graph_task_id() == -1 or kwargs.get("alpha", 1) != 1 or len(args) != 2:
             return
         a, b = args
@@ -274,11 +276,11 @@ class StorageTracer(TorchDispatchMode):
             return
         if a.shape != b.shape or a.dtype != b.dtype or output.shape != a.shape or output.dtype != a.dtype:
             return
-        if not (a.is_contiguous() and b.is_contiguous() and output.is_contiguous()):
+        if not (a.is_contiguous() and output.is_contiguous()) or a._is_view():
+            # the buffer's tensor must be its storage's only user: a view (the transposed product
+            # a tied GPT head's weight gradient is) is summed out of place, as profiled on CPU
             return
-        self._accumulation = (
-            output.untyped_storage()._cdata, (a.untyped_storage()._cdata, b.untyped_storage()._cdata)
-        )
+        self._accumulation = (output.untyped_storage()._cdata, (a.untyped_storage()._cdata,))
 
     # -- values the trace knows -------------------------------------------------------------
     def _is_stale(self, tensor: torch.Tensor) -> bool:

@@ -205,26 +205,22 @@ class _Recorder:
         self.event_sign.append(-1)
 
     def merge(self, new_key: int, old_key: int) -> bool:
-        """Record storage ``new_key`` (just born: the last event) as storage ``old_key``
-        continued, which would otherwise die now: a gradient summed in place (see
-        ``StorageTracer._note_accumulation``). False (nothing changed) when it is not the last
-        event and storage, a marker follows it, or the sizes differ."""
+        """Storage ``old_key`` dies now, and storage ``new_key`` (just born: the last event) holds
+        a sum that the real run would have made in ``old_key``'s memory (a gradient summed in
+        place, see ``StorageTracer._note_accumulation``): record the death before the birth, so
+        that the two are never alive together. False (nothing changed) when the birth is not the
+        last event, a marker follows it, or the sizes differ."""
         new_index, old_index = self.live.get(new_key), self.live.get(old_key)
         if new_index is None or old_index is None or self.storage_bytes[new_index] != self.storage_bytes[old_index]:
             return False
         position = len(self.event_storage) - 1
         if position < 0 or self.event_storage[position] != new_index or self.event_sign[position] != 1:
             return False
-        if new_index != len(self.storage_bytes) - 1 or (self.markers and self.markers[-1].event > position):
+        if self.markers and self.markers[-1].event > position:
             return False
-        self.event_storage.pop()
-        self.event_sign.pop()
-        for table in (self.storage_bytes, self.storage_category, self.storage_module, self.storage_owner):
-            table.pop()  # as if never born
-        if self.born_in_op and self.born_in_op[-1] == new_index:
-            self.born_in_op.pop()
         del self.live[old_key]
-        self.live[new_key] = old_index
+        self.event_storage.insert(position, old_index)
+        self.event_sign.insert(position, -1)
         return True
 
     def phase_boundary(self) -> None:

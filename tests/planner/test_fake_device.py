@@ -211,7 +211,7 @@ def test_a_moe_loop_over_a_one_hot_routing_mask_is_sized_as_a_balanced_router():
 def test_gradients_summed_by_autograd_reuse_the_buffer_as_the_real_engine_does():
     """Four slices of one tensor: autograd sums their gradients in the tensor's InputBuffer. The
     real engine adds in place (torch/csrc/autograd/input_buffer.cpp); on fake tensors it adds out
-    of place, so the trace records the sum as the dying buffer continued: at most two full-size
+    of place, so the trace records the dying buffer's death before the sum's birth: at most two full-size
     gradients alive at once in backward, as a real CPU run measures (profiler: two 256000-byte
     blocks at most)."""
     import numpy as np
@@ -259,3 +259,26 @@ def test_backward_kernels_return_the_strides_the_device_returns(op):
 
     _trace(step)
     assert traced["grad"] == real["grad"] == (30, 5, 1)
+
+
+def test_a_tied_weights_gradients_are_summed_out_of_place_as_the_real_engine_does():
+    """A GPT head tied to its embedding: the head's weight gradient is a (transposed) view, so the
+    real engine sums the two out of place (profiled on CPU: ``aten::add``, not ``add_``)."""
+    import numpy as np
+
+    from dpplan.planner.trace import _Recorder
+
+    recorder = _Recorder()
+    tracer = StorageTracer(recorder.alloc, recorder.free)
+    tracer.on_merge = recorder.merge
+    vocab, hidden = 1000, 64
+    with tracer:
+        weight = fake_device.to_fake_device(torch.empty(vocab, hidden, device="meta")).requires_grad_()
+        ids = fake_device.to_fake_device(torch.empty(4, 8, dtype=torch.long, device="meta"))
+        loss = F.linear(F.embedding(ids, weight), weight).sum()
+        start = len(recorder.event_storage)
+        loss.backward()
+    sizes = np.asarray(recorder.storage_bytes)
+    events, signs = np.asarray(recorder.event_storage[start:]), np.asarray(recorder.event_sign[start:])
+    blocks = np.cumsum(signs * (sizes[events] == vocab * hidden * 4))
+    assert blocks.max() == 3  # both contributions and their sum
