@@ -27,16 +27,16 @@ def run_cpu(config: RunConfig, num_ranks: int, *, timeout_s: float = 900, out_di
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     try:
         completed = run_process_tree(command, env=env, timeout_s=timeout_s)
-        results = []
-        for rank in range(num_ranks):
-            path = out_dir / f"rank{rank}.json"
-            if not path.exists():
+        paths = [out_dir / f"rank{rank}.json" for rank in range(num_ranks)]
+        results = [json.loads(path.read_text()) if path.exists() else None for path in paths]
+        # The rank that failed first says why; the others may have been stopped before writing.
+        for rank, result in enumerate(results):
+            if result is not None and result.get("status", "ok") != "ok":
+                raise RunFailed(f"rank {rank}: {result['status']}: {result.get('error')}")
+        for rank, result in enumerate(results):
+            if result is None:
                 tail = "\n".join((completed.stderr or "").strip().splitlines()[-15:])
                 raise RunFailed(f"rank {rank} wrote no result (exit {completed.returncode}):\n{tail}")
-            result = json.loads(path.read_text())
-            if result.get("status", "ok") != "ok":
-                raise RunFailed(f"rank {rank}: {result['status']}: {result.get('error')}")
-            results.append(result)
         return results
     finally:
         if temp is not None:
