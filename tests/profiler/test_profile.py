@@ -107,7 +107,9 @@ def test_ddp_and_fsdp2_are_measured_beside_their_estimates(cpu_profile):
         assert (run_dir / "rank0.json").exists() and (run_dir / "rank1.json").exists()
         assert "torchrun --standalone --nproc-per-node=2" in run["commands"]["torchrun"]
     ddp = document["runs"][0]["measured"]["per_rank"]
-    assert ddp[0]["peak_allocated_bytes"] == ddp[1]["peak_allocated_bytes"]  # replicas hold the same
+    # replicas hold the same, but for a few bytes gloo's worker thread may free a moment late
+    # (seen once in CI: 4 bytes; profiler/worker.py _settle_gloo_collectives)
+    assert abs(ddp[0]["peak_allocated_bytes"] - ddp[1]["peak_allocated_bytes"]) <= 64
     assert "ddp" in cpu_profile.output and "fsdp2" in cpu_profile.output
     assert f"wrote {cpu_profile.html}" in cpu_profile.output and cpu_profile.html.stat().st_size > 0
 
