@@ -8,6 +8,7 @@ the estimate's ``peak_bytes``.
     python benchmarks/accuracy.py                 # the whole suite: dpplan's zoo and the third-party zoo
     python benchmarks/accuracy.py --suite own     # dpplan's own zoo (about 25 minutes on 2 cores)
     python benchmarks/accuracy.py --suite third-party   # 35 transformers architectures (needs transformers)
+    python benchmarks/accuracy.py --suite deepspeed     # zero1/2/3 through DeepSpeed (needs deepspeed)
     python benchmarks/accuracy.py --quick         # a few cases
     python benchmarks/accuracy.py --filter fsdp2  # cases whose label contains "fsdp2"
     python benchmarks/accuracy.py --case benchmarks/models/gpt.py fsdp2 2 --precision bf16-mixed
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpplan.planner.config import PlanConfig  # noqa: E402
 from dpplan.planner.estimate import estimate  # noqa: E402
+from dpplan.planner.strategies.layout import DEEPSPEED_STAGES  # noqa: E402
 from dpplan.profiler.cpu_run import RunFailed, run_cpu  # noqa: E402
 from dpplan.profiler.worker import RunConfig  # noqa: E402
 
@@ -91,7 +93,7 @@ def _m(name: str) -> str:
 def suite() -> list[Case]:
     """The benchmark cases: architectures x strategies x precisions x options."""
     cases: list[Case] = []
-    strategies = ("single", "ddp", "zero1", "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp2")
+    strategies = ("single", "ddp", "ddp-zero1", "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp2")
     for model in ("gpt.py", "llama.py"):
         for strategy in strategies:
             ranks = 1 if strategy == "single" else 2
@@ -109,7 +111,7 @@ def suite() -> list[Case]:
     extra = [
         Case(model=_m("gpt.py"), strategy="fsdp2", ranks=4),
         Case(model=_m("gpt.py"), strategy="fsdp-full", ranks=4, precision="bf16-mixed"),
-        Case(model=_m("gpt.py"), strategy="zero1", ranks=4, optimizer="sgd-momentum"),
+        Case(model=_m("gpt.py"), strategy="ddp-zero1", ranks=4, optimizer="sgd-momentum"),
         Case(model=_m("llama.py"), strategy="ddp", ranks=2, optimizer="sgd"),
         Case(model=_m("llama.py"), strategy="fsdp2", ranks=2, activation_checkpointing=True),
         Case(model=_m("llama.py"), strategy="fsdp-full", ranks=2, activation_checkpointing=True, precision="bf16-mixed"),
@@ -146,7 +148,7 @@ def third_party_suite() -> list[Case]:
     ]
     hf = lambda name: str(THIRD_PARTY / f"{name}.py")  # noqa: E731
     cases += [
-        Case(model=hf("llama"), strategy="zero1", ranks=2, precision="bf16-mixed"),
+        Case(model=hf("llama"), strategy="ddp-zero1", ranks=2, precision="bf16-mixed"),
         Case(model=hf("llama"), strategy="fsdp2", ranks=2, precision="bf16-mixed", activation_checkpointing=True),
         Case(model=hf("qwen3_moe"), strategy="fsdp-grad-op", ranks=2, grad_accum=2),
         Case(model=hf("t5"), strategy="ddp", ranks=2, activation_checkpointing=True),
@@ -156,13 +158,34 @@ def third_party_suite() -> list[Case]:
     return cases
 
 
+def deepspeed_suite() -> list[Case]:
+    """DeepSpeed's stages through deepspeed.initialize (needs DeepSpeed): every stage under fp32
+    and the "bf16" section (bf16-mixed) on a GPT, a Llama with grouped-query attention, a ViT and
+    Hugging Face's GPT-2 (tied embedding and head), plus bf16 models, checkpointing, gradient
+    accumulation and 4 ranks."""
+    models = (_m("gpt.py"), _m("llama.py"), _m("vit.py"), str(THIRD_PARTY / "gpt2.py"))
+    cases = [
+        Case(model=model, strategy=stage, ranks=2, precision=precision)
+        for model in models for stage in ("zero1", "zero2", "zero3") for precision in ("fp32", "bf16-mixed")
+    ]
+    for stage in ("zero1", "zero2", "zero3"):
+        cases += [
+            Case(model=_m("gpt.py"), strategy=stage, ranks=2, precision="bf16"),
+            Case(model=_m("llama.py"), strategy=stage, ranks=2, precision="bf16-mixed", activation_checkpointing=True),
+            Case(model=_m("gpt.py"), strategy=stage, ranks=4, precision="bf16-mixed"),
+            Case(model=str(THIRD_PARTY / "gpt2.py"), strategy=stage, ranks=2, precision="bf16-mixed", grad_accum=2),
+        ]
+    return cases
+
+
 def quick_suite() -> list[Case]:
     return [
         Case(model=_m("gpt.py"), strategy="single", ranks=1),
         Case(model=_m("gpt.py"), strategy="ddp", ranks=2, precision="bf16-mixed"),
         Case(model=_m("llama.py"), strategy="fsdp2", ranks=2, precision="bf16-mixed"),
         Case(model=_m("gpt.py"), strategy="fsdp-full", ranks=2),
-        Case(model=_m("gpt.py"), strategy="zero1", ranks=2),
+        Case(model=_m("gpt.py"), strategy="ddp-zero1", ranks=2),
+        Case(model=_m("gpt.py"), strategy="zero2", ranks=2, precision="bf16-mixed"),
     ]
 
 
@@ -246,10 +269,16 @@ def summarize(results: list[Result]) -> dict:
     }
 
 
-SUITES = {"own": "dpplan's model zoo (benchmarks/models)", "third-party": "third-party architectures (transformers, benchmarks/models/hf)"}
+SUITES = {
+    "own": "dpplan's model zoo (benchmarks/models)",
+    "third-party": "third-party architectures (transformers, benchmarks/models/hf)",
+    "deepspeed": "DeepSpeed's ZeRO stages (deepspeed.initialize, both zoos)",
+}
 
 
 def suite_of(case: Case) -> str:
+    if case.strategy in DEEPSPEED_STAGES:
+        return "deepspeed"
     return "third-party" if Path(case.model).resolve().parent == THIRD_PARTY else "own"
 
 
@@ -356,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = quick_suite()
     else:
         cases = (suite() if args.suite in ("all", "own") else []) + (
-            third_party_suite() if args.suite in ("all", "third-party") else [])
+            third_party_suite() if args.suite in ("all", "third-party") else []) + (
+            deepspeed_suite() if args.suite in ("all", "deepspeed") else [])
     if args.filter:
         cases = [c for c in cases if args.filter in c.label]
 

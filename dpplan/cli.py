@@ -204,7 +204,7 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
 @main.command()
 @click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--strategy", "strategies", type=STRATEGY_LIST, default=",".join(DEFAULT_STRATEGIES), show_default=True,
-              help=f"Comma list or 'all' of: {', '.join(STRATEGIES)} (zero2, zero3, dp: estimate only).")
+              help=f"Comma list or 'all' of: {', '.join(STRATEGIES)} (dp: estimate only; zero1, zero2, zero3 need DeepSpeed installed).")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Total ranks over all nodes, as in estimate  [default: every visible GPU; without GPUs 2 CPU ranks]")
 @click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes (torchrun --nnodes).")

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from dpplan.cli import main
+from dpplan.planner.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--strategy", "single,ddp", "--gpus", "1,2"]
@@ -212,13 +213,13 @@ def test_the_program_flushes_everything_before_its_quick_exit(tiny_gpt, tmp_path
         env=env, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert len(json.loads(done.stdout)["estimates"]) == 1 + 2 * 10
+    assert len(json.loads(done.stdout)["estimates"]) == 1 + 2 * (len(STRATEGIES) - 1)
     done = subprocess.run(
         [sys.executable, "-P", "-m", "dpplan.cli", "estimate", tiny_gpt, "--gpus", "2", "--json", str(out)],
         env=env, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "fsdp2" in done.stdout and len(json.loads(out.read_text())["estimates"]) == 10
+    assert "fsdp2" in done.stdout and len(json.loads(out.read_text())["estimates"]) == len(STRATEGIES) - 1
     done = subprocess.run(
         [sys.executable, "-P", "-m", "dpplan.cli", "estimate", str(tmp_path / "missing.py")],
         env=env, capture_output=True, text=True,

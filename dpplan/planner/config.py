@@ -11,7 +11,7 @@ from dpplan.planner.strategies.layout import STRATEGIES
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-OFFLOAD_UNSUPPORTED = ("single", "dp", "ddp")
+OFFLOAD_UNSUPPORTED = ("single", "dp", "ddp", "ddp-zero1")
 """Strategies without any offload: the CLI and the planner say so in a note."""
 DEVICES = ("cuda", "cpu")
 DEFAULT_GPU_COUNTS = (1, 2, 4, 8)

@@ -16,10 +16,12 @@ from dpplan.planner.config import OFFLOAD_UNSUPPORTED, PlanConfig
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
 from dpplan.planner.model_file import ModelSpec, load_model_file
 from dpplan.planner.strategies import Layout, strategy_module
+from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
 from dpplan.planner.timeline import Peak, RankTimeline
 from dpplan.planner.trace import (
     ACTIVATION,
     AUTOCAST,
+    ENGINE_CAST,
     PARAM_CAST,
     StepTrace,
     TraceSettings,
@@ -116,7 +118,11 @@ def trace_settings_for(strategy: str, config: PlanConfig, *, floating_buffers: b
     """The trace a strategy needs. Strategies with the same settings share one trace; a model
     without floating buffers (``floating_buffers=False``) gives FSDP1 and FSDP2 one trace."""
     mixed = config.precision in ("bf16-mixed", "fp16-mixed")
-    family = PARAM_CAST if (mixed and strategy.startswith("fsdp")) else AUTOCAST
+    family = AUTOCAST
+    if mixed and strategy.startswith("fsdp"):
+        family = PARAM_CAST
+    elif mixed and strategy in DEEPSPEED_STAGES:
+        family = ENGINE_CAST
     return TraceSettings(
         precision=config.precision,
         family=family,

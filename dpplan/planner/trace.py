@@ -30,7 +30,9 @@ from dpplan.planner import data_dependent, fake_device, torch_apis
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user, describe_user_exception
 from dpplan.planner.optimizers import build_optimizer
-from dpplan.planner.training_step import LOW_PRECISION_DTYPE, autocast_context, run_micro_batch, run_optimizer_step
+from dpplan.planner.training_step import (
+    LOW_PRECISION_DTYPE, autocast_context, cast_floating, run_micro_batch, run_optimizer_step,
+)
 from dpplan.planner.units import checkpoint_units, find_units
 
 TRACE_BATCH_SIZE = 1009
@@ -46,6 +48,10 @@ CATEGORY_NAMES = (
 # Precision families: how the model computes under a precision.
 AUTOCAST = "autocast"  # fp32 parameters, torch.autocast (single, dp, ddp, zero*)
 PARAM_CAST = "param-cast"  # parameters cast to the low dtype for compute (FSDP mixed precision)
+# DeepSpeed's "bf16"/"fp16" sections: the engine casts the parameters (not the buffers) to the
+# low dtype once, the training loop casts floating inputs (deepspeed/runtime/engine.py
+# ``_configure_distributed_model``; transformers/trainer.py ``_prepare_input``); no autocast.
+ENGINE_CAST = "engine-cast"
 
 
 class TraceError(ValueError):
@@ -311,6 +317,11 @@ def _prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) ->
     if settings.precision == "bf16":
         model.to(torch.bfloat16)
         return batch
+    if settings.family == ENGINE_CAST and low is not None:
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(low)
+        return cast_floating(batch, low)
     if settings.family == PARAM_CAST and low is not None and settings.precision != "bf16":
         # FSDP1 (the family that casts buffers) keeps BatchNorm in full precision, below
         full_precision = _batch_norms_in_full_precision(model) if settings.cast_buffers else set()
@@ -365,25 +376,15 @@ def _cast_root_inputs(model: nn.Module, low: torch.dtype) -> None:
     batch stays alive beside it (an image batch: both copies count)."""
 
     def cast(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return _cast_floating(args, low), _cast_floating(kwargs, low)
+        return cast_floating(args, low), cast_floating(kwargs, low)
 
     model.register_forward_pre_hook(cast, with_kwargs=True)
-
-
-def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return type(value)((k, _cast_floating(v, dtype)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_cast_floating(v, dtype) for v in value)
-    return value
 
 
 def _grad_scaler(settings: TraceSettings):
     if settings.precision == "fp16-mixed":
         scaler = torch.amp.GradScaler("cpu")
-        if settings.family == PARAM_CAST:
+        if settings.family in (PARAM_CAST, ENGINE_CAST):
             _allow_fp16_gradients(scaler)
         return fake_device.always_stepping(scaler)
     return None

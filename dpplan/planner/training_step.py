@@ -49,6 +49,17 @@ def compute_loss(model: torch.nn.Module, batch: Any, loss_fn: Callable | None) -
     return loss
 
 
+def cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating tensors in ``dtype`` (integer ids and other leaves as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return type(value)((k, cast_floating(v, dtype)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    return value
+
+
 def autocast_context(precision: str, device_type: str, uses_autocast: bool):
     """``torch.autocast`` for the mixed precisions of strategies that compute under autocast."""
     if uses_autocast and precision in ("bf16-mixed", "fp16-mixed"):
@@ -65,8 +76,10 @@ def run_micro_batch(
     autocast: contextlib.AbstractContextManager,
     grad_scaler: Any | None,
     before_backward: Callable[[], None] | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
-    """Forward, loss, release the output, backward: one micro-batch."""
+    """Forward, loss, release the output, backward: one micro-batch. ``backward(loss)`` replaces
+    ``loss.backward()`` where an engine owns it (DeepSpeed's ``engine.backward``)."""
     with autocast:
         loss = compute_loss(model, batch, loss_fn)
     if grad_accum > 1:
@@ -75,7 +88,10 @@ def run_micro_batch(
         loss = grad_scaler.scale(loss)
     if before_backward is not None:
         before_backward()
-    loss.backward()
+    if backward is not None:
+        backward(loss)
+    else:
+        loss.backward()
 
 
 def run_optimizer_step(optimizer: torch.optim.Optimizer, grad_scaler: Any | None) -> None:
@@ -99,6 +115,7 @@ def run_training_step(
     grad_scaler: Any | None = None,
     on_phase: Callable[[str], contextlib.AbstractContextManager] | None = None,
     before_backward: Callable[[], None] | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
     """One optimizer step. ``no_sync`` (DDP/FSDP) wraps all micro-batches but the last.
 
@@ -114,7 +131,7 @@ def run_training_step(
         with phase("micro_batch"), sync_context:
             run_micro_batch(
                 model, batch, loss_fn, grad_accum=grad_accum, autocast=autocast(), grad_scaler=grad_scaler,
-                before_backward=before_backward,
+                before_backward=before_backward, backward=backward,
             )
     with phase("optimizer"):
         run_optimizer_step(optimizer, grad_scaler)

@@ -4,12 +4,13 @@ Each strategy name maps to torch's own wrapper with its defaults:
   single          no wrapper
   dp              nn.DataParallel (on CPU a plain call, as torch does without GPUs)
   ddp             DistributedDataParallel (gradient_as_bucket_view=False, 25 MiB buckets)
-  zero1           DDP + torch.distributed.optim.ZeroRedundancyOptimizer
+  ddp-zero1       DDP + torch.distributed.optim.ZeroRedundancyOptimizer
+  zero1, zero2, zero3
+                  DeepSpeed's ZeRO stages through deepspeed.initialize (profiler/deepspeed_run.py)
   fsdp-full, fsdp-grad-op, fsdp-no-shard, fsdp-hybrid
                   FSDP1 with that ShardingStrategy, use_orig_params=True, one unit per
                   planned unit module (see planner/units.py) plus the root
   fsdp2           fully_shard on each unit, then on the root (reshard after forward)
-zero2 and zero3 are DeepSpeed stages: dpplan estimates them but does not run DeepSpeed.
 
 Offload (``--offload optimizer`` or ``optimizer+params``) on cuda, as the planner plans it:
 FSDP1 CPUOffload(offload_params=True), FSDP2 CPUOffloadPolicy(); torch has no optimizer-only
@@ -29,9 +30,12 @@ from torch import nn
 
 from dpplan.planner.optimizers import build_optimizer, optimizer_class_and_kwargs
 from dpplan.planner.training_step import LOW_PRECISION_DTYPE
+from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
+from dpplan.profiler.deepspeed_run import cast_inputs, engine_no_sync, initialize_engine
 
 RUNNABLE_STRATEGIES = (
-    "single", "dp", "ddp", "zero1", "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid", "fsdp2",
+    "single", "dp", "ddp", "ddp-zero1", "zero1", "zero2", "zero3",
+    "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid", "fsdp2",
 )
 FSDP1_SHARDING = {
     "fsdp-full": "FULL_SHARD",
@@ -50,6 +54,10 @@ class PreparedRun:
     uses_autocast: bool
     no_sync: Callable[[], contextlib.AbstractContextManager] | None
     grad_scaler: Any | None
+    backward: Callable[[torch.Tensor], None] | None = None
+    """Replaces ``loss.backward()`` (DeepSpeed's ``engine.backward``)."""
+    cast_batch: Callable[[Any], Any] = lambda batch: batch
+    """What the training loop does to each batch before the forward (DeepSpeed: dtype)."""
 
 
 def _fsdp2_no_sync(model) -> Callable[[], contextlib.AbstractContextManager]:
@@ -74,6 +82,8 @@ def parallelize(
     device: torch.device,
     num_nodes: int = 1,
     offload: str = "none",
+    batch_size: int = 1,
+    grad_accum: int = 1,
 ) -> PreparedRun:
     """Wrap ``model`` (already on ``device``, checkpointing already applied)."""
     if strategy not in RUNNABLE_STRATEGIES:
@@ -85,17 +95,28 @@ def parallelize(
     if precision == "bf16":
         model.to(torch.bfloat16)
 
-    if strategy in ("single", "dp", "ddp", "zero1"):
+    if strategy in DEEPSPEED_STAGES:
+        engine, optimizer = initialize_engine(
+            model, strategy, precision=precision, optimizer_name=optimizer_name, device=device,
+            offload=offload, batch_size=batch_size, grad_accum=grad_accum,
+        )
+        return PreparedRun(
+            model=engine, optimizer=optimizer, uses_autocast=False, no_sync=engine_no_sync(engine), grad_scaler=None,
+            backward=functools.partial(engine.backward, scale_wrt_gas=False),
+            cast_batch=functools.partial(cast_inputs, precision=precision),
+        )
+
+    if strategy in ("single", "dp", "ddp", "ddp-zero1"):
         no_sync = None
         if strategy == "dp" and device_type == "cuda":
             model = nn.DataParallel(model)
-        elif strategy in ("ddp", "zero1"):
+        elif strategy in ("ddp", "ddp-zero1"):
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [device.index] if device_type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
             no_sync = model.no_sync
-        if strategy == "zero1":
+        if strategy == "ddp-zero1":
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             cls, kwargs = optimizer_class_and_kwargs(optimizer_name, device_type=device_type)

@@ -16,8 +16,9 @@ than the one found) is the capacity tested: on cuda every run and trial is cappe
 torch.cuda.set_per_process_memory_fraction, so a smaller card is tested for real.
 
 Strategies that cannot run are recorded as ``skipped`` with the reason and their estimate:
-zero2/zero3 are DeepSpeed stages (dpplan runs torch's own wrappers only), dp is one process
-driving every GPU (nn.DataParallel), not one process per GPU, and single is one GPU.
+zero1/zero2/zero3 without DeepSpeed installed (they run through deepspeed.initialize,
+profiler/deepspeed_run.py), dp, one process driving every GPU (nn.DataParallel), not one
+process per GPU, and single on more than one GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Callable
 from dpplan import __version__
 from dpplan.planner.config import check_run_settings
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
+from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
 from dpplan.profiler import profile_results as results_json
 from dpplan.profiler import recommend as recommendations
 from dpplan.profiler.batch_search import Trial, judge
@@ -247,10 +249,8 @@ def capacity_source(config: ProfileConfig, target: Target) -> str:
 
 def skip_reason(strategy: str, gpus: int) -> str | None:
     """Why ``strategy`` cannot be profiled here, or None."""
-    if strategy in ("zero2", "zero3"):
-        why = "DeepSpeed is not installed" if importlib.util.find_spec("deepspeed") is None else (
-            "dpplan does not launch DeepSpeed yet")
-        return f"{strategy} is a DeepSpeed stage and {why}: estimate only"
+    if strategy in DEEPSPEED_STAGES and importlib.util.find_spec("deepspeed") is None:
+        return f"{strategy} is a DeepSpeed stage and DeepSpeed is not installed: estimate only"
     if strategy == "dp":
         return "dp (nn.DataParallel) is one process driving every GPU, not one process per GPU: estimate only"
     if strategy == "single" and gpus != 1:
@@ -325,8 +325,6 @@ def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfi
 
 def run_notes(strategy: str, target: Target, config: ProfileConfig) -> list[str]:
     notes = []
-    if strategy == "zero1" and target.device == "cuda":
-        notes.append("zero1 runs torch's ZeroRedundancyOptimizer; its cuda estimate models DeepSpeed stage 1")
     if config.nnodes > 1:
         notes.append(f"measured on node {config.node_rank} only: each node writes its own ranks")
     return notes

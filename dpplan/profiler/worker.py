@@ -182,8 +182,10 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             prepared = parallelize(
                 model, config.strategy, units=units, precision=config.precision, optimizer_name=config.optimizer,
                 device=device, num_nodes=config.nodes, offload=config.offload,
+                batch_size=config.batch_size, grad_accum=config.grad_accum,
             )
         batch = _to_device(call_user(spec, "example_batch()", spec.example_batch, config.batch_size), device)
+        batch = prepared.cast_batch(batch)
 
         if recorder:
             on_phase = recorder.mark
@@ -200,7 +202,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
                 grad_accum=config.grad_accum,
                 autocast=lambda: autocast_context(config.precision, device.type, prepared.uses_autocast),
                 no_sync=prepared.no_sync, grad_scaler=prepared.grad_scaler,
-                on_phase=on_phase, before_backward=before_backward,
+                on_phase=on_phase, before_backward=before_backward, backward=prepared.backward,
             )
 
         step_times = []

@@ -12,6 +12,7 @@ from dpplan.planner.config import PlanConfig
 from dpplan.planner.estimate import estimate
 from dpplan.planner.model_file import build_module, load_model_file
 from dpplan.planner.no_dynamo import dynamo_untouched
+from dpplan.planner.strategies import STRATEGIES
 from dpplan.planner.trace import PARAM_CAST, TRACE_BATCH_SIZE, TraceSettings, trace_model, trace_step
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -76,7 +77,7 @@ def test_estimates_do_not_change(deep_gpt, monkeypatch):
     assert built.model.num_traced_ops == full.model.num_traced_ops
     assert (built.model.repeated_layers, full.model.repeated_layers) == (9, 0)  # said in the outputs
     assert built.estimates == full.estimates
-    assert len(built.estimates) == 1 + 3 * 10  # single at 1 GPU; ten strategies at 1, 2 and 8
+    assert len(built.estimates) == 1 + 3 * (len(STRATEGIES) - 1)  # single at 1 GPU; the others at 1, 2 and 8
 
 
 def test_trace_step_takes_the_short_way_for_deep_models(deep_gpt, write_model, monkeypatch):

@@ -1,8 +1,8 @@
 """ZeRO stages and DataParallel: what each shards, offloads and keeps, on the tiny GPT.
 
-zero1 is checked byte for byte against real ZeroRedundancyOptimizer runs in
-tests/profiler/test_cpu_accuracy.py; DeepSpeed's stages cannot run here, so these tests pin
-the mechanisms the model is built from (DeepSpeed's runtime/zero/stage_1_and_2.py, stage3.py).
+The stages are checked against real DeepSpeed runs in tests/profiler/test_cpu_accuracy.py
+(where DeepSpeed is installed); these tests pin the mechanisms the model is built from
+(DeepSpeed's runtime/zero/stage_1_and_2.py, stage3.py), with or without DeepSpeed.
 """
 
 import pytest

@@ -1,7 +1,7 @@
 """CI's guard on accuracy: a few real CPU runs (gloo, torchrun) against `--device cpu` estimates.
 
 The full table is benchmarks/accuracy.py (docs/accuracy.md); these are the cheap cases, one per
-strategy family, on the tiny GPT fixture, FSDP mixed precision on a CNN whose float input is
+strategy family, on the tiny GPT fixture (DeepSpeed's stages where DeepSpeed is installed), FSDP mixed precision on a CNN whose float input is
 large next to it (FSDP casts the root's inputs while the fp32 batch stays alive), and the hard
 third-party cases: a grouped-matmul MoE, a MoE routed through nonzero(), a data-dependent audio
 model and a bf16 CNN (.ci/run runs them once natively and once forced to AVX2). Both sides are
@@ -14,6 +14,7 @@ from tests.conftest import FIXTURES
 
 from dpplan.planner.config import PlanConfig
 from dpplan.planner.estimate import estimate
+from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
 from dpplan.profiler.cpu_run import run_cpu
 from dpplan.profiler.worker import RunConfig
 
@@ -24,12 +25,16 @@ CASES = [
     ("tiny_gpt", "single", 1, "fp32", {}),
     ("tiny_gpt", "ddp", 2, "bf16-mixed", {}),
     ("tiny_gpt", "ddp", 2, "fp32", {"grad_accum": 2}),
-    ("tiny_gpt", "zero1", 2, "fp32", {}),
+    ("tiny_gpt", "ddp-zero1", 2, "fp32", {}),
     ("tiny_gpt", "fsdp-full", 2, "fp32", {"activation_checkpointing": True}),
     ("tiny_gpt", "fsdp-no-shard", 2, "bf16-mixed", {}),
     ("tiny_gpt", "fsdp2", 2, "bf16-mixed", {}),
     ("tiny_cnn", "fsdp2", 2, "bf16-mixed", {}),
     ("tiny_cnn", "fsdp-full", 2, "bf16-mixed", {}),
+    # DeepSpeed (deepspeed.initialize on gloo): stage 1 fp32, the "bf16" section at stages 2 and 3
+    ("tiny_gpt", "zero1", 2, "fp32", {}),
+    ("tiny_gpt", "zero2", 2, "bf16-mixed", {"grad_accum": 2}),
+    ("tiny_gpt", "zero3", 2, "bf16-mixed", {"activation_checkpointing": True}),
     # third-party architectures (benchmarks/models/hf, built with transformers): the hard cases
     ("hf/qwen3_moe", "single", 1, "fp32", {}),  # MoE experts through torch._grouped_mm
     ("hf/switch", "single", 1, "fp32", {}),  # MoE loop over nonzero() of a one-hot routing mask
@@ -41,6 +46,8 @@ THIRD_PARTY = FIXTURES.parent.parent / "benchmarks" / "models"
 
 @pytest.mark.parametrize(("model", "strategy", "ranks", "precision", "extra"), CASES, ids=lambda v: str(v))
 def test_estimate_matches_a_real_cpu_run(model, strategy, ranks, precision, extra):
+    if strategy in DEEPSPEED_STAGES:
+        pytest.importorskip("deepspeed", reason="zero1/2/3 run through DeepSpeed (.ci/run installs it)")
     if model.startswith("hf/"):
         pytest.importorskip("transformers", reason="the third-party zoo is built with transformers")
         path = str(THIRD_PARTY / f"{model}.py")

@@ -6,6 +6,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from dpplan.cli import main
+from dpplan.planner.strategies import STRATEGIES
 
 FIGURES_DRAWN = """
 () => [...document.querySelectorAll('[data-figure]')].map(block => {
@@ -60,8 +61,8 @@ def test_estimate_report_draws_every_figure(tiny_gpt, open_report, tmp_path):
     assert page.title() == "dpplan memory plan · tiny_gpt.py"
     assert page.locator("section").first.get_attribute("id") == "fits"
     assert "dpplan estimate" in page.locator(".command").inner_text()
-    # The map shows each strategy at each GPU count: single only at 1 GPU, 11 strategies in all.
-    assert page.evaluate("document.getElementById('fig-fit-map').data[0].y.length") == 11
+    # The map shows each strategy at each GPU count: single only at 1 GPU, every strategy in all.
+    assert page.evaluate("document.getElementById('fig-fit-map').data[0].y.length") == len(STRATEGIES)
 
 
 def test_profile_report_draws_every_figure_with_the_recommendation_first(cpu_profile, open_report, tmp_path):

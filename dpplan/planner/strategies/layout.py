@@ -7,15 +7,19 @@ from dataclasses import dataclass
 from types import ModuleType
 
 STRATEGIES = (
-    "single", "dp", "ddp", "zero1", "zero2", "zero3",
+    "single", "dp", "ddp", "ddp-zero1", "zero1", "zero2", "zero3",
     "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid", "fsdp2",
 )
 """Every strategy name dpplan plans, in display order (``--strategy`` values)."""
+
+DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+"""DeepSpeed's ZeRO strategies and their stage numbers."""
 
 _MODULE_OF = {
     "single": "single",
     "dp": "data_parallel",
     "ddp": "ddp",
+    "ddp-zero1": "ddp_zero1",
     "zero1": "zero",
     "zero2": "zero",
     "zero3": "zero",

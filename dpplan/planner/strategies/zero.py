@@ -1,16 +1,15 @@
-"""zero1, zero2, zero3: ZeRO stages 1-3 with DeepSpeed's defaults (zero1 on CPU: torch's
-ZeroRedundancyOptimizer behind DDP, which is what a CPU validation run executes).
+"""zero1, zero2, zero3: DeepSpeed's ZeRO stages 1-3 with its defaults, on every device (torch's
+ZeroRedundancyOptimizer is ``ddp-zero1``, strategies/ddp_zero1.py).
 
-Precision. dpplan's mixed precisions keep fp32 parameters and compute under torch.autocast.
-DeepSpeed offers exactly that mode: the ``torch_autocast`` config section
-(deepspeed/runtime/torch_autocast.py), in which parameters stay fp32, the optimizer's master
-partition is an fp32 clone and Linear/Conv parameters communicate their gradients in the
-autocast dtype (``init_autocast_params``, LOWER_PRECISION_SAFE_MODULES). That is what these
-models assume for bf16-mixed and fp16-mixed. DeepSpeed's own "bf16"/"fp16" sections instead
-keep 16-bit parameters beside the fp32 master; dpplan does not model those. ``bf16`` (model in
-bf16) is DeepSpeed's bf16 mode: bf16 parameters and gradients, fp32 master partition and fp32
-optimizer state (DeepSpeed has no bf16-state default), so its optimizer memory is not the
-trace's.
+Precision, as users mean it (Lightning's DeepSpeedStrategy and accelerate map so):
+``bf16-mixed`` / ``fp16-mixed`` are DeepSpeed's "bf16" / "fp16" sections. The engine casts the
+parameters (not the buffers) to 16 bits and the trace is taken so (trace.ENGINE_CAST); the
+optimizer steps an fp32 master partition; gradients are reduced in the parameter dtype.
+``bf16`` (the model in bf16) is the same "bf16" section with the buffers in bf16 too. The
+trace's own optimizer state and step are replaced by the flat fp32 master's. DeepSpeed's
+``torch_autocast`` section (fp32 parameters under autocast, Linear/Conv gradients reduced in
+the autocast dtype: deepspeed/runtime/torch_autocast.py) is what a trace of the AUTOCAST
+family gives (zero_common.comm_sizes).
 
 What each rank holds, on top of the traced step (cuda):
   stage 1/2 (deepspeed/runtime/zero/stage_1_and_2.py, DeepSpeedZeroOptimizer): all parameters;
@@ -27,13 +26,10 @@ What each rank holds, on top of the traced step (cuda):
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
 from dpplan.planner.strategies.common import storages_by_param
-from dpplan.planner.strategies.ddp import add_gradient_buckets
-from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.layout import DEEPSPEED_STAGES, Layout
 from dpplan.planner.strategies.zero_stage3 import plan_stage3
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
@@ -50,19 +46,15 @@ from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OPTIMIZER_TEMPORARY, OTHER, PARAMETER, StepTrace
 
 FP64_BYTES = 8
-EXHAUSTIVE_RANKS = 16
-"""Up to this many ranks every rank is planned; above, only the candidates for the maximum."""
 
 
 def stage_of(strategy: str) -> int:
-    return {"zero1": 1, "zero2": 2, "zero3": 3}[strategy]
+    return DEEPSPEED_STAGES[strategy]
 
 
 def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
     stage = stage_of(layout.strategy)
-    if layout.device_type == "cpu" and stage == 1:
-        timeline = plan_torch_zero1(trace, layout)
-    elif stage == 3:
+    if stage == 3:
         timeline = plan_stage3(trace, layout)
     else:
         timeline = plan_stage12(trace, layout, stage)
@@ -77,146 +69,9 @@ def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
     stage = stage_of(layout.strategy)
     if stage == 3:
         return [0]  # every shard is ceil(numel / N): all ranks hold the same bytes
-    if layout.device_type == "cpu" and stage == 1:
-        if world <= EXHAUSTIVE_RANKS:
-            return list(range(world))
-        owner = greedy_partition([p.numel for p in trace.params], world)
-        owned = np.bincount(owner, weights=[p.numel for p in trace.params], minlength=world)
-        largest = owner[int(np.argmax([p.numel for p in trace.params]))]
-        return sorted({*np.argsort(-owned, kind="stable")[:4].tolist(), int(largest)})
     # Stage 1/2: equal slices; ranks differ only in the gradients of the parameters that
     # overlap their slice (whole parameters are counted, stage_1_and_2.py copy_grads_in_partition).
     return sorted({0, int(np.argmax(overlapping_numels(trace, world)))})
-
-
-# -- torch ZeroRedundancyOptimizer (zero1 on a CPU validation run) ---------------------------
-
-
-def greedy_partition(numels: list[int], world_size: int) -> list[int]:
-    """Owner rank of each parameter, as ZeroRedundancyOptimizer assigns them: parameters sorted
-    by size, largest first (stable), each to the rank with the fewest elements so far, the
-    lowest rank on ties (torch/distributed/optim/zero_redundancy_optimizer.py,
-    ``_partition_parameters`` and ``_get_min_index``). One parameter group holds every
-    parameter, frozen ones included."""
-    order = sorted(range(len(numels)), key=lambda i: numels[i], reverse=True)
-    heap = [(0, rank) for rank in range(world_size)]
-    owner = [0] * len(numels)
-    for i in order:
-        size, rank = heapq.heappop(heap)
-        owner[i] = rank
-        heapq.heappush(heap, (size + numels[i], rank))
-    return owner
-
-
-def plan_torch_zero1(trace: StepTrace, layout: Layout) -> RankTimeline:
-    """DDP (its gradient buckets) + a local optimizer over this rank's parameters only.
-
-    ZeroRedundancyOptimizer builds the wrapped optimizer on ``_partition_parameters()[rank]``
-    (``_init_local_optimizer``), so only owned parameters get state and step temporaries.
-    Gradients stay whole (DDP all-reduces all of them; ``zero_grad`` clears every parameter).
-    After the local step ``_sync_params`` broadcasts each parameter in place from its owner
-    (``_broadcast_params_from_rank``, ``parameters_as_bucket_view=False``): no allocation.
-    """
-    timeline = RankTimeline(trace)
-    add_gradient_buckets(timeline)
-    numels = [p.numel for p in trace.params]
-    owner = greedy_partition(numels, layout.world_size)
-    for i, owned in enumerate(storages_by_param(trace)):
-        if owner[i] != layout.rank:
-            for storage in owned.optimizer_state + owned.optimizer_temporary:
-                timeline.scale(storage, 0.0)
-    local_order = [i for i in sorted(range(len(numels)), key=lambda i: numels[i], reverse=True)
-                   if owner[i] == layout.rank]
-    replay_step_in_order(timeline, local_order)
-    return timeline
-
-
-def replay_step_in_order(timeline: RankTimeline, order: list[int]) -> None:
-    """Re-play the traced per-parameter step temporaries in the local optimizer's order.
-
-    The local optimizer's single parameter group lists its parameters largest first (the
-    partition order), and the for-loop step keeps some temporaries of a parameter alive into
-    later parameters' updates: they are local variables, freed when the same variable is
-    rebound (Adam's ``denom``; Adafactor's ``row_var``/``col_var`` only on the next 2-D
-    parameter, ``var_estimate`` on the next one of any shape). So the step's peak depends on
-    which parameters follow each other. Each parameter's own events keep their traced order;
-    a lingering temporary dies at the point of a later parameter's events where, in the trace,
-    a temporary of the same role died in a segment of the same shape (same event pattern)."""
-    trace = timeline.trace
-    start = trace.markers_of("optimizer")[0].event
-    end = trace.markers_of("end")[0].event
-    events: dict[int, list[int]] = {}
-    for k in range(start, end):
-        storage = int(trace.event_storage[k])
-        owner = int(trace.storage_owner[storage])
-        if owner >= 0 and trace.storage_category[storage] == OPTIMIZER_TEMPORARY:
-            events.setdefault(owner, []).append(k)
-    if not events:
-        return
-    traced = sorted(events, key=lambda p: events[p][0])
-    bounds = {p: (events[p][0], events[traced[n + 1]][0] if n + 1 < len(traced) else end)
-              for n, p in enumerate(traced)}
-    sign = trace.event_sign
-    store = trace.event_storage
-    own = {p: [k for k in events[p] if k < bounds[p][1]] for p in traced}
-    lingering = {p: [k for k in events[p] if k >= bounds[p][1]] for p in traced}
-    # The last parameter's locals die when the step returns: they linger like the same
-    # variables of other parameters with as many temporaries (same birth index).
-    def birth_index(p: int) -> dict[int, int]:
-        return {int(store[k]): n for n, k in enumerate(k for k in events[p] if sign[k] > 0)}
-
-    last = traced[-1]
-    last_births = birth_index(last)
-    roles: set[int] = set()
-    for p in traced[:-1]:
-        births = birth_index(p)
-        if len(births) == len(last_births):
-            roles |= {births[int(store[k])] for k in lingering[p] if int(store[k]) in births}
-    for k in list(own[last]):
-        if sign[k] < 0 and last_births.get(int(store[k])) in roles:
-            own[last].remove(k)
-            lingering[last].append(k)
-    signature = {p: tuple(int(sign[k]) for k in own[p]) for p in traced}
-    # role of a lingering storage: index of its birth among its parameter's own events
-    role = {}
-    for p in traced:
-        births = {int(store[k]): n for n, k in enumerate(own[p]) if sign[k] > 0}
-        for k in lingering[p]:
-            role[int(store[k])] = (signature[p], births.get(int(store[k]), -1))
-    # where such a role dies in a segment of a given signature (None: it survives it)
-    death_at: dict[tuple, int | None] = {}
-    for p in traced:
-        for k in lingering[p]:
-            key = role[int(store[k])]
-            for q in traced[traced.index(p) + 1:]:
-                lo, hi = bounds[q]
-                if lo <= k < hi:
-                    death_at[(key, signature[q])] = sum(1 for j in own[q] if j < k)
-                    break
-                death_at.setdefault((key, signature[q]), None)
-    for p in events:
-        for k in events[p]:
-            timeline.scale(int(store[k]), 0.0)
-
-    def nbytes(k: int) -> int:
-        return int(trace.storage_bytes[store[k]])
-
-    carried: list[int] = []  # storages alive from earlier parameters
-    for p in [p for p in order if p in events]:
-        due: dict[int, list[int]] = {}
-        for storage in carried:
-            n = death_at.get((role[storage], signature[p]), 0)
-            due.setdefault(len(own[p]) if n is None else n, []).append(storage)
-        carried = [s for s in carried if death_at.get((role[s], signature[p]), 0) is None]
-        for n, k in enumerate(own[p] + [None]):
-            for storage in due.get(n, []):
-                if storage not in carried:
-                    timeline.insert(start, -int(trace.storage_bytes[storage]), OPTIMIZER_TEMPORARY)
-            if k is not None:
-                timeline.insert(start, int(sign[k]) * nbytes(k), OPTIMIZER_TEMPORARY)
-        carried += [int(store[k]) for k in lingering[p]]
-    for storage in carried:
-        timeline.insert(start, -int(trace.storage_bytes[storage]), OPTIMIZER_TEMPORARY)
 
 
 # -- DeepSpeed stage 1 and 2 ----------------------------------------------------------------

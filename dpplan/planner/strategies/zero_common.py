@@ -14,7 +14,7 @@ from dpplan.planner.optimizers import build_optimizer
 from dpplan.planner.strategies.common import ParamStorages, owned_storages, resize_owned_storages
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
-from dpplan.planner.trace import StepTrace, cached_on_trace
+from dpplan.planner.trace import AUTOCAST, StepTrace, cached_on_trace
 
 # DeepSpeedZeroConfig defaults (deepspeed/runtime/zero/config.py). ``overlap_comm`` defaults to
 # True at stage 3 only (``overlap_comm_valid``); contiguous_gradients=True, reduce_scatter=True.
@@ -44,7 +44,9 @@ def _comm_sizes(trace: StepTrace, indices: list[int]) -> list[int]:
     ``get_all_comm_dtypes``, stage_1_and_2.py and stage3.py __init__). Under torch_autocast
     Linear/Conv weights reduce in the autocast dtype, everything else in its own dtype; tied
     parameters are attributed to the module they are first named under."""
-    low = MIXED_PRECISIONS.get(trace.settings.precision)
+    # Only DeepSpeed's torch_autocast section (a trace of the AUTOCAST family) reduces in the
+    # autocast dtype; its "bf16"/"fp16" sections reduce in the parameter dtype.
+    low = MIXED_PRECISIONS.get(trace.settings.precision) if trace.settings.family == AUTOCAST else None
     module_index = {name: i for i, name in enumerate(trace.module_names)}
     sizes = []
     for i in indices:
@@ -161,19 +163,18 @@ def _micro_batch_spans(trace: StepTrace) -> list[MicroBatchSpan]:
 def notes_for(trace: StepTrace, layout: Layout) -> list[str]:
     stage = layout.strategy
     notes = []
-    if layout.device_type == "cpu" and stage == "zero1":
-        if layout.offload != "none":
-            notes.append("zero1 on cpu is torch's ZeroRedundancyOptimizer: offload does not apply")
-        return notes
-    if layout.device_type == "cpu":
-        notes.append(f"{stage}: DeepSpeed, which dpplan cannot run on cpu; modeled from DeepSpeed's source")
-    if layout.precision in MIXED_PRECISIONS:
+    section = {"bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}.get(layout.precision)
+    if section is not None and trace.settings.family == AUTOCAST and layout.precision in MIXED_PRECISIONS:
         notes.append(
-            f"{stage}: modeled as DeepSpeed torch_autocast: fp32 parameters, fp32 master slice and "
+            f"{stage}: DeepSpeed torch_autocast: fp32 parameters, fp32 master slice and "
             "optimizer state, Linear/Conv gradients reduced in the autocast dtype"
         )
-    elif layout.precision == "bf16":
-        notes.append(f"{stage}: DeepSpeed bf16 keeps an fp32 master slice and fp32 optimizer state")
+    elif section is not None:
+        buffers = "buffers in bf16 too" if layout.precision == "bf16" else "buffers kept in fp32"
+        notes.append(
+            f'{stage}: DeepSpeed "{section}": {section} parameters and gradients ({buffers}), '
+            "an fp32 master partition and fp32 optimizer state"
+        )
     notes.append(
         f"{stage}: DeepSpeed's gradient bucket buffers included, reduce_bucket_size={REDUCE_BUCKET_NUMEL:.0e} "
         "elements each, whatever the model size"
