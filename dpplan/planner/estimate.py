@@ -26,6 +26,7 @@ from dpplan.planner.trace import (
     StepTrace,
     TraceSettings,
     has_floating_buffers,
+    has_floating_inputs,
     trace_step,
     untraced_model,
 )
@@ -114,15 +115,20 @@ class Plan:
     """Strategies asked for that the real wrapper refuses for this model, with what it says."""
 
 
-def trace_settings_for(strategy: str, config: PlanConfig, *, floating_buffers: bool = True) -> TraceSettings:
+def trace_settings_for(
+    strategy: str, config: PlanConfig, *, floating_buffers: bool = True, floating_inputs: bool = True
+) -> TraceSettings:
     """The trace a strategy needs. Strategies with the same settings share one trace; a model
-    without floating buffers (``floating_buffers=False``) gives FSDP1 and FSDP2 one trace."""
+    without floating buffers (``floating_buffers=False``) gives FSDP1 and FSDP2 one trace, and
+    one without floating inputs (``floating_inputs=False``) gives DeepSpeed and FSDP2 one."""
     mixed = config.precision in ("bf16-mixed", "fp16-mixed")
     family = AUTOCAST
     if mixed and strategy.startswith("fsdp"):
         family = PARAM_CAST
     elif mixed and strategy in DEEPSPEED_STAGES:
-        family = ENGINE_CAST
+        # parameters cast, buffers kept, as FSDP2 traces them; the two differ only in where
+        # floating inputs are cast (before the step, or at the root's forward)
+        family = ENGINE_CAST if floating_inputs else PARAM_CAST
     return TraceSettings(
         precision=config.precision,
         family=family,
@@ -168,8 +174,11 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
         raise ValueError("; ".join(f"{s}: {reason}" for s, reason in unsupported.items()))
     families: dict[TraceSettings, list[str]] = {}
     floating_buffers = has_floating_buffers(spec)
+    floating_inputs = has_floating_inputs(spec)
     for strategy in strategies:
-        settings = trace_settings_for(strategy, config, floating_buffers=floating_buffers)
+        settings = trace_settings_for(
+            strategy, config, floating_buffers=floating_buffers, floating_inputs=floating_inputs
+        )
         families.setdefault(settings, []).append(strategy)
     # The first trace runs here before anything else: it pays for torch's lazy imports once.
     first = next(iter(families))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -426,6 +427,25 @@ def has_floating_buffers(spec: ModelSpec) -> bool:
     """Whether FSDP1's ``buffer_dtype`` has anything to cast: without floating buffers the
     FSDP1 and FSDP2 mixed-precision traces are the same trace."""
     return any(b.is_floating_point() for b in untraced_model(spec).buffers())
+
+
+def has_floating_inputs(spec: ModelSpec) -> bool:
+    """Whether the example batch holds floating tensors (images, audio): only then do DeepSpeed's
+    cast of the inputs before the step and FSDP's cast at the root forward allocate differently,
+    so that ENGINE_CAST and FSDP2's PARAM_CAST traces differ."""
+    with torch.device("meta"), fake_device.skip_weight_init():
+        batch = call_user(spec, "example_batch()", spec.example_batch, 1)
+    return _holds_floating(batch)
+
+
+def _holds_floating(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    if isinstance(value, Mapping):
+        return any(_holds_floating(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_floating(v) for v in value)
+    return False
 
 
 def _trace_step(spec: ModelSpec, settings: TraceSettings, batch_size: int) -> StepTrace:

@@ -56,3 +56,20 @@ def test_data_parallel_device_zero_holds_the_whole_batch(tiny_gpt):
     estimates = plan(tiny_gpt, ("dp", "single"), (1, 2, 8), batch_size=4)
     assert estimates[("dp", 8)].peak_allocated_bytes > estimates[("dp", 2)].peak_allocated_bytes
     assert estimates[("dp", 2)].peak_allocated_bytes > estimates[("single", 1)].peak_allocated_bytes
+
+
+def test_bf16_mixed_plans_deepspeeds_bf16_section(tiny_gpt):
+    """What Trainer, accelerate and Lightning configure from "bf16": the engine casts the
+    parameters (not the buffers) to bf16, gradients are bf16, the master partition is fp32."""
+    from dpplan.planner.estimate import trace_settings_for
+    from dpplan.planner.trace import AUTOCAST, ENGINE_CAST
+
+    fp32 = plan(tiny_gpt, ("zero2",), (2,))[("zero2", 2)]
+    config = PlanConfig(model=tiny_gpt, strategies=("zero2", "ddp-zero1"), gpus=(2,), precision="bf16-mixed")
+    # token ids in: the cast is FSDP2's (one trace for both); floating inputs: cast before the step
+    assert trace_settings_for("zero2", config, floating_inputs=False) == trace_settings_for("fsdp2", config)
+    assert trace_settings_for("zero2", config, floating_inputs=True).family == ENGINE_CAST
+    assert trace_settings_for("ddp-zero1", config).family == AUTOCAST  # torch's ZeRO computes under autocast
+    bf16 = {e.strategy: e for e in estimate(config).estimates}["zero2"]
+    assert bf16.breakdown["params"] == pytest.approx(fp32.breakdown["params"] / 2, rel=0.01)
+    assert any('DeepSpeed "bf16"' in note and "buffers kept in fp32" in note for note in bf16.notes)

@@ -15,7 +15,7 @@ from dpplan.planner.strategies.common import storages_by_param
 from dpplan.planner.strategies.ddp import add_gradient_buckets
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
-from dpplan.planner.trace import OPTIMIZER_TEMPORARY, StepTrace
+from dpplan.planner.trace import OPTIMIZER_TEMPORARY, StepTrace, cached_on_trace
 
 EXHAUSTIVE_RANKS = 16
 """Up to this many ranks every rank is planned; above, only the candidates for the maximum."""
@@ -91,6 +91,42 @@ def replay_step_in_order(timeline: RankTimeline, order: list[int]) -> None:
     a lingering temporary dies at the point of a later parameter's events where, in the trace,
     a temporary of the same role died in a segment of the same shape (same event pattern)."""
     trace = timeline.trace
+    analysis = cached_on_trace(trace, "ddp-zero1 step analysis", lambda: _step_analysis(trace))
+    if analysis is None:
+        return
+    start, events, own, lingering, signature, role, death_at = analysis
+    sign = trace.event_sign
+    store = trace.event_storage
+    for p in events:
+        for k in events[p]:
+            timeline.scale(int(store[k]), 0.0)
+
+    def nbytes(k: int) -> int:
+        return int(trace.storage_bytes[store[k]])
+
+    carried: list[int] = []  # storages alive from earlier parameters
+    for p in [p for p in order if p in events]:
+        due: dict[int, list[int]] = {}
+        for storage in carried:
+            n = death_at.get((role[storage], signature[p]), 0)
+            due.setdefault(len(own[p]) if n is None else n, []).append(storage)
+        carried = [s for s in carried if death_at.get((role[s], signature[p]), 0) is None]
+        for n, k in enumerate(own[p] + [None]):
+            for storage in due.get(n, []):
+                if storage not in carried:
+                    timeline.insert(start, -int(trace.storage_bytes[storage]), OPTIMIZER_TEMPORARY)
+            if k is not None:
+                timeline.insert(start, int(sign[k]) * nbytes(k), OPTIMIZER_TEMPORARY)
+        carried += [int(store[k]) for k in lingering[p]]
+    for storage in carried:
+        timeline.insert(start, -int(trace.storage_bytes[storage]), OPTIMIZER_TEMPORARY)
+
+
+def _step_analysis(trace: StepTrace):
+    """What ``replay_step_in_order`` needs of the traced step, whatever the order: each
+    parameter's own and lingering temporary events, their segment signatures, the role of each
+    lingering storage and where a role dies in a segment of a given signature. Computed once
+    per trace (it is quadratic in the parameters; a 70B plan asks for it at every GPU count)."""
     start = trace.markers_of("optimizer")[0].event
     end = trace.markers_of("end")[0].event
     events: dict[int, list[int]] = {}
@@ -100,7 +136,7 @@ def replay_step_in_order(timeline: RankTimeline, order: list[int]) -> None:
         if owner >= 0 and trace.storage_category[storage] == OPTIMIZER_TEMPORARY:
             events.setdefault(owner, []).append(k)
     if not events:
-        return
+        return None
     traced = sorted(events, key=lambda p: events[p][0])
     bounds = {p: (events[p][0], events[traced[n + 1]][0] if n + 1 < len(traced) else end)
               for n, p in enumerate(traced)}
@@ -142,26 +178,4 @@ def replay_step_in_order(timeline: RankTimeline, order: list[int]) -> None:
                     death_at[(key, signature[q])] = sum(1 for j in own[q] if j < k)
                     break
                 death_at.setdefault((key, signature[q]), None)
-    for p in events:
-        for k in events[p]:
-            timeline.scale(int(store[k]), 0.0)
-
-    def nbytes(k: int) -> int:
-        return int(trace.storage_bytes[store[k]])
-
-    carried: list[int] = []  # storages alive from earlier parameters
-    for p in [p for p in order if p in events]:
-        due: dict[int, list[int]] = {}
-        for storage in carried:
-            n = death_at.get((role[storage], signature[p]), 0)
-            due.setdefault(len(own[p]) if n is None else n, []).append(storage)
-        carried = [s for s in carried if death_at.get((role[s], signature[p]), 0) is None]
-        for n, k in enumerate(own[p] + [None]):
-            for storage in due.get(n, []):
-                if storage not in carried:
-                    timeline.insert(start, -int(trace.storage_bytes[storage]), OPTIMIZER_TEMPORARY)
-            if k is not None:
-                timeline.insert(start, int(sign[k]) * nbytes(k), OPTIMIZER_TEMPORARY)
-        carried += [int(store[k]) for k in lingering[p]]
-    for storage in carried:
-        timeline.insert(start, -int(trace.storage_bytes[storage]), OPTIMIZER_TEMPORARY)
+    return start, events, own, lingering, signature, role, death_at
