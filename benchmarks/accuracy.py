@@ -30,12 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpplan.planner.config import PlanConfig  # noqa: E402
+from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config  # noqa: E402
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO  # noqa: E402
 from dpplan.planner.estimate import estimate  # noqa: E402
 from dpplan.planner.strategies.layout import DEEPSPEED_STAGES  # noqa: E402
 from dpplan.profiler.cpu_run import RunFailed, run_cpu  # noqa: E402
 from dpplan.profiler.worker import RunConfig  # noqa: E402
 
 MODELS = ROOT / "benchmarks" / "models"
+DEEPSPEED_CONFIGS = ROOT / "benchmarks" / "deepspeed_configs"
 THIRD_PARTY = MODELS / "hf"
 
 
@@ -51,6 +54,8 @@ class Case:
     grad_accum: int = 1
     nodes: int = 1
     wrap: str | None = None
+    deepspeed_config: str | None = None
+    """A DeepSpeed config file (benchmarks/deepspeed_configs/): strategy and precision as it says."""
 
     @property
     def label(self) -> str:
@@ -64,7 +69,18 @@ class Case:
             parts.append(f"ga{self.grad_accum}")
         if self.nodes > 1:
             parts.append(f"{self.nodes}nodes")
+        if self.deepspeed_config:
+            parts.append(Path(self.deepspeed_config).name)
         return " ".join(parts)
+
+    def settings(self) -> dict:
+        """strategy, precision, batch_size, grad_accum, optimizer, offload and zero, as
+        ``--deepspeed-config`` would make them from this case's flags."""
+        flags = {"strategies": (self.strategy,), "precision": self.precision, "batch_size": self.batch_size,
+                 "grad_accum": self.grad_accum, "optimizer": self.optimizer, "offload": "none"}
+        if self.deepspeed_config is None:
+            return {**flags, "zero": DEFAULT_ZERO}
+        return merge_with_flags(read_deepspeed_config(self.deepspeed_config), flags, set(), (self.ranks,))
 
 
 @dataclass(kw_only=True)
@@ -192,32 +208,31 @@ def quick_suite() -> list[Case]:
 def estimate_case(case: Case) -> int:
     config = PlanConfig(
         model=case.model,
-        strategies=(case.strategy,),
         gpus=(case.ranks,),
         nodes=case.nodes,
-        batch_size=case.batch_size,
-        grad_accum=case.grad_accum,
-        precision=case.precision,
-        optimizer=case.optimizer,
         activation_checkpointing=case.activation_checkpointing,
         wrap=case.wrap,
         device="cpu",
+        **case.settings(),
     )
     return estimate(config).estimates[0].peak_bytes
 
 
 def measure_case(case: Case) -> list[int]:
+    settings = case.settings()
+    zero = settings["zero"]
     config = RunConfig(
         model=case.model,
-        strategy=case.strategy,
-        batch_size=case.batch_size,
-        grad_accum=case.grad_accum,
-        precision=case.precision,
-        optimizer=case.optimizer,
+        strategy=settings["strategies"][0],
+        batch_size=settings["batch_size"],
+        grad_accum=settings["grad_accum"],
+        precision=settings["precision"],
+        optimizer=settings["optimizer"],
         activation_checkpointing=case.activation_checkpointing,
         wrap=case.wrap,
         nodes=case.nodes,
         steps=3,
+        zero=None if zero.is_default() else asdict(zero),
     )
     return [r["steady_peak_bytes"] for r in run_cpu(config, case.ranks)]
 

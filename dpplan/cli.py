@@ -110,6 +110,24 @@ def _command_line() -> str:
     return "dpplan " + " ".join(shlex.quote(a) for a in argv)
 
 
+RUN_FLAGS = ("strategies", "precision", "offload", "optimizer", "batch_size", "grad_accum")
+
+
+def deepspeed_overrides(path: str | None, values: dict, gpus: tuple[int, ...]) -> dict:
+    """The run settings of --deepspeed-config (empty without it): the file's values, the
+    flags' where the file says "auto"; a flag typed on the command line that contradicts
+    the file is an error."""
+    if path is None:
+        return {}
+    from click.core import ParameterSource
+
+    from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config
+
+    ctx = click.get_current_context()
+    given = {name for name in RUN_FLAGS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    return merge_with_flags(read_deepspeed_config(path), {k: values[k] for k in RUN_FLAGS}, given, gpus)
+
+
 def run_options(command):
     """The flags that describe the training run, shared by estimate and profile so that they
     mean exactly the same in both (every profiled run has a matching estimate)."""
@@ -126,6 +144,9 @@ def run_options(command):
                      help="Move optimizer state (and parameters) to host memory."),
         click.option("--wrap", metavar="CLASSNAME", default=None,
                      help="FSDP / checkpointing unit class (default: children of the largest nn.ModuleList)."),
+        click.option("--deepspeed-config", "deepspeed_config", metavar="JSON", default=None,
+                     help="A DeepSpeed config file: its ZeRO stage, precision, offload, batch, accumulation and "
+                          'ZeRO settings are planned ("auto" as HF\'s Trainer fills it, from these flags).'),
     ]
     for option in reversed(options):
         command = option(command)
@@ -156,7 +177,8 @@ def main() -> None:
 @click.option("--json", "json_path", metavar="PATH|-", default=None, help="Also write the plan as JSON ('-': stdout only).")
 @html_options
 def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_accum, precision, optimizer,
-             activation_checkpointing, offload, wrap, gpu, device, cpu_isa, json_path, html_path, plotlyjs):
+             activation_checkpointing, offload, wrap, deepspeed_config, gpu, device, cpu_isa, json_path, html_path,
+             plotlyjs):
     """Plan per-GPU memory of MODEL (path.py or path.py:factory) for each strategy.
 
     Without MODEL, plans dpplan's bundled GPT model. Nothing is allocated: the model is
@@ -168,6 +190,7 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
       dpplan estimate model.py --strategy ddp,fsdp-full --gpus 8,16 --batch-size 4
       dpplan estimate model.py --gpus 64 --nodes 8 --gpu a100-80gb --activation-checkpointing
       dpplan estimate model.py --json plan.json --html plan.html
+      dpplan estimate model.py --deepspeed-config ds_config.json --gpus 8
     """
 
     if nodes is not None and gpus_per_node is not None:
@@ -183,12 +206,13 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
         from dpplan.reports.plan_json import plan_to_json
         from dpplan.reports.plan_table import render_plan
 
+        settings = dict(strategies=strategies, batch_size=batch_size, grad_accum=grad_accum, precision=precision,
+                        optimizer=optimizer, offload=offload)
+        settings.update(deepspeed_overrides(deepspeed_config, settings, gpus))
         config = PlanConfig(
-            model=model, strategies=strategies, gpus=gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
-            batch_size=batch_size,
-            grad_accum=grad_accum, precision=precision, optimizer=optimizer,
-            activation_checkpointing=activation_checkpointing, offload=offload, wrap=wrap,
-            gpu=gpu, device=device, cpu_isa=cpu_isa,
+            model=model, gpus=gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
+            activation_checkpointing=activation_checkpointing, wrap=wrap,
+            gpu=gpu, device=device, cpu_isa=cpu_isa, **settings,
         )
         if html_path:
             _check_html_destination(html_path)
@@ -245,7 +269,7 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
               help="Also write the merged profile JSON here ('-': stdout only).")
 @html_options
 def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_size, grad_accum, precision, optimizer,
-            activation_checkpointing, offload, wrap, steps, warmup_steps, sample_hz, timeout_s, device, gpu,
+            activation_checkpointing, offload, wrap, deepspeed_config, steps, warmup_steps, sample_hz, timeout_s, device, gpu,
             gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path,
             html_path, plotlyjs):
     """Run MODEL for a few steps per strategy on real GPUs and measure its memory and speed.
@@ -274,10 +298,12 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
         from dpplan.reports.plan_json import write_json
         from dpplan.reports.profile_table import ProfileProgress, render_profile
 
+        settings = dict(strategies=strategies, batch_size=batch_size, grad_accum=grad_accum, precision=precision,
+                        optimizer=optimizer, offload=offload)
+        settings.update(deepspeed_overrides(deepspeed_config, settings, (gpus,) if gpus else ()))
         config = ProfileConfig(
-            model=model, strategies=strategies, gpus=gpus, nnodes=nnodes, node_rank=node_rank,
-            rdzv_endpoint=rdzv_endpoint, batch_size=batch_size, grad_accum=grad_accum, precision=precision,
-            optimizer=optimizer, activation_checkpointing=activation_checkpointing, offload=offload, wrap=wrap,
+            model=model, gpus=gpus, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+            activation_checkpointing=activation_checkpointing, wrap=wrap, **settings,
             steps=steps, warmup_steps=warmup_steps, sample_hz=sample_hz, timeout_s=timeout_s, device=device,
             gpu=gpu, out_dir=out_dir, gpu_memory_bytes=gpu_memory_bytes, headroom_pct=headroom_pct,
             find_batch_size=find_batch_size, max_trials=max_trials, trial_steps=trial_steps,

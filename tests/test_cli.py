@@ -247,3 +247,27 @@ def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set(tmp_path):
         pytest.skip("this CPU has AMX: no instruction set above it to refuse")
     done = subprocess.run(command + ["--cpu-isa", "amx"], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "this CPU has no amx" in done.stderr
+
+
+def test_deepspeed_config_file_is_planned(tiny_gpt, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}, "bf16": {"enabled": True}}))
+    result = run("estimate", tiny_gpt, "--deepspeed-config", str(config), "--gpus", "2", "--json", "-")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert [e["strategy"] for e in plan["estimates"]] == ["zero3"]
+    assert plan["config"]["zero"]["reduce_bucket_size"] == 1000
+    assert plan["estimates"][0]["precision"] == "bf16-mixed"
+    assert any("ds.json" in note for note in plan["estimates"][0]["notes"])
+
+
+def test_deepspeed_config_errors_are_one_line(tiny_gpt, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    line = one_line_error(run("estimate", tiny_gpt, "--deepspeed-config", str(config)))
+    assert "hidden_size" in line
+    line = one_line_error(run("estimate", tiny_gpt, "--deepspeed-config", str(tmp_path / "none.json")))
+    assert "no such file" in line
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    line = one_line_error(run("estimate", tiny_gpt, "--deepspeed-config", str(config), "--precision", "fp32"))
+    assert "--precision fp32 contradicts" in line

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from dpplan.planner.cpu_isa import ISAS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
 from dpplan.planner.optimizers import OPTIMIZERS
-from dpplan.planner.strategies.layout import STRATEGIES
+from dpplan.planner.strategies.layout import DEEPSPEED_STAGES, STRATEGIES
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
@@ -35,6 +36,10 @@ def check_run_settings(config) -> None:
     _choice("precision", config.precision, PRECISIONS)
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("offload", config.offload, OFFLOADS)
+    if not config.zero.is_default() and any(s not in DEEPSPEED_STAGES for s in config.strategies):
+        raise ValueError("DeepSpeed settings (--deepspeed-config) apply to zero1, zero2 and zero3 only")
+    if config.zero.torch_autocast and config.precision not in ("bf16-mixed", "fp16-mixed"):
+        raise ValueError("DeepSpeed's torch_autocast needs bf16-mixed or fp16-mixed precision")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +73,8 @@ class PlanConfig:
     """Memory one rank may use, overriding the GPU's (cuda) or host RAM per rank (cpu); what
     ``fits`` and ``max_batch_size`` are judged against. ``dpplan profile --gpu-memory`` sets
     it, and its batch-size search sets it to a calibrated limit."""
+    zero: ZeroSettings = DEFAULT_ZERO
+    """DeepSpeed's ZeRO settings for zero1/2/3 (``--deepspeed-config``; default: DeepSpeed's)."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ import numpy as np
 
 from dpplan.planner import cpu_isa, forked, gpu_overheads
 from dpplan.planner.config import OFFLOAD_UNSUPPORTED, PlanConfig
+from dpplan.planner.deepspeed_config import resolve_for_model
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
 from dpplan.planner.model_file import ModelSpec, load_model_file
 from dpplan.planner.strategies import Layout, strategy_module
@@ -125,7 +126,7 @@ def trace_settings_for(
     family = AUTOCAST
     if mixed and strategy.startswith("fsdp"):
         family = PARAM_CAST
-    elif mixed and strategy in DEEPSPEED_STAGES:
+    elif mixed and strategy in DEEPSPEED_STAGES and not config.zero.torch_autocast:
         # parameters cast, buffers kept, as FSDP2 traces them; the two differ only in where
         # floating inputs are cast (before the step, or at the root's forward)
         family = ENGINE_CAST if floating_inputs else PARAM_CAST
@@ -168,6 +169,8 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
         cpu_isa.apply(config.cpu_isa)
         cpu_isa.check_supported(config.cpu_isa)
     spec = spec or load_model_file(config.model)
+    if config.zero.hidden_size_auto:
+        config = replace(config, zero=resolve_for_model(config.zero, untraced_model(spec)))
     unsupported = refused_strategies(config.strategies, untraced_model(spec))
     strategies = [s for s in config.strategies if s not in unsupported]
     if not strategies:
@@ -290,6 +293,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         grad_accum=config.grad_accum,
         offload=config.offload,
         device_type=config.device,
+        zero=config.zero,
     )
     capacity = capacity_for(config, gpus)
     gpu = lookup_gpu(config.gpu) if config.device == "cuda" else None

@@ -575,6 +575,7 @@ class _Extension:
                 unit=depth if t.params[p].unit == self.k else full_layer,
                 storage=storage,
                 grad_storage=grad,
+                holder_classes=t.params[p].holder_classes,
             )
             for full_name, p, full_layer, storage, grad in zip(self.param_names, shorts, layers, storages, grads)
         ]

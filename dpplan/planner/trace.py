@@ -93,6 +93,8 @@ class ParamInfo:
     """Storage index of the parameter itself."""
     grad_storage: int
     """Storage index of its gradient as created in the first micro-batch (-1: no gradient)."""
+    holder_classes: tuple[str, ...] = ()
+    """Class names of every module that holds it directly (more than one when it is tied)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -704,6 +706,11 @@ def _trace_steady_step(
             recorder.storage_owner[index] = i
 
     unit_of_param = _unit_of_params(model, units, params, root_unit)
+    holders: dict[int, list[str]] = {}
+    for sub in model.modules():
+        for held in sub._parameters.values():
+            if held is not None:
+                holders.setdefault(id(held), []).append(type(sub).__name__)
     storage_bytes = np.asarray(recorder.storage_bytes, dtype=np.int64)
     param_infos = [
         ParamInfo(
@@ -714,6 +721,7 @@ def _trace_steady_step(
             unit=unit_of_param[i],
             storage=recorder.live.get(p.untyped_storage()._cdata, -1),
             grad_storage=grad_storage[i],
+            holder_classes=tuple(holders.get(id(p), ())),
         )
         for i, p in enumerate(params)
     ]

@@ -33,16 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpplan.planner.deepspeed_config import resolve_for_model
 from dpplan.planner.optimizers import build_optimizer
 from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.planner.training_step import cast_floating
-from dpplan.planner.strategies.zero_common import (
-    MAX_LIVE_PARAMETERS,
-    MAX_REUSE_DISTANCE,
-    PARAM_PERSISTENCE_THRESHOLD,
-    PREFETCH_BUCKET_NUMEL,
-    REDUCE_BUCKET_NUMEL,
-)
 
 PRECISION_SECTIONS = {"bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}
 INPUT_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "fp16-mixed": torch.float16}
@@ -50,25 +45,30 @@ INSTALL_HINT = 'DeepSpeed is not installed: pip install --no-build-isolation dee
 
 
 def deepspeed_config(
-    strategy: str, *, precision: str, offload: str, batch_size: int, grad_accum: int, world_size: int
+    strategy: str, *, precision: str, offload: str, batch_size: int, grad_accum: int, world_size: int,
+    zero_settings: ZeroSettings = DEFAULT_ZERO,
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a planned run (keys: https://www.deepspeed.ai/docs/config-json/)."""
+    """The DeepSpeed config of a planned run (keys: https://www.deepspeed.ai/docs/config-json/):
+    every setting the plan depends on written out, whatever DeepSpeed's defaults become."""
     stage = DEEPSPEED_STAGES[strategy]
+    settings = zero_settings
+    if settings.hidden_size_auto:
+        raise RuntimeError(f"unresolved \"auto\" DeepSpeed settings {settings.hidden_size_auto}")
     zero: dict[str, Any] = {
         "stage": stage,
         "contiguous_gradients": True,
         "reduce_scatter": True,
-        "reduce_bucket_size": REDUCE_BUCKET_NUMEL,
-        "allgather_bucket_size": REDUCE_BUCKET_NUMEL,
-        # DeepSpeedZeroConfig: overlap_comm defaults to True at stage 3 only
-        "overlap_comm": stage == 3,
+        "reduce_bucket_size": settings.reduce_bucket_size,
+        "allgather_bucket_size": settings.allgather_bucket_size,
+        "overlap_comm": settings.overlaps_comm(stage),
+        "sub_group_size": settings.sub_group_size,
     }
     if stage == 3:
         zero.update({
-            "stage3_prefetch_bucket_size": PREFETCH_BUCKET_NUMEL,
-            "stage3_max_live_parameters": MAX_LIVE_PARAMETERS,
-            "stage3_max_reuse_distance": MAX_REUSE_DISTANCE,
-            "stage3_param_persistence_threshold": PARAM_PERSISTENCE_THRESHOLD,
+            "stage3_prefetch_bucket_size": settings.prefetch_bucket_size,
+            "stage3_max_live_parameters": settings.max_live_parameters,
+            "stage3_max_reuse_distance": settings.max_reuse_distance,
+            "stage3_param_persistence_threshold": settings.param_persistence_threshold,
         })
     if offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
@@ -86,7 +86,10 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     }
     section = PRECISION_SECTIONS.get(precision)
-    if section is not None:
+    if settings.torch_autocast:
+        dtype = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}[precision]
+        config["torch_autocast"] = {"enabled": True, "dtype": dtype}
+    elif section is not None:
         config[section] = {"enabled": True}
     return config
 
@@ -121,7 +124,7 @@ def engine_no_sync(engine):
 
 def initialize_engine(
     model: nn.Module, strategy: str, *, precision: str, optimizer_name: str, device: torch.device,
-    offload: str, batch_size: int, grad_accum: int,
+    offload: str, batch_size: int, grad_accum: int, zero: ZeroSettings = DEFAULT_ZERO,
 ):
     """``(engine, optimizer)`` for ``model`` (on ``device``), the process group already up."""
     try:
@@ -138,6 +141,7 @@ def initialize_engine(
     offload = offload if device.type == "cuda" else "none"
     config = deepspeed_config(
         strategy, precision=precision, offload=offload, batch_size=batch_size, grad_accum=grad_accum, world_size=world,
+        zero_settings=resolve_for_model(zero, model),
     )
     client = build_optimizer(optimizer_name, model.parameters(), device_type="cpu" if offload != "none" else device.type)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config, dist_init_required=False)
@@ -145,7 +149,8 @@ def initialize_engine(
     return engine, EngineOptimizer(engine)
 
 
-def cast_inputs(batch: Any, precision: str) -> Any:
-    """Floating input tensors in the engine's dtype (integer ids stay as they are)."""
-    dtype = INPUT_DTYPES.get(precision)
+def cast_inputs(batch: Any, precision: str, torch_autocast: bool = False) -> Any:
+    """Floating input tensors in the engine's dtype (integer ids stay as they are); under
+    torch_autocast the parameters stay fp32 and so do the inputs."""
+    dtype = None if torch_autocast else INPUT_DTYPES.get(precision)
     return batch if dtype is None else cast_floating(batch, dtype)

@@ -31,6 +31,7 @@ from torch import nn
 from dpplan.planner.optimizers import build_optimizer, optimizer_class_and_kwargs
 from dpplan.planner.training_step import LOW_PRECISION_DTYPE
 from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.profiler.deepspeed_run import cast_inputs, engine_no_sync, initialize_engine
 
 RUNNABLE_STRATEGIES = (
@@ -84,6 +85,7 @@ def parallelize(
     offload: str = "none",
     batch_size: int = 1,
     grad_accum: int = 1,
+    zero: ZeroSettings = DEFAULT_ZERO,
 ) -> PreparedRun:
     """Wrap ``model`` (already on ``device``, checkpointing already applied)."""
     if strategy not in RUNNABLE_STRATEGIES:
@@ -98,12 +100,14 @@ def parallelize(
     if strategy in DEEPSPEED_STAGES:
         engine, optimizer = initialize_engine(
             model, strategy, precision=precision, optimizer_name=optimizer_name, device=device,
-            offload=offload, batch_size=batch_size, grad_accum=grad_accum,
+            offload=offload, batch_size=batch_size, grad_accum=grad_accum, zero=zero,
         )
+        # torch_autocast: the engine's forward runs under autocast; the step's loss does too,
+        # as it is traced (one autocast region around forward and loss).
         return PreparedRun(
-            model=engine, optimizer=optimizer, uses_autocast=False, no_sync=engine_no_sync(engine), grad_scaler=None,
-            backward=functools.partial(engine.backward, scale_wrt_gas=False),
-            cast_batch=functools.partial(cast_inputs, precision=precision),
+            model=engine, optimizer=optimizer, uses_autocast=zero.torch_autocast, no_sync=engine_no_sync(engine),
+            grad_scaler=None, backward=functools.partial(engine.backward, scale_wrt_gas=False),
+            cast_batch=functools.partial(cast_inputs, precision=precision, torch_autocast=zero.torch_autocast),
         )
 
     if strategy in ("single", "dp", "ddp", "ddp-zero1"):

@@ -37,6 +37,7 @@ from typing import Callable
 
 from dpplan import __version__
 from dpplan.planner.config import check_run_settings
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
 from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
 from dpplan.profiler import profile_results as results_json
@@ -108,6 +109,8 @@ class ProfileConfig:
     """Trial jobs per strategy at most."""
     trial_steps: int = recommendations.DEFAULT_TRIAL_STEPS
     """Timed steps of a trial, after at least one warm-up step."""
+    zero: ZeroSettings = DEFAULT_ZERO
+    """DeepSpeed's ZeRO settings for zero1/2/3 (``--deepspeed-config``)."""
 
     def __post_init__(self):
         check_run_settings(self)
@@ -287,7 +290,7 @@ def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ..
         batch_size=config.batch_size, grad_accum=config.grad_accum, precision=config.precision,
         optimizer=config.optimizer, activation_checkpointing=config.activation_checkpointing,
         offload=config.offload, wrap=config.wrap, gpu=target.gpu or DEFAULT_GPU, device=target.device,
-        capacity_bytes=capacity_override(config, target),
+        capacity_bytes=capacity_override(config, target), zero=config.zero,
     )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return PlanConfig(**fields)
@@ -320,6 +323,7 @@ def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfi
         activation_checkpointing=config.activation_checkpointing, offload=config.offload, wrap=config.wrap,
         nodes=config.nnodes, steps=config.steps, warmup_steps=config.warmup_steps, device=target.device,
         sample_hz=config.sample_hz, memory_limit_bytes=memory_limit_bytes(config, target),
+        zero=None if config.zero.is_default() else asdict(config.zero),
     )
 
 

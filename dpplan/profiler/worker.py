@@ -29,6 +29,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
+
 DEVICES = ("cpu", "cuda")
 OOM_EXIT = 3
 FAILED_EXIT = 1
@@ -64,6 +66,8 @@ class RunConfig:
     seed: int = 0
     keep_allocations: bool = False
     """Also write every allocation event (cpu; for investigating a mismatch)."""
+    zero: dict | None = None
+    """DeepSpeed's ZeroSettings as a dict (``--deepspeed-config``); None: DeepSpeed's defaults."""
 
     def __post_init__(self):
         if self.steps < 1:
@@ -74,6 +78,13 @@ class RunConfig:
             raise ValueError(f"memory_limit_bytes must be >= 1 (got {self.memory_limit_bytes})")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+
+
+def zero_settings(data: dict | None) -> ZeroSettings:
+    """RunConfig.zero (JSON) back into ZeroSettings."""
+    if data is None:
+        return DEFAULT_ZERO
+    return ZeroSettings(**{**data, "hidden_size_auto": tuple(data.get("hidden_size_auto", ()))})
 
 
 def _rank_info() -> tuple[int, int, int]:
@@ -182,7 +193,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             prepared = parallelize(
                 model, config.strategy, units=units, precision=config.precision, optimizer_name=config.optimizer,
                 device=device, num_nodes=config.nodes, offload=config.offload,
-                batch_size=config.batch_size, grad_accum=config.grad_accum,
+                batch_size=config.batch_size, grad_accum=config.grad_accum, zero=zero_settings(config.zero),
             )
         batch = _to_device(call_user(spec, "example_batch()", spec.example_batch, config.batch_size), device)
         batch = prepared.cast_batch(batch)

@@ -42,6 +42,7 @@ CASES = [
     ("hf/convnext", "ddp", 2, "bf16-mixed", {}),  # bf16 CNN: channels-last depthwise convolutions
 ]
 THIRD_PARTY = FIXTURES.parent.parent / "benchmarks" / "models"
+DEEPSPEED_CONFIGS = FIXTURES.parent.parent / "benchmarks" / "deepspeed_configs"
 
 
 @pytest.mark.parametrize(("model", "strategy", "ranks", "precision", "extra"), CASES, ids=lambda v: str(v))
@@ -89,3 +90,33 @@ def test_a_run_past_its_timeout_leaves_no_process_behind(tiny_gpt, tmp_path):
     assert not thread.is_alive(), "run_cpu did not return: a rank kept its output pipes open"
     assert outcome and "did not finish" in str(outcome[0])
     assert not left
+
+
+DEEPSPEED_CONFIG_CASES = [
+    # model, config in benchmarks/deepspeed_configs: what the file changes is planned
+    ("hf/gpt2", "torch_autocast_zero2.json"),  # torch_autocast, the tied embedding/head reduced in bf16
+    ("gpt", "zero1_small_buckets.json"),  # buckets that fill during the reduction, oversized gradients
+    ("llama", "zero3_small_groups.json"),  # optimizer sub-groups, small buckets, prefetch, persistence
+]
+
+
+@pytest.mark.parametrize(("model", "config_file"), DEEPSPEED_CONFIG_CASES, ids=lambda v: str(v))
+def test_deepspeed_config_file_matches_a_real_cpu_run(model, config_file):
+    pytest.importorskip("deepspeed", reason="zero1/2/3 run through DeepSpeed (.ci/run installs it)")
+    if model.startswith("hf/"):
+        pytest.importorskip("transformers", reason="the third-party zoo is built with transformers")
+    from dataclasses import asdict
+
+    from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config
+
+    path = str(THIRD_PARTY / f"{model}.py")
+    flags = {"strategies": ("ddp",), "precision": "bf16-mixed", "offload": "none", "optimizer": "adamw",
+             "batch_size": 2, "grad_accum": 1}
+    settings = merge_with_flags(read_deepspeed_config(str(DEEPSPEED_CONFIGS / config_file)), flags, set(), (2,))
+    plan = estimate(PlanConfig(model=path, gpus=(2,), device="cpu", **settings))
+    estimated = plan.estimates[0].peak_bytes
+    run = RunConfig(model=path, strategy=settings["strategies"][0], steps=3, batch_size=2, precision=settings["precision"],
+                    zero=asdict(settings["zero"]))
+    measured = max(r["steady_peak_bytes"] for r in run_cpu(run, 2))
+    error_pct = 100 * (estimated - measured) / measured
+    assert abs(error_pct) <= TOLERANCE_PCT, f"estimate {estimated} vs measured {measured} ({error_pct:+.3f}%)"

@@ -6,6 +6,8 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
+
 STRATEGIES = (
     "single", "dp", "ddp", "ddp-zero1", "zero1", "zero2", "zero3",
     "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid", "fsdp2",
@@ -46,6 +48,8 @@ class Layout:
     """none, optimizer, optimizer+params"""
     device_type: str = "cuda"
     """cuda: NCCL collectives; cpu: gloo collectives (what a CPU validation run does)."""
+    zero: ZeroSettings = DEFAULT_ZERO
+    """DeepSpeed's settings (zero1/2/3 only)."""
 
     @property
     def ranks_per_node(self) -> int:

@@ -26,20 +26,22 @@ What each rank holds, on top of the traced step (cuda):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from dpplan.planner.strategies.common import storages_by_param
 from dpplan.planner.strategies.layout import DEEPSPEED_STAGES, Layout
 from dpplan.planner.strategies.zero_stage3 import plan_stage3
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
     MASTER_ALIGNMENT_FACTOR,
-    REDUCE_BUCKET_NUMEL,
+    BucketFill,
+    bucket_fills,
     comm_groups,
     flat_state_bytes,
     micro_batch_spans,
     notes_for,
-    scale_step_temporaries,
+    flat_step_temporaries,
     zero_optimizer_state,
 )
 from dpplan.planner.timeline import RankTimeline, ceil_div
@@ -129,7 +131,6 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
         return timeline
     itemsize = trace.params[trainable[0]].itemsize
     offload = layout.offload != "none"
-    by_param = storages_by_param(trace)
     total = sum(trace.params[i].numel for i in trainable)
 
     # Parameters stay whole; the flat buffer adds its alignment padding.
@@ -141,45 +142,53 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
     state_bytes = flat_state_bytes(trace.settings.optimizer, slice_numel)
     if not offload:
         timeline.insert(0, master_bytes + state_bytes, OPTIMIZER_STATE)
-        scale_step_temporaries(timeline, by_param, 1.0 / layout.world_size)
+        flat_step_temporaries(timeline, slice_numel)
     else:
         # cpu_offload: the step runs on the host; the device keeps a staging buffer as large as
         # the largest parameter (``temp_grad_buffer_for_gpu_offload``, __init__).
-        scale_step_temporaries(timeline, by_param, 0.0)
+        flat_step_temporaries(timeline, 0)
         largest = max(trace.params[i].numel for i in trainable)
         timeline.insert(0, largest * itemsize, GRADIENT)
 
+    zero = layout.zero
+    bucket_numel = zero.reduce_bucket_size
     groups = comm_groups(trace, trainable)
-    # One bucket buffer per communication dtype, in the parameters' dtype, double with
-    # overlap_comm (False by default below stage 3, zero/config.py ``overlap_comm_valid``),
-    # allocated at the first gradient hook of a backward (``setup_buckets``) and released by
-    # the epilogue after the reduction (``_release_ipg_buffers``).
-    bucket_bytes = len(groups) * REDUCE_BUCKET_NUMEL * itemsize
+    # One bucket buffer per communication dtype, in the parameters' dtype, two with overlap_comm
+    # (False by default below stage 3, zero/config.py ``overlap_comm_valid``), allocated at the
+    # first gradient hook of a backward (``setup_buckets``) and released by the epilogue after
+    # the last reduction (``_release_ipg_buffers``).
+    buffers = 2 if zero.overlaps_comm(stage) else 1
+    bucket_bytes = len(groups) * bucket_numel * itemsize * buffers
     partition_grad_bytes = overlapping_numel(trace, layout.world_size, layout.rank) * itemsize
     if offload:
         partition_grad_bytes = 0  # copied straight to the host (``async_inplace_copy_grad_to_fp32_buffer_from_gpu``)
+    in_partition = params_in_partition(trace, layout.world_size, layout.rank)
     spans = micro_batch_spans(trace)
     optimizer_pos = trace.markers_of("optimizer")[0].event
     end_pos = trace.markers_of("end")[0].event
+    reduce = functools.partial(
+        _replay_reductions, timeline, trace, itemsize=itemsize, bucket_bytes=bucket_bytes,
+        partition_grad_bytes=partition_grad_bytes, in_partition=in_partition,
+    )
 
     if stage == 1:
         # Stage 1 reduces only at the accumulation boundary, after backward (engine
-        # ``allreduce_gradients`` -> ``reduce_gradients``): autograd's gradients live until then.
+        # ``allreduce_gradients`` -> ``reduce_gradients``): autograd's gradients live until then
+        # and are taken in the parameters' order, each copied into the bucket.
         timeline.insert(spans[0].first_grad, bucket_bytes, OTHER)
-        timeline.free_at_many([trace.params[i].grad_storage for i in trainable], [optimizer_pos] * len(trainable))
-        _reduce(timeline, optimizer_pos, groups, itemsize, bucket_bytes, partition_grad_bytes, first=True)
+        reduce(trainable, bucket_fills(trace, trainable, bucket_numel), position=lambda i: optimizer_pos,
+               epilogue=optimizer_pos, first=True, free_grads=True)
     else:
         # Stage 2: each gradient is copied into the bucket by its hook and autograd's tensor
-        # released (``reduce_independent_p_g_buckets_and_remove_grads``); every micro-batch
-        # reduces at its end (``independent_gradient_partition_epilogue``).
-        hooked = [i for i in trainable if i in spans[0].grad_position]
-        timeline.free_at_many(
-            [trace.params[i].grad_storage for i in hooked], [spans[0].grad_position[i] for i in hooked]
-        )
+        # released (``reduce_independent_p_g_buckets_and_remove_grads``); a full bucket is
+        # reduced at the hook that overflows it, the rest at the end of every micro-batch
+        # (``independent_gradient_partition_epilogue``).
+        hooked = sorted((i for i in trainable if i in spans[0].grad_position), key=spans[0].grad_position.get)
+        fills = bucket_fills(trace, hooked, bucket_numel)
         for index, span in enumerate(spans):
             timeline.insert(span.first_grad, bucket_bytes, OTHER)
-            _reduce(timeline, span.backward_end, groups, itemsize, bucket_bytes, partition_grad_bytes,
-                    first=index == 0)
+            reduce(hooked, fills, position=lambda i, span=span: span.grad_position.get(i, span.backward_end),
+                   epilogue=span.backward_end, first=index == 0, free_grads=index == 0)
     if not offload:
         # step() first takes the gradient norm (``scaled_global_norm`` ->
         # ``get_grad_norm_direct``: each gradient slice copied to fp64 in turn), then flattens
@@ -207,24 +216,62 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
     return timeline
 
 
-def _reduce(timeline, position, groups, itemsize, bucket_bytes, partition_grad_bytes, *, first) -> None:
-    """One reduction of the buckets (``reduce_ipg_grads`` -> ``average_tensor`` ->
-    ``allreduce_and_scatter`` -> ``allreduce_bucket``): the bucket's slices are flattened into
-    a new tensor, cast to the communication dtype when it differs, all-reduced and copied back;
-    then the gradients of this rank's slice are copied into ``grads_in_partition``
-    (allocated at the first copy; on later micro-batches a new one is added into the first,
-    ``independent_gradient_partition_epilogue``), and the buckets are released."""
-    for numel, comm_size in groups:
-        chunk = min(numel, REDUCE_BUCKET_NUMEL)
-        timeline.insert(position, chunk * itemsize, OTHER)
-        if comm_size != itemsize:
-            timeline.insert(position, chunk * comm_size, OTHER)
-            timeline.insert(position, -chunk * comm_size, OTHER)
-        timeline.insert(position, -chunk * itemsize, OTHER)
-    timeline.insert(position, partition_grad_bytes, GRADIENT)
+def params_in_partition(trace: StepTrace, world_size: int, rank: int) -> frozenset[int]:
+    """Trainable parameters with elements in ``rank``'s slice of the flat buffer."""
+    trainable, _, slice_numel = flat_layout(trace, world_size)
+    start, end = rank * slice_numel, (rank + 1) * slice_numel
+    inside, offset = [], 0
+    for i in trainable:
+        numel = trace.params[i].numel
+        if offset < end and offset + numel > start:
+            inside.append(i)
+        offset += numel
+    return frozenset(inside)
+
+
+def _replay_reductions(
+    timeline, trace, order, fills, *, position, epilogue, first, free_grads, itemsize, bucket_bytes,
+    partition_grad_bytes, in_partition,
+) -> None:
+    """The gradients of one backward arriving in ``order``, reduced bucket by bucket.
+
+    A reduction (``reduce_ipg_grads`` -> ``average_tensor`` -> ``allreduce_and_scatter`` ->
+    ``allreduce_bucket``) flattens what the bucket holds into a new tensor, casts it to the
+    communication dtype when that differs, all-reduces it and copies it back; the gradients of
+    this rank's slice are then copied into ``grads_in_partition``, allocated at the first such
+    copy (``copy_grads_in_partition``; on later micro-batches the epilogue adds a new one into
+    it, ``independent_gradient_partition_epilogue``). The epilogue releases the buckets."""
+    triggered = {fill.trigger: fill for fill in fills if fill.trigger is not None}
+    oversized = {fill.params[0] for fill in fills if fill.oversized}
+    allocated = not first
+
+    def run(fill: BucketFill, at: int) -> None:
+        nonlocal allocated
+        chunk = sum(trace.params[i].numel for i in fill.params)
+        timeline.insert(at, chunk * itemsize, OTHER)
+        if fill.comm_size != itemsize:
+            timeline.insert(at, chunk * fill.comm_size, OTHER)
+            timeline.insert(at, -chunk * fill.comm_size, OTHER)
+        timeline.insert(at, -chunk * itemsize, OTHER)
+        if not allocated and not in_partition.isdisjoint(fill.params):
+            timeline.insert(at, partition_grad_bytes, GRADIENT)
+            allocated = True
+        if free_grads and fill.oversized:
+            timeline.free_at(trace.params[fill.params[0]].grad_storage, at)
+
+    for i in order:
+        at = position(i)
+        if i in triggered:
+            run(triggered[i], at)
+        if free_grads and i not in oversized:
+            timeline.free_at(trace.params[i].grad_storage, at)
+    for fill in fills:
+        if fill.trigger is None:
+            run(fill, epilogue)
     if not first:
-        timeline.insert(position, -partition_grad_bytes, GRADIENT)
-    timeline.insert(position, -bucket_bytes, OTHER)
+        timeline.insert(epilogue, partition_grad_bytes, GRADIENT)
+        timeline.insert(epilogue, -partition_grad_bytes, GRADIENT)
+    timeline.insert(epilogue, -bucket_bytes, OTHER)
 
 
 def _host_bytes_stage12(trace, layout, slice_numel, itemsize, state_bytes, trainable) -> int:

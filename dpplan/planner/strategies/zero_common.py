@@ -11,18 +11,12 @@ import torch
 
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.optimizers import build_optimizer
-from dpplan.planner.strategies.common import ParamStorages, owned_storages, resize_owned_storages
+from dpplan.planner.strategies.common import owned_storages
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import AUTOCAST, StepTrace, cached_on_trace
 
-# DeepSpeedZeroConfig defaults (deepspeed/runtime/zero/config.py). ``overlap_comm`` defaults to
-# True at stage 3 only (``overlap_comm_valid``); contiguous_gradients=True, reduce_scatter=True.
-REDUCE_BUCKET_NUMEL = 500_000_000  # reduce_bucket_size
-PREFETCH_BUCKET_NUMEL = 50_000_000  # stage3_prefetch_bucket_size
-MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters
-MAX_REUSE_DISTANCE = 1_000_000_000  # stage3_max_reuse_distance
-PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold
+# DeepSpeed's ZeRO settings and their defaults: strategies/zero_settings.py (layout.zero).
 # stage_1_and_2.py: ``nccl_start_alignment_factor = 2`` (the flat buffer is padded to a
 # multiple of 2 * dp_size elements).
 MASTER_ALIGNMENT_FACTOR = 2
@@ -41,19 +35,18 @@ def _comm_sizes(trace: StepTrace, indices: list[int]) -> list[int]:
     """Bytes per element each parameter's gradient is reduced in.
 
     DeepSpeed keeps one gradient bucket per communication dtype (``ipg_buckets`` keyed by
-    ``get_all_comm_dtypes``, stage_1_and_2.py and stage3.py __init__). Under torch_autocast
-    Linear/Conv weights reduce in the autocast dtype, everything else in its own dtype; tied
-    parameters are attributed to the module they are first named under."""
+    ``get_all_comm_dtypes``, stage_1_and_2.py and stage3.py __init__). Under torch_autocast the
+    parameters of Linear/Conv modules reduce in the autocast dtype, everything else in its own
+    dtype; a parameter tied between such a module and another (GPT-2's embedding and head) is
+    one tensor, marked by the Linear (``init_autocast_params`` walks every module)."""
     # Only DeepSpeed's torch_autocast section (a trace of the AUTOCAST family) reduces in the
     # autocast dtype; its "bf16"/"fp16" sections reduce in the parameter dtype.
     low = MIXED_PRECISIONS.get(trace.settings.precision) if trace.settings.family == AUTOCAST else None
-    module_index = {name: i for i, name in enumerate(trace.module_names)}
     sizes = []
     for i in indices:
         param = trace.params[i]
-        module = param.name.rsplit(".", 1)[0] if "." in param.name else "(root)"
-        cls = trace.module_classes[module_index[module]] if module in module_index else ""
-        sizes.append(low if (low is not None and cls in LOWER_PRECISION_SAFE_CLASSES) else param.itemsize)
+        safe = low is not None and any(c in LOWER_PRECISION_SAFE_CLASSES for c in param.holder_classes)
+        sizes.append(low if safe else param.itemsize)
     return sizes
 
 
@@ -65,6 +58,54 @@ def comm_groups(trace: StepTrace, trainable: list[int], pad_to: int = 1) -> list
         numel = trace.params[i].numel
         groups[size] = groups.get(size, 0) + -(-numel // pad_to) * pad_to
     return [(numel, size) for size, numel in sorted(groups.items(), reverse=True)]
+
+
+@dataclass(frozen=True)
+class BucketFill:
+    """One reduction of a gradient bucket during backward."""
+
+    trigger: int | None
+    """The parameter whose hook found the bucket full (the reduction runs before its gradient
+    is copied in); None: the epilogue after backward."""
+    comm_size: int
+    params: tuple[int, ...]
+    """The parameters reduced together, in hook order."""
+    oversized: bool
+    """A lone parameter larger than the bucket: reduced from its own gradient, which lives
+    until this reduction (``extra_large_param_to_reduce``)."""
+
+
+def bucket_fills(trace: StepTrace, order: list[int], bucket_numel: int) -> list[BucketFill]:
+    """The reductions of ``reduce_bucket_size``-element buckets as gradients arrive in ``order``:
+    one bucket per communication dtype; a gradient that would overflow its bucket first
+    reduces what the bucket holds (stage_1_and_2.py and stage3.py
+    ``reduce_independent_p_g_buckets_and_remove_grads``); what is left is reduced by the
+    epilogue, the buckets in dtype order (``sort_dtypes``: the wider first)."""
+    return cached_on_trace(trace, ("bucket fills", tuple(order), bucket_numel),
+                           lambda: _bucket_fills(trace, order, bucket_numel))
+
+
+def _bucket_fills(trace: StepTrace, order: list[int], bucket_numel: int) -> list[BucketFill]:
+    members: dict[int, list[int]] = {}
+    elements: dict[int, int] = {}
+    fills = []
+
+    def fill(trigger, size):
+        params = tuple(members[size])
+        oversized = len(params) == 1 and trace.params[params[0]].numel > bucket_numel
+        fills.append(BucketFill(trigger=trigger, comm_size=size, params=params, oversized=oversized))
+        members[size], elements[size] = [], 0
+
+    for i, size in zip(order, comm_sizes(trace, order)):
+        numel = trace.params[i].numel
+        if members.get(size) and elements[size] + numel > bucket_numel:
+            fill(i, size)
+        members.setdefault(size, []).append(i)
+        elements[size] = elements.get(size, 0) + numel
+    for size in sorted(members):  # sort_dtypes sorts by name: bfloat16, float16, float32
+        if members[size]:
+            fill(None, size)
+    return fills
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,30 +131,27 @@ def flat_state_bytes(optimizer: str, numel: int) -> int:
     return int(round(per_element * numel + constant))
 
 
-def scale_step_temporaries(timeline: RankTimeline, by_param: list[ParamStorages], fraction: float) -> None:
-    """The traced optimizer-step temporaries, for a step over ``fraction`` of each parameter
-    in fp32 (DeepSpeed steps the fp32 master slice; 0 removes them: the step runs on the host)."""
+def flat_step_temporaries(timeline: RankTimeline, flat_numel: int) -> None:
+    """The traced optimizer-step temporaries, for DeepSpeed's step over one flat fp32 tensor of
+    ``flat_numel`` elements (the master slice, or the largest stage-3 sub-group; 0 removes
+    them: the step runs on the host). One tensor is stepped, so the temporaries are those of
+    one parameter that size: the largest parameter's, resized, and no others."""
     trace = timeline.trace
     owned = owned_storages(trace, "optimizer_temporary")
-    if fraction == 0.0:
-        timeline.scale_many(owned.storage, np.zeros(len(owned.storage)))
+    if flat_numel == 0 or not owned.shaped.any():
+        timeline.scale_many(owned.storage, np.zeros(len(owned.storage)) if flat_numel == 0 else np.ones(len(owned.storage)))
         return
-    numels, itemsizes = _param_numels_and_itemsizes(trace)
-    element = np.where(itemsizes != FP32_BYTES, FP32_BYTES, 0)
-    resize_owned_storages(timeline, owned, numels * fraction, element)
+    shaped = owned.shaped
+    largest = int(owned.owner[shaped][np.argmax(owned.numel[shaped])])
+    factors = np.where(owned.owner == largest, flat_numel / owned.numel * (FP32_BYTES / owned.element_size), 0.0)
+    factors = np.where(shaped, factors, 1.0)  # scalars (Adam's step count) kept
+    timeline.scale_many(owned.storage, factors)
 
 
 def zero_optimizer_state(timeline: RankTimeline) -> None:
     """The traced per-parameter optimizer state is gone (DeepSpeed keeps its own, flat)."""
     owned = owned_storages(timeline.trace, "optimizer_state")
     timeline.scale_many(owned.storage, np.zeros(len(owned.storage)))
-
-
-def _param_numels_and_itemsizes(trace: StepTrace) -> tuple[np.ndarray, np.ndarray]:
-    return cached_on_trace(trace, "param numels and itemsizes", lambda: (
-        np.asarray([p.numel for p in trace.params], dtype=np.int64),
-        np.asarray([p.itemsize for p in trace.params], dtype=np.int64),
-    ))
 
 
 @dataclass(kw_only=True)
@@ -175,10 +213,14 @@ def notes_for(trace: StepTrace, layout: Layout) -> list[str]:
             f'{stage}: DeepSpeed "{section}": {section} parameters and gradients ({buffers}), '
             "an fp32 master partition and fp32 optimizer state"
         )
-    notes.append(
-        f"{stage}: DeepSpeed's gradient bucket buffers included, reduce_bucket_size={REDUCE_BUCKET_NUMEL:.0e} "
-        "elements each, whatever the model size"
-    )
+    bucket = layout.zero.reduce_bucket_size
+    if layout.zero.source is not None:
+        notes.append(f"{stage}: DeepSpeed settings from {layout.zero.source} (reduce_bucket_size={bucket:,})")
+    else:
+        notes.append(
+            f"{stage}: DeepSpeed's gradient bucket buffers included, reduce_bucket_size={bucket:.0e} "
+            "elements each, whatever the model size"
+        )
     if layout.offload == "optimizer+params" and stage != "zero3":
         notes.append("offload_param is a zero3 option: only the optimizer is offloaded")
     return notes

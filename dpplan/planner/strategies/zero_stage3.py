@@ -20,20 +20,16 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 
-from dpplan.planner.strategies.common import storages_by_param
 from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.zero_settings import ZeroSettings
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
-    MAX_LIVE_PARAMETERS,
-    MAX_REUSE_DISTANCE,
-    PARAM_PERSISTENCE_THRESHOLD,
-    PREFETCH_BUCKET_NUMEL,
-    REDUCE_BUCKET_NUMEL,
     MicroBatchSpan,
+    bucket_fills,
     comm_groups,
     flat_state_bytes,
     micro_batch_spans,
-    scale_step_temporaries,
+    flat_step_temporaries,
     zero_optimizer_state,
 )
 from dpplan.planner.timeline import RankTimeline, ceil_div
@@ -46,8 +42,9 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
     offload_optimizer = layout.offload in ("optimizer", "optimizer+params")
     offload_params = layout.offload == "optimizer+params"
     params = trace.params
+    zero = layout.zero
     shard = [ceil_div(p.numel, world) for p in params]
-    persistent = [p.numel <= PARAM_PERSISTENCE_THRESHOLD for p in params]
+    persistent = [p.numel <= zero.param_persistence_threshold for p in params]
 
     for i, param in enumerate(params):
         if persistent[i]:
@@ -62,37 +59,62 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
         return timeline
     itemsize = params[trainable[0]].itemsize
     shard_numel = sum(shard[i] for i in trainable)
-    by_param = storages_by_param(trace)
     zero_optimizer_state(timeline)
     master_bytes = shard_numel * FP32_BYTES
-    state_bytes = flat_state_bytes(trace.settings.optimizer, shard_numel)
+    sub_groups = sub_group_numels([shard[i] for i in trainable], zero.sub_group_size)
+    # one flat fp32 master and one optimizer state per sub-group (``fp32_partitioned_groups_flat``)
+    state_bytes = sum(flat_state_bytes(trace.settings.optimizer, numel) for numel in sub_groups)
     grad_partition_bytes = shard_numel * itemsize  # gradient_accumulation_dtype: the parameters' dtype
     groups = comm_groups(trace, trainable)
     # Bucket buffers exist from __init__ on, in the communication dtype (not doubled by overlap_comm).
-    timeline.insert(0, sum(REDUCE_BUCKET_NUMEL * size for _, size in groups), OTHER)
+    timeline.insert(0, sum(zero.reduce_bucket_size * size for _, size in groups), OTHER)
     if offload_optimizer:
-        scale_step_temporaries(timeline, by_param, 0.0)
+        flat_step_temporaries(timeline, 0)
     else:
         timeline.insert(0, master_bytes + state_bytes, OPTIMIZER_STATE)
         timeline.insert(0, grad_partition_bytes, GRADIENT)
-        scale_step_temporaries(timeline, by_param, 1.0 / world)
+        flat_step_temporaries(timeline, max(sub_groups))
 
+    unit_numel: dict[int, int] = defaultdict(int)
+    for p in params:
+        unit_numel[p.unit] += p.numel
+    largest_unit = max(unit_numel.values())
+    if min(zero.max_live_parameters, zero.max_reuse_distance) < largest_unit:
+        # DeepSpeed gathers and releases module by module; the trace marks layers only.
+        timeline.notes = [
+            f"zero3: stage3_max_live_parameters / stage3_max_reuse_distance below one layer's "
+            f"{largest_unit:,} parameters are planned layer by layer: an overestimate"
+        ]
     spans = micro_batch_spans(trace)
     # Each gradient is copied into its bucket by the hook and autograd's tensor dropped
-    # (``reduce_independent_p_g_buckets_and_remove_grads``).
-    for i in trainable:
-        position = spans[0].grad_position.get(i)
-        if position is not None:
-            timeline.free_at(params[i].grad_storage, position)
-    # reduce_scatter_coalesced (deepspeed/runtime/comm/coalesced_collectives.py) concatenates the
-    # padded partitions of the bucket into one new tensor before the reduce-scatter.
-    padded = comm_groups(trace, trainable, pad_to=world)
-    for span in spans:
-        for numel, size in padded:
-            chunk = min(numel, REDUCE_BUCKET_NUMEL)
-            timeline.insert(span.backward_end, chunk * size, OTHER)
-            timeline.insert(span.backward_end, -chunk * size, OTHER)
-        _gather_params(timeline, trace, span, persistent)
+    # (``reduce_independent_p_g_buckets_and_remove_grads``), but for a gradient larger than the
+    # bucket, kept until its own reduction. A hook that would overflow the bucket first
+    # reduce-scatters what it holds (``__reduce_and_partition_ipg_grads``); the rest is reduced
+    # at the end of backward. reduce_scatter_coalesced (deepspeed/runtime/comm/
+    # coalesced_collectives.py) concatenates the bucket's partitions, each padded to a multiple
+    # of the world size, into one new tensor.
+    hooked = sorted((i for i in trainable if i in spans[0].grad_position), key=spans[0].grad_position.get)
+    fills = bucket_fills(trace, hooked, zero.reduce_bucket_size)
+    triggered = {fill.trigger: fill for fill in fills if fill.trigger is not None}
+    oversized = {fill.params[0] for fill in fills if fill.oversized}
+    for index, span in enumerate(spans):
+        def reduce_scatter(fill, at):
+            padded = sum(ceil_div(params[i].numel, world) * world for i in fill.params)
+            timeline.insert(at, padded * fill.comm_size, OTHER)
+            timeline.insert(at, -padded * fill.comm_size, OTHER)
+            if index == 0 and fill.oversized:
+                timeline.free_at(params[fill.params[0]].grad_storage, at)
+
+        for i in hooked:
+            at = span.grad_position.get(i, span.backward_end)
+            if i in triggered:
+                reduce_scatter(triggered[i], at)
+            if index == 0 and i not in oversized:
+                timeline.free_at(params[i].grad_storage, at)
+        for fill in fills:
+            if fill.trigger is None:
+                reduce_scatter(fill, span.backward_end)
+        _gather_params(timeline, trace, span, persistent, zero)
 
     if not offload_optimizer:
         # ``_prepare_fp32_grad_for_sub_group``: the partition gradients flattened, cast to fp32,
@@ -104,11 +126,16 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
         norm_bytes = max(shard[i] for i in trainable) * 8
         timeline.insert(optimizer_pos, norm_bytes, OTHER)
         timeline.insert(optimizer_pos, -norm_bytes, OTHER)
-        timeline.insert(optimizer_pos, shard_numel * itemsize, GRADIENT)
-        if itemsize != FP32_BYTES:
-            timeline.insert(optimizer_pos, shard_numel * FP32_BYTES, GRADIENT)
-            timeline.insert(optimizer_pos, -shard_numel * itemsize, GRADIENT)
-        timeline.insert(end_pos, -shard_numel * FP32_BYTES, GRADIENT)
+        # Sub-group by sub-group (``step``: ``_prepare_sub_group`` ... ``_release_sub_group``):
+        # the flattened fp32 gradient of one sub-group at a time; the last one's is dropped when
+        # the step ends.
+        for number, numel in enumerate(sub_groups):
+            timeline.insert(optimizer_pos, numel * itemsize, GRADIENT)
+            if itemsize != FP32_BYTES:
+                timeline.insert(optimizer_pos, numel * FP32_BYTES, GRADIENT)
+                timeline.insert(optimizer_pos, -numel * itemsize, GRADIENT)
+            last = number == len(sub_groups) - 1
+            timeline.insert(end_pos if last else optimizer_pos, -numel * FP32_BYTES, GRADIENT)
     if offload_optimizer:
         # Host: fp32 master shards, their optimizer state, the partition-gradient buffer
         # (``grad_partitions_flat_buffer`` on ``self.device`` = cpu) and the fp32 gradient
@@ -120,7 +147,27 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
     return timeline
 
 
-def _gather_params(timeline: RankTimeline, trace: StepTrace, span: MicroBatchSpan, persistent: list[bool]) -> None:
+def sub_group_numels(shards: list[int], sub_group_size: int) -> list[int]:
+    """Elements of each optimizer sub-group of this rank's shards, in parameter order
+    (stage3.py ``_create_fp16_sub_groups``: parameters are added until a group reaches
+    ``sub_group_size``)."""
+    total = sum(shards)
+    if sub_group_size >= total:
+        return [total]
+    groups, current = [], 0
+    for numel in shards:
+        current += numel
+        if current >= sub_group_size:
+            groups.append(current)
+            current = 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _gather_params(
+    timeline: RankTimeline, trace: StepTrace, span: MicroBatchSpan, persistent: list[bool], zero: ZeroSettings
+) -> None:
     """Replay the PartitionedParameterCoordinator over one micro-batch's units (steady state:
     the module trace is complete).
 
@@ -185,7 +232,7 @@ def _gather_params(timeline: RankTimeline, trace: StepTrace, span: MicroBatchSpa
         while queue and queue[0][1] <= t:
             i, step = queue.popleft()
             most_recent[i] = max(most_recent[i], step)
-        budget = min(MAX_LIVE_PARAMETERS - n_available, PREFETCH_BUCKET_NUMEL)
+        budget = min(zero.max_live_parameters - n_available, zero.prefetch_bucket_size)
         prefetched = 0
         while queue and prefetched < budget:
             i, step = queue.popleft()
@@ -196,17 +243,18 @@ def _gather_params(timeline: RankTimeline, trace: StepTrace, span: MicroBatchSpa
         here = t + (1 if t >= split else 0)  # index of this step in traversal_units
         for i in own:
             if i in available and most_recent[i] <= t and not _reused_soon(i, here, traversal_units,
-                                                                            traversal_numel, params):
+                                                                            traversal_numel, params,
+                                                                            zero.max_reuse_distance):
                 release(i, end)
     for i in list(available):
         release(i, span.backward_end)
 
 
-def _reused_soon(i: int, here: int, units: list[int], numels: list[int], params) -> bool:
+def _reused_soon(i: int, here: int, units: list[int], numels: list[int], params, max_reuse_distance: int) -> bool:
     target = params[i].unit
     traversed = 0
     for k in range(here + 1, len(units)):
-        if traversed >= MAX_REUSE_DISTANCE:
+        if traversed >= max_reuse_distance:
             return False
         if units[k] == target:
             return True
