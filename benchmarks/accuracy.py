@@ -191,6 +191,27 @@ def deepspeed_suite() -> list[Case]:
             Case(model=_m("gpt.py"), strategy=stage, ranks=4, precision="bf16-mixed"),
             Case(model=str(THIRD_PARTY / "gpt2.py"), strategy=stage, ranks=2, precision="bf16-mixed", grad_accum=2),
         ]
+    # users' config files (benchmarks/deepspeed_configs, through --deepspeed-config's reader)
+    def config(name: str) -> str:
+        return str(DEEPSPEED_CONFIGS / name)
+
+    for model in (str(THIRD_PARTY / "gpt2.py"), str(THIRD_PARTY / "llama.py")):  # "auto" needs config.hidden_size
+        cases += [
+            Case(model=model, strategy="zero2", ranks=2, precision="bf16-mixed", deepspeed_config=config("hf_zero2_auto.json")),
+            Case(model=model, strategy="zero3", ranks=2, precision="bf16-mixed", deepspeed_config=config("hf_zero3_auto.json")),
+        ]
+    for model in (_m("gpt.py"), _m("vit.py"), str(THIRD_PARTY / "gpt2.py")):
+        cases += [
+            Case(model=model, strategy=stage, ranks=2, precision="bf16-mixed",
+                 deepspeed_config=config(f"torch_autocast_{stage}.json"))
+            for stage in ("zero1", "zero2", "zero3")
+        ]
+    for model in (_m("gpt.py"), _m("llama.py")):
+        cases.append(Case(model=model, strategy="zero1", ranks=2, precision="bf16-mixed",
+                          deepspeed_config=config("zero1_small_buckets.json")))
+    for model in (_m("llama.py"), _m("vit.py")):
+        cases.append(Case(model=model, strategy="zero3", ranks=2, precision="bf16-mixed",
+                          deepspeed_config=config("zero3_small_groups.json")))
     return cases
 
 

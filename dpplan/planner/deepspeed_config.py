@@ -17,11 +17,10 @@ nothing is silently ignored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from dpplan.json_file import read_json
 from dpplan.planner.strategies.zero_settings import ZeroSettings
 
 AUTO = "auto"
@@ -117,13 +116,7 @@ def _enabled(path: str, section: Any, name: str) -> bool | None:
 
 def read_deepspeed_config(path: str) -> DeepSpeedRun:
     """Parse and check ``path``; every refusal is a one-line ValueError naming the key."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--deepspeed-config: no such file: {path}")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _error(path, f"not valid JSON ({exc})") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise _error(path, "a DeepSpeed config is a JSON object")
     for key in config:

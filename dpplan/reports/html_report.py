@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from dpplan.json_file import read_json
 from dpplan.reports.html_page import render_page
 
 KINDS = ("estimate", "profile")
@@ -28,13 +28,7 @@ def render_report(document: dict, *, plotlyjs: str = "inline") -> str:
 
 def read_document(path: str) -> dict:
     """A dpplan JSON file, with one-line errors for a missing or malformed file."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"no such file: {path}")
-    try:
-        document = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not JSON: {exc}") from None
+    document = read_json(path)
     if not isinstance(document, dict) or document.get("kind") not in KINDS:
         raise ValueError(f"{path} is not a dpplan estimate or profile JSON (no \"kind\": estimate|profile)")
     if document.get("schema_version") != 1:

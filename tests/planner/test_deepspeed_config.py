@@ -83,7 +83,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         read_deepspeed_config(str(tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="is not JSON"):
         read_deepspeed_config(str(tmp_path / "bad.json"))
 
 
