@@ -114,7 +114,7 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
         for fill in fills:
             if fill.trigger is None:
                 reduce_scatter(fill, span.backward_end)
-        _gather_params(timeline, trace, span, persistent, zero)
+        _gather_params(timeline, trace, span, persistent, zero, world)
 
     if not offload_optimizer:
         # ``_prepare_fp32_grad_for_sub_group``: the partition gradients flattened, cast to fp32,
@@ -166,7 +166,8 @@ def sub_group_numels(shards: list[int], sub_group_size: int) -> list[int]:
 
 
 def _gather_params(
-    timeline: RankTimeline, trace: StepTrace, span: MicroBatchSpan, persistent: list[bool], zero: ZeroSettings
+    timeline: RankTimeline, trace: StepTrace, span: MicroBatchSpan, persistent: list[bool], zero: ZeroSettings,
+    world: int,
 ) -> None:
     """Replay the PartitionedParameterCoordinator over one micro-batch's units (steady state:
     the module trace is complete).
@@ -222,24 +223,41 @@ def _gather_params(
     for i in gathered:
         fetch(i, span.start)
 
+    def flat_buffer(ids: list[int]) -> int:
+        # allgather_coalesced (partition_parameters.py ``_all_gather_dtype``): one flat tensor of
+        # every partition of the parameters it gathers, held by the handle until the last of
+        # them is waited for; the parameters themselves are new tensors cat'ed out of it.
+        return sum(ceil_div(params[i].numel, world) * world * params[i].itemsize for i in ids)
+
     queue = deque((i, t) for t, (u, _, _) in enumerate(steps) for i in unit_params.get(u, []) if not persistent[i])
     most_recent: dict[int, int] = defaultdict(lambda: -1)
     for t, (u, start, end) in enumerate(steps):
         own = [i for i in unit_params.get(u, []) if not persistent[i]]
-        for i in own:
-            if i not in available:
+        missing = [i for i in own if i not in available]
+        if missing:
+            timeline.insert(start, flat_buffer(missing), PARAMETER)
+            for i in missing:
                 fetch(i, start)
+            timeline.insert(start, -flat_buffer(missing), PARAMETER)
         while queue and queue[0][1] <= t:
             i, step = queue.popleft()
             most_recent[i] = max(most_recent[i], step)
         budget = min(zero.max_live_parameters - n_available, zero.prefetch_bucket_size)
-        prefetched = 0
+        prefetched, fetched, last_step = 0, [], t
         while queue and prefetched < budget:
             i, step = queue.popleft()
             most_recent[i] = max(most_recent[i], step)
             if i not in available:
                 fetch(i, start)
                 prefetched += params[i].numel
+                fetched.append(i)
+                last_step = max(last_step, step)
+        if fetched:
+            # The prefetch's buffer lives until its last parameter is waited for: by a module
+            # late in the last unit it serves (planned as that unit's end: units are the
+            # trace's granularity).
+            timeline.insert(start, flat_buffer(fetched), PARAMETER)
+            timeline.insert(steps[last_step][2], -flat_buffer(fetched), PARAMETER)
         here = t + (1 if t >= split else 0)  # index of this step in traversal_units
         for i in own:
             if i in available and most_recent[i] <= t and not _reused_soon(i, here, traversal_units,
