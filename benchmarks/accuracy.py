@@ -54,6 +54,7 @@ class Case:
     grad_accum: int = 1
     nodes: int = 1
     wrap: str | None = None
+    offload: str = "none"
     deepspeed_config: str | None = None
     """A DeepSpeed config file (benchmarks/deepspeed_configs/): strategy and precision as it says."""
 
@@ -69,6 +70,8 @@ class Case:
             parts.append(f"ga{self.grad_accum}")
         if self.nodes > 1:
             parts.append(f"{self.nodes}nodes")
+        if self.offload != "none":
+            parts.append(f"offload={self.offload}")
         if self.deepspeed_config:
             parts.append(Path(self.deepspeed_config).name)
         return " ".join(parts)
@@ -77,7 +80,7 @@ class Case:
         """strategy, precision, batch_size, grad_accum, optimizer, offload and zero, as
         ``--deepspeed-config`` would make them from this case's flags."""
         flags = {"strategies": (self.strategy,), "precision": self.precision, "batch_size": self.batch_size,
-                 "grad_accum": self.grad_accum, "optimizer": self.optimizer, "offload": "none"}
+                 "grad_accum": self.grad_accum, "optimizer": self.optimizer, "offload": self.offload}
         if self.deepspeed_config is None:
             return {**flags, "zero": DEFAULT_ZERO}
         return merge_with_flags(read_deepspeed_config(self.deepspeed_config), flags, set(), (self.ranks,))
@@ -191,6 +194,20 @@ def deepspeed_suite() -> list[Case]:
             Case(model=_m("gpt.py"), strategy=stage, ranks=4, precision="bf16-mixed"),
             Case(model=str(THIRD_PARTY / "gpt2.py"), strategy=stage, ranks=2, precision="bf16-mixed", grad_accum=2),
         ]
+    # offload_optimizer / offload_param: on a CPU run the host copies are in the peak
+    for model in (_m("gpt.py"), _m("llama.py"), str(THIRD_PARTY / "gpt2.py")):
+        cases += [Case(model=model, strategy=stage, ranks=2, precision="bf16-mixed", offload="optimizer")
+                  for stage in ("zero1", "zero2", "zero3")]
+    cases += [
+        Case(model=_m("gpt.py"), strategy="zero3", ranks=2, offload="optimizer+params"),
+        Case(model=str(THIRD_PARTY / "gpt2.py"), strategy="zero3", ranks=2, precision="bf16-mixed",
+             offload="optimizer+params"),
+        Case(model=_m("gpt.py"), strategy="zero1", ranks=2, offload="optimizer", grad_accum=2),
+        Case(model=_m("gpt.py"), strategy="zero2", ranks=2, precision="bf16-mixed", offload="optimizer", grad_accum=2),
+    ]
+    # DeepSpeed's "fp16" section (dynamic loss scaling)
+    cases += [Case(model=model, strategy=stage, ranks=2, precision="fp16-mixed")
+              for model in (_m("gpt.py"), _m("vit.py")) for stage in ("zero1", "zero2", "zero3")]
     # users' config files (benchmarks/deepspeed_configs, through --deepspeed-config's reader)
     def config(name: str) -> str:
         return str(DEEPSPEED_CONFIGS / name)
@@ -253,6 +270,7 @@ def measure_case(case: Case) -> list[int]:
         wrap=case.wrap,
         nodes=case.nodes,
         steps=3,
+        offload=settings["offload"],
         zero=None if zero.is_default() else asdict(zero),
     )
     return [r["steady_peak_bytes"] for r in run_cpu(config, case.ranks)]

@@ -303,6 +303,8 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         timeline = module.plan_rank(trace, layout.with_rank(rank))
         peak = timeline.peak(config.batch_size)
         runtime = runtime_terms(timeline, peak, gpu, layout, config.batch_size)
+        offloaded = offloaded_on_this_rank(timeline, layout)  # 0 on cuda
+        runtime = {key: value + offloaded for key, value in runtime.items()}
         total = runtime["device_bytes"]
         if best is None or total > best[0]:
             best = (total, rank, peak, timeline, runtime)
@@ -318,7 +320,9 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
     for category, nbytes in peak.bytes_by_category.items():
         breakdown[BREAKDOWN_OF_CATEGORY[category]] += nbytes
-    breakdown["other"] += runtime["device_bytes"] - peak.peak_bytes
+    offloaded = offloaded_on_this_rank(timeline, layout)
+    breakdown["optimizer"] += offloaded
+    breakdown["other"] += runtime["device_bytes"] - peak.peak_bytes - offloaded
     return StrategyEstimate(
         strategy=strategy,
         gpus=gpus,
@@ -343,6 +347,15 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         host_bytes=getattr(timeline, "host_bytes", None),
         notes=notes,
     )
+
+
+def offloaded_on_this_rank(timeline: RankTimeline, layout: Layout) -> int:
+    """On a CPU run the offloaded state (DeepSpeed's host copies, from its initialization on)
+    is in the same memory as everything else: one rank's share of ``host_bytes``."""
+    host = getattr(timeline, "host_bytes", None)
+    if layout.device_type != "cpu" or not host:
+        return 0
+    return host // layout.ranks_per_node
 
 
 def runtime_terms(timeline: RankTimeline, peak: Peak, gpu: GpuSpec | None, layout: Layout, batch_size: int) -> dict:

@@ -279,10 +279,11 @@ def _host_bytes_stage12(trace, layout, slice_numel, itemsize, state_bytes, train
     ``initialize_optimizer_states``): fp32 master slice, its fp32 gradient, the flat optimizer
     state, a parameter-dtype copy of the slice (``param_buffer_of_bit16_for_cpu_offload_groups``),
     a staging buffer as large as the largest parameter (``temp_grad_buffer_for_cpu_offload``),
-    and with gradient accumulation the per-parameter accumulators
+    and at stage 2 with gradient accumulation the per-parameter accumulators
     (``async_accumulate_grad_in_cpu_via_gpu``)."""
     largest = max(trace.params[i].numel for i in trainable)
     per_rank = slice_numel * FP32_BYTES * 2 + state_bytes + slice_numel * itemsize + largest * itemsize
-    if layout.grad_accum > 1:
+    if layout.grad_accum > 1 and layout.strategy == "zero2":
+        # stage 1 reduces once, at the boundary: nothing to accumulate on the host (measured)
         per_rank += overlapping_numel(trace, layout.world_size, layout.rank) * itemsize
     return per_rank * layout.ranks_per_node

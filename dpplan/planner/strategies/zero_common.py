@@ -221,6 +221,9 @@ def notes_for(trace: StepTrace, layout: Layout) -> list[str]:
             f"{stage}: DeepSpeed's gradient bucket buffers included, reduce_bucket_size={bucket:.0e} "
             "elements each, whatever the model size"
         )
+    if layout.offload != "none" and layout.device_type == "cpu":
+        notes.append(f"{stage}: on a CPU run the offloaded state is host memory like everything else: "
+                     "it is in the peak (host_bytes: per node)")
     if layout.offload == "optimizer+params" and stage != "zero3":
         notes.append("offload_param is a zero3 option: only the optimizer is offloaded")
     return notes
