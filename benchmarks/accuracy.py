@@ -216,7 +216,11 @@ def deepspeed_suite() -> list[Case]:
         cases += [
             Case(model=model, strategy="zero2", ranks=2, precision="bf16-mixed", deepspeed_config=config("hf_zero2_auto.json")),
             Case(model=model, strategy="zero3", ranks=2, precision="bf16-mixed", deepspeed_config=config("hf_zero3_auto.json")),
+            Case(model=model, strategy="zero3", ranks=2, precision="bf16-mixed",
+                 deepspeed_config=config("hf_zero3_offload_auto.json")),
         ]
+    cases.append(Case(model=str(THIRD_PARTY / "gpt2.py"), strategy="zero2", ranks=2, precision="bf16-mixed",
+                      deepspeed_config=config("hf_zero2_offload_auto.json")))
     for model in (_m("gpt.py"), _m("vit.py"), str(THIRD_PARTY / "gpt2.py")):
         cases += [
             Case(model=model, strategy=stage, ranks=2, precision="bf16-mixed",

@@ -168,6 +168,27 @@ def test_deepspeed_stages_run_for_real(tiny_gpt, tmp_path):
     assert abs(run["error_pct"]) <= TOLERANCE_PCT
 
 
+def test_a_deepspeed_config_file_runs_as_planned(tiny_gpt, tmp_path):
+    """The file's stage, precision, offload and buckets reach both the plan and the real engine."""
+    if not DEEPSPEED_INSTALLED:
+        pytest.skip("DeepSpeed is not installed (pip install --no-build-isolation deepspeed; .ci/run installs it)")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 3000, "overlap_comm": True,
+                              "offload_optimizer": {"device": "cpu", "pin_memory": False}},
+    }))
+    result = _profile(tiny_gpt, "--gpus", "2", "--deepspeed-config", str(config), "--steps", "2",
+                      "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads((tmp_path / "out" / "profile.json").read_text())["runs"]
+    assert run["strategy"] == "zero2" and run["status"] == "ok", run["error"]
+    assert run["estimate"]["offload"] == "optimizer" and run["estimate"]["host_bytes"] > 0
+    rank = json.loads(next((tmp_path / "out").glob("*zero2*/rank0.json")).read_text())
+    assert rank["config"]["zero"]["reduce_bucket_size"] == 3000
+    assert abs(run["error_pct"]) <= TOLERANCE_PCT
+
+
 def test_a_broken_model_file_is_a_usage_error_before_any_launch(tmp_path):
     result = _profile(str(tmp_path / "missing.py"), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2

@@ -144,9 +144,10 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
         timeline.insert(0, master_bytes + state_bytes, OPTIMIZER_STATE)
         flat_step_temporaries(timeline, slice_numel)
     else:
-        # cpu_offload: the step runs on the host; the device keeps a staging buffer as large as
-        # the largest parameter (``temp_grad_buffer_for_gpu_offload``, __init__).
-        flat_step_temporaries(timeline, 0)
+        # cpu_offload: the step runs on the host (its temporaries are in a CPU run's peak, not
+        # in a GPU's); the device keeps a staging buffer as large as the largest parameter
+        # (``temp_grad_buffer_for_gpu_offload``, __init__).
+        flat_step_temporaries(timeline, slice_numel if layout.device_type == "cpu" else 0)
         largest = max(trace.params[i].numel for i in trainable)
         timeline.insert(0, largest * itemsize, GRADIENT)
 

@@ -69,7 +69,8 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
     # Bucket buffers exist from __init__ on, in the communication dtype (not doubled by overlap_comm).
     timeline.insert(0, sum(zero.reduce_bucket_size * size for _, size in groups), OTHER)
     if offload_optimizer:
-        flat_step_temporaries(timeline, 0)
+        # the step runs on the host: its temporaries count on a CPU run only
+        flat_step_temporaries(timeline, max(sub_groups) if layout.device_type == "cpu" else 0)
     else:
         timeline.insert(0, master_bytes + state_bytes, OPTIMIZER_STATE)
         timeline.insert(0, grad_partition_bytes, GRADIENT)
@@ -116,11 +117,18 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
                 reduce_scatter(fill, span.backward_end)
         _gather_params(timeline, trace, span, persistent, zero, world)
 
+    optimizer_pos = trace.markers_of("optimizer")[0].event
+    end_pos = trace.markers_of("end")[0].event
+    # step() starts by releasing every gathered parameter, the persistent ones too
+    # (``_partition_all_parameters``), and gathers the persistent ones again when it ends
+    # (``_post_step``: one coalesced all-gather, its flat buffer beside them for a moment).
+    kept = [i for i, p in enumerate(params) if persistent[i]]
+    kept_bytes = sum(params[i].numel * params[i].itemsize for i in kept)
+    kept_flat = sum(ceil_div(params[i].numel, world) * world * params[i].itemsize for i in kept)
+    timeline.insert(optimizer_pos, -kept_bytes, PARAMETER)
     if not offload_optimizer:
         # ``_prepare_fp32_grad_for_sub_group``: the partition gradients flattened, cast to fp32,
         # set as the master's .grad and dropped after the sub-group's step.
-        optimizer_pos = trace.markers_of("optimizer")[0].event
-        end_pos = trace.markers_of("end")[0].event
         # The gradient norm first (``get_grad_norm_direct``): each partition gradient copied
         # to fp64 in turn.
         norm_bytes = max(shard[i] for i in trainable) * 8
@@ -136,6 +144,9 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
                 timeline.insert(optimizer_pos, -numel * itemsize, GRADIENT)
             last = number == len(sub_groups) - 1
             timeline.insert(end_pos if last else optimizer_pos, -numel * FP32_BYTES, GRADIENT)
+    timeline.insert(end_pos, kept_flat, PARAMETER)
+    timeline.insert(end_pos, kept_bytes, PARAMETER)
+    timeline.insert(end_pos, -kept_flat, PARAMETER)
     if offload_optimizer:
         # Host: fp32 master shards, their optimizer state, the partition-gradient buffer
         # (``grad_partitions_flat_buffer`` on ``self.device`` = cpu) and the fp32 gradient
