@@ -112,16 +112,26 @@ def overlapping_numels(trace: StepTrace, world_size: int) -> np.ndarray:
     return np.cumsum(total)[:world_size]
 
 
+def _slice_pieces(trace: StepTrace, world_size: int, rank: int) -> tuple[list[int], np.ndarray]:
+    """Trainable parameters in flat order and how many of each one's elements lie in
+    ``rank``'s slice of the flat buffer."""
+    trainable, _, slice_numel = flat_layout(trace, world_size)
+    numels = np.array([trace.params[i].numel for i in trainable], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(numels)[:-1]]) if len(numels) else numels
+    start, end = rank * slice_numel, (rank + 1) * slice_numel
+    return trainable, np.maximum(0, np.minimum(end, starts + numels) - np.maximum(start, starts))
+
+
 def largest_slice_piece(trace: StepTrace, world_size: int, rank: int) -> int:
     """Largest part of one parameter inside ``rank``'s slice (its averaged-gradient view)."""
-    trainable, _, slice_numel = flat_layout(trace, world_size)
-    start, end = rank * slice_numel, (rank + 1) * slice_numel
-    offset = largest = 0
-    for i in trainable:
-        numel = trace.params[i].numel
-        largest = max(largest, min(end, offset + numel) - max(start, offset))
-        offset += numel
-    return largest
+    _, pieces = _slice_pieces(trace, world_size, rank)
+    return int(pieces.max(initial=0))
+
+
+def params_in_partition(trace: StepTrace, world_size: int, rank: int) -> frozenset[int]:
+    """Trainable parameters with elements in ``rank``'s slice of the flat buffer."""
+    trainable, pieces = _slice_pieces(trace, world_size, rank)
+    return frozenset(i for i, piece in zip(trainable, pieces.tolist()) if piece > 0)
 
 
 def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
@@ -215,19 +225,6 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
         timeline.insert(norm_pos, -norm_bytes, OTHER)
         timeline.host_bytes = _host_bytes_stage12(trace, layout, slice_numel, itemsize, state_bytes, trainable)
     return timeline
-
-
-def params_in_partition(trace: StepTrace, world_size: int, rank: int) -> frozenset[int]:
-    """Trainable parameters with elements in ``rank``'s slice of the flat buffer."""
-    trainable, _, slice_numel = flat_layout(trace, world_size)
-    start, end = rank * slice_numel, (rank + 1) * slice_numel
-    inside, offset = [], 0
-    for i in trainable:
-        numel = trace.params[i].numel
-        if offset < end and offset + numel > start:
-            inside.append(i)
-        offset += numel
-    return frozenset(inside)
 
 
 def _replay_reductions(

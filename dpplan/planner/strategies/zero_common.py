@@ -138,8 +138,10 @@ def flat_step_temporaries(timeline: RankTimeline, flat_numel: int) -> None:
     one parameter that size: the largest parameter's, resized, and no others."""
     trace = timeline.trace
     owned = owned_storages(trace, "optimizer_temporary")
-    if flat_numel == 0 or not owned.shaped.any():
-        timeline.scale_many(owned.storage, np.zeros(len(owned.storage)) if flat_numel == 0 else np.ones(len(owned.storage)))
+    if flat_numel == 0:
+        timeline.scale_many(owned.storage, np.zeros(len(owned.storage)))
+        return
+    if not owned.shaped.any():
         return
     shaped = owned.shaped
     largest = int(owned.owner[shaped][np.argmax(owned.numel[shaped])])
