@@ -25,48 +25,49 @@ from dpplan.planner.strategies.zero_settings import ZeroSettings
 
 AUTO = "auto"
 
-# Top-level keys that change nothing a plan counts (monitoring, checkpoint files, schedules,
-# the flags DeepSpeed needs to accept a torch optimizer).
+# Each key of a config is planned, changes nothing a plan counts (monitoring, checkpoint files,
+# schedules, the flags DeepSpeed needs to accept a torch optimizer), or is planned only at the
+# values given (DeepSpeed's defaults: another value is a mode dpplan does not plan, named in
+# the error). Any other key is refused by name.
+PLANNED = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "fp16", "bf16", "torch_autocast", "zero_optimization",
+}
 NO_MEMORY_EFFECT = {
     "steps_per_print", "wall_clock_breakdown", "dump_state", "memory_breakdown", "scheduler",
     "gradient_clipping", "tensorboard", "wandb", "csv_monitor", "comet", "monitor_config",
     "comms_logger", "flops_profiler", "checkpoint", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "prescale_gradients", "gradient_predivide_factor",
-    "gradient_accumulation_dtype_warning", "seed", "disable_allgather", "timers", "train_batch_size",
-    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "fp16", "bf16",
-    "zero_optimization", "torch_autocast", "communication_data_type",
-}
-# zero_optimization keys that change nothing a plan counts.
-ZERO_NO_MEMORY_EFFECT = {
-    "stage", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size",
-    "allgather_partitions", "overlap_comm", "load_from_fp32_weights", "elastic_checkpoint",
-    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
-    "gather_16bit_weights_on_model_save", "ignore_unused_parameters", "offload_optimizer", "offload_param",
-    "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
-    "stage3_param_persistence_threshold", "sub_group_size", "use_multi_rank_bucket_allreduce",
-    "log_trace_cache_warnings", "memory_efficient_linear", "compute_grad_norm", "round_robin_gradients",
-    "prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters", "max_reuse_distance",
-    "stage3_model_persistence_threshold", "zero_hpz_partition_size", "zero_quantized_weights",
-    "zero_quantized_nontrainable_weights", "zero_quantized_gradients", "mics_shard_size",
-}
-# zero_optimization keys planned only at these values (DeepSpeed's defaults); another value is
-# a mode dpplan does not plan, named in the error.
-ZERO_ONLY_AT = {
-    "contiguous_gradients": (True, "non-contiguous gradients (buffered_reduce_fallback)"),
-    "reduce_scatter": (True, "all-reduce instead of reduce-scatter"),
-    "round_robin_gradients": (False, "round-robin gradient partitioning"),
-    "zero_hpz_partition_size": (1, "ZeRO++ hierarchical partitioning (hpZ)"),
-    "zero_quantized_weights": (False, "ZeRO++ quantized weights (qwZ)"),
-    "zero_quantized_nontrainable_weights": (False, "ZeRO++ quantized frozen weights"),
-    "zero_quantized_gradients": (False, "ZeRO++ quantized gradients (qgZ)"),
-    "mics_shard_size": (-1, "MiCS sharding"),
-    "stage3_model_persistence_threshold": (None, "stage3_model_persistence_threshold"),
-    "memory_efficient_linear": (True, "memory_efficient_linear=false"),
+    "zero_force_ds_cpu_optimizer", "seed", "disable_allgather", "timers",
 }
 ONLY_AT = {
-    "prescale_gradients": (False, "prescale_gradients"),
-    "communication_data_type": (None, "a communication_data_type other than the parameters'"),
-    "gradient_predivide_factor": (1.0, "gradient_predivide_factor"),
+    "prescale_gradients": ((False,), "prescale_gradients"),
+    "communication_data_type": ((None,), "a communication_data_type other than the parameters'"),
+    "gradient_predivide_factor": ((1.0,), "gradient_predivide_factor"),
+}
+ZERO_PLANNED = {
+    "stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "offload_optimizer",
+    "offload_param", "sub_group_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+    "stage3_max_reuse_distance", "stage3_param_persistence_threshold",
+    # DeepSpeed also takes the stage-3 names without their "stage3_" prefix (pydantic aliases)
+    "prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters", "max_reuse_distance",
+}
+ZERO_NO_MEMORY_EFFECT = {
+    "allgather_partitions", "load_from_fp32_weights", "elastic_checkpoint",
+    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+    "gather_16bit_weights_on_model_save", "ignore_unused_parameters", "use_multi_rank_bucket_allreduce",
+    "log_trace_cache_warnings", "compute_grad_norm",
+}
+ZERO_ONLY_AT = {
+    "contiguous_gradients": ((True,), "non-contiguous gradients (buffered_reduce_fallback)"),
+    "reduce_scatter": ((True,), "all-reduce instead of reduce-scatter"),
+    "round_robin_gradients": ((False,), "round-robin gradient partitioning"),
+    "zero_hpz_partition_size": ((1,), "ZeRO++ hierarchical partitioning (hpZ)"),
+    "zero_quantized_weights": ((False,), "ZeRO++ quantized weights (qwZ)"),
+    "zero_quantized_nontrainable_weights": ((False,), "ZeRO++ quantized frozen weights"),
+    "zero_quantized_gradients": ((False,), "ZeRO++ quantized gradients (qgZ)"),
+    "mics_shard_size": ((-1, 0), "MiCS sharding"),
+    "stage3_model_persistence_threshold": ((), "stage3_model_persistence_threshold"),
+    "memory_efficient_linear": ((True,), "memory_efficient_linear=false"),
 }
 # deepspeed/ops/adam and torch: DeepSpeed's "optimizer" types and the optimizer of the same memory.
 OPTIMIZER_TYPES = {"adam": "adam", "adamw": "adamw", "sgd": "sgd"}
@@ -119,23 +120,11 @@ def read_deepspeed_config(path: str) -> DeepSpeedRun:
     config = read_json(path)
     if not isinstance(config, dict):
         raise _error(path, "a DeepSpeed config is a JSON object")
-    for key in config:
-        if key not in NO_MEMORY_EFFECT:
-            raise _error(path, f'"{key}" is not planned by dpplan (it plans ZeRO, precision, offload, batch and '
-                               "accumulation); remove it to plan without it")
-    for key, (allowed, what) in ONLY_AT.items():
-        if key in config and config[key] != allowed:
-            raise _error(path, f"{what} is not planned by dpplan (\"{key}\": {config[key]!r})")
-
+    _check_keys(path, config, "", PLANNED | NO_MEMORY_EFFECT, ONLY_AT)
     zero_section = config.get("zero_optimization", {})
     if not isinstance(zero_section, dict):
         raise _error(path, '"zero_optimization" must be an object')
-    for key in zero_section:
-        if key not in ZERO_NO_MEMORY_EFFECT:
-            raise _error(path, f'"zero_optimization.{key}" is not planned by dpplan; remove it to plan without it')
-    for key, (allowed, what) in ZERO_ONLY_AT.items():
-        if key in zero_section and zero_section[key] != allowed and not (key == "mics_shard_size" and zero_section[key] in (0, -1)):
-            raise _error(path, f'{what} is not planned by dpplan ("zero_optimization.{key}": {zero_section[key]!r})')
+    _check_keys(path, zero_section, "zero_optimization.", ZERO_PLANNED | ZERO_NO_MEMORY_EFFECT, ZERO_ONLY_AT)
     stage = zero_section.get("stage", 0)
     if stage not in (1, 2, 3):
         raise _error(path, f"zero_optimization.stage {stage!r}: dpplan plans DeepSpeed's stages 1, 2 and 3 "
@@ -155,6 +144,17 @@ def read_deepspeed_config(path: str) -> DeepSpeedRun:
         train_batch_size=_positive(path, "train_batch_size", config.get("train_batch_size", AUTO)),
         zero=zero,
     )
+
+
+def _check_keys(path: str, section: dict, prefix: str, known: set[str], only_at: dict) -> None:
+    for key, value in section.items():
+        if key in only_at:
+            allowed, what = only_at[key]
+            if value not in allowed:
+                raise _error(path, f'{what} is not planned by dpplan ("{prefix}{key}": {value!r})')
+        elif key not in known:
+            raise _error(path, f'"{prefix}{key}" is not planned by dpplan (it plans ZeRO, precision, offload, '
+                               "batch and accumulation); remove it to plan without it")
 
 
 def _positive(path: str, key: str, value: Any) -> int | None:

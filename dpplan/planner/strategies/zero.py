@@ -45,7 +45,7 @@ from dpplan.planner.strategies.zero_common import (
     zero_optimizer_state,
 )
 from dpplan.planner.timeline import RankTimeline, ceil_div
-from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OPTIMIZER_TEMPORARY, OTHER, PARAMETER, StepTrace
+from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace
 
 FP64_BYTES = 8
 
