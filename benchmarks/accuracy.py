@@ -33,7 +33,7 @@ from dpplan.planner.config import PlanConfig  # noqa: E402
 from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config  # noqa: E402
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO  # noqa: E402
 from dpplan.planner.estimate import estimate  # noqa: E402
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES  # noqa: E402
+from dpplan.planner.strategies.registry import DEEPSPEED_STAGES  # noqa: E402
 from dpplan.profiler.cpu_run import RunFailed, run_cpu  # noqa: E402
 from dpplan.profiler.worker import RunConfig  # noqa: E402
 

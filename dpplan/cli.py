@@ -30,7 +30,7 @@ from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
 from dpplan.planner.cpu_isa import apply as apply_cpu_isa
 from dpplan.planner.optimizers import OPTIMIZERS
-from dpplan.planner.strategies.layout import STRATEGIES
+from dpplan.planner.strategies.registry import STRATEGIES
 from dpplan.profiler.profile_settings import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
 from dpplan.profiler.recommend import DEFAULT_HEADROOM_PCT, DEFAULT_MAX_TRIALS, DEFAULT_TRIAL_STEPS
 from dpplan.reports.html_settings import PLOTLYJS_MODES

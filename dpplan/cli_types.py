@@ -7,7 +7,7 @@ import re
 import click
 
 from dpplan.planner.hardware import GPU_CATALOG
-from dpplan.planner.strategies.layout import STRATEGIES
+from dpplan.planner.strategies.registry import STRATEGIES
 
 
 class StrategyList(click.ParamType):

@@ -7,13 +7,11 @@ from dataclasses import asdict, dataclass, field
 from dpplan.planner.cpu_isa import ISAS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
 from dpplan.planner.optimizers import OPTIMIZERS
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES, STRATEGIES
+from dpplan.planner.strategies.registry import DEEPSPEED_STAGES, STRATEGIES
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-OFFLOAD_UNSUPPORTED = ("single", "dp", "ddp", "ddp-zero1")
-"""Strategies without any offload: the CLI and the planner say so in a note."""
 DEVICES = ("cuda", "cpu")
 DEFAULT_GPU_COUNTS = (1, 2, 4, 8)
 

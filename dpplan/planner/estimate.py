@@ -12,13 +12,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from dpplan.planner import cpu_isa, forked, gpu_overheads
-from dpplan.planner.config import OFFLOAD_UNSUPPORTED, PlanConfig
+from dpplan.planner.config import PlanConfig
 from dpplan.planner.deepspeed_config import resolve_for_model
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
 from dpplan.planner.model_file import ModelSpec, load_model_file
-from dpplan.planner.strategies import Layout, strategy_module
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
-from dpplan.planner.timeline import Peak, RankTimeline
+from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
+from dpplan.planner.strategies.registry import Wrapper, planner_of, strategy_info
+from dpplan.planner.timeline import Peak
 from dpplan.planner.trace import (
     ACTIVATION,
     AUTOCAST,
@@ -44,7 +45,6 @@ BREAKDOWN_OF_CATEGORY = {
     "other": "other",
 }
 BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "other")
-FSDP1_STRATEGIES = ("fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid")
 TOP_MODULES = 10
 
 
@@ -122,18 +122,20 @@ def trace_settings_for(
     """The trace a strategy needs. Strategies with the same settings share one trace; a model
     without floating buffers (``floating_buffers=False``) gives FSDP1 and FSDP2 one trace, and
     one without floating inputs (``floating_inputs=False``) gives DeepSpeed and FSDP2 one."""
+    info = strategy_info(strategy)
     mixed = config.precision in ("bf16-mixed", "fp16-mixed")
     family = AUTOCAST
-    if mixed and strategy.startswith("fsdp"):
+    if mixed and info.wrapper is Wrapper.DEEPSPEED:
+        if not config.zero.torch_autocast:
+            # parameters cast, buffers kept, as FSDP2 traces them; the two differ only in where
+            # floating inputs are cast (before the step, or at the root's forward)
+            family = ENGINE_CAST if floating_inputs else PARAM_CAST
+    elif mixed and info.casts_parameters:
         family = PARAM_CAST
-    elif mixed and strategy in DEEPSPEED_STAGES and not config.zero.torch_autocast:
-        # parameters cast, buffers kept, as FSDP2 traces them; the two differ only in where
-        # floating inputs are cast (before the step, or at the root's forward)
-        family = ENGINE_CAST if floating_inputs else PARAM_CAST
     return TraceSettings(
         precision=config.precision,
         family=family,
-        cast_buffers=family == PARAM_CAST and strategy in FSDP1_STRATEGIES and floating_buffers,
+        cast_buffers=family == PARAM_CAST and info.casts_buffers and floating_buffers,
         optimizer=config.optimizer,
         activation_checkpointing=config.activation_checkpointing,
         num_micro_batches=2 if config.grad_accum > 1 else 1,
@@ -157,9 +159,7 @@ def capacity_for(config: PlanConfig, gpus: int) -> int:
 
 
 def applicable(strategy: str, gpus: int, config: PlanConfig) -> bool:
-    if strategy == "single":
-        return gpus == 1
-    return True
+    return gpus == 1 or not strategy_info(strategy).single_device
 
 
 def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: int | None = None) -> Plan:
@@ -212,8 +212,7 @@ def refused_strategies(strategies, model) -> dict[str, str]:
     """Each strategy whose real wrapper would refuse ``model``, with the reason it gives."""
     refused = {}
     for strategy in strategies:
-        refusal = getattr(strategy_module(strategy), "refusal", None)
-        reason = refusal(model) if refusal is not None else None
+        reason = planner_of(strategy).refusal(model)
         if reason:
             refused[strategy] = reason
     return refused
@@ -283,12 +282,12 @@ def _plan_items(
 
 
 def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanConfig) -> StrategyEstimate:
-    module = strategy_module(strategy)
+    planner = planner_of(strategy)
     nodes = config.nodes_for(gpus)
-    layout = Layout(
-        strategy=strategy,
-        world_size=gpus,
-        num_nodes=nodes,
+    layout = Layout.of(
+        strategy,
+        gpus,
+        nodes,
         precision=config.precision,
         grad_accum=config.grad_accum,
         offload=config.offload,
@@ -297,30 +296,31 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
     )
     capacity = capacity_for(config, gpus)
     gpu = lookup_gpu(config.gpu) if config.device == "cuda" else None
-    best: tuple[int, int, Peak, RankTimeline, dict] | None = None
+    best: tuple[int, int, Peak, RankPlan, dict] | None = None
     max_batch = None
-    for rank in module.ranks_to_evaluate(trace, layout):
-        timeline = module.plan_rank(trace, layout.with_rank(rank))
+    for rank in planner.ranks_to_evaluate(trace, layout):
+        plan = planner.plan_rank(trace, layout.with_rank(rank))
+        timeline = plan.timeline
         peak = timeline.peak(config.batch_size)
-        runtime = runtime_terms(timeline, peak, gpu, layout, config.batch_size)
-        offloaded = offloaded_on_this_rank(timeline, layout)  # 0 on cuda
+        runtime = runtime_terms(plan, peak, gpu, layout, config.batch_size)
+        offloaded = offloaded_on_this_rank(plan, layout)  # 0 on cuda
         runtime = {key: value + offloaded for key, value in runtime.items()}
         total = runtime["device_bytes"]
         if best is None or total > best[0]:
-            best = (total, rank, peak, timeline, runtime)
+            best = (total, rank, peak, plan, runtime)
         # The largest batch that fits on every rank.
         fixed = runtime["device_bytes"] - peak.peak_bytes
         rank_max = timeline.max_batch_size(capacity - fixed)
         max_batch = rank_max if max_batch is None else min(max_batch, rank_max)
     assert best is not None
-    total, rank, peak, timeline, runtime = best
-    notes = list(trace.notes) + list(getattr(timeline, "notes", []))
-    if config.offload != "none" and strategy in OFFLOAD_UNSUPPORTED:
+    total, rank, peak, plan, runtime = best
+    notes = list(trace.notes) + list(plan.notes)
+    if config.offload != "none" and not strategy_info(strategy).offload:
         notes.append(f"{strategy} has no offload in torch; planned without offload (use zero* or fsdp*)")
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
     for category, nbytes in peak.bytes_by_category.items():
         breakdown[BREAKDOWN_OF_CATEGORY[category]] += nbytes
-    offloaded = offloaded_on_this_rank(timeline, layout)
+    offloaded = offloaded_on_this_rank(plan, layout)
     breakdown["optimizer"] += offloaded
     breakdown["other"] += runtime["device_bytes"] - peak.peak_bytes - offloaded
     return StrategyEstimate(
@@ -344,39 +344,30 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         capacity_bytes=capacity,
         fits=total <= capacity,
         max_batch_size=int(max_batch or 0),
-        host_bytes=getattr(timeline, "host_bytes", None),
+        host_bytes=plan.host_bytes,
         notes=notes,
     )
 
 
-def offloaded_on_this_rank(timeline: RankTimeline, layout: Layout) -> int:
+def offloaded_on_this_rank(plan: RankPlan, layout: Layout) -> int:
     """On a CPU run the offloaded state (DeepSpeed's host copies, from its initialization on)
     is in the same memory as everything else: one rank's share of ``host_bytes``."""
-    host = getattr(timeline, "host_bytes", None)
-    if layout.device_type != "cpu" or not host:
+    if layout.device_type != "cpu" or not plan.host_bytes:
         return 0
-    return host // layout.ranks_per_node
+    return plan.host_bytes // layout.ranks_per_node
 
 
-def runtime_terms(timeline: RankTimeline, peak: Peak, gpu: GpuSpec | None, layout: Layout, batch_size: int) -> dict:
+def runtime_terms(plan: RankPlan, peak: Peak, gpu: GpuSpec | None, layout: Layout, batch_size: int) -> dict:
     """allocated / reserved / device bytes at the peak (equal on cpu)."""
     if gpu is None:
         return {"allocated_bytes": peak.peak_bytes, "reserved_bytes": peak.peak_bytes, "device_bytes": peak.peak_bytes}
-    blocks = timeline.live_blocks_at(peak.position, batch_size)
+    blocks = plan.timeline.live_blocks_at(peak.position, batch_size)
     rounded = gpu_overheads.round_blocks(blocks)
     allocated = peak.peak_bytes + int(rounded.sum() - blocks.sum()) + gpu_overheads.cublas_workspace_bytes(gpu)
     reserved = allocated + gpu_overheads.segment_slack(rounded)
-    groups = strategy_module(layout.strategy).process_groups(layout) if hasattr(
-        strategy_module(layout.strategy), "process_groups"
-    ) else default_process_groups(layout)
+    groups = planner_of(layout.strategy).process_groups(layout)
     device = reserved + gpu.cuda_context_bytes + gpu_overheads.nccl_bytes(groups)
     return {"allocated_bytes": allocated, "reserved_bytes": reserved, "device_bytes": device}
-
-
-def default_process_groups(layout: Layout) -> list[gpu_overheads.ProcessGroup]:
-    if layout.strategy in ("single", "dp"):
-        return []
-    return [gpu_overheads.ProcessGroup(num_ranks=layout.world_size, spans_nodes=layout.num_nodes > 1)]
 
 
 def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace_seconds: float) -> ModelSummary:

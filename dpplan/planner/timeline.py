@@ -62,8 +62,7 @@ class RankTimeline:
         self._merge_base_of_copies = None  # the same, of this timeline as it is when first copied
 
     def copy(self) -> "RankTimeline":
-        """An independent timeline with the same events so far (attributes that strategies
-        add, such as ``notes``, are not copied)."""
+        """An independent timeline with the same events so far."""
         twin = RankTimeline.__new__(RankTimeline)
         twin.trace = self.trace
         twin.storage_scale = self.storage_scale.copy()

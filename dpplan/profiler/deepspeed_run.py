@@ -38,7 +38,7 @@ from torch import nn
 
 from dpplan.planner.deepspeed_config import resolve_for_model
 from dpplan.planner.optimizers import build_optimizer
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
+from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.planner.training_step import cast_floating
 

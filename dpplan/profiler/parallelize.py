@@ -1,6 +1,6 @@
 """Wrap a real model for one strategy, exactly as dpplan's estimate assumes.
 
-Each strategy name maps to torch's own wrapper with its defaults:
+Each strategy's wrapper (strategies/registry.py ``Wrapper``) is torch's own, with its defaults:
   single          no wrapper
   dp              nn.DataParallel (on CPU a plain call, as torch does without GPUs)
   ddp             DistributedDataParallel (gradient_as_bucket_view=False, 25 MiB buckets)
@@ -30,20 +30,10 @@ from torch import nn
 
 from dpplan.planner.optimizers import build_optimizer, optimizer_class_and_kwargs
 from dpplan.planner.training_step import LOW_PRECISION_DTYPE
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
+from dpplan.planner.strategies.registry import DataAxes, Wrapper, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.profiler.deepspeed_run import cast_inputs, engine_no_sync, initialize_engine
 
-RUNNABLE_STRATEGIES = (
-    "single", "dp", "ddp", "ddp-zero1", "zero1", "zero2", "zero3",
-    "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid", "fsdp2",
-)
-FSDP1_SHARDING = {
-    "fsdp-full": "FULL_SHARD",
-    "fsdp-grad-op": "SHARD_GRAD_OP",
-    "fsdp-no-shard": "NO_SHARD",
-    "fsdp-hybrid": "HYBRID_SHARD",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,8 +78,7 @@ def parallelize(
     zero: ZeroSettings = DEFAULT_ZERO,
 ) -> PreparedRun:
     """Wrap ``model`` (already on ``device``, checkpointing already applied)."""
-    if strategy not in RUNNABLE_STRATEGIES:
-        raise ValueError(f"strategy {strategy!r} cannot be run for real by dpplan (estimate only)")
+    info = strategy_info(strategy)
     device_type = device.type
     low_dtype = LOW_PRECISION_DTYPE.get(precision)
     mixed = precision in ("bf16-mixed", "fp16-mixed")
@@ -97,7 +86,7 @@ def parallelize(
     if precision == "bf16":
         model.to(torch.bfloat16)
 
-    if strategy in DEEPSPEED_STAGES:
+    if info.wrapper is Wrapper.DEEPSPEED:
         engine, optimizer = initialize_engine(
             model, strategy, precision=precision, optimizer_name=optimizer_name, device=device,
             offload=offload, batch_size=batch_size, grad_accum=grad_accum, zero=zero,
@@ -110,17 +99,17 @@ def parallelize(
             cast_batch=functools.partial(cast_inputs, precision=precision, torch_autocast=zero.torch_autocast),
         )
 
-    if strategy in ("single", "dp", "ddp", "ddp-zero1"):
+    if info.wrapper in (Wrapper.NONE, Wrapper.DATA_PARALLEL, Wrapper.DDP, Wrapper.DDP_ZERO1):
         no_sync = None
-        if strategy == "dp" and device_type == "cuda":
+        if info.wrapper is Wrapper.DATA_PARALLEL and device_type == "cuda":
             model = nn.DataParallel(model)
-        elif strategy in ("ddp", "ddp-zero1"):
+        elif info.wrapper in (Wrapper.DDP, Wrapper.DDP_ZERO1):
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [device.index] if device_type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
             no_sync = model.no_sync
-        if strategy == "ddp-zero1":
+        if info.wrapper is Wrapper.DDP_ZERO1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             cls, kwargs = optimizer_class_and_kwargs(optimizer_name, device_type=device_type)
@@ -130,7 +119,7 @@ def parallelize(
         scaler = torch.amp.GradScaler(device_type) if precision == "fp16-mixed" else None
         return PreparedRun(model=model, optimizer=optimizer, uses_autocast=True, no_sync=no_sync, grad_scaler=scaler)
 
-    if strategy in FSDP1_SHARDING:
+    if info.wrapper is Wrapper.FSDP1:
         from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
         from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
@@ -144,18 +133,16 @@ def parallelize(
             from torch.distributed.fsdp import CPUOffload
 
             extra["cpu_offload"] = CPUOffload(offload_params=True)
-        if strategy == "fsdp-hybrid":
+        if info.data_axes is DataAxes.HYBRID:
             from torch.distributed.device_mesh import init_device_mesh
 
-            world = torch.distributed.get_world_size()
-            if world % num_nodes:
-                raise ValueError(f"fsdp-hybrid: {world} ranks do not split into {num_nodes} nodes")
+            mesh = info.mesh(torch.distributed.get_world_size(), num_nodes)
             extra["device_mesh"] = init_device_mesh(
-                device_type, (num_nodes, world // num_nodes), mesh_dim_names=("replicate", "shard")
+                device_type, (mesh.dp_replicate, mesh.dp_shard), mesh_dim_names=("replicate", "shard")
             )
         model = FullyShardedDataParallel(
             model,
-            sharding_strategy=getattr(ShardingStrategy, FSDP1_SHARDING[strategy]),
+            sharding_strategy=getattr(ShardingStrategy, info.fsdp1_sharding),
             auto_wrap_policy=policy if units else None,
             mixed_precision=mixed_precision,
             use_orig_params=True,
@@ -173,7 +160,7 @@ def parallelize(
             model=model, optimizer=optimizer, uses_autocast=False, no_sync=model.no_sync, grad_scaler=scaler
         )
 
-    # fsdp2
+    assert info.wrapper is Wrapper.FSDP2, info
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy(param_dtype=low_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()

@@ -39,7 +39,7 @@ from dpplan import __version__
 from dpplan.planner.config import check_run_settings
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
+from dpplan.planner.strategies.registry import Wrapper, strategy_info
 from dpplan.profiler import profile_results as results_json
 from dpplan.profiler import recommend as recommendations
 from dpplan.profiler.batch_search import Trial, judge
@@ -252,12 +252,13 @@ def capacity_source(config: ProfileConfig, target: Target) -> str:
 
 def skip_reason(strategy: str, gpus: int) -> str | None:
     """Why ``strategy`` cannot be profiled here, or None."""
-    if strategy in DEEPSPEED_STAGES and importlib.util.find_spec("deepspeed") is None:
+    info = strategy_info(strategy)
+    if info.wrapper is Wrapper.DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
         return f"{strategy} is a DeepSpeed stage and DeepSpeed is not installed: estimate only"
-    if strategy == "dp":
-        return "dp (nn.DataParallel) is one process driving every GPU, not one process per GPU: estimate only"
-    if strategy == "single" and gpus != 1:
-        return "single runs on one GPU: profile it with --gpus 1"
+    if info.not_runnable:
+        return info.not_runnable
+    if info.single_device and gpus != 1:
+        return f"{strategy} runs on one GPU: profile it with --gpus 1"
     return None
 
 

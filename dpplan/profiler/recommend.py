@@ -25,7 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
 
-from dpplan.planner.config import OFFLOAD_UNSUPPORTED, OFFLOADS
+from dpplan.planner.config import OFFLOADS
+from dpplan.planner.strategies.registry import strategy_info
 from dpplan.profiler.batch_search import MAX_BATCH_SIZE, SearchResult, Trial, search_batch_size
 
 DEFAULT_HEADROOM_PCT = 10.0
@@ -91,8 +92,8 @@ def predicted_max_batch(estimate_at: EstimateAt, strategy: str, limit_bytes: int
 def offload_levels(strategy: str, device: str) -> tuple[str, ...]:
     if device != "cuda":
         return ("none",)  # a CPU run holds everything in host memory already
-    if strategy in OFFLOAD_UNSUPPORTED:
-        return ("none",)  # torch's DDP has no offload (planner/estimate.py)
+    if not strategy_info(strategy).offload:
+        return ("none",)  # e.g. torch's DDP has no offload (strategies/registry.py)
     return OFFLOADS
 
 

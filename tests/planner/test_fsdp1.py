@@ -24,7 +24,7 @@ def trace_for(path, precision="fp32", device_type="cpu", grad_accum=1):
 
 
 def layout(strategy="fsdp-full", world=2, **kwargs):
-    return Layout(strategy=strategy, world_size=world, device_type=kwargs.pop("device_type", "cpu"), **kwargs)
+    return Layout.of(strategy, world, device_type=kwargs.pop("device_type", "cpu"), **kwargs)
 
 
 def test_flat_param_layout_matches_fsdp1(tiny_gpt):
@@ -70,7 +70,7 @@ def test_step_ends_where_it_started(tiny_gpt):
     for grad_accum in (1, 2):
         trace = trace_for(tiny_gpt, "bf16-mixed", grad_accum=grad_accum)
         for strategy in ("fsdp-full", "fsdp-grad-op", "fsdp-no-shard"):
-            timeline = fsdp1.plan_rank(trace, layout(strategy, grad_accum=grad_accum))
+            timeline = fsdp1.plan_rank(trace, layout(strategy, grad_accum=grad_accum)).timeline
             levels = timeline.levels(3)
             at_start = levels[trace.num_baseline_events + timeline._ins_position.count(0) - 1]
             assert levels[-1] == pytest.approx(at_start)
@@ -88,26 +88,27 @@ def test_nccl_has_no_gloo_temporaries(tiny_gpt):
         first_op = next(j for j in range(len(levels)) if is_trace[j] and index[j] >= trace.num_baseline_events)
         return levels[step_start:first_op].max()
 
-    cpu = fsdp1.plan_rank(trace, layout())
-    cuda = fsdp1.plan_rank(trace, layout(device_type="cuda"))
+    cpu = fsdp1.plan_rank(trace, layout()).timeline
+    cuda = fsdp1.plan_rank(trace, layout(device_type="cuda")).timeline
     root = [f for f in fsdp1.flat_params(trace, layout()) if f is not None][-1]
     assert before_first_op(cpu) - before_first_op(cuda) == pytest.approx(root.numel * root.compute_itemsize)
 
 
 def test_offload_moves_optimizer_state_to_the_host(tiny_gpt):
     trace = trace_for(tiny_gpt, device_type="cuda")
-    timeline = fsdp1.plan_rank(trace, layout(device_type="cuda", offload="optimizer+params"))
+    plan = fsdp1.plan_rank(trace, layout(device_type="cuda", offload="optimizer+params"))
+    timeline = plan.timeline
     state = trace.storage_category == OPTIMIZER_STATE
     assert not timeline.storage_scale[state].any()
-    assert timeline.host_bytes > 3 * 4 * sum(p.numel for p in trace.params) // 2
-    plain = fsdp1.plan_rank(trace, layout(device_type="cuda"))
+    assert plan.host_bytes > 3 * 4 * sum(p.numel for p in trace.params) // 2
+    plain = fsdp1.plan_rank(trace, layout(device_type="cuda")).timeline
     assert timeline.peak(4).peak_bytes < plain.peak(4).peak_bytes
 
 
 def test_candidate_ranks_hold_the_maximum(tiny_gpt):
     trace = trace_for(tiny_gpt)
     world = 24
-    peaks = [fsdp1.plan_rank(trace, layout(world=world, rank=r)).peak(2).peak_bytes for r in range(world)]
+    peaks = [fsdp1.plan_rank(trace, layout(world=world, rank=r)).timeline.peak(2).peak_bytes for r in range(world)]
     candidates = fsdp1.ranks_to_evaluate(trace, layout(world=world))
     assert len(candidates) <= 5
     assert max(peaks[r] for r in candidates) == max(peaks)

@@ -14,7 +14,7 @@ from tests.conftest import FIXTURES
 
 from dpplan.planner.config import PlanConfig
 from dpplan.planner.estimate import estimate
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES
+from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
 from dpplan.profiler.cpu_run import run_cpu
 from dpplan.profiler.worker import RunConfig
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dpplan.planner.gpu_overheads import ProcessGroup
+from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import (
     GRADIENT,
@@ -118,4 +120,15 @@ def scalar_parameter(model) -> str | None:
     for name, param in model.named_parameters():
         if param.dim() == 0:
             return name
+    return None
+
+
+def mesh_process_groups(layout: Layout) -> list[ProcessGroup]:
+    """One communicator per mesh axis of size > 1: what a wrapper that creates no others has
+    (DDP, ZeRO, FSDP over their data-parallel axes; HSDP one inside a node, one across)."""
+    return [ProcessGroup(num_ranks=axis.size, spans_nodes=axis.spans_nodes) for axis in layout.mesh.axes()]
+
+
+def wraps_every_model(model) -> str | None:
+    """The refusal of a wrapper that takes any module: none."""
     return None

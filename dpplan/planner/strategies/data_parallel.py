@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpplan.planner.gpu_overheads import ProcessGroup
+from dpplan.planner.strategies.common import wraps_every_model
 from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import ACTIVATION, GRADIENT, INPUT, TEMPORARY, StepTrace
 
@@ -34,11 +37,14 @@ REDUCE_ADD_BUFFER_BYTES = 10485760
 at most this many bytes (a larger tensor is a chunk of its own, ``_take_tensors``)."""
 
 
-def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
+refusal = wraps_every_model
+
+
+def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     timeline = RankTimeline(trace)
     gpus = layout.world_size
     if layout.device_type == "cpu" or gpus == 1:
-        return timeline
+        return RankPlan(timeline=timeline)
     # The whole batch on device 0.
     for storage in np.nonzero((trace.storage_category == INPUT) & (trace.storage_batch_degree > 0))[0]:
         timeline.scale(int(storage), gpus)
@@ -52,17 +58,17 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
         if marker.kind == "bwd_end" and marker.index == root:
             timeline.insert(marker.event, reduce_bytes, GRADIENT)
             timeline.insert(marker.event, -reduce_bytes, GRADIENT)
-    timeline.notes = [
-        "dp: device 0 holds the whole input batch, the gathered outputs and the gradient reduction"
-    ]
-    return timeline
+    return RankPlan(
+        timeline=timeline,
+        notes=("dp: device 0 holds the whole input batch, the gathered outputs and the gradient reduction",),
+    )
 
 
 def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
     return [0]
 
 
-def process_groups(layout: Layout) -> list:
+def process_groups(layout: Layout) -> list[ProcessGroup]:
     """One process, no process group: DataParallel uses NCCL collectives without a communicator
     group of ranks (torch.cuda.nccl)."""
     return []

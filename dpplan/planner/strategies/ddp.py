@@ -12,9 +12,14 @@ on the number of ranks (measured on CPU: +1.000x parameter bytes, exactly).
 
 from __future__ import annotations
 
+from dpplan.planner.strategies.common import mesh_process_groups, wraps_every_model
 from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import GRADIENT, StepTrace
+
+process_groups = mesh_process_groups
+refusal = wraps_every_model
 
 
 def gradient_bucket_bytes(trace: StepTrace) -> int:
@@ -26,10 +31,10 @@ def add_gradient_buckets(timeline: RankTimeline) -> None:
     timeline.insert(0, gradient_bucket_bytes(timeline.trace), GRADIENT)
 
 
-def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
+def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     timeline = RankTimeline(trace)
     add_gradient_buckets(timeline)
-    return timeline
+    return RankPlan(timeline=timeline)
 
 
 def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:

@@ -11,9 +11,10 @@ import heapq
 
 import numpy as np
 
-from dpplan.planner.strategies.common import storages_by_param
+from dpplan.planner.strategies.common import mesh_process_groups, storages_by_param, wraps_every_model
 from dpplan.planner.strategies.ddp import add_gradient_buckets
 from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import OPTIMIZER_TEMPORARY, StepTrace, cached_on_trace
 
@@ -21,11 +22,12 @@ EXHAUSTIVE_RANKS = 16
 """Up to this many ranks every rank is planned; above, only the candidates for the maximum."""
 
 
-def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
-    timeline = plan_torch_zero1(trace, layout)
-    timeline.notes = []
-    timeline.host_bytes = None
-    return timeline
+process_groups = mesh_process_groups
+refusal = wraps_every_model
+
+
+def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
+    return RankPlan(timeline=plan_torch_zero1(trace, layout))
 
 
 def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:

@@ -39,10 +39,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from dpplan.planner.gpu_overheads import ProcessGroup
-from dpplan.planner.strategies.common import is_param_shaped, storages_by_param, scalar_parameter
+from dpplan.planner.strategies.common import is_param_shaped, mesh_process_groups, scalar_parameter, storages_by_param
 from dpplan.planner.strategies.fsdp1_replay import Replay
 from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import PARAM_CAST, StepTrace, cached_on_trace
 
@@ -159,7 +159,7 @@ def offload_notes(layout: Layout) -> list[str]:
     return []
 
 
-def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
+def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     flats = flat_params(trace, layout)
     shard_rank = shard_rank_of(layout, layout.rank)
     offload = offload_mode(layout)
@@ -179,10 +179,8 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
     if trace.settings.optimizer == "adafactor" and layout.strategy in SHARDED:
         notes.append("FSDP1 hands the optimizer 1-D views: Adafactor's factored state is "
                      "planned as traced (2-D), which undercounts it")
-    timeline.notes = notes
-    if offload == "params":
-        timeline.host_bytes = layout.ranks_per_node * _host_bytes(trace, flats, local)
-    return timeline
+    host_bytes = layout.ranks_per_node * _host_bytes(trace, flats, local) if offload == "params" else None
+    return RankPlan(timeline=timeline, notes=tuple(notes), host_bytes=host_bytes)
 
 
 def _replayed_hooks(trace: StepTrace, layout: Layout, flats, offload: str) -> RankTimeline:
@@ -331,15 +329,9 @@ def _optimizer_bytes(trace: StepTrace) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return per_element, per_param, per_temp
 
 
-def process_groups(layout: Layout) -> list[ProcessGroup]:
-    """HYBRID_SHARD communicates in two groups: the shard group inside a node and the
-    replicate group across nodes (``_init_process_group_state`` with a 2-D device mesh)."""
-    if layout.strategy == "fsdp-hybrid":
-        return [
-            ProcessGroup(num_ranks=layout.ranks_per_node, spans_nodes=False),
-            ProcessGroup(num_ranks=layout.num_nodes, spans_nodes=layout.num_nodes > 1),
-        ]
-    return [ProcessGroup(num_ranks=layout.world_size, spans_nodes=layout.num_nodes > 1)]
+process_groups = mesh_process_groups
+"""HYBRID_SHARD communicates in two groups, its mesh's axes: the shard group inside a node and
+the replicate group across nodes (``_init_process_group_state`` with a 2-D device mesh)."""
 
 
 def refusal(model) -> str | None:

@@ -27,7 +27,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpplan.planner.strategies.common import owned_storages, resize_owned_storages, storages_by_param, scalar_parameter
+from dpplan.planner.strategies.common import (
+    mesh_process_groups,
+    owned_storages,
+    resize_owned_storages,
+    scalar_parameter,
+    storages_by_param,
+)
 from dpplan.planner.strategies.fsdp2_buffers import (
     Replay,
     Schedule,
@@ -37,6 +43,7 @@ from dpplan.planner.strategies.fsdp2_buffers import (
 )
 from dpplan.planner.strategies.fsdp2_hooks import replay_step
 from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import OTHER, PARAM_CAST, StepTrace
 
@@ -145,7 +152,7 @@ def _host_bytes(timeline: RankTimeline, params: list[ShardedParam], owned, layou
     return per_rank * layout.ranks_per_node
 
 
-def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
+def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     """One rank's step: resident shards resized, FSDP2's buffers replayed at its hooks."""
     timeline = RankTimeline(trace)
     offload, notes = _offload(layout)
@@ -186,10 +193,10 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
             f"grad_accum {layout.grad_accum}: the middle micro-batches (no reduce-scatter, "
             "accumulated unsharded gradients held throughout) are planned like the last one"
         )
-    timeline.notes = notes
-    if host is not None:
-        timeline.host_bytes = host
-    return timeline
+    return RankPlan(timeline=timeline, notes=tuple(notes), host_bytes=host)
+
+
+process_groups = mesh_process_groups
 
 
 def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:

@@ -1,46 +1,24 @@
-"""The parallel layout one rank is planned under, and the strategy registry."""
+"""Where one rank sits and what it runs: the mesh, the rank, and the run's settings."""
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from types import ModuleType
+from dataclasses import dataclass, replace
 
+from dpplan.planner.strategies.mesh import Mesh
+from dpplan.planner.strategies.registry import StrategyInfo, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
-STRATEGIES = (
-    "single", "dp", "ddp", "ddp-zero1", "zero1", "zero2", "zero3",
-    "fsdp-full", "fsdp-grad-op", "fsdp-no-shard", "fsdp-hybrid", "fsdp2",
-)
-"""Every strategy name dpplan plans, in display order (``--strategy`` values)."""
-
-DEEPSPEED_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-"""DeepSpeed's ZeRO strategies and their stage numbers."""
-
-_MODULE_OF = {
-    "single": "single",
-    "dp": "data_parallel",
-    "ddp": "ddp",
-    "ddp-zero1": "ddp_zero1",
-    "zero1": "zero",
-    "zero2": "zero",
-    "zero3": "zero",
-    "fsdp-full": "fsdp1",
-    "fsdp-grad-op": "fsdp1",
-    "fsdp-no-shard": "fsdp1",
-    "fsdp-hybrid": "fsdp1",
-    "fsdp2": "fsdp2",
-}
+PLANNED_AXES = ("dp_replicate", "dp_shard")
+"""The mesh axes the planner replays today; tp, cp, ep and pp wait for their program transforms
+(strategies/protocol.py ``ProgramTransform``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
-    """Where one rank sits and what it runs. Sizes are per rank."""
+    """One rank of a mesh under a strategy. Sizes are per rank."""
 
     strategy: str
-    world_size: int
-    """Total ranks (GPUs)."""
-    num_nodes: int = 1
+    mesh: Mesh
     rank: int = 0
     precision: str = "fp32"
     grad_accum: int = 1
@@ -51,17 +29,35 @@ class Layout:
     zero: ZeroSettings = DEFAULT_ZERO
     """DeepSpeed's settings (zero1/2/3 only)."""
 
+    def __post_init__(self):
+        unplanned = [a.name for a in self.mesh.axes() if a.name not in PLANNED_AXES] + ["ep"] * (self.mesh.ep > 1)
+        if unplanned:
+            raise ValueError(f"{', '.join(unplanned)} parallelism is not planned yet (mesh {self.mesh.describe()})")
+        if not 0 <= self.rank < self.mesh.world_size:
+            raise ValueError(f"rank {self.rank} is outside a mesh of {self.mesh.world_size} ranks")
+
+    @classmethod
+    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, **settings) -> "Layout":
+        """The layout of ``strategy`` on ``world_size`` ranks over ``num_nodes`` nodes (its
+        registry entry decides the mesh)."""
+        return cls(strategy=strategy, mesh=strategy_info(strategy).mesh(world_size, num_nodes), **settings)
+
+    @property
+    def info(self) -> StrategyInfo:
+        return strategy_info(self.strategy)
+
+    @property
+    def world_size(self) -> int:
+        """Total ranks (GPUs)."""
+        return self.mesh.world_size
+
+    @property
+    def num_nodes(self) -> int:
+        return self.mesh.num_nodes
+
     @property
     def ranks_per_node(self) -> int:
-        return self.world_size // self.num_nodes
+        return self.mesh.ranks_per_node
 
     def with_rank(self, rank: int) -> "Layout":
-        from dataclasses import replace
-
         return replace(self, rank=rank)
-
-
-def strategy_module(strategy: str) -> ModuleType:
-    if strategy not in _MODULE_OF:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    return importlib.import_module(f"dpplan.planner.strategies.{_MODULE_OF[strategy]}")

@@ -27,10 +27,14 @@ What each rank holds, on top of the traced step (cuda):
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 
-from dpplan.planner.strategies.layout import DEEPSPEED_STAGES, Layout
+from dpplan.planner.strategies.common import mesh_process_groups, wraps_every_model
+from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
+from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
 from dpplan.planner.strategies.zero_stage3 import plan_stage3
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
@@ -54,16 +58,14 @@ def stage_of(strategy: str) -> int:
     return DEEPSPEED_STAGES[strategy]
 
 
-def plan_rank(trace: StepTrace, layout: Layout) -> RankTimeline:
+process_groups = mesh_process_groups
+refusal = wraps_every_model
+
+
+def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     stage = stage_of(layout.strategy)
-    if stage == 3:
-        timeline = plan_stage3(trace, layout)
-    else:
-        timeline = plan_stage12(trace, layout, stage)
-    timeline.notes = notes_for(trace, layout) + list(getattr(timeline, "notes", []))
-    if not hasattr(timeline, "host_bytes"):
-        timeline.host_bytes = None
-    return timeline
+    plan = plan_stage3(trace, layout) if stage == 3 else plan_stage12(trace, layout, stage)
+    return replace(plan, notes=(*notes_for(trace, layout), *plan.notes))
 
 
 def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:
@@ -134,11 +136,11 @@ def params_in_partition(trace: StepTrace, world_size: int, rank: int) -> frozens
     return frozenset(i for i, piece in zip(trainable, pieces.tolist()) if piece > 0)
 
 
-def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
+def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankPlan:
     timeline = RankTimeline(trace)
     trainable, padded, slice_numel = flat_layout(trace, layout.world_size)
     if not trainable:
-        return timeline
+        return RankPlan(timeline=timeline)
     itemsize = trace.params[trainable[0]].itemsize
     offload = layout.offload != "none"
     total = sum(trace.params[i].numel for i in trainable)
@@ -223,8 +225,9 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankTimeline:
         norm_pos = optimizer_pos if stage == 1 else spans[-1].backward_end
         timeline.insert(norm_pos, norm_bytes, OTHER)
         timeline.insert(norm_pos, -norm_bytes, OTHER)
-        timeline.host_bytes = _host_bytes_stage12(trace, layout, slice_numel, itemsize, state_bytes, trainable)
-    return timeline
+        host_bytes = _host_bytes_stage12(trace, layout, slice_numel, itemsize, state_bytes, trainable)
+        return RankPlan(timeline=timeline, host_bytes=host_bytes)
+    return RankPlan(timeline=timeline)
 
 
 def _replay_reductions(

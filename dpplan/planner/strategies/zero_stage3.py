@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 
 from dpplan.planner.strategies.layout import Layout
+from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.strategies.zero_settings import ZeroSettings
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
@@ -36,7 +37,7 @@ from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace
 
 
-def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
+def plan_stage3(trace: StepTrace, layout: Layout) -> RankPlan:
     world = layout.world_size
     timeline = RankTimeline(trace)
     offload_optimizer = layout.offload in ("optimizer", "optimizer+params")
@@ -56,7 +57,7 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
 
     trainable = [i for i, p in enumerate(params) if p.grad_storage >= 0]
     if not trainable:
-        return timeline
+        return RankPlan(timeline=timeline)
     itemsize = params[trainable[0]].itemsize
     shard_numel = sum(shard[i] for i in trainable)
     zero_optimizer_state(timeline)
@@ -80,12 +81,13 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
     for p in params:
         unit_numel[p.unit] += p.numel
     largest_unit = max(unit_numel.values())
+    notes = ()
     if min(zero.max_live_parameters, zero.max_reuse_distance) < largest_unit:
         # DeepSpeed gathers and releases module by module; the trace marks layers only.
-        timeline.notes = [
+        notes = (
             f"zero3: stage3_max_live_parameters / stage3_max_reuse_distance below one layer's "
-            f"{largest_unit:,} parameters are planned layer by layer: an overestimate"
-        ]
+            f"{largest_unit:,} parameters are planned layer by layer: an overestimate",
+        )
     spans = micro_batch_spans(trace)
     # Each gradient is copied into its bucket by the hook and autograd's tensor dropped
     # (``reduce_independent_p_g_buckets_and_remove_grads``), but for a gradient larger than the
@@ -147,6 +149,7 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
     timeline.insert(end_pos, kept_flat, PARAMETER)
     timeline.insert(end_pos, kept_bytes, PARAMETER)
     timeline.insert(end_pos, -kept_flat, PARAMETER)
+    host_bytes = None
     if offload_optimizer:
         # Host: fp32 master shards, their optimizer state, the partition-gradient buffer
         # (``grad_partitions_flat_buffer`` on ``self.device`` = cpu) and the fp32 gradient
@@ -154,8 +157,8 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankTimeline:
         per_rank = master_bytes * 2 + state_bytes + grad_partition_bytes
         if offload_params:
             per_rank += sum(shard[i] * p.itemsize for i, p in enumerate(params))
-        timeline.host_bytes = per_rank * layout.ranks_per_node
-    return timeline
+        host_bytes = per_rank * layout.ranks_per_node
+    return RankPlan(timeline=timeline, notes=notes, host_bytes=host_bytes)
 
 
 def sub_group_numels(shards: list[int], sub_group_size: int) -> list[int]:

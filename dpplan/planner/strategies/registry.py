@@ -1,0 +1,123 @@
+"""Every strategy dpplan plans, declared once: what wraps the model, the mesh it runs on, what
+it supports. The CLI, the configs, the planner, the profiler and the real runs read it here.
+
+Importing this module imports no torch (the CLI builds its options from it at start-up); a
+strategy's planning functions live in the module ``StrategyInfo.module`` names, loaded by
+``planner_of`` on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from dpplan.planner.strategies.mesh import Mesh
+
+if TYPE_CHECKING:
+    from dpplan.planner.strategies.protocol import StrategyPlanner
+
+
+class Wrapper(StrEnum):
+    """What the real run wraps the model in (profiler/parallelize.py builds it)."""
+
+    NONE = "none"
+    DATA_PARALLEL = "nn.DataParallel"
+    DDP = "DistributedDataParallel"
+    DDP_ZERO1 = "DistributedDataParallel + ZeroRedundancyOptimizer"
+    DEEPSPEED = "deepspeed.initialize"
+    FSDP1 = "FullyShardedDataParallel"
+    FSDP2 = "fully_shard"
+
+
+class DataAxes(StrEnum):
+    """How a data-parallel strategy spreads its ranks over the mesh."""
+
+    ONE = "one rank"
+    REPLICATE = "dp_replicate"
+    SHARD = "dp_shard"
+    HYBRID = "dp_replicate x dp_shard"
+    """Replicas across nodes, shards inside a node (HSDP: FSDP1 HYBRID_SHARD's 2-D mesh)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyInfo:
+    name: str
+    """The ``--strategy`` value."""
+    module: str
+    """strategies/<module>.py plans it (see protocol.StrategyPlanner)."""
+    wrapper: Wrapper
+    data_axes: DataAxes
+    casts_parameters: bool = False
+    """Mixed precision casts the parameters to the low dtype (FSDP's MixedPrecision, DeepSpeed's
+    bf16/fp16 engine) instead of running the forward under autocast."""
+    casts_buffers: bool = False
+    """Mixed precision also casts floating buffers (FSDP1 MixedPrecision.buffer_dtype)."""
+    offload: bool = False
+    """Optimizer (and parameter) offload to host memory exists for it."""
+    single_device: bool = False
+    """Only ever one GPU."""
+    deepspeed_stage: int | None = None
+    fsdp1_sharding: str | None = None
+    """FSDP1's ``ShardingStrategy`` member."""
+    not_runnable: str | None = None
+    """Why ``dpplan profile`` cannot launch it (None: it can)."""
+
+    def mesh(self, world_size: int, num_nodes: int = 1) -> Mesh:
+        """The mesh this strategy puts ``world_size`` ranks on (``num_nodes`` nodes)."""
+        if self.data_axes is DataAxes.ONE:
+            if world_size != 1:
+                raise ValueError(f"{self.name} runs on one GPU (asked for {world_size})")
+            return Mesh(num_nodes=num_nodes)
+        if self.data_axes is DataAxes.REPLICATE:
+            return Mesh(dp_replicate=world_size, num_nodes=num_nodes)
+        if self.data_axes is DataAxes.SHARD:
+            return Mesh(dp_shard=world_size, num_nodes=num_nodes)
+        if world_size % num_nodes:
+            raise ValueError(f"{self.name}: {world_size} ranks do not split into {num_nodes} nodes")
+        return Mesh(dp_replicate=num_nodes, dp_shard=world_size // num_nodes, num_nodes=num_nodes)
+
+
+def _fsdp1(name: str, sharding: str, axes: DataAxes) -> StrategyInfo:
+    return StrategyInfo(name=name, module="fsdp1", wrapper=Wrapper.FSDP1, data_axes=axes, casts_parameters=True,
+                        casts_buffers=True, offload=True, fsdp1_sharding=sharding)
+
+
+def _zero(stage: int) -> StrategyInfo:
+    return StrategyInfo(name=f"zero{stage}", module="zero", wrapper=Wrapper.DEEPSPEED, data_axes=DataAxes.SHARD,
+                        casts_parameters=True, offload=True, deepspeed_stage=stage)
+
+
+REGISTRY: dict[str, StrategyInfo] = {info.name: info for info in (
+    StrategyInfo(name="single", module="single", wrapper=Wrapper.NONE, data_axes=DataAxes.ONE, single_device=True),
+    StrategyInfo(name="dp", module="data_parallel", wrapper=Wrapper.DATA_PARALLEL, data_axes=DataAxes.REPLICATE,
+                 not_runnable="dp (nn.DataParallel) is one process driving every GPU, not one process per GPU: "
+                              "estimate only"),
+    StrategyInfo(name="ddp", module="ddp", wrapper=Wrapper.DDP, data_axes=DataAxes.REPLICATE),
+    StrategyInfo(name="ddp-zero1", module="ddp_zero1", wrapper=Wrapper.DDP_ZERO1, data_axes=DataAxes.SHARD),
+    _zero(1), _zero(2), _zero(3),
+    _fsdp1("fsdp-full", "FULL_SHARD", DataAxes.SHARD),
+    _fsdp1("fsdp-grad-op", "SHARD_GRAD_OP", DataAxes.SHARD),
+    _fsdp1("fsdp-no-shard", "NO_SHARD", DataAxes.REPLICATE),
+    _fsdp1("fsdp-hybrid", "HYBRID_SHARD", DataAxes.HYBRID),
+    StrategyInfo(name="fsdp2", module="fsdp2", wrapper=Wrapper.FSDP2, data_axes=DataAxes.SHARD,
+                 casts_parameters=True, offload=True),
+)}
+
+STRATEGIES = tuple(REGISTRY)
+"""Every strategy name dpplan plans, in display order (``--strategy`` values)."""
+
+DEEPSPEED_STAGES = {name: info.deepspeed_stage for name, info in REGISTRY.items() if info.deepspeed_stage}
+"""DeepSpeed's ZeRO strategies and their stage numbers."""
+
+
+def strategy_info(name: str) -> StrategyInfo:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    return REGISTRY[name]
+
+
+def planner_of(name: str) -> "StrategyPlanner":
+    """The module that plans ``name`` (it satisfies protocol.StrategyPlanner)."""
+    return importlib.import_module(f"dpplan.planner.strategies.{strategy_info(name).module}")
