@@ -16,7 +16,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -25,6 +24,7 @@ import click
 
 from dpplan import __version__
 from dpplan.cli_types import BYTE_SIZE, ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
+from dpplan.errors import FAILURE_EXIT, INTERRUPTED_EXIT, DpplanError, Interrupted, RunFailed, UsageError
 from dpplan.planner.config import DEVICES, OFFLOADS, PRECISIONS, PlanConfig
 from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
@@ -35,52 +35,25 @@ from dpplan.profiler.profile_settings import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, 
 from dpplan.profiler.recommend import DEFAULT_HEADROOM_PCT, DEFAULT_MAX_TRIALS, DEFAULT_TRIAL_STEPS
 from dpplan.reports.html_settings import PLOTLYJS_MODES
 
-USER_ERROR_EXIT = 2
-RUNTIME_ERROR_EXIT = 1
-INTERRUPTED_EXIT = 130
-
-
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
-# The planner's own error classes, by module. An error of theirs can only come from a module
-# already imported, so they are looked up there when one is raised: commands that never plan
-# (report, gpus, --help) start without importing the planner and torch.
-USER_ERRORS = {
-    "dpplan.planner.model_file": "ModelFileError",
-    "dpplan.planner.trace": "TraceError",
-    "dpplan.planner.units": "WrapError",
-}
-INTERNAL_ERRORS = {
-    "dpplan.planner.fake_tensor": "FakeDeviceError",
-    "dpplan.planner.torch_apis": "TorchApiChanged",
-    "dpplan.planner.trace": "TracerBug",
-}
-
-
-def _loaded_classes(where: dict[str, str]) -> tuple[type, ...]:
-    return tuple(getattr(sys.modules[module], name) for module, name in where.items() if module in sys.modules)
-
-
 def _run_safely(action):
-    """Turn the expected failures into one line and an exit code; never a traceback wall.
-
-    Set DPPLAN_DEBUG=1 to see the traceback of an unexpected error.
-    """
+    """Turn dpplan's errors into one line and their exit code (dpplan/errors.py); never a
+    traceback wall. Anything else is a bug of ours: one line, exit 1, and with DPPLAN_DEBUG=1
+    the traceback."""
     try:
         return action()
     except KeyboardInterrupt:
         _fail("interrupted", INTERRUPTED_EXIT)
+    except DpplanError as exc:
+        _fail(exc.one_line(), exc.exit_code)
     except Exception as exc:
-        if isinstance(exc, (ValueError, *_loaded_classes(USER_ERRORS))):
-            _fail(str(exc), USER_ERROR_EXIT)
-        if isinstance(exc, _loaded_classes(INTERNAL_ERRORS)):
-            _fail(f"internal error while tracing: {exc}", RUNTIME_ERROR_EXIT)
-        if os.environ.get("DPPLAN_DEBUG"):  # a bug of ours: one line, traceback on request
+        if os.environ.get("DPPLAN_DEBUG"):
             raise
-        _fail(f"{type(exc).__name__}: {exc} (set DPPLAN_DEBUG=1 for the traceback)", RUNTIME_ERROR_EXIT)
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set DPPLAN_DEBUG=1 for the traceback)", FAILURE_EXIT)
 
 
 PLOTLYJS_OPTION = click.option(
@@ -293,7 +266,7 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
     """
 
     def action():
-        from dpplan.profiler.profile import Interrupted, ProfileConfig
+        from dpplan.profiler.profile import ProfileConfig
         from dpplan.profiler.profile import profile as run_profile
         from dpplan.reports.plan_json import write_json
         from dpplan.reports.profile_table import ProfileProgress, render_profile
@@ -323,12 +296,12 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
                                    on_done=progress.done, on_trial=progress.trial)
         except Interrupted as exc:
             progress.close()
-            partial = json.loads(exc.path.read_text())
+            partial = exc.document
             if json_path and json_path != "-":
                 write_json(partial, json_path)
             if html_path:  # the runs that finished, in the report too
                 _write_html(partial, html_path, plotlyjs, quiet=True)
-            _fail(str(exc), INTERRUPTED_EXIT)
+            raise
         finally:
             progress.close()
         if json_path != "-":
@@ -337,7 +310,7 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
         failed = [r for r in document["runs"] if r["status"] == "failed"]
         if failed:
             detail = "; ".join(f"{r['strategy']}: {r['error']}" for r in failed)
-            _fail(f"{len(failed)} of {len(document['runs'])} runs failed: {detail}", RUNTIME_ERROR_EXIT)
+            raise RunFailed(f"{len(failed)} of {len(document['runs'])} runs failed: {detail}")
 
     _run_safely(action)
 
@@ -348,7 +321,7 @@ def _check_html_destination(html_path: str, flag: str = "--html") -> None:
 
     parent = Path(html_path).parent
     if not parent.is_dir():
-        raise ValueError(f"{flag}: directory does not exist: {parent}")
+        raise UsageError(f"{flag}: directory does not exist: {parent}")
 
 
 def _write_outputs(document: dict, json_path: str | None, html_path: str | None, plotlyjs: str) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpplan.errors import UsageError
+
 
 def read_json(path: str):
     """The JSON value in ``path``; ValueError (one line) if it is missing or not JSON."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"no such file: {path}")
+        raise UsageError(f"no such file: {path}")
     try:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not JSON: {exc}") from None
+        raise UsageError(f"{path} is not JSON: {exc}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from dpplan.errors import UsageError
 from dpplan.planner.cpu_isa import ISAS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
 from dpplan.planner.optimizers import OPTIMIZERS
@@ -18,26 +19,26 @@ DEFAULT_GPU_COUNTS = (1, 2, 4, 8)
 
 def _choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+        raise UsageError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
 def check_run_settings(config) -> None:
     """The run-describing fields that ``estimate`` and ``profile`` share (one set of flags, see
     cli.run_options), checked the same way for PlanConfig and ProfileConfig."""
     if not config.strategies:
-        raise ValueError("strategies must name at least one strategy")
+        raise UsageError("strategies must name at least one strategy")
     for strategy in config.strategies:
         _choice("strategy", strategy, STRATEGIES)
     for name in ("batch_size", "grad_accum"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1 (got {getattr(config, name)})")
+            raise UsageError(f"{name} must be >= 1 (got {getattr(config, name)})")
     _choice("precision", config.precision, PRECISIONS)
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("offload", config.offload, OFFLOADS)
     if not config.zero.is_default() and any(s not in DEEPSPEED_STAGES for s in config.strategies):
-        raise ValueError("DeepSpeed settings (--deepspeed-config) apply to zero1, zero2 and zero3 only")
+        raise UsageError("DeepSpeed settings (--deepspeed-config) apply to zero1, zero2 and zero3 only")
     if config.zero.torch_autocast and config.precision not in ("bf16-mixed", "fp16-mixed"):
-        raise ValueError("DeepSpeed's torch_autocast needs bf16-mixed or fp16-mixed precision")
+        raise UsageError("DeepSpeed's torch_autocast needs bf16-mixed or fp16-mixed precision")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,28 +79,28 @@ class PlanConfig:
     def __post_init__(self):
         check_run_settings(self)
         if not self.gpus or any(g < 1 for g in self.gpus):
-            raise ValueError(f"gpus must be positive integers (got {self.gpus})")
+            raise UsageError(f"gpus must be positive integers (got {self.gpus})")
         if self.nodes < 1:
-            raise ValueError(f"nodes must be >= 1 (got {self.nodes})")
+            raise UsageError(f"nodes must be >= 1 (got {self.nodes})")
         if self.gpus_per_node is not None:
             if self.gpus_per_node < 1:
-                raise ValueError(f"gpus_per_node must be >= 1 (got {self.gpus_per_node})")
+                raise UsageError(f"gpus_per_node must be >= 1 (got {self.gpus_per_node})")
             if self.nodes != 1:
-                raise ValueError("give either nodes or gpus_per_node, not both")
+                raise UsageError("give either nodes or gpus_per_node, not both")
             for gpus in self.gpus:
                 if gpus > self.gpus_per_node and gpus % self.gpus_per_node:
-                    raise ValueError(f"gpus={gpus} is not a multiple of gpus_per_node={self.gpus_per_node}")
+                    raise UsageError(f"gpus={gpus} is not a multiple of gpus_per_node={self.gpus_per_node}")
         for gpus in self.gpus:
             if gpus % self.nodes_for(gpus):
-                raise ValueError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
+                raise UsageError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
         _choice("device", self.device, DEVICES)
         _choice("cpu_isa", self.cpu_isa, tuple(ISAS))
         if self.cpu_isa != "native" and self.device != "cpu":
-            raise ValueError("cpu_isa applies to the cpu device only (the GPU's kernels are planned for the GPU)")
+            raise UsageError("cpu_isa applies to the cpu device only (the GPU's kernels are planned for the GPU)")
         if self.capacity_bytes is not None and self.capacity_bytes < 1:
-            raise ValueError(f"capacity_bytes must be >= 1 (got {self.capacity_bytes})")
+            raise UsageError(f"capacity_bytes must be >= 1 (got {self.capacity_bytes})")
         if self.gpu.lower() not in GPU_CATALOG:
-            raise ValueError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
+            raise UsageError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
 
     def nodes_for(self, gpus: int) -> int:
         """Nodes that ``gpus`` ranks span."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
+from dpplan.errors import UsageError
+
 ISAS = {
     # name: (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY)
     "native": (None, None),
@@ -40,7 +42,7 @@ def apply(isa: str) -> None:
     if all(os.environ.get(k) == v for k, v in wanted.items()):
         return
     if "torch" in sys.modules:
-        raise ValueError(
+        raise UsageError(
             f"cpu_isa={isa} must be chosen before torch is imported (set "
             + " ".join(f"{k}={v}" for k, v in wanted.items()) + " in the environment, or use dpplan's --cpu-isa)"
         )
@@ -58,7 +60,7 @@ def check_supported(isa: str) -> None:
         "amx": torch.cpu._is_amx_tile_supported,
     }
     if isa != "native" and not has[isa]():
-        raise ValueError(f"this CPU has no {isa}: the CPU target can be planned for this CPU's instruction set or a lower one")
+        raise UsageError(f"this CPU has no {isa}: the CPU target can be planned for this CPU's instruction set or a lower one")
 
 
 def active() -> str:

@@ -15,16 +15,17 @@ assumption it made in a note naming the op. An op that has no upper bound (``rep
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+
+from dpplan.errors import UsageError
 
 aten = torch.ops.aten
 META = torch.device("meta")
 
 
-class UnboundedOp(ValueError):
+class UnboundedOp(UsageError):
     """A data-dependent op whose output size has no bound without the data."""
 
     op: str = ""

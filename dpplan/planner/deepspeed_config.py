@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from dpplan.errors import UsageError
 from dpplan.json_file import read_json
 from dpplan.planner.strategies.zero_settings import ZeroSettings
 
@@ -90,8 +91,8 @@ class DeepSpeedRun:
     zero: ZeroSettings
 
 
-def _error(path: str, message: str) -> ValueError:
-    return ValueError(f"{path}: {message}")
+def _error(path: str, message: str) -> UsageError:
+    return UsageError(f"{path}: {message}")
 
 
 def _number(path: str, key: str, value: Any) -> int | None:
@@ -116,7 +117,7 @@ def _enabled(path: str, section: Any, name: str) -> bool | None:
 
 
 def read_deepspeed_config(path: str) -> DeepSpeedRun:
-    """Parse and check ``path``; every refusal is a one-line ValueError naming the key."""
+    """Parse and check ``path``; every refusal is a one-line UsageError naming the key."""
     config = read_json(path)
     if not isinstance(config, dict):
         raise _error(path, "a DeepSpeed config is a JSON object")
@@ -281,7 +282,7 @@ def resolve_for_model(zero: ZeroSettings, model) -> ZeroSettings:
         return zero
     hidden = model_hidden_size(model)
     if hidden is None:
-        raise ValueError(
+        raise UsageError(
             f"{zero.source}: the model has no config.hidden_size, so these \"auto\" values cannot be filled "
             f"(as in HF's Trainer): {', '.join(hidden_size_auto)}; give them as integers"
         )

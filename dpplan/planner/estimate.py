@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from dpplan.errors import UsageError
 from dpplan.planner import cpu_isa, forked, gpu_overheads
 from dpplan.planner.config import PlanConfig
 from dpplan.planner.deepspeed_config import resolve_for_model
@@ -174,7 +175,7 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     unsupported = refused_strategies(config.strategies, untraced_model(spec))
     strategies = [s for s in config.strategies if s not in unsupported]
     if not strategies:
-        raise ValueError("; ".join(f"{s}: {reason}" for s, reason in unsupported.items()))
+        raise UsageError("; ".join(f"{s}: {reason}" for s, reason in unsupported.items()))
     families: dict[TraceSettings, list[str]] = {}
     floating_buffers = has_floating_buffers(spec)
     floating_inputs = has_floating_inputs(spec)

@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dpplan.errors import InternalError
+
 CPU = torch.device("cpu")
 META = torch.device("meta")
 _Tensor = torch.Tensor
 PRIM_DEVICE = torch.ops.prim.device.default
 
 
-class FakeDeviceError(RuntimeError):
+class FakeDeviceError(InternalError):
     """An op reached a fake-device tensor outside the tracing mode (a dpplan bug)."""
 
 

@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from dpplan.errors import InternalError
+
 MIN_WORK = 500_000
 """Trace events times estimates below which a plan stays in one process (forking costs
 about as much as a small plan)."""
@@ -60,7 +62,7 @@ class ForkedCall:
         if not chunks:
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT:
                 raise KeyboardInterrupt  # Ctrl-C reached the child first
-            raise RuntimeError("the planning child process died without an answer")
+            raise InternalError("the planning child process died without an answer (killed, or out of host memory?)")
         status, value = pickle.loads(b"".join(chunks))
         if status == "error":
             raise value

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dpplan.errors import UsageError
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -63,7 +65,7 @@ DEFAULT_GPU = "h100-80gb"
 def lookup_gpu(name: str) -> GpuSpec:
     key = name.lower()
     if key not in GPU_CATALOG:
-        raise ValueError(f"unknown GPU {name!r}; choose from {', '.join(GPU_CATALOG)}")
+        raise UsageError(f"unknown GPU {name!r}; choose from {', '.join(GPU_CATALOG)}")
     return GPU_CATALOG[key]
 
 

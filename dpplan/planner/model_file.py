@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from dpplan.errors import UsageError
+
 DEFAULT_FACTORY = "build_model"
 MAX_MESSAGE_CHARS = 160
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "default_gpt.py"
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UsageError):
     """A problem with the user's model file, reported as one line (exit code 2)."""
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
+from dpplan.errors import UsageError
+
 if TYPE_CHECKING:  # torch is imported where an optimizer is built: the CLI starts without it
     import torch
 
@@ -35,7 +37,7 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, device_t
         return torch.optim.SGD(params, lr=LEARNING_RATE, momentum=0.9, **extra)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=LEARNING_RATE, **extra)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
 def optimizer_class_and_kwargs(name: str, *, device_type: str) -> tuple[type, dict]:
@@ -52,6 +54,6 @@ def optimizer_class_and_kwargs(name: str, *, device_type: str) -> tuple[type, di
         "adafactor": (torch.optim.Adafactor, {}),
     }
     if name not in table:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     cls, kwargs = table[name]
     return cls, {"lr": LEARNING_RATE, **kwargs, **extra}

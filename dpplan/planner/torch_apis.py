@@ -14,11 +14,13 @@ from typing import Callable
 
 import torch
 
+from dpplan.errors import InternalError
+
 TESTED_TORCH = ("2.13",)
 """The torch releases CI runs the whole suite on (.ci/run installs torch==2.13.0)."""
 
 
-class TorchApiChanged(RuntimeError):
+class TorchApiChanged(InternalError):
     """A private torch API the tracer relies on behaves differently in the installed torch."""
 
 

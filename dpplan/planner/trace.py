@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpplan.errors import InternalError, UsageError
 from dpplan.planner import data_dependent, fake_device, torch_apis
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user, describe_user_exception
@@ -55,7 +56,7 @@ PARAM_CAST = "param-cast"  # parameters cast to the low dtype for compute (FSDP 
 ENGINE_CAST = "engine-cast"
 
 
-class TraceError(ValueError):
+class TraceError(UsageError):
     """The model could not be run on the fake device (one line for the user)."""
 
 
@@ -285,7 +286,7 @@ class _Recorder:
                 self.storage_owner[index] = owner
 
 
-class TracerBug(RuntimeError):
+class TracerBug(InternalError):
     """The tracer itself failed (a dpplan bug, or a torch change under it): an internal error."""
 
 

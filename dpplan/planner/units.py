@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpplan.errors import UsageError
 
-class WrapError(ValueError):
+
+class WrapError(UsageError):
     pass
 
 

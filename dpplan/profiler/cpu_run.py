@@ -11,7 +11,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from dpplan.profiler.launch import LaunchSpec, RunFailed, run_process_tree, worker_command
+from dpplan.errors import RunFailed
+from dpplan.profiler.launch import LaunchSpec, run_process_tree, worker_command
 from dpplan.profiler.worker import RunConfig
 
 __all__ = ["RunFailed", "run_cpu"]

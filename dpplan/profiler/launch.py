@@ -20,20 +20,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpplan.errors import RunTimedOut, UsageError
+
 WORKER_MODULE = "dpplan.profiler.worker"
 KILL_GRACE_S = 10.0
 """How long torchrun gets to stop its ranks after SIGTERM before the tree is killed."""
 INTERRUPT_GRACE_S = 3.0
 """The same after Ctrl-C, where the user is waiting."""
 STATIC_RDZV_PORT = 29400
-
-
-class RunFailed(RuntimeError):
-    pass
-
-
-class RunTimedOut(RunFailed):
-    pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,13 +44,13 @@ class LaunchSpec:
 
     def __post_init__(self):
         if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node must be >= 1 (got {self.nproc_per_node})")
+            raise UsageError(f"nproc_per_node must be >= 1 (got {self.nproc_per_node})")
         if self.nnodes < 1:
-            raise ValueError(f"nnodes must be >= 1 (got {self.nnodes})")
+            raise UsageError(f"nnodes must be >= 1 (got {self.nnodes})")
         if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node_rank must be in 0..{self.nnodes - 1} (got {self.node_rank})")
+            raise UsageError(f"node_rank must be in 0..{self.nnodes - 1} (got {self.node_rank})")
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("a run over several nodes needs rdzv_endpoint (host:port of node 0)")
+            raise UsageError("a run over several nodes needs rdzv_endpoint (host:port of node 0)")
 
     @property
     def world_size(self) -> int:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from dpplan import __version__
+from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
 from dpplan.planner.config import check_run_settings
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
@@ -45,7 +46,6 @@ from dpplan.profiler import recommend as recommendations
 from dpplan.profiler.batch_search import Trial, judge
 from dpplan.profiler.launch import (
     LaunchSpec,
-    RunTimedOut,
     rank_log,
     run_process_tree,
     tail,
@@ -115,36 +115,36 @@ class ProfileConfig:
     def __post_init__(self):
         check_run_settings(self)
         if self.device not in PROFILE_DEVICES:
-            raise ValueError(f"device must be one of {', '.join(PROFILE_DEVICES)} (got {self.device!r})")
+            raise UsageError(f"device must be one of {', '.join(PROFILE_DEVICES)} (got {self.device!r})")
         for name in ("steps", "nnodes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+                raise UsageError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.gpus is not None and self.gpus < 1:
-            raise ValueError(f"gpus must be >= 1 (got {self.gpus})")
+            raise UsageError(f"gpus must be >= 1 (got {self.gpus})")
         if self.gpus is not None and self.gpus % self.nnodes:
-            raise ValueError(f"gpus={self.gpus} (total over all nodes) does not split evenly into nnodes={self.nnodes}")
+            raise UsageError(f"gpus={self.gpus} (total over all nodes) does not split evenly into nnodes={self.nnodes}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+            raise UsageError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node_rank must be in 0..{self.nnodes - 1} (got {self.node_rank})")
+            raise UsageError(f"node_rank must be in 0..{self.nnodes - 1} (got {self.node_rank})")
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
+            raise UsageError("nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
         if self.sample_hz < MIN_SAMPLE_HZ:
-            raise ValueError(f"sample_hz must be >= {MIN_SAMPLE_HZ:g} (got {self.sample_hz})")
+            raise UsageError(f"sample_hz must be >= {MIN_SAMPLE_HZ:g} (got {self.sample_hz})")
         if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0 (got {self.timeout_s})")
+            raise UsageError(f"timeout_s must be > 0 (got {self.timeout_s})")
         if self.gpu is not None and self.gpu.lower() not in GPU_CATALOG:
-            raise ValueError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
+            raise UsageError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
         if self.gpu_memory_bytes is not None and self.gpu_memory_bytes < 1:
-            raise ValueError(f"gpu_memory_bytes must be >= 1 (got {self.gpu_memory_bytes})")
+            raise UsageError(f"gpu_memory_bytes must be >= 1 (got {self.gpu_memory_bytes})")
         if not 0 <= self.headroom_pct < 100:
-            raise ValueError(f"headroom_pct must be in [0, 100) (got {self.headroom_pct})")
+            raise UsageError(f"headroom_pct must be in [0, 100) (got {self.headroom_pct})")
         if self.find_batch_size and self.nnodes > 1:
             # A trial is launched from this node only; the other nodes would never join it.
-            raise ValueError("find_batch_size runs on one node only (nnodes=1)")
+            raise UsageError("find_batch_size runs on one node only (nnodes=1)")
         for name in ("max_trials", "trial_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+                raise UsageError(f"{name} must be >= 1 (got {getattr(self, name)})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,7 +185,7 @@ def detect_gpus() -> dict:
     )
     if completed.returncode != 0:
         last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"could not ask torch for GPUs: {last}")
+        raise RunFailed(f"could not ask torch for GPUs: {last}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -194,7 +194,7 @@ def resolve_target(config: ProfileConfig) -> Target:
     gpus_found = detect_gpus() if config.device != "cpu" else {"count": 0, "name": None, "total_bytes": None}
     num_visible = gpus_found["count"]
     if config.device == "cuda" and not num_visible:
-        raise ValueError("--device cuda: no GPU is visible to torch here")
+        raise UsageError("--device cuda: no GPU is visible to torch here")
     if config.device == "cpu" or not num_visible:
         gpus = config.gpus or DEFAULT_CPU_RANKS * config.nnodes
         notices = [] if config.device == "cpu" else [
@@ -205,7 +205,7 @@ def resolve_target(config: ProfileConfig) -> Target:
     gpus = config.gpus or num_visible * config.nnodes
     per_node = gpus // config.nnodes
     if per_node > num_visible:
-        raise ValueError(f"--gpus {gpus} over {config.nnodes} node(s) needs {per_node} GPUs per node; {num_visible} visible here")
+        raise UsageError(f"--gpus {gpus} over {config.nnodes} node(s) needs {per_node} GPUs per node; {num_visible} visible here")
     name = gpus_found["name"]
     notices = []
     key = config.gpu.lower() if config.gpu else match_gpu(name, gpus_found["total_bytes"])
@@ -222,7 +222,7 @@ def capacity_override(config: ProfileConfig, target: Target) -> int | None:
     --gpu-memory, or on a GPU a catalog card (--gpu) smaller than the one found."""
     if config.gpu_memory_bytes is not None:
         if target.device == "cuda" and target.total_bytes and config.gpu_memory_bytes > target.total_bytes:
-            raise ValueError(
+            raise UsageError(
                 f"--gpu-memory {config.gpu_memory_bytes} bytes is more than the GPU here has ({target.total_bytes} bytes)")
         return config.gpu_memory_bytes
     if target.device == "cuda" and config.gpu and target.total_bytes:
@@ -464,15 +464,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during a profile; the finished runs are in ``path``."""
-
-    def __init__(self, path: Path, num_finished: int):
-        super().__init__(f"interrupted; {num_finished} finished run(s) kept in {path}")
-        self.path = path
-        self.num_finished = num_finished
-
-
 def profile(
     config: ProfileConfig,
     *,
@@ -493,7 +484,7 @@ def profile(
     if config.steps is None:
         config = replace(config, steps=DEFAULT_GPU_STEPS if target.device == "cuda" else DEFAULT_CPU_STEPS)
     if config.find_batch_size and target.device == "cpu" and config.gpu_memory_bytes is None:
-        raise ValueError("--find-batch-size on CPU ranks needs --gpu-memory SIZE (the capacity to test against): "
+        raise UsageError("--find-batch-size on CPU ranks needs --gpu-memory SIZE (the capacity to test against): "
                          "the default, host RAM per rank, would be found by running the machine out of memory")
     capacity_override(config, target)  # --gpu-memory larger than the GPU: a usage error before any launch
     for notice in target.notices:
@@ -557,7 +548,8 @@ def profile(
     except KeyboardInterrupt:
         document["interrupted"] = True
         path = results_json.write_profile(document, out_dir)
-        raise Interrupted(path, len(document["runs"])) from None
+        raise Interrupted(f"interrupted; {len(document['runs'])} finished run(s) kept in {path}",
+                          document=document, path=path) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -29,6 +29,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dpplan.errors import UsageError
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
 DEVICES = ("cpu", "cuda")
@@ -71,13 +72,13 @@ class RunConfig:
 
     def __post_init__(self):
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+            raise UsageError(f"steps must be >= 1 (got {self.steps})")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+            raise UsageError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if self.memory_limit_bytes is not None and self.memory_limit_bytes < 1:
-            raise ValueError(f"memory_limit_bytes must be >= 1 (got {self.memory_limit_bytes})")
+            raise UsageError(f"memory_limit_bytes must be >= 1 (got {self.memory_limit_bytes})")
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+            raise UsageError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
 
 
 def zero_settings(data: dict | None) -> ZeroSettings:

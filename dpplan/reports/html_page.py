@@ -23,6 +23,7 @@ import plotly.io as pio
 from markupsafe import Markup
 
 from dpplan import __version__
+from dpplan.errors import UsageError
 from dpplan.reports.html_settings import PLOTLYJS_MODES
 
 FIGURE_CONFIG = {
@@ -159,7 +160,7 @@ def _figure_html(block: Figure) -> Markup:
 @lru_cache(maxsize=len(PLOTLYJS_MODES))
 def _plotly_script(mode: str) -> Markup:
     if mode not in PLOTLYJS_MODES:
-        raise ValueError(f"--plotlyjs must be one of {', '.join(PLOTLYJS_MODES)} (got {mode!r})")
+        raise UsageError(f"--plotlyjs must be one of {', '.join(PLOTLYJS_MODES)} (got {mode!r})")
     # An empty figure's markup carries exactly the script tags plotly uses for the mode (a
     # PlotlyConfig line, then the library inline or a <script src> of the CDN with its
     # integrity hash), before the figure's own <div id=...>.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpplan.errors import UsageError
 from dpplan.json_file import read_json
 from dpplan.reports.html_page import render_page
 
@@ -22,7 +23,7 @@ def render_report(document: dict, *, plotlyjs: str = "inline") -> str:
 
         page = profile_page(document)
     else:
-        raise ValueError(f"not a dpplan estimate or profile JSON (kind {kind!r}; expected one of {', '.join(KINDS)})")
+        raise UsageError(f"not a dpplan estimate or profile JSON (kind {kind!r}; expected one of {', '.join(KINDS)})")
     return render_page(page, plotlyjs=plotlyjs)
 
 
@@ -30,9 +31,9 @@ def read_document(path: str) -> dict:
     """A dpplan JSON file, with one-line errors for a missing or malformed file."""
     document = read_json(path)
     if not isinstance(document, dict) or document.get("kind") not in KINDS:
-        raise ValueError(f"{path} is not a dpplan estimate or profile JSON (no \"kind\": estimate|profile)")
+        raise UsageError(f"{path} is not a dpplan estimate or profile JSON (no \"kind\": estimate|profile)")
     if document.get("schema_version") != 1:
-        raise ValueError(f"{path}: schema_version {document.get('schema_version')!r} is not supported (expected 1)")
+        raise UsageError(f"{path}: schema_version {document.get('schema_version')!r} is not supported (expected 1)")
     return document
 
 

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dpplan import __version__
+from dpplan.errors import UsageError
 from dpplan.planner.cpu_kernels import cpu_description
 from dpplan.planner.estimate import Plan
 
@@ -45,5 +46,5 @@ def write_json(data: dict, destination: str) -> None:
         return
     path = Path(destination)
     if path.parent and not path.parent.exists():
-        raise ValueError(f"--json: directory does not exist: {path.parent}")
+        raise UsageError(f"--json: directory does not exist: {path.parent}")
     path.write_text(text)

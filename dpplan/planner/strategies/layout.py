@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from dpplan.errors import UsageError
 from dpplan.planner.strategies.mesh import Mesh
 from dpplan.planner.strategies.registry import StrategyInfo, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
@@ -32,9 +33,9 @@ class Layout:
     def __post_init__(self):
         unplanned = [a.name for a in self.mesh.axes() if a.name not in PLANNED_AXES] + ["ep"] * (self.mesh.ep > 1)
         if unplanned:
-            raise ValueError(f"{', '.join(unplanned)} parallelism is not planned yet (mesh {self.mesh.describe()})")
+            raise UsageError(f"{', '.join(unplanned)} parallelism is not planned yet (mesh {self.mesh.describe()})")
         if not 0 <= self.rank < self.mesh.world_size:
-            raise ValueError(f"rank {self.rank} is outside a mesh of {self.mesh.world_size} ranks")
+            raise UsageError(f"rank {self.rank} is outside a mesh of {self.mesh.world_size} ranks")
 
     @classmethod
     def of(cls, strategy: str, world_size: int, num_nodes: int = 1, **settings) -> "Layout":

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from dpplan.errors import UsageError
+
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 """The mesh's axes that multiply the world size, outermost first (torchtitan's order)."""
 
@@ -54,16 +56,16 @@ class Mesh:
     def __post_init__(self):
         for name in (*AXES, "ep", "num_nodes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"mesh axis {name} must be >= 1 (got {getattr(self, name)})")
+                raise UsageError(f"mesh axis {name} must be >= 1 (got {getattr(self, name)})")
         if self.world_size % self.num_nodes:
-            raise ValueError(f"{self.world_size} ranks do not split evenly into {self.num_nodes} nodes")
+            raise UsageError(f"{self.world_size} ranks do not split evenly into {self.num_nodes} nodes")
         if (self.dp_shard * self.cp) % self.ep:
-            raise ValueError(f"ep={self.ep} must divide dp_shard x cp = {self.dp_shard * self.cp}")
+            raise UsageError(f"ep={self.ep} must divide dp_shard x cp = {self.dp_shard * self.cp}")
         for axis in self.axes():
             block = axis.size * axis.stride
             if block % self.ranks_per_node and self.ranks_per_node % block:
                 # a group would hold some nodes' ranks partly: no launcher lays ranks out so
-                raise ValueError(
+                raise UsageError(
                     f"mesh axis {axis.name} (size {axis.size}) straddles nodes of {self.ranks_per_node} ranks unevenly"
                 )
 
@@ -97,7 +99,7 @@ class Mesh:
             if axis.name == name:
                 return axis
         if name not in AXES:
-            raise ValueError(f"unknown mesh axis {name!r}; choose from {', '.join(AXES)}")
+            raise UsageError(f"unknown mesh axis {name!r}; choose from {', '.join(AXES)}")
         return MeshAxis(name, 1, 1, False)
 
     def coordinate(self, rank: int, name: str) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from dpplan.errors import UsageError
 from dpplan.planner.strategies.mesh import Mesh
 
 if TYPE_CHECKING:
@@ -68,14 +69,14 @@ class StrategyInfo:
         """The mesh this strategy puts ``world_size`` ranks on (``num_nodes`` nodes)."""
         if self.data_axes is DataAxes.ONE:
             if world_size != 1:
-                raise ValueError(f"{self.name} runs on one GPU (asked for {world_size})")
+                raise UsageError(f"{self.name} runs on one GPU (asked for {world_size})")
             return Mesh(num_nodes=num_nodes)
         if self.data_axes is DataAxes.REPLICATE:
             return Mesh(dp_replicate=world_size, num_nodes=num_nodes)
         if self.data_axes is DataAxes.SHARD:
             return Mesh(dp_shard=world_size, num_nodes=num_nodes)
         if world_size % num_nodes:
-            raise ValueError(f"{self.name}: {world_size} ranks do not split into {num_nodes} nodes")
+            raise UsageError(f"{self.name}: {world_size} ranks do not split into {num_nodes} nodes")
         return Mesh(dp_replicate=num_nodes, dp_shard=world_size // num_nodes, num_nodes=num_nodes)
 
 
@@ -114,7 +115,7 @@ DEEPSPEED_STAGES = {name: info.deepspeed_stage for name, info in REGISTRY.items(
 
 def strategy_info(name: str) -> StrategyInfo:
     if name not in REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     return REGISTRY[name]
 
 
