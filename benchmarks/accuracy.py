@@ -29,13 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpplan.planner.config import PlanConfig  # noqa: E402
+from dpplan.config import PlanConfig, RunConfig, RunSpec  # noqa: E402
 from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config  # noqa: E402
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO  # noqa: E402
 from dpplan.planner.estimate import estimate  # noqa: E402
 from dpplan.planner.strategies.registry import DEEPSPEED_STAGES  # noqa: E402
 from dpplan.profiler.cpu_run import RunFailed, run_cpu  # noqa: E402
-from dpplan.profiler.worker import RunConfig  # noqa: E402
 
 MODELS = ROOT / "benchmarks" / "models"
 DEEPSPEED_CONFIGS = ROOT / "benchmarks" / "deepspeed_configs"
@@ -247,36 +246,23 @@ def quick_suite() -> list[Case]:
     ]
 
 
+def case_run(case: Case) -> tuple[RunSpec, str]:
+    """The case's training step and its strategy (a --deepspeed-config file may set both)."""
+    settings = case.settings()
+    strategy = settings.pop("strategies")[0]
+    run = RunSpec(model=case.model, activation_checkpointing=case.activation_checkpointing, wrap=case.wrap, **settings)
+    return run, strategy
+
+
 def estimate_case(case: Case) -> int:
-    config = PlanConfig(
-        model=case.model,
-        gpus=(case.ranks,),
-        nodes=case.nodes,
-        activation_checkpointing=case.activation_checkpointing,
-        wrap=case.wrap,
-        device="cpu",
-        **case.settings(),
-    )
+    run, strategy = case_run(case)
+    config = PlanConfig(run=run, strategies=(strategy,), gpus=(case.ranks,), nodes=case.nodes, device="cpu")
     return estimate(config).estimates[0].peak_bytes
 
 
 def measure_case(case: Case) -> list[int]:
-    settings = case.settings()
-    zero = settings["zero"]
-    config = RunConfig(
-        model=case.model,
-        strategy=settings["strategies"][0],
-        batch_size=settings["batch_size"],
-        grad_accum=settings["grad_accum"],
-        precision=settings["precision"],
-        optimizer=settings["optimizer"],
-        activation_checkpointing=case.activation_checkpointing,
-        wrap=case.wrap,
-        nodes=case.nodes,
-        steps=3,
-        offload=settings["offload"],
-        zero=None if zero.is_default() else asdict(zero),
-    )
+    run, strategy = case_run(case)
+    config = RunConfig(run=run, strategy=strategy, nodes=case.nodes, steps=3)
     return [r["steady_peak_bytes"] for r in run_cpu(config, case.ranks)]
 
 

@@ -25,14 +25,26 @@ import click
 from dpplan import __version__
 from dpplan.cli_types import BYTE_SIZE, ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
 from dpplan.errors import FAILURE_EXIT, INTERRUPTED_EXIT, DpplanError, Interrupted, RunFailed, UsageError
-from dpplan.planner.config import DEVICES, OFFLOADS, PRECISIONS, PlanConfig
+from dpplan.config import (
+    DEFAULT_HEADROOM_PCT,
+    DEFAULT_MAX_TRIALS,
+    DEFAULT_PROFILE_STRATEGIES,
+    DEFAULT_TRIAL_STEPS,
+    MIN_SAMPLE_HZ,
+    OFFLOADS,
+    PLAN_DEVICES,
+    PRECISIONS,
+    PROFILE_DEVICES,
+    RUN_FIELDS,
+    PlanConfig,
+    ProfileConfig,
+    RunSpec,
+)
 from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
 from dpplan.planner.cpu_isa import apply as apply_cpu_isa
-from dpplan.planner.optimizers import OPTIMIZERS
+from dpplan.training.optimizers import OPTIMIZERS
 from dpplan.planner.strategies.registry import STRATEGIES
-from dpplan.profiler.profile_settings import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
-from dpplan.profiler.recommend import DEFAULT_HEADROOM_PCT, DEFAULT_MAX_TRIALS, DEFAULT_TRIAL_STEPS
 from dpplan.reports.html_settings import PLOTLYJS_MODES
 
 def _fail(message: str, code: int) -> None:
@@ -84,38 +96,46 @@ def _command_line() -> str:
 
 
 RUN_FLAGS = ("strategies", "precision", "offload", "optimizer", "batch_size", "grad_accum")
+"""The flags a --deepspeed-config file can also set."""
+RUN_DEFAULTS = RunSpec()
+"""The flags' defaults are RunSpec's: estimate, profile and every real run share one set."""
 
 
-def deepspeed_overrides(path: str | None, values: dict, gpus: tuple[int, ...]) -> dict:
-    """The run settings of --deepspeed-config (empty without it): the file's values, the
-    flags' where the file says "auto"; a flag typed on the command line that contradicts
-    the file is an error."""
-    if path is None:
-        return {}
-    from click.core import ParameterSource
+def run_spec(model: str | None, flags: dict, deepspeed_config: str | None,
+             gpus: tuple[int, ...]) -> tuple[RunSpec, tuple[str, ...]]:
+    """The RunSpec and the strategies the run flags ask for. With --deepspeed-config, the file's
+    values and the flags' where the file says "auto"; a flag typed on the command line that
+    contradicts the file is an error."""
+    values = {name: flags[name] for name in (*RUN_FIELDS, "strategies") if name in flags}
+    if deepspeed_config is not None:
+        from click.core import ParameterSource
 
-    from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config
+        from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config
 
-    ctx = click.get_current_context()
-    given = {name for name in RUN_FLAGS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
-    return merge_with_flags(read_deepspeed_config(path), {k: values[k] for k in RUN_FLAGS}, given, gpus)
+        ctx = click.get_current_context()
+        given = {name for name in RUN_FLAGS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+        values.update(merge_with_flags(read_deepspeed_config(deepspeed_config), {k: values[k] for k in RUN_FLAGS},
+                                       given, gpus))
+    strategies = values.pop("strategies")
+    return RunSpec(model=model, **values), strategies
 
 
 def run_options(command):
     """The flags that describe the training run, shared by estimate and profile so that they
     mean exactly the same in both (every profiled run has a matching estimate)."""
     options = [
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch per GPU."),
-        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=RUN_DEFAULTS.batch_size, show_default=True,
+                     help="Micro-batch per GPU."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=RUN_DEFAULTS.grad_accum, show_default=True,
                      help="Micro-batches per optimizer step."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="bf16-mixed", show_default=True,
+        click.option("--precision", type=click.Choice(PRECISIONS), default=RUN_DEFAULTS.precision, show_default=True,
                      help="fp32 | bf16-mixed (fp32 params, bf16 compute) | fp16-mixed (+ grad scaler) | bf16 (all bf16)."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True),
-        click.option("--activation-checkpointing", is_flag=True,
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=RUN_DEFAULTS.optimizer, show_default=True),
+        click.option("--activation-checkpointing", is_flag=True, default=RUN_DEFAULTS.activation_checkpointing,
                      help="The model's gradient_checkpointing_enable(), else non-reentrant checkpointing per unit."),
-        click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
+        click.option("--offload", type=click.Choice(OFFLOADS), default=RUN_DEFAULTS.offload, show_default=True,
                      help="Move optimizer state (and parameters) to host memory."),
-        click.option("--wrap", metavar="CLASSNAME", default=None,
+        click.option("--wrap", metavar="CLASSNAME", default=RUN_DEFAULTS.wrap,
                      help="FSDP / checkpointing unit class (default: children of the largest nn.ModuleList)."),
         click.option("--deepspeed-config", "deepspeed_config", metavar="JSON", default=None,
                      help="A DeepSpeed config file: its ZeRO stage, precision, offload, batch, accumulation and "
@@ -138,20 +158,20 @@ def main() -> None:
               help=f"Comma list or 'all' of: {', '.join(STRATEGIES)}.")
 @click.option("--gpus", type=POSITIVE_INT_LIST, default="1,2,4,8", show_default=True,
               help="Total GPUs (ranks); a comma list plans each.")
-@click.option("--nodes", type=click.IntRange(min=1), default=None, help="Nodes the GPUs span  [default: 1]")
+@click.option("--nodes", "--nnodes", "nodes", type=click.IntRange(min=1), default=None,
+              help="Nodes the GPUs span (--nnodes as in torchrun)  [default: 1]")
 @click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
               help="For sweeps over --gpus: nodes = gpus / this (instead of --nodes).")
 @run_options
 @click.option("--gpu", type=GPU_NAME, default=DEFAULT_GPU, show_default=True, help="GPU model (see `dpplan gpus`).")
-@click.option("--device", type=click.Choice(DEVICES), default="cuda", show_default=True,
+@click.option("--device", type=click.Choice(PLAN_DEVICES), default="cuda", show_default=True,
               help="cuda: GPU memory; cpu: the tensor bytes of a CPU (gloo) run, for validation without GPUs.")
 @click.option("--cpu-isa", type=click.Choice(tuple(CPU_ISAS)), default="native", show_default=True,
               help="--device cpu: plan the CPU kernels of this instruction set (this CPU's or a lower one).")
 @click.option("--json", "json_path", metavar="PATH|-", default=None, help="Also write the plan as JSON ('-': stdout only).")
 @html_options
-def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_accum, precision, optimizer,
-             activation_checkpointing, offload, wrap, deepspeed_config, gpu, device, cpu_isa, json_path, html_path,
-             plotlyjs):
+def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, cpu_isa, json_path, html_path,
+             plotlyjs, **run_flags):
     """Plan per-GPU memory of MODEL (path.py or path.py:factory) for each strategy.
 
     Without MODEL, plans dpplan's bundled GPT model. Nothing is allocated: the model is
@@ -179,14 +199,9 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
         from dpplan.reports.plan_json import plan_to_json
         from dpplan.reports.plan_table import render_plan
 
-        settings = dict(strategies=strategies, batch_size=batch_size, grad_accum=grad_accum, precision=precision,
-                        optimizer=optimizer, offload=offload)
-        settings.update(deepspeed_overrides(deepspeed_config, settings, gpus))
-        config = PlanConfig(
-            model=model, gpus=gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
-            activation_checkpointing=activation_checkpointing, wrap=wrap,
-            gpu=gpu, device=device, cpu_isa=cpu_isa, **settings,
-        )
+        run, strategies = run_spec(model, run_flags, deepspeed_config, gpus)
+        config = PlanConfig(run=run, strategies=strategies, gpus=gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
+                            gpu=gpu, device=device, cpu_isa=cpu_isa)
         if html_path:
             _check_html_destination(html_path)
         plan = plan_memory(config)
@@ -200,11 +215,12 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
 
 @main.command()
 @click.argument("model", required=False, metavar="[MODEL]")
-@click.option("--strategy", "strategies", type=STRATEGY_LIST, default=",".join(DEFAULT_STRATEGIES), show_default=True,
+@click.option("--strategy", "strategies", type=STRATEGY_LIST, default=",".join(DEFAULT_PROFILE_STRATEGIES), show_default=True,
               help=f"Comma list or 'all' of: {', '.join(STRATEGIES)} (dp: estimate only; zero1, zero2, zero3 need DeepSpeed installed).")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Total ranks over all nodes, as in estimate  [default: every visible GPU; without GPUs 2 CPU ranks]")
-@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes (torchrun --nnodes).")
+@click.option("--nnodes", "--nodes", "nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes (torchrun --nnodes; --nodes as in estimate).")
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
               help="This node's rank (torchrun --node-rank).")
 @click.option("--rdzv-endpoint", type=ENDPOINT, default=None, help="host:port of node 0 (torchrun --rdzv-endpoint).")
@@ -241,10 +257,9 @@ def estimate(model, strategies, gpus, nodes, gpus_per_node, batch_size, grad_acc
 @click.option("--json", "json_path", metavar="PATH|-", default=None,
               help="Also write the merged profile JSON here ('-': stdout only).")
 @html_options
-def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_size, grad_accum, precision, optimizer,
-            activation_checkpointing, offload, wrap, deepspeed_config, steps, warmup_steps, sample_hz, timeout_s, device, gpu,
-            gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path,
-            html_path, plotlyjs):
+def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, steps, warmup_steps, sample_hz, timeout_s,
+            device, gpu, gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path,
+            html_path, plotlyjs, **run_flags):
     """Run MODEL for a few steps per strategy on real GPUs and measure its memory and speed.
 
     One process per GPU through torch.distributed.run (NCCL); without GPUs the same
@@ -266,17 +281,13 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
     """
 
     def action():
-        from dpplan.profiler.profile import ProfileConfig
         from dpplan.profiler.profile import profile as run_profile
         from dpplan.reports.plan_json import write_json
         from dpplan.reports.profile_table import ProfileProgress, render_profile
 
-        settings = dict(strategies=strategies, batch_size=batch_size, grad_accum=grad_accum, precision=precision,
-                        optimizer=optimizer, offload=offload)
-        settings.update(deepspeed_overrides(deepspeed_config, settings, (gpus,) if gpus else ()))
+        run, strategies = run_spec(model, run_flags, deepspeed_config, (gpus,) if gpus else ())
         config = ProfileConfig(
-            model=model, gpus=gpus, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-            activation_checkpointing=activation_checkpointing, wrap=wrap, **settings,
+            run=run, strategies=strategies, gpus=gpus, nodes=nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
             steps=steps, warmup_steps=warmup_steps, sample_hz=sample_hz, timeout_s=timeout_s, device=device,
             gpu=gpu, out_dir=out_dir, gpu_memory_bytes=gpu_memory_bytes, headroom_pct=headroom_pct,
             find_batch_size=find_batch_size, max_trials=max_trials, trial_steps=trial_steps,
@@ -284,7 +295,7 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
         progress = ProfileProgress()
 
         def on_start(strategy, index, count, commands):
-            if nnodes > 1:
+            if nodes > 1:
                 progress.notice(f"{strategy} as torchrun on each node: {commands['torchrun']}")
                 progress.notice(f"{strategy} under SLURM: {commands['srun']}")
             progress.start(strategy, index, count)

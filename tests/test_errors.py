@@ -6,10 +6,10 @@ from dpplan import errors
 from dpplan.cli import _run_safely
 from dpplan.planner.data_dependent import UnboundedOp
 from dpplan.planner.fake_tensor import FakeDeviceError
-from dpplan.planner.model_file import ModelFileError
+from dpplan.training.model_file import ModelFileError
 from dpplan.planner.torch_apis import TorchApiChanged
 from dpplan.planner.trace import TraceError, TracerBug
-from dpplan.planner.units import WrapError
+from dpplan.training.units import WrapError
 
 
 @pytest.mark.parametrize("cls", [ModelFileError, TraceError, WrapError, UnboundedOp])

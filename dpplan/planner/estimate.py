@@ -13,10 +13,10 @@ import numpy as np
 
 from dpplan.errors import UsageError
 from dpplan.planner import cpu_isa, forked, gpu_overheads
-from dpplan.planner.config import PlanConfig
+from dpplan.config import PlanConfig
 from dpplan.planner.deepspeed_config import resolve_for_model
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
-from dpplan.planner.model_file import ModelSpec, load_model_file
+from dpplan.training.model_file import ModelSpec, load_model_file
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.strategies.registry import Wrapper, planner_of, strategy_info
@@ -124,27 +124,27 @@ def trace_settings_for(
     without floating buffers (``floating_buffers=False``) gives FSDP1 and FSDP2 one trace, and
     one without floating inputs (``floating_inputs=False``) gives DeepSpeed and FSDP2 one."""
     info = strategy_info(strategy)
-    mixed = config.precision in ("bf16-mixed", "fp16-mixed")
+    mixed = config.run.precision in ("bf16-mixed", "fp16-mixed")
     family = AUTOCAST
     if mixed and info.wrapper is Wrapper.DEEPSPEED:
-        if not config.zero.torch_autocast:
+        if not config.run.zero.torch_autocast:
             # parameters cast, buffers kept, as FSDP2 traces them; the two differ only in where
             # floating inputs are cast (before the step, or at the root's forward)
             family = ENGINE_CAST if floating_inputs else PARAM_CAST
     elif mixed and info.casts_parameters:
         family = PARAM_CAST
     return TraceSettings(
-        precision=config.precision,
+        precision=config.run.precision,
         family=family,
         cast_buffers=family == PARAM_CAST and info.casts_buffers and floating_buffers,
-        optimizer=config.optimizer,
-        activation_checkpointing=config.activation_checkpointing,
-        num_micro_batches=2 if config.grad_accum > 1 else 1,
-        grad_accum=config.grad_accum,
-        wrap=config.wrap,
+        optimizer=config.run.optimizer,
+        activation_checkpointing=config.run.activation_checkpointing,
+        num_micro_batches=2 if config.run.grad_accum > 1 else 1,
+        grad_accum=config.run.grad_accum,
+        wrap=config.run.wrap,
         device_type=config.device,
         # only CPU kernels are measured (at the plan's batch): GPU traces stay batch-free
-        kernel_batch_size=config.batch_size if config.device == "cpu" else TraceSettings.kernel_batch_size,
+        kernel_batch_size=config.run.batch_size if config.device == "cpu" else TraceSettings.kernel_batch_size,
     )
 
 
@@ -169,9 +169,9 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     if config.device == "cpu":
         cpu_isa.apply(config.cpu_isa)
         cpu_isa.check_supported(config.cpu_isa)
-    spec = spec or load_model_file(config.model)
-    if config.zero.hidden_size_auto:
-        config = replace(config, zero=resolve_for_model(config.zero, untraced_model(spec)))
+    spec = spec or load_model_file(config.run.model)
+    if config.run.zero.hidden_size_auto:
+        config = replace(config, run=replace(config.run, zero=resolve_for_model(config.run.zero, untraced_model(spec))))
     unsupported = refused_strategies(config.strategies, untraced_model(spec))
     strategies = [s for s in config.strategies if s not in unsupported]
     if not strategies:
@@ -289,11 +289,11 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         strategy,
         gpus,
         nodes,
-        precision=config.precision,
-        grad_accum=config.grad_accum,
-        offload=config.offload,
+        precision=config.run.precision,
+        grad_accum=config.run.grad_accum,
+        offload=config.run.offload,
         device_type=config.device,
-        zero=config.zero,
+        zero=config.run.zero,
     )
     capacity = capacity_for(config, gpus)
     gpu = lookup_gpu(config.gpu) if config.device == "cuda" else None
@@ -302,8 +302,8 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
     for rank in planner.ranks_to_evaluate(trace, layout):
         plan = planner.plan_rank(trace, layout.with_rank(rank))
         timeline = plan.timeline
-        peak = timeline.peak(config.batch_size)
-        runtime = runtime_terms(plan, peak, gpu, layout, config.batch_size)
+        peak = timeline.peak(config.run.batch_size)
+        runtime = runtime_terms(plan, peak, gpu, layout, config.run.batch_size)
         offloaded = offloaded_on_this_rank(plan, layout)  # 0 on cuda
         runtime = {key: value + offloaded for key, value in runtime.items()}
         total = runtime["device_bytes"]
@@ -316,7 +316,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
     assert best is not None
     total, rank, peak, plan, runtime = best
     notes = list(trace.notes) + list(plan.notes)
-    if config.offload != "none" and not strategy_info(strategy).offload:
+    if config.run.offload != "none" and not strategy_info(strategy).offload:
         notes.append(f"{strategy} has no offload in torch; planned without offload (use zero* or fsdp*)")
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
     for category, nbytes in peak.bytes_by_category.items():
@@ -328,12 +328,12 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         strategy=strategy,
         gpus=gpus,
         nodes=nodes,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        precision=config.precision,
-        optimizer=config.optimizer,
-        activation_checkpointing=config.activation_checkpointing,
-        offload=config.offload,
+        batch_size=config.run.batch_size,
+        grad_accum=config.run.grad_accum,
+        precision=config.run.precision,
+        optimizer=config.run.optimizer,
+        activation_checkpointing=config.run.activation_checkpointing,
+        offload=config.run.offload,
         device=config.device,
         gpu=gpu.name if gpu else None,
         breakdown=breakdown,
@@ -382,7 +382,7 @@ def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace
         num_units=len(trace.unit_names) - 1,
         unit_names=trace.unit_names[:-1],
         checkpointing=trace.checkpointing,
-        top_activation_modules=top_activation_modules(trace, config.batch_size),
+        top_activation_modules=top_activation_modules(trace, config.run.batch_size),
         trace_seconds=trace_seconds,
         num_traced_ops=trace.num_ops,
         repeated_layers=trace.repeated_layers,
@@ -408,7 +408,3 @@ def top_activation_modules(trace: StepTrace, batch_size: int, limit: int = TOP_M
         for i in order
         if per_module[i] > 0
     ]
-
-
-def with_batch_size(config: PlanConfig, batch_size: int) -> PlanConfig:
-    return replace(config, batch_size=batch_size)

@@ -43,7 +43,7 @@ import numpy as np
 from torch import nn
 
 from dpplan.planner.trace import Marker, ParamInfo, StepTrace, batch_degree
-from dpplan.planner.units import find_units
+from dpplan.training.units import find_units
 
 MIN_LAYERS = 8
 """Fewer layers are traced in full: the two short traces together hold seven layers."""

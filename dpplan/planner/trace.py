@@ -30,12 +30,12 @@ from torch import nn
 from dpplan.errors import InternalError, UsageError
 from dpplan.planner import data_dependent, fake_device, torch_apis
 from dpplan.planner.no_dynamo import dynamo_untouched
-from dpplan.planner.model_file import ModelFileError, ModelSpec, build_module, call_user, describe_user_exception
-from dpplan.planner.optimizers import build_optimizer
-from dpplan.planner.training_step import (
+from dpplan.training.model_file import ModelFileError, ModelSpec, build_module, call_user, describe_user_exception
+from dpplan.training.optimizers import build_optimizer
+from dpplan.training.training_step import (
     LOW_PRECISION_DTYPE, autocast_context, cast_floating, run_micro_batch, run_optimizer_step,
 )
-from dpplan.planner.units import checkpoint_units, find_units
+from dpplan.training.units import checkpoint_units, find_units
 
 TRACE_BATCH_SIZE = 1009
 """The prime micro-batch size the step is traced at (see module docstring)."""

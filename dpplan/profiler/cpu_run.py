@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
+from dpplan.config import RunConfig
 from dpplan.errors import RunFailed
 from dpplan.profiler.launch import LaunchSpec, run_process_tree, worker_command
-from dpplan.profiler.worker import RunConfig
 
 __all__ = ["RunFailed", "run_cpu"]
 
@@ -24,7 +23,7 @@ def run_cpu(config: RunConfig, num_ranks: int, *, timeout_s: float = 900, out_di
     if out_dir is None:
         temp = tempfile.TemporaryDirectory(prefix="dpplan-cpu-run-")
         out_dir = Path(temp.name)
-    command = worker_command(LaunchSpec(nproc_per_node=num_ranks), json.dumps(asdict(config)), out_dir)
+    command = worker_command(LaunchSpec(nproc_per_node=num_ranks), json.dumps(config.to_json()), out_dir)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     try:
         completed = run_process_tree(command, env=env, timeout_s=timeout_s)

@@ -14,7 +14,7 @@ Precision, as users mean it (Lightning's DeepSpeedStrategy and accelerate map so
   bf16        the model is already bf16 (the worker casts it); the ``"bf16"`` section
   with ``ZeroSettings.torch_autocast``: the ``"torch_autocast"`` section instead
 
-The training step (planner/training_step.py) drives the engine: forward through the engine,
+The training step (training/training_step.py) drives the engine: forward through the engine,
 ``engine.backward`` (the loss is already divided by the accumulation steps), and one
 ``engine.step()`` after the last micro-batch, which steps and zeroes the gradients. The
 micro-batches before the last run with the accumulation boundary off
@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from dpplan.planner.deepspeed_config import resolve_for_model
-from dpplan.planner.optimizers import build_optimizer
+from dpplan.training.optimizers import build_optimizer
 from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
-from dpplan.planner.training_step import cast_floating
+from dpplan.training.training_step import cast_floating
 
 PRECISION_SECTIONS = {"bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}
 INPUT_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "fp16-mixed": torch.float16}

@@ -9,7 +9,7 @@ Each strategy's wrapper (strategies/registry.py ``Wrapper``) is torch's own, wit
                   DeepSpeed's ZeRO stages through deepspeed.initialize (profiler/deepspeed_run.py)
   fsdp-full, fsdp-grad-op, fsdp-no-shard, fsdp-hybrid
                   FSDP1 with that ShardingStrategy, use_orig_params=True, one unit per
-                  planned unit module (see planner/units.py) plus the root
+                  planned unit module (see training/units.py) plus the root
   fsdp2           fully_shard on each unit, then on the root (reshard after forward)
 
 Offload (``--offload optimizer`` or ``optimizer+params``) on cuda, as the planner plans it:
@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dpplan.planner.optimizers import build_optimizer, optimizer_class_and_kwargs
-from dpplan.planner.training_step import LOW_PRECISION_DTYPE
+from dpplan.training.optimizers import build_optimizer, optimizer_class_and_kwargs
+from dpplan.training.training_step import LOW_PRECISION_DTYPE
 from dpplan.planner.strategies.registry import DataAxes, Wrapper, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.profiler.deepspeed_run import cast_inputs, engine_no_sync, initialize_engine

@@ -37,8 +37,7 @@ from typing import Callable
 
 from dpplan import __version__
 from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
-from dpplan.planner.config import check_run_settings
-from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
+from dpplan.config import PlanConfig, ProfileConfig, RunConfig
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
 from dpplan.planner.strategies.registry import Wrapper, strategy_info
 from dpplan.profiler import profile_results as results_json
@@ -52,8 +51,6 @@ from dpplan.profiler.launch import (
     user_commands,
     worker_command,
 )
-from dpplan.profiler.profile_settings import DEFAULT_STRATEGIES, MIN_SAMPLE_HZ, PROFILE_DEVICES
-from dpplan.profiler.worker import RunConfig
 
 DEFAULT_CPU_RANKS = 2
 DEFAULT_RUNS_DIR = "dpplan-runs"
@@ -62,89 +59,6 @@ DETECT_TIMEOUT_S = 120
 
 DEFAULT_GPU_STEPS = 5
 DEFAULT_CPU_STEPS = 2
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProfileConfig:
-    """One profiling request. The run-describing fields mean what the ``dpplan estimate`` flags mean."""
-
-    model: str | None = None
-    """``path.py`` or ``path.py:factory``; None is the bundled default model."""
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
-    gpus: int | None = None
-    """Total ranks over all nodes (as ``estimate --gpus``); None: every visible GPU on each
-    node, or DEFAULT_CPU_RANKS CPU ranks without GPUs."""
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-    batch_size: int = 1
-    grad_accum: int = 1
-    precision: str = "bf16-mixed"
-    optimizer: str = "adamw"
-    activation_checkpointing: bool = False
-    offload: str = "none"
-    wrap: str | None = None
-    steps: int | None = None
-    """Timed optimizer steps per run; None: DEFAULT_GPU_STEPS on GPUs, DEFAULT_CPU_STEPS on CPU
-    ranks (a CPU step of a mid-sized model in bf16 takes tens of seconds; the memory peak is
-    the same in every step after the warm-up, so fewer steps lose no accuracy there)."""
-    warmup_steps: int = 1
-    sample_hz: float = 100.0
-    timeout_s: float = 600.0
-    """Wall-clock limit of one run (launch to last rank), seconds."""
-    device: str = "auto"
-    """auto: GPUs when CUDA sees any, else CPU ranks (gloo); cuda or cpu to force one."""
-    gpu: str | None = None
-    """Catalog key for the estimates; None: the detected GPU."""
-    out_dir: str | None = None
-    """None: a new timestamped folder under ./dpplan-runs/."""
-    gpu_memory_bytes: int | None = None
-    """Memory per rank to plan and test against (a smaller card on a big one); None: the GPU's
-    own (cuda), host RAM per rank (cpu). On cuda each run is capped to it."""
-    headroom_pct: float = recommendations.DEFAULT_HEADROOM_PCT
-    """A micro-batch is recommended only if its peak is <= (1 - headroom) x capacity."""
-    find_batch_size: bool = False
-    """Confirm the recommended micro-batch with trial jobs (else it is predicted only)."""
-    max_trials: int = recommendations.DEFAULT_MAX_TRIALS
-    """Trial jobs per strategy at most."""
-    trial_steps: int = recommendations.DEFAULT_TRIAL_STEPS
-    """Timed steps of a trial, after at least one warm-up step."""
-    zero: ZeroSettings = DEFAULT_ZERO
-    """DeepSpeed's ZeRO settings for zero1/2/3 (``--deepspeed-config``)."""
-
-    def __post_init__(self):
-        check_run_settings(self)
-        if self.device not in PROFILE_DEVICES:
-            raise UsageError(f"device must be one of {', '.join(PROFILE_DEVICES)} (got {self.device!r})")
-        for name in ("steps", "nnodes"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.gpus is not None and self.gpus < 1:
-            raise UsageError(f"gpus must be >= 1 (got {self.gpus})")
-        if self.gpus is not None and self.gpus % self.nnodes:
-            raise UsageError(f"gpus={self.gpus} (total over all nodes) does not split evenly into nnodes={self.nnodes}")
-        if self.warmup_steps < 0:
-            raise UsageError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise UsageError(f"node_rank must be in 0..{self.nnodes - 1} (got {self.node_rank})")
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise UsageError("nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
-        if self.sample_hz < MIN_SAMPLE_HZ:
-            raise UsageError(f"sample_hz must be >= {MIN_SAMPLE_HZ:g} (got {self.sample_hz})")
-        if self.timeout_s <= 0:
-            raise UsageError(f"timeout_s must be > 0 (got {self.timeout_s})")
-        if self.gpu is not None and self.gpu.lower() not in GPU_CATALOG:
-            raise UsageError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {self.gpu!r})")
-        if self.gpu_memory_bytes is not None and self.gpu_memory_bytes < 1:
-            raise UsageError(f"gpu_memory_bytes must be >= 1 (got {self.gpu_memory_bytes})")
-        if not 0 <= self.headroom_pct < 100:
-            raise UsageError(f"headroom_pct must be in [0, 100) (got {self.headroom_pct})")
-        if self.find_batch_size and self.nnodes > 1:
-            # A trial is launched from this node only; the other nodes would never join it.
-            raise UsageError("find_batch_size runs on one node only (nnodes=1)")
-        for name in ("max_trials", "trial_steps"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1 (got {getattr(self, name)})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,23 +110,23 @@ def resolve_target(config: ProfileConfig) -> Target:
     if config.device == "cuda" and not num_visible:
         raise UsageError("--device cuda: no GPU is visible to torch here")
     if config.device == "cpu" or not num_visible:
-        gpus = config.gpus or DEFAULT_CPU_RANKS * config.nnodes
+        gpus = config.gpus or DEFAULT_CPU_RANKS * config.nodes
         notices = [] if config.device == "cpu" else [
             f"no GPU found: running each strategy on {gpus} CPU process{'es' if gpus > 1 else ''} with gloo "
             "(tensor bytes and host RSS, no GPU memory)"
         ]
         return Target(device="cpu", gpus=gpus, gpu=None, description=f"{gpus} CPU ranks (gloo)", notices=tuple(notices))
-    gpus = config.gpus or num_visible * config.nnodes
-    per_node = gpus // config.nnodes
+    gpus = config.gpus or num_visible * config.nodes
+    per_node = gpus // config.nodes
     if per_node > num_visible:
-        raise UsageError(f"--gpus {gpus} over {config.nnodes} node(s) needs {per_node} GPUs per node; {num_visible} visible here")
+        raise UsageError(f"--gpus {gpus} over {config.nodes} node(s) needs {per_node} GPUs per node; {num_visible} visible here")
     name = gpus_found["name"]
     notices = []
     key = config.gpu.lower() if config.gpu else match_gpu(name, gpus_found["total_bytes"])
     if key is None:
         key = DEFAULT_GPU
         notices.append(f"{name} is not in dpplan's GPU catalog: estimates use {key} (choose with --gpu)")
-    description = f"{gpus} x {name} ({config.nnodes} node{'s' if config.nnodes > 1 else ''}, nccl)"
+    description = f"{gpus} x {name} ({config.nodes} node{'s' if config.nodes > 1 else ''}, nccl)"
     return Target(device="cuda", gpus=gpus, gpu=key, description=description, notices=tuple(notices),
                   total_bytes=gpus_found["total_bytes"])
 
@@ -282,28 +196,23 @@ def estimate_entries(config: ProfileConfig, target: Target) -> tuple[dict, dict[
     return asdict(plan.model), {e.strategy: asdict(e) for e in plan.estimates}, dict(plan.unsupported)
 
 
-def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ...], **overrides):
-    """The estimate request matching the runs (overrides: batch_size, offload, capacity_bytes)."""
-    from dpplan.planner.config import PlanConfig
-
-    fields = dict(
-        model=config.model, strategies=strategies, gpus=(target.gpus,), nodes=config.nnodes,
-        batch_size=config.batch_size, grad_accum=config.grad_accum, precision=config.precision,
-        optimizer=config.optimizer, activation_checkpointing=config.activation_checkpointing,
-        offload=config.offload, wrap=config.wrap, gpu=target.gpu or DEFAULT_GPU, device=target.device,
-        capacity_bytes=capacity_override(config, target), zero=config.zero,
+def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ...], *, batch_size: int | None = None,
+                offload: str | None = None, capacity_bytes: int | None = None) -> PlanConfig:
+    """The estimate request matching the runs, at another micro-batch, offload or capacity when given."""
+    run = replace(config.run, **{k: v for k, v in (("batch_size", batch_size), ("offload", offload)) if v is not None})
+    return PlanConfig(
+        run=run, strategies=strategies, gpus=(target.gpus,), nodes=config.nodes, gpu=target.gpu or DEFAULT_GPU,
+        device=target.device, capacity_bytes=capacity_override(config, target) if capacity_bytes is None else capacity_bytes,
     )
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return PlanConfig(**fields)
 
 
 def estimate_function(config: ProfileConfig, target: Target) -> recommendations.EstimateAt:
     """``estimate_at(strategy, batch_size=, offload=, capacity_bytes=)`` for recommend.py: one
     model load, each distinct question estimated once."""
     from dpplan.planner.estimate import estimate
-    from dpplan.planner.model_file import load_model_file
+    from dpplan.training.model_file import load_model_file
 
-    spec = load_model_file(config.model)
+    spec = load_model_file(config.run.model)
     answers: dict[tuple, dict] = {}
 
     def estimate_at(strategy, *, batch_size, offload=None, capacity_bytes=None):
@@ -319,39 +228,35 @@ def estimate_function(config: ProfileConfig, target: Target) -> recommendations.
 
 def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfig:
     return RunConfig(
-        model=config.model, strategy=strategy, batch_size=config.batch_size, grad_accum=config.grad_accum,
-        precision=config.precision, optimizer=config.optimizer,
-        activation_checkpointing=config.activation_checkpointing, offload=config.offload, wrap=config.wrap,
-        nodes=config.nnodes, steps=config.steps, warmup_steps=config.warmup_steps, device=target.device,
-        sample_hz=config.sample_hz, memory_limit_bytes=memory_limit_bytes(config, target),
-        zero=None if config.zero.is_default() else asdict(config.zero),
+        run=config.run, strategy=strategy, nodes=config.nodes, steps=config.steps, warmup_steps=config.warmup_steps,
+        device=target.device, sample_hz=config.sample_hz, memory_limit_bytes=memory_limit_bytes(config, target),
     )
 
 
 def run_notes(strategy: str, target: Target, config: ProfileConfig) -> list[str]:
     notes = []
-    if config.nnodes > 1:
+    if config.nodes > 1:
         notes.append(f"measured on node {config.node_rank} only: each node writes its own ranks")
     return notes
 
 
 def launch_spec(config: ProfileConfig, target: Target, run_dir: Path) -> LaunchSpec:
     return LaunchSpec(
-        nproc_per_node=target.gpus // config.nnodes, nnodes=config.nnodes, node_rank=config.node_rank,
+        nproc_per_node=target.gpus // config.nodes, nnodes=config.nodes, node_rank=config.node_rank,
         rdzv_endpoint=config.rdzv_endpoint, log_dir=run_dir / "logs",
     )
 
 
 def launch_commands(config: ProfileConfig, strategy: str, target: Target, run_dir: Path) -> dict[str, str]:
     """The run as torchrun and srun command lines, for users who launch themselves."""
-    config_json = json.dumps(asdict(run_config(config, strategy, target)))
+    config_json = json.dumps(run_config(config, strategy, target).to_json())
     return user_commands(launch_spec(config, target, run_dir), config_json, str(run_dir))
 
 
 def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: Path) -> dict:
     """Launch one run, wait for it, and merge what its ranks wrote into a run entry."""
     spec = launch_spec(config, target, run_dir)
-    config_json = json.dumps(asdict(run_config(config, strategy, target)))
+    config_json = json.dumps(run_config(config, strategy, target).to_json())
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     returncode, timed_out = None, None
@@ -372,7 +277,7 @@ def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: P
             results[rank] = json.loads(path.read_text())
     stderr_tail = {rank: tail(rank_log(spec.log_dir, rank - first)) for rank in expected}
     status, error, failed_rank = results_json.outcome(
-        strategy=strategy, batch_size=config.batch_size, gpus=target.gpus, device=target.device,
+        strategy=strategy, batch_size=config.run.batch_size, gpus=target.gpus, device=target.device,
         expected_ranks=expected, results=results, returncode=returncode, timed_out=timed_out,
         stderr_tail=stderr_tail, launcher_tail=tail(run_dir / "launcher.log"),
     )
@@ -391,9 +296,9 @@ def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: P
 
 def run_entry(config: ProfileConfig, strategy: str, target: Target) -> dict:
     return {
-        "strategy": strategy, "gpus": target.gpus, "nnodes": config.nnodes, "batch_size": config.batch_size,
-        "grad_accum": config.grad_accum, "precision": config.precision, "optimizer": config.optimizer,
-        "activation_checkpointing": config.activation_checkpointing, "offload": config.offload,
+        "strategy": strategy, "gpus": target.gpus, "nodes": config.nodes, "batch_size": config.run.batch_size,
+        "grad_accum": config.run.grad_accum, "precision": config.run.precision, "optimizer": config.run.optimizer,
+        "activation_checkpointing": config.run.activation_checkpointing, "offload": config.run.offload,
         "device": target.device, "status": None, "error": None, "failed_rank": None, "measured": None,
         "estimate": None, "error_pct": None, "errors_pct": None, "notes": [], "dir": None,
     }
@@ -422,7 +327,7 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
     least one warm-up step and ``trial_steps`` timed steps, judged against ``limit_bytes``."""
 
     def run_trial(strategy: str, batch_size: int) -> Trial:
-        trial_config = replace(config, batch_size=batch_size, steps=config.trial_steps,
+        trial_config = replace(config, run=replace(config.run, batch_size=batch_size), steps=config.trial_steps,
                                warmup_steps=max(1, config.warmup_steps))
         index = config.strategies.index(strategy)
         trial_dir = out_dir / f"{index + 1}-{strategy}" / f"trial-b{batch_size}"
@@ -499,7 +404,7 @@ def profile(
         "tool": {"name": "dpplan", "version": __version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "config": {**asdict(config), "strategies": list(config.strategies)},
+        "config": config.to_json(),
         "model": model,
         "device": {"type": target.device, "gpus": target.gpus, "gpu": target.gpu, "description": target.description},
         "notices": list(target.notices),

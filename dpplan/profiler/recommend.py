@@ -25,13 +25,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
 
-from dpplan.planner.config import OFFLOADS
+from dpplan.config import DEFAULT_MAX_TRIALS, OFFLOADS
 from dpplan.planner.strategies.registry import strategy_info
 from dpplan.profiler.batch_search import MAX_BATCH_SIZE, SearchResult, Trial, search_batch_size
-
-DEFAULT_HEADROOM_PCT = 10.0
-DEFAULT_MAX_TRIALS = 4
-DEFAULT_TRIAL_STEPS = 2
 
 
 class EstimateAt(Protocol):

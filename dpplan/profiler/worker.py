@@ -26,66 +26,14 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dpplan.errors import UsageError
-from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
+from dpplan.config import RunConfig
 
-DEVICES = ("cpu", "cuda")
 OOM_EXIT = 3
 FAILED_EXIT = 1
 CPU_OOM_MESSAGES = ("out of memory", "can't allocate memory")
 """RuntimeError texts of an allocation failure (c10 DefaultCPUAllocator, older CUDA builds)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """What one real run does; every field has the meaning of the same `dpplan estimate` flag."""
-
-    model: str | None
-    strategy: str
-    batch_size: int = 1
-    grad_accum: int = 1
-    precision: str = "fp32"
-    optimizer: str = "adamw"
-    activation_checkpointing: bool = False
-    offload: str = "none"
-    wrap: str | None = None
-    nodes: int = 1
-    steps: int = 3
-    """Timed optimizer steps, after the warm-up; peaks and step times are over these."""
-    warmup_steps: int = 1
-    """Untimed optimizer steps first (the first creates the optimizer state)."""
-    device: str = "cpu"
-    """cpu: gloo, CPU tensors; cuda: nccl, one GPU per process (LOCAL_RANK)."""
-    sample_hz: float = 100.0
-    """NVML sampling rate on cuda."""
-    memory_limit_bytes: int | None = None
-    """cuda: cap this process's allocator to that many bytes of its GPU
-    (torch.cuda.set_per_process_memory_fraction), to test a smaller card on a bigger one."""
-    seed: int = 0
-    keep_allocations: bool = False
-    """Also write every allocation event (cpu; for investigating a mismatch)."""
-    zero: dict | None = None
-    """DeepSpeed's ZeroSettings as a dict (``--deepspeed-config``); None: DeepSpeed's defaults."""
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise UsageError(f"steps must be >= 1 (got {self.steps})")
-        if self.warmup_steps < 0:
-            raise UsageError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
-        if self.memory_limit_bytes is not None and self.memory_limit_bytes < 1:
-            raise UsageError(f"memory_limit_bytes must be >= 1 (got {self.memory_limit_bytes})")
-        if self.device not in DEVICES:
-            raise UsageError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
-
-
-def zero_settings(data: dict | None) -> ZeroSettings:
-    """RunConfig.zero (JSON) back into ZeroSettings."""
-    if data is None:
-        return DEFAULT_ZERO
-    return ZeroSettings(**{**data, "hidden_size_auto": tuple(data.get("hidden_size_auto", ()))})
 
 
 def _rank_info() -> tuple[int, int, int]:
@@ -150,9 +98,9 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from dpplan.planner.model_file import build_module, call_user, load_model_file
-    from dpplan.planner.training_step import autocast_context, run_training_step
-    from dpplan.planner.units import checkpoint_units, find_units
+    from dpplan.training.model_file import build_module, call_user, load_model_file
+    from dpplan.training.training_step import autocast_context, run_training_step
+    from dpplan.training.units import checkpoint_units, find_units
     from dpplan.profiler.memory_series import cuda_series
     from dpplan.profiler.parallelize import parallelize
     from dpplan.profiler.throughput import tokens_per_micro_batch
@@ -181,22 +129,22 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
                 _settle_gloo_collectives(dist)
         torch.manual_seed(config.seed + rank)
 
-        spec = load_model_file(config.model)
+        spec = load_model_file(config.run.model)
         build_mark = recorder.mark("build") if recorder else contextlib.nullcontext()
         with build_mark:
             # On cuda the model is built on its GPU directly: a large model never sits in host memory.
             with (torch.device(device) if not cpu else contextlib.nullcontext()):
                 model = build_module(spec)
             model = model.to(device)
-            units = find_units(model, config.wrap)
-            if config.activation_checkpointing:
+            units = find_units(model, config.run.wrap)
+            if config.run.activation_checkpointing:
                 checkpoint_units(model, units)
             prepared = parallelize(
-                model, config.strategy, units=units, precision=config.precision, optimizer_name=config.optimizer,
-                device=device, num_nodes=config.nodes, offload=config.offload,
-                batch_size=config.batch_size, grad_accum=config.grad_accum, zero=zero_settings(config.zero),
+                model, config.strategy, units=units, precision=config.run.precision, optimizer_name=config.run.optimizer,
+                device=device, num_nodes=config.nodes, offload=config.run.offload,
+                batch_size=config.run.batch_size, grad_accum=config.run.grad_accum, zero=config.run.zero,
             )
-        batch = _to_device(call_user(spec, "example_batch()", spec.example_batch, config.batch_size), device)
+        batch = _to_device(call_user(spec, "example_batch()", spec.example_batch, config.run.batch_size), device)
         batch = prepared.cast_batch(batch)
 
         if recorder:
@@ -211,8 +159,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
         def step():
             run_training_step(
                 prepared.model, prepared.optimizer, batch, spec.loss_fn,
-                grad_accum=config.grad_accum,
-                autocast=lambda: autocast_context(config.precision, device.type, prepared.uses_autocast),
+                grad_accum=config.run.grad_accum,
+                autocast=lambda: autocast_context(config.run.precision, device.type, prepared.uses_autocast),
                 no_sync=prepared.no_sync, grad_scaler=prepared.grad_scaler,
                 on_phase=on_phase, before_backward=before_backward, backward=prepared.backward,
             )
@@ -241,8 +189,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
         measured = {
             "step_time_s": statistics.median(step_times),
             "step_times_s": step_times,
-            "samples_per_step": config.batch_size * config.grad_accum,
-            "tokens_per_step": _times(tokens_per_micro_batch(batch), config.grad_accum),
+            "samples_per_step": config.run.batch_size * config.run.grad_accum,
+            "tokens_per_step": _times(tokens_per_micro_batch(batch), config.run.grad_accum),
         }
         if recorder:
             measured.update(_cpu_memory(recorder, config))
@@ -333,7 +281,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def describe_error(exc: BaseException, model: str | None) -> str:
     """One line: the deepest frame in the user's model file when there is one."""
-    from dpplan.planner.model_file import ModelFileError, describe_user_exception, split_model_argument
+    from dpplan.training.model_file import ModelFileError, describe_user_exception, split_model_argument
 
     if isinstance(exc, ModelFileError):
         return str(exc)
@@ -352,7 +300,7 @@ def run_rank(config: RunConfig, out_dir: Path) -> dict:
         "local_rank": local_rank,
         "world_size": world,
         "hostname": socket.gethostname(),
-        "config": asdict(config),
+        "config": config.to_json(),
         "status": "ok",
         "error": None,
     }
@@ -362,7 +310,7 @@ def run_rank(config: RunConfig, out_dir: Path) -> dict:
     except Exception as exc:
         failure = exc
         result["status"] = "oom" if is_out_of_memory(exc) else "failed"
-        result["error"] = describe_error(exc, config.model)
+        result["error"] = describe_error(exc, config.run.model)
         result["failed_at"] = time.time()  # the earliest failure across ranks is the root cause
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"rank{rank}.json"
@@ -382,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True, help="RunConfig as JSON")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    config = RunConfig(**json.loads(args.config_json))
+    config = RunConfig.from_json(json.loads(args.config_json))
     try:
         run_rank(config, args.out)
     except Exception as exc:

@@ -40,12 +40,12 @@ def _header(plan: Plan) -> list[str]:
         target = f"CPU (gloo): live tensor bytes, capacity = this machine's RAM / ranks per node · {cpu_description()}"
     checkpointing = {"none": "no checkpointing", "model": "checkpointing (model's own)", "units": "checkpointing per unit"}[
         model.checkpointing
-    ] if config.activation_checkpointing else "no checkpointing"
+    ] if config.run.activation_checkpointing else "no checkpointing"
     return [
         f"[bold]{escape(model.name)}[/bold] · {format_count(model.num_params)} parameters "
         f"({format_count(model.num_trainable_params)} trainable) · {units}",
-        f"micro-batch {config.batch_size} per GPU · grad accum {config.grad_accum} · {config.precision} · "
-        f"{config.optimizer} · {checkpointing} · offload {config.offload} · "
+        f"micro-batch {config.run.batch_size} per GPU · grad accum {config.run.grad_accum} · {config.run.precision} · "
+        f"{config.run.optimizer} · {checkpointing} · offload {config.run.offload} · "
         + (f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes} node(s)"),
         f"target: {target}",
     ]

@@ -268,9 +268,9 @@ def _ops_with_in_op_buffers(model_path: str, precision: str) -> dict[str, int]:
     from torch.profiler import ProfilerActivity, profile, record_function
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from dpplan.planner.model_file import load_model_file
-    from dpplan.planner.optimizers import build_optimizer
-    from dpplan.planner.training_step import autocast_context, run_training_step
+    from dpplan.training.model_file import load_model_file
+    from dpplan.training.optimizers import build_optimizer
+    from dpplan.training.training_step import autocast_context, run_training_step
 
     spec = load_model_file(model_path)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dpplan.planner.config import PlanConfig
+from dpplan.config import PlanConfig, RunSpec
 from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config, resolve_for_model
 from dpplan.planner.estimate import estimate
 from dpplan.planner.strategies.zero_settings import ZeroSettings
@@ -103,7 +103,7 @@ def test_flags_typed_against_the_file_are_errors(tmp_path):
 
 def test_bucket_size_and_overlap_change_the_zero2_plan(tiny_gpt):
     def peak(zero):
-        config = PlanConfig(model=tiny_gpt, strategies=("zero2",), gpus=(2,), precision="fp32", device="cpu", zero=zero)
+        config = PlanConfig(run=RunSpec(model=tiny_gpt, precision="fp32", zero=zero), strategies=("zero2",), gpus=(2,), device="cpu")
         return estimate(config).estimates[0].peak_bytes
 
     default = peak(ZeroSettings())
@@ -117,9 +117,9 @@ def test_bucket_size_and_overlap_change_the_zero2_plan(tiny_gpt):
 
 def test_settings_only_for_deepspeed_stages(tiny_gpt):
     with pytest.raises(ValueError, match="apply to zero1, zero2 and zero3 only"):
-        PlanConfig(model=tiny_gpt, strategies=("ddp",), zero=ZeroSettings(reduce_bucket_size=10))
+        PlanConfig(run=RunSpec(model=tiny_gpt, zero=ZeroSettings(reduce_bucket_size=10)), strategies=("ddp",))
     with pytest.raises(ValueError, match="torch_autocast needs"):
-        PlanConfig(model=tiny_gpt, strategies=("zero2",), precision="fp32", zero=ZeroSettings(torch_autocast=True))
+        PlanConfig(run=RunSpec(model=tiny_gpt, precision="fp32", zero=ZeroSettings(torch_autocast=True)), strategies=("zero2",))
 
 
 def test_sub_groups_follow_deepspeed():

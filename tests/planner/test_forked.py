@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dpplan.planner import forked
-from dpplan.planner.config import PlanConfig
+from dpplan.config import PlanConfig, RunSpec
 from dpplan.planner.estimate import estimate
 from dpplan.planner.strategies import STRATEGIES
 from dpplan.planner.trace import TraceError
@@ -23,7 +23,7 @@ def test_two_processes_plan_what_one_plans(tiny_gpt, precision):
     """bf16-mixed: the child traces FSDP1's family and plans it, this process FSDP2's, and
     both take the autocast family's estimates from its queue. fp32: one trace serves all, and
     both take every estimate from one queue."""
-    config = PlanConfig(model=tiny_gpt, gpus=(1, 2, 4, 8), batch_size=2, precision=precision)
+    config = PlanConfig(run=RunSpec(model=tiny_gpt, batch_size=2, precision=precision), gpus=(1, 2, 4, 8))
     one, two = estimate(config, processes=1), estimate(config, processes=2)
     assert two.estimates == one.estimates
     assert len(one.estimates) == 1 + 4 * (len(STRATEGIES) - 1)
@@ -34,7 +34,7 @@ def test_two_processes_plan_what_one_plans(tiny_gpt, precision):
 def test_a_failure_in_the_child_is_raised_in_the_parent():
     """The LSTM cannot run with bf16 parameters and a float32 input: the FSDP traces fail in
     both processes, and the one-line error is the same as in one process."""
-    config = PlanConfig(model=str(BENCHMARK_MODELS / "custom.py"), gpus=(2,), precision="bf16-mixed")
+    config = PlanConfig(run=RunSpec(model=str(BENCHMARK_MODELS / "custom.py"), precision="bf16-mixed"), gpus=(2,))
     with pytest.raises(TraceError) as in_one:
         estimate(config, processes=1)
     with pytest.raises(TraceError) as in_two:
@@ -93,7 +93,7 @@ def test_a_child_stopped_by_ctrl_c_is_an_interrupt():
 
 @needs_fork
 def test_without_a_process_to_fork_the_plan_is_made_here(tiny_gpt, monkeypatch):
-    config = PlanConfig(model=tiny_gpt, gpus=(1, 2), precision="bf16-mixed")
+    config = PlanConfig(run=RunSpec(model=tiny_gpt, precision="bf16-mixed"), gpus=(1, 2))
     expected = estimate(config, processes=1).estimates
 
     def no_fork():

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dpplan.planner.model_file import build_module, load_model_file
+from dpplan.training.model_file import build_module, load_model_file
 from dpplan.planner.strategies import Layout
 from dpplan.planner.strategies import fsdp1
 from dpplan.planner.trace import OPTIMIZER_STATE, PARAM_CAST, TraceSettings, trace_step
-from dpplan.planner.units import find_units
+from dpplan.training.units import find_units
 
 
 def trace_for(path, precision="fp32", device_type="cpu", grad_accum=1):

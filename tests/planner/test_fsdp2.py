@@ -3,13 +3,13 @@ real runs are in tests/profiler/test_cpu_accuracy.py and benchmarks/accuracy.py.
 
 import pytest
 
-from dpplan.planner.config import PlanConfig
+from dpplan.config import PlanConfig, RunSpec
 from dpplan.planner.estimate import estimate
 
 
-def plan(tiny_gpt, gpus, **options):
+def plan(tiny_gpt, gpus, device="cuda", **options):
     options.setdefault("precision", "fp32")
-    config = PlanConfig(model=tiny_gpt, strategies=("fsdp2", "ddp"), gpus=gpus, **options)
+    config = PlanConfig(run=RunSpec(model=tiny_gpt, **options), strategies=("fsdp2", "ddp"), gpus=gpus, device=device)
     return {(e.strategy, e.gpus): e for e in estimate(config).estimates}
 
 
@@ -50,9 +50,9 @@ def test_a_model_with_a_scalar_parameter_is_refused_as_fsdp_refuses_it(write_mod
         def example_batch(b): return torch.randn(b, 4)
         """
     )
-    plan = estimate(PlanConfig(model=path, strategies=("ddp", "fsdp-full", "fsdp2"), gpus=(2,), device="cpu"))
+    plan = estimate(PlanConfig(run=RunSpec(model=path), strategies=("ddp", "fsdp-full", "fsdp2"), gpus=(2,), device="cpu"))
     assert [e.strategy for e in plan.estimates] == ["ddp"]
     assert "FSDP doesn't support scalar parameters: scale" in plan.unsupported["fsdp-full"]
     assert "fully_shard doesn't support scalar parameters: scale" in plan.unsupported["fsdp2"]
     with pytest.raises(ValueError, match="fully_shard doesn't support scalar parameters"):
-        estimate(PlanConfig(model=path, strategies=("fsdp2",), gpus=(2,), device="cpu"))
+        estimate(PlanConfig(run=RunSpec(model=path), strategies=("fsdp2",), gpus=(2,), device="cpu"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dpplan.planner import fake_device, repeated_layers
-from dpplan.planner.config import PlanConfig
+from dpplan.config import PlanConfig, RunSpec
 from dpplan.planner.estimate import estimate
-from dpplan.planner.model_file import build_module, load_model_file
+from dpplan.training.model_file import build_module, load_model_file
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.strategies import STRATEGIES
 from dpplan.planner.trace import PARAM_CAST, TRACE_BATCH_SIZE, TraceSettings, trace_model, trace_step
@@ -70,7 +70,7 @@ def test_built_trace_is_the_full_trace(deep_gpt, name):
 
 def test_estimates_do_not_change(deep_gpt, monkeypatch):
     """Every strategy, GPU memory terms included, plans the same bytes from either trace."""
-    config = PlanConfig(model=deep_gpt, gpus=(1, 2, 8), batch_size=3, precision="bf16-mixed", device="cuda")
+    config = PlanConfig(run=RunSpec(model=deep_gpt, batch_size=3, precision="bf16-mixed"), gpus=(1, 2, 8), device="cuda")
     built = estimate(config)
     monkeypatch.setattr(repeated_layers, "MIN_LAYERS", 10**6)
     full = estimate(config)

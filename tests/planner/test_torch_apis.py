@@ -9,7 +9,7 @@ from tests.conftest import FIXTURES
 
 from dpplan.cli import main
 from dpplan.planner import torch_apis
-from dpplan.planner.model_file import load_model_file
+from dpplan.training.model_file import load_model_file
 from dpplan.planner.trace import TracerBug, TraceSettings, trace_step
 
 

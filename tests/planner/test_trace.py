@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dpplan.planner.model_file import load_model_file
+from dpplan.training.model_file import load_model_file
 from dpplan.planner.trace import (
     ACTIVATION,
     AUTOCAST,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpplan.planner import fake_device
-from dpplan.planner.model_file import load_model_file
+from dpplan.training.model_file import load_model_file
 from dpplan.planner.trace import PARAM_CAST, TraceSettings, trace_step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def test_tracing_leaves_dynamo_unimported(tiny_gpt):
     run_python(f"""
         import sys
         import torch
-        from dpplan.planner.model_file import load_model_file
+        from dpplan.training.model_file import load_model_file
         from dpplan.planner.strategies.zero_common import flat_state_bytes
         from dpplan.planner.trace import PARAM_CAST, TraceSettings, trace_step
 

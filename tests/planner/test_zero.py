@@ -7,12 +7,12 @@ The stages are checked against real DeepSpeed runs in tests/profiler/test_cpu_ac
 
 import pytest
 
-from dpplan.planner.config import PlanConfig
+from dpplan.config import PlanConfig, RunSpec
 from dpplan.planner.estimate import estimate
 
 
 def plan(tiny_gpt, strategies, gpus, **options):
-    config = PlanConfig(model=tiny_gpt, strategies=strategies, gpus=gpus, precision="fp32", **options)
+    config = PlanConfig(run=RunSpec(model=tiny_gpt, precision="fp32", **options), strategies=strategies, gpus=gpus)
     return {(e.strategy, e.gpus): e for e in estimate(config).estimates}
 
 
@@ -65,7 +65,7 @@ def test_bf16_mixed_plans_deepspeeds_bf16_section(tiny_gpt):
     from dpplan.planner.trace import AUTOCAST, ENGINE_CAST
 
     fp32 = plan(tiny_gpt, ("zero2",), (2,))[("zero2", 2)]
-    config = PlanConfig(model=tiny_gpt, strategies=("zero2", "ddp-zero1"), gpus=(2,), precision="bf16-mixed")
+    config = PlanConfig(run=RunSpec(model=tiny_gpt, precision="bf16-mixed"), strategies=("zero2", "ddp-zero1"), gpus=(2,))
     # token ids in: the cast is FSDP2's (one trace for both); floating inputs: cast before the step
     assert trace_settings_for("zero2", config, floating_inputs=False) == trace_settings_for("fsdp2", config)
     assert trace_settings_for("zero2", config, floating_inputs=True).family == ENGINE_CAST

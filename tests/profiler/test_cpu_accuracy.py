@@ -12,11 +12,10 @@ import pytest
 
 from tests.conftest import FIXTURES
 
-from dpplan.planner.config import PlanConfig
+from dpplan.config import PlanConfig, RunConfig, RunSpec
 from dpplan.planner.estimate import estimate
 from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
 from dpplan.profiler.cpu_run import run_cpu
-from dpplan.profiler.worker import RunConfig
 
 TOLERANCE_PCT = 0.5
 
@@ -55,10 +54,10 @@ def test_estimate_matches_a_real_cpu_run(model, strategy, ranks, precision, extr
     else:
         path = str(FIXTURES / f"{model}.py")
     settings = dict(batch_size=2, precision=precision, optimizer="adamw", **extra)
-    plan = estimate(PlanConfig(model=path, strategies=(strategy,), gpus=(ranks,), device="cpu", **settings))
+    plan = estimate(PlanConfig(run=RunSpec(model=path, **settings), strategies=(strategy,), gpus=(ranks,), device="cpu"))
     estimated = plan.estimates[0].peak_bytes
 
-    measured = max(r["steady_peak_bytes"] for r in run_cpu(RunConfig(model=path, strategy=strategy, steps=3, **settings), ranks))
+    measured = max(r["steady_peak_bytes"] for r in run_cpu(RunConfig(run=RunSpec(model=path, **settings), strategy=strategy, steps=3), ranks))
 
     error_pct = 100 * (estimated - measured) / measured
     assert abs(error_pct) <= TOLERANCE_PCT, f"estimate {estimated} vs measured {measured} ({error_pct:+.3f}%)"
@@ -77,7 +76,7 @@ def test_a_run_past_its_timeout_leaves_no_process_behind(tiny_gpt, tmp_path):
 
     def run():
         try:
-            run_cpu(RunConfig(model=tiny_gpt, strategy="ddp", steps=1_000_000), 2, timeout_s=15, out_dir=tmp_path)
+            run_cpu(RunConfig(run=RunSpec(model=tiny_gpt), strategy="ddp", steps=1_000_000), 2, timeout_s=15, out_dir=tmp_path)
         except RunFailed as exc:
             outcome.append(exc)
 
@@ -105,18 +104,17 @@ def test_deepspeed_config_file_matches_a_real_cpu_run(model, config_file):
     pytest.importorskip("deepspeed", reason="zero1/2/3 run through DeepSpeed (.ci/run installs it)")
     if model.startswith("hf/"):
         pytest.importorskip("transformers", reason="the third-party zoo is built with transformers")
-    from dataclasses import asdict
-
     from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config
 
     path = str(THIRD_PARTY / f"{model}.py")
     flags = {"strategies": ("ddp",), "precision": "bf16-mixed", "offload": "none", "optimizer": "adamw",
              "batch_size": 2, "grad_accum": 1}
     settings = merge_with_flags(read_deepspeed_config(str(DEEPSPEED_CONFIGS / config_file)), flags, set(), (2,))
-    plan = estimate(PlanConfig(model=path, gpus=(2,), device="cpu", **settings))
+    strategies = settings.pop("strategies")
+    plan = estimate(PlanConfig(run=RunSpec(model=path, **settings), strategies=strategies, gpus=(2,), device="cpu"))
     estimated = plan.estimates[0].peak_bytes
-    run = RunConfig(model=path, strategy=settings["strategies"][0], steps=3, batch_size=2, precision=settings["precision"],
-                    zero=asdict(settings["zero"]))
+    run = RunConfig(run=RunSpec(model=path, batch_size=2, precision=settings["precision"], zero=settings["zero"]),
+                    strategy=strategies[0], steps=3)
     measured = max(r["steady_peak_bytes"] for r in run_cpu(run, 2))
     error_pct = 100 * (estimated - measured) / measured
     assert abs(error_pct) <= TOLERANCE_PCT, f"estimate {estimated} vs measured {measured} ({error_pct:+.3f}%)"

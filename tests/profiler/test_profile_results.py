@@ -7,7 +7,8 @@ import torch
 
 from dpplan.profiler import profile_results
 from dpplan.profiler.cuda_memory import CudaPhaseMeter
-from dpplan.profiler.profile import MIN_SAMPLE_HZ, ProfileConfig, compare, skip_reason
+from dpplan.config import MIN_SAMPLE_HZ, ProfileConfig
+from dpplan.profiler.profile import compare, skip_reason
 from dpplan.profiler.throughput import tokens_per_micro_batch
 
 MiB = 1 << 20
@@ -94,10 +95,10 @@ def test_strategies_that_cannot_run_say_why():
 
 
 def test_config_is_validated_once():
-    with pytest.raises(ValueError, match="nnodes > 1 needs rdzv_endpoint"):
-        ProfileConfig(nnodes=2)
+    with pytest.raises(ValueError, match="nodes > 1 needs rdzv_endpoint"):
+        ProfileConfig(nodes=2)
     with pytest.raises(ValueError, match="does not split evenly"):
-        ProfileConfig(gpus=3, nnodes=2, rdzv_endpoint="h:1")
+        ProfileConfig(gpus=3, nodes=2, rdzv_endpoint="h:1")
     with pytest.raises(ValueError, match="sample_hz"):
         ProfileConfig(sample_hz=10)
 
@@ -149,9 +150,9 @@ def test_gpus_found_pick_the_estimates_gpu(monkeypatch):
     monkeypatch.setattr(profile, "detect_gpus", lambda: found)
     target = profile.resolve_target(ProfileConfig())
     assert (target.device, target.gpus, target.gpu, target.notices) == ("cuda", 4, "h100-80gb", ())
-    assert profile.resolve_target(ProfileConfig(gpus=8, nnodes=2, rdzv_endpoint="node0:29400")).gpus == 8
+    assert profile.resolve_target(ProfileConfig(gpus=8, nodes=2, rdzv_endpoint="node0:29400")).gpus == 8
     with pytest.raises(ValueError, match="needs 8 GPUs per node; 4 visible"):
-        profile.resolve_target(ProfileConfig(gpus=16, nnodes=2, rdzv_endpoint="node0:29400"))
+        profile.resolve_target(ProfileConfig(gpus=16, nodes=2, rdzv_endpoint="node0:29400"))
     assert profile.resolve_target(ProfileConfig(device="cpu")).device == "cpu"
     found["name"] = "NVIDIA GeForce GTX 1080"
     target = profile.resolve_target(ProfileConfig())

@@ -9,13 +9,14 @@ from click.testing import CliRunner
 from dpplan.cli import main
 from dpplan.profiler import recommend as rec
 from dpplan.profiler.batch_search import judge
-from dpplan.profiler.profile import ProfileConfig, Target, estimate_function
+from dpplan.config import ProfileConfig, RunSpec
+from dpplan.profiler.profile import Target, estimate_function
 
 MiB = 1 << 20
 
 
 def _estimate_at(model, device, strategies=("ddp",), gpus=2):
-    config = ProfileConfig(model=model, strategies=strategies, gpus=gpus, device=device)
+    config = ProfileConfig(run=RunSpec(model=model), strategies=strategies, gpus=gpus, device=device)
     target = Target(device=device, gpus=gpus, gpu="h100-80gb" if device == "cuda" else None, description="",
                     notices=())
     return estimate_function(config, target)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dpplan.planner.no_dynamo import dynamo_untouched
-from dpplan.planner.optimizers import build_optimizer
+from dpplan.training.optimizers import build_optimizer
 from dpplan.planner.strategies.common import owned_storages
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline

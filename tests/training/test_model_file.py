@@ -1,6 +1,6 @@
 import pytest
 
-from dpplan.planner.model_file import BUNDLED_MODEL, ModelFileError, build_module, load_model_file, split_model_argument
+from dpplan.training.model_file import BUNDLED_MODEL, ModelFileError, build_module, load_model_file, split_model_argument
 
 
 def test_bundled_model_is_the_default():

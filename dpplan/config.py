@@ -1,0 +1,269 @@
+"""What dpplan is asked, declared once: a ``RunSpec`` (the training step) nested in the
+plan, profile and worker configs, each validated once, in ``__post_init__``.
+
+``RunSpec`` is what ``dpplan estimate`` plans and ``dpplan profile`` runs: the same flags,
+the same defaults, the same names, so every profiled run has its matching estimate. The
+three configs add where it runs: ``PlanConfig`` (GPU counts and the catalog GPU, or the
+CPU target), ``ProfileConfig`` (the real runs and the batch-size search), ``RunConfig`` (one
+run of one strategy, handed to each rank as JSON).
+
+Torch-free: the CLI builds its options from these defaults and validates flags before any
+heavy import. The catalogs it checks names against (strategies, GPUs, optimizers, CPU
+instruction sets, DeepSpeed's settings) are torch-free leaf modules that import nothing
+back from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from dpplan.errors import UsageError
+from dpplan.planner.cpu_isa import ISAS
+from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
+from dpplan.planner.strategies.registry import DEEPSPEED_STAGES, STRATEGIES
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
+from dpplan.training.optimizers import OPTIMIZERS
+
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+PLAN_DEVICES = ("cuda", "cpu")
+"""What ``estimate`` plans: GPU memory, or the tensor bytes of a CPU (gloo) run."""
+PROFILE_DEVICES = ("auto", "cuda", "cpu")
+RUN_DEVICES = ("cpu", "cuda")
+DEFAULT_GPU_COUNTS = (1, 2, 4, 8)
+DEFAULT_PROFILE_STRATEGIES = ("ddp", "fsdp-full")
+MIN_SAMPLE_HZ = 50.0
+"""GpuSampler's MIN_RATE_HZ, checked here so that a bad rate is a usage error before any launch
+(gpu_sampler.py is imported only on CUDA runs)."""
+DEFAULT_HEADROOM_PCT = 10.0
+"""A micro-batch is recommended only if its peak is <= (1 - headroom) x capacity."""
+DEFAULT_MAX_TRIALS = 4
+DEFAULT_TRIAL_STEPS = 2
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _at_least(config, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be >= {low} (got {value})")
+
+
+def _check_gpu_name(gpu: str | None) -> None:
+    if gpu is not None and gpu.lower() not in GPU_CATALOG:
+        raise UsageError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {gpu!r})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """One training step: the model and how it is trained. Field meanings match the flags of
+    ``dpplan estimate`` and ``dpplan profile`` (cli.run_options)."""
+
+    model: str | None = None
+    """``path.py`` or ``path.py:factory``; None is the bundled default model."""
+    batch_size: int = 1
+    """Micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    offload: str = "none"
+    wrap: str | None = None
+    """Class name of the FSDP / checkpointing unit; None: children of the largest ModuleList."""
+    zero: ZeroSettings = DEFAULT_ZERO
+    """DeepSpeed's ZeRO settings for zero1/2/3 (``--deepspeed-config``; default: DeepSpeed's)."""
+
+    def __post_init__(self):
+        _at_least(self, ("batch_size", "grad_accum"), 1)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("offload", self.offload, OFFLOADS)
+        if self.zero.torch_autocast and self.precision not in ("bf16-mixed", "fp16-mixed"):
+            raise UsageError("DeepSpeed's torch_autocast needs bf16-mixed or fp16-mixed precision")
+
+    def check_strategies(self, strategies: tuple[str, ...]) -> None:
+        """The strategies a config names, against this run (DeepSpeed settings need DeepSpeed)."""
+        if not strategies:
+            raise UsageError("strategies must name at least one strategy")
+        for strategy in strategies:
+            _choice("strategy", strategy, STRATEGIES)
+        if not self.zero.is_default() and any(s not in DEEPSPEED_STAGES for s in strategies):
+            raise UsageError("DeepSpeed settings (--deepspeed-config) apply to zero1, zero2 and zero3 only")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunSpec:
+        zero = data.get("zero")
+        if isinstance(zero, dict):
+            zero = ZeroSettings(**{**zero, "hidden_size_auto": tuple(zero.get("hidden_size_auto", ()))})
+        return cls(**{**data, "zero": zero if zero is not None else DEFAULT_ZERO})
+
+
+RUN_FIELDS = tuple(f.name for f in fields(RunSpec))
+
+
+def _flat_json(config) -> dict:
+    """A config as JSON with its RunSpec's fields at the top level: the one flat ``config``
+    object of the documents dpplan writes (schema_version 1), whichever config it is."""
+    data = {k: v for k, v in asdict(config).items() if k != "run"}
+    return {**config.run.to_json(), **data}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """One planning request (``dpplan estimate``)."""
+
+    run: RunSpec = field(default_factory=RunSpec)
+    strategies: tuple[str, ...] = STRATEGIES
+    gpus: tuple[int, ...] = DEFAULT_GPU_COUNTS
+    """Total ranks (GPUs) to plan for, one estimate per count."""
+    nodes: int = 1
+    gpus_per_node: int | None = None
+    """When set, each GPU count spans gpus / gpus_per_node nodes (a sweep); else ``nodes``."""
+    gpu: str = DEFAULT_GPU
+    device: str = "cuda"
+    """cuda: plan GPU memory on ``gpu``; cpu: plan the tensor bytes of a CPU (gloo) run."""
+    cpu_isa: str = "native"
+    """cpu: the instruction set the CPU kernels are planned for (planner/cpu_isa.py): this CPU's,
+    or a lower one (avx2, avx512, avx512-bf16, amx), set before torch starts."""
+    capacity_bytes: int | None = None
+    """Memory one rank may use, overriding the GPU's (cuda) or host RAM per rank (cpu); what
+    ``fits`` and ``max_batch_size`` are judged against. ``dpplan profile --gpu-memory`` sets
+    it, and its batch-size search sets it to a calibrated limit."""
+
+    def __post_init__(self):
+        self.run.check_strategies(self.strategies)
+        if not self.gpus or any(g < 1 for g in self.gpus):
+            raise UsageError(f"gpus must be positive integers (got {self.gpus})")
+        _at_least(self, ("nodes", "gpus_per_node", "capacity_bytes"), 1)
+        if self.gpus_per_node is not None:
+            if self.nodes != 1:
+                raise UsageError("give either nodes or gpus_per_node, not both")
+            for gpus in self.gpus:
+                if gpus > self.gpus_per_node and gpus % self.gpus_per_node:
+                    raise UsageError(f"gpus={gpus} is not a multiple of gpus_per_node={self.gpus_per_node}")
+        for gpus in self.gpus:
+            if gpus % self.nodes_for(gpus):
+                raise UsageError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
+        _choice("device", self.device, PLAN_DEVICES)
+        _choice("cpu_isa", self.cpu_isa, tuple(ISAS))
+        if self.cpu_isa != "native" and self.device != "cpu":
+            raise UsageError("cpu_isa applies to the cpu device only (the GPU's kernels are planned for the GPU)")
+        _check_gpu_name(self.gpu)
+
+    def nodes_for(self, gpus: int) -> int:
+        """Nodes that ``gpus`` ranks span."""
+        if self.gpus_per_node is not None:
+            return max(1, gpus // self.gpus_per_node)
+        return self.nodes
+
+    def to_json(self) -> dict:
+        return {**_flat_json(self), "strategies": list(self.strategies), "gpus": list(self.gpus)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """One profiling request (``dpplan profile``)."""
+
+    run: RunSpec = field(default_factory=RunSpec)
+    strategies: tuple[str, ...] = DEFAULT_PROFILE_STRATEGIES
+    gpus: int | None = None
+    """Total ranks over all nodes (as ``estimate --gpus``); None: every visible GPU on each
+    node, or profile.DEFAULT_CPU_RANKS CPU ranks without GPUs."""
+    nodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    steps: int | None = None
+    """Timed optimizer steps per run; None: profile.DEFAULT_GPU_STEPS on GPUs, DEFAULT_CPU_STEPS
+    on CPU ranks (a CPU step of a mid-sized model in bf16 takes tens of seconds; the memory peak
+    is the same in every step after the warm-up, so fewer steps lose no accuracy there)."""
+    warmup_steps: int = 1
+    sample_hz: float = 100.0
+    timeout_s: float = 600.0
+    """Wall-clock limit of one run (launch to last rank), seconds."""
+    device: str = "auto"
+    """auto: GPUs when CUDA sees any, else CPU ranks (gloo); cuda or cpu to force one."""
+    gpu: str | None = None
+    """Catalog key for the estimates; None: the detected GPU."""
+    out_dir: str | None = None
+    """None: a new timestamped folder under ./dpplan-runs/."""
+    gpu_memory_bytes: int | None = None
+    """Memory per rank to plan and test against (a smaller card on a big one); None: the GPU's
+    own (cuda), host RAM per rank (cpu). On cuda each run is capped to it."""
+    headroom_pct: float = DEFAULT_HEADROOM_PCT
+    find_batch_size: bool = False
+    """Confirm the recommended micro-batch with trial jobs (else it is predicted only)."""
+    max_trials: int = DEFAULT_MAX_TRIALS
+    """Trial jobs per strategy at most."""
+    trial_steps: int = DEFAULT_TRIAL_STEPS
+    """Timed steps of a trial, after at least one warm-up step."""
+
+    def __post_init__(self):
+        self.run.check_strategies(self.strategies)
+        _choice("device", self.device, PROFILE_DEVICES)
+        _at_least(self, ("steps", "nodes", "gpus", "gpu_memory_bytes", "max_trials", "trial_steps"), 1)
+        _at_least(self, ("warmup_steps",), 0)
+        if self.gpus is not None and self.gpus % self.nodes:
+            raise UsageError(f"gpus={self.gpus} (total over all nodes) does not split evenly into nodes={self.nodes}")
+        if not 0 <= self.node_rank < self.nodes:
+            raise UsageError(f"node_rank must be in 0..{self.nodes - 1} (got {self.node_rank})")
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise UsageError("nodes > 1 needs rdzv_endpoint (host:port of node 0)")
+        if self.sample_hz < MIN_SAMPLE_HZ:
+            raise UsageError(f"sample_hz must be >= {MIN_SAMPLE_HZ:g} (got {self.sample_hz})")
+        if self.timeout_s <= 0:
+            raise UsageError(f"timeout_s must be > 0 (got {self.timeout_s})")
+        _check_gpu_name(self.gpu)
+        if not 0 <= self.headroom_pct < 100:
+            raise UsageError(f"headroom_pct must be in [0, 100) (got {self.headroom_pct})")
+        if self.find_batch_size and self.nodes > 1:
+            # A trial is launched from this node only; the other nodes would never join it.
+            raise UsageError("find_batch_size runs on one node only (nodes=1)")
+
+    def to_json(self) -> dict:
+        return {**_flat_json(self), "strategies": list(self.strategies)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What one real run does (profiler/worker.py, on every rank)."""
+
+    run: RunSpec
+    strategy: str
+    nodes: int = 1
+    steps: int = 3
+    """Timed optimizer steps, after the warm-up; peaks and step times are over these."""
+    warmup_steps: int = 1
+    """Untimed optimizer steps first (the first creates the optimizer state)."""
+    device: str = "cpu"
+    """cpu: gloo, CPU tensors; cuda: nccl, one GPU per process (LOCAL_RANK)."""
+    sample_hz: float = 100.0
+    """NVML sampling rate on cuda."""
+    memory_limit_bytes: int | None = None
+    """cuda: cap this process's allocator to that many bytes of its GPU
+    (torch.cuda.set_per_process_memory_fraction), to test a smaller card on a bigger one."""
+    seed: int = 0
+    keep_allocations: bool = False
+    """Also write every allocation event (cpu; for investigating a mismatch)."""
+
+    def __post_init__(self):
+        self.run.check_strategies((self.strategy,))
+        _at_least(self, ("steps", "nodes", "memory_limit_bytes"), 1)
+        _at_least(self, ("warmup_steps",), 0)
+        _choice("device", self.device, RUN_DEVICES)
+
+    def to_json(self) -> dict:
+        return _flat_json(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunConfig:
+        """Back from ``to_json()`` (how the launcher hands the run to each rank)."""
+        run = RunSpec.from_json({k: v for k, v in data.items() if k in RUN_FIELDS})
+        return cls(run=run, **{k: v for k, v in data.items() if k not in RUN_FIELDS})
