@@ -66,17 +66,22 @@ def estimate_json(*args):
 
 
 def test_every_flag_reaches_the_plan(tiny_gpt):
+    """Every flag at a value other than its default, so that each assertion shows the flag arrived
+    (fsdp2: a strategy with offload; LayerNorm units instead of the default, tiny_gpt's Blocks).
+    --device cpu reaching the plan is checked in test_flags_change_the_numbers (it drops --gpu)."""
     data = estimate_json(
-        tiny_gpt, "--strategy", "ddp", "--gpus", "4,8", "--nodes", "2", "--batch-size", "3",
+        tiny_gpt, "--strategy", "fsdp2", "--gpus", "4,8", "--nodes", "2", "--batch-size", "3",
         "--grad-accum", "2", "--precision", "fp32", "--optimizer", "sgd-momentum",
-        "--activation-checkpointing", "--offload", "none", "--wrap", "Block", "--gpu", "a100-40gb",
-        "--device", "cuda",
+        "--activation-checkpointing", "--offload", "optimizer", "--wrap", "LayerNorm", "--gpu", "a100-40gb",
     )
+    assert [(e["strategy"], e["gpus"]) for e in data["estimates"]] == [("fsdp2", 4), ("fsdp2", 8)]
     e = data["estimates"][0]
-    assert (e["strategy"], e["gpus"], e["nodes"], e["batch_size"], e["grad_accum"]) == ("ddp", 4, 2, 3, 2)
+    assert (e["nodes"], e["batch_size"], e["grad_accum"]) == (2, 3, 2)
     assert (e["precision"], e["optimizer"], e["activation_checkpointing"], e["gpu"]) == ("fp32", "sgd-momentum", True, "a100-40gb")
     assert e["capacity_bytes"] == 40960 * 2**20
-    assert data["model"]["num_units"] == 2 and data["model"]["checkpointing"] == "units"
+    assert e["offload"] == "optimizer" and e["host_bytes"] > 0  # None without offload
+    assert data["model"]["unit_names"] == ["blocks.0.ln_1", "blocks.0.ln_2", "blocks.1.ln_1", "blocks.1.ln_2", "ln_f"]
+    assert data["model"]["num_units"] == 5 and data["model"]["checkpointing"] == "units"
 
 
 def test_flags_change_the_numbers(tiny_gpt):
