@@ -232,9 +232,8 @@ def test_the_program_flushes_everything_before_its_quick_exit(tiny_gpt, tmp_path
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "missing.py" in done.stderr
 
 
-def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set(tmp_path):
-    """--cpu-isa caps oneDNN and ATen before torch starts (a fresh process): the kernels, and the
-    in-op buffers measured from them, are those of that CPU; the plan says which."""
+def _estimate_tiny_cnn_on_cpu(*args):
+    """`dpplan estimate` of the tiny CNN on 2 CPU ranks in a fresh process, no ISA cap inherited."""
     from tests.conftest import FIXTURES
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -242,15 +241,24 @@ def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set(tmp_path):
         env.pop(name, None)
     command = [sys.executable, "-P", "-m", "dpplan.cli", "estimate", str(FIXTURES / "tiny_cnn.py"), "--device", "cpu",
                "--gpus", "2", "--strategy", "fsdp2", "--batch-size", "2", "--json", "-"]
-    done = subprocess.run(command + ["--cpu-isa", "avx2"], env=env, capture_output=True, text=True)
+    return subprocess.run(command + list(args), env=env, capture_output=True, text=True)
+
+
+def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set():
+    """--cpu-isa caps oneDNN and ATen before torch starts (a fresh process): the kernels, and the
+    in-op buffers measured from them, are those of that CPU; the plan says which."""
+    done = _estimate_tiny_cnn_on_cpu("--cpu-isa", "avx2")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert "kernels for avx2 (ATen AVX2" in plan["cpu_kernels"] and plan["config"]["cpu_isa"] == "avx2"
+
+
+def test_cpu_isa_above_this_cpu_is_refused():
     import torch
 
     if torch.cpu._is_amx_tile_supported():
         pytest.skip("this CPU has AMX: no instruction set above it to refuse")
-    done = subprocess.run(command + ["--cpu-isa", "amx"], env=env, capture_output=True, text=True)
+    done = _estimate_tiny_cnn_on_cpu("--cpu-isa", "amx")
     assert done.returncode == 2 and "this CPU has no amx" in done.stderr
 
 
