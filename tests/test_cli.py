@@ -66,17 +66,22 @@ def estimate_json(*args):
 
 
 def test_every_flag_reaches_the_plan(tiny_gpt):
+    """Every flag at a value other than its default, so that each assertion shows the flag arrived
+    (fsdp2: a strategy with offload; LayerNorm units instead of the default, tiny_gpt's Blocks).
+    --device cpu reaching the plan is checked in test_flags_change_the_numbers (it drops --gpu)."""
     data = estimate_json(
-        tiny_gpt, "--strategy", "ddp", "--gpus", "4,8", "--nodes", "2", "--batch-size", "3",
+        tiny_gpt, "--strategy", "fsdp2", "--gpus", "4,8", "--nodes", "2", "--batch-size", "3",
         "--grad-accum", "2", "--precision", "fp32", "--optimizer", "sgd-momentum",
-        "--activation-checkpointing", "--offload", "none", "--wrap", "Block", "--gpu", "a100-40gb",
-        "--device", "cuda",
+        "--activation-checkpointing", "--offload", "optimizer", "--wrap", "LayerNorm", "--gpu", "a100-40gb",
     )
+    assert [(e["strategy"], e["gpus"]) for e in data["estimates"]] == [("fsdp2", 4), ("fsdp2", 8)]
     e = data["estimates"][0]
-    assert (e["strategy"], e["gpus"], e["nodes"], e["batch_size"], e["grad_accum"]) == ("ddp", 4, 2, 3, 2)
+    assert (e["nodes"], e["batch_size"], e["grad_accum"]) == (2, 3, 2)
     assert (e["precision"], e["optimizer"], e["activation_checkpointing"], e["gpu"]) == ("fp32", "sgd-momentum", True, "a100-40gb")
     assert e["capacity_bytes"] == 40960 * 2**20
-    assert data["model"]["num_units"] == 2 and data["model"]["checkpointing"] == "units"
+    assert e["offload"] == "optimizer" and e["host_bytes"] > 0  # None without offload
+    assert data["model"]["unit_names"] == ["blocks.0.ln_1", "blocks.0.ln_2", "blocks.1.ln_1", "blocks.1.ln_2", "ln_f"]
+    assert data["model"]["num_units"] == 5 and data["model"]["checkpointing"] == "units"
 
 
 def test_flags_change_the_numbers(tiny_gpt):
@@ -227,9 +232,8 @@ def test_the_program_flushes_everything_before_its_quick_exit(tiny_gpt, tmp_path
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "missing.py" in done.stderr
 
 
-def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set(tmp_path):
-    """--cpu-isa caps oneDNN and ATen before torch starts (a fresh process): the kernels, and the
-    in-op buffers measured from them, are those of that CPU; the plan says which."""
+def _estimate_tiny_cnn_on_cpu(*args):
+    """`dpplan estimate` of the tiny CNN on 2 CPU ranks in a fresh process, no ISA cap inherited."""
     from tests.conftest import FIXTURES
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -237,15 +241,24 @@ def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set(tmp_path):
         env.pop(name, None)
     command = [sys.executable, "-P", "-m", "dpplan.cli", "estimate", str(FIXTURES / "tiny_cnn.py"), "--device", "cpu",
                "--gpus", "2", "--strategy", "fsdp2", "--batch-size", "2", "--json", "-"]
-    done = subprocess.run(command + ["--cpu-isa", "avx2"], env=env, capture_output=True, text=True)
+    return subprocess.run(command + list(args), env=env, capture_output=True, text=True)
+
+
+def test_cpu_isa_plans_the_kernels_of_a_lower_instruction_set():
+    """--cpu-isa caps oneDNN and ATen before torch starts (a fresh process): the kernels, and the
+    in-op buffers measured from them, are those of that CPU; the plan says which."""
+    done = _estimate_tiny_cnn_on_cpu("--cpu-isa", "avx2")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert "kernels for avx2 (ATen AVX2" in plan["cpu_kernels"] and plan["config"]["cpu_isa"] == "avx2"
+
+
+def test_cpu_isa_above_this_cpu_is_refused():
     import torch
 
     if torch.cpu._is_amx_tile_supported():
         pytest.skip("this CPU has AMX: no instruction set above it to refuse")
-    done = subprocess.run(command + ["--cpu-isa", "amx"], env=env, capture_output=True, text=True)
+    done = _estimate_tiny_cnn_on_cpu("--cpu-isa", "amx")
     assert done.returncode == 2 and "this CPU has no amx" in done.stderr
 
 
