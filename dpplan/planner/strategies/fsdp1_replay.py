@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dpplan.planner.strategies.fsdp1_flat_param import FlatParam
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import GRADIENT, PARAM_CAST, PARAMETER, TEMPORARY, StepTrace
 
 if TYPE_CHECKING:
-    from dpplan.planner.strategies.fsdp1 import FlatParam
     from dpplan.planner.strategies.layout import Layout
 
 RESHARD_AFTER_FORWARD = ("fsdp-full", "fsdp-hybrid")
