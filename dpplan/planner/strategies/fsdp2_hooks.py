@@ -19,7 +19,7 @@ from dpplan.planner.strategies.fsdp2_buffers import (
     gloo_worker_picks_up,
     reshard,
 )
-from dpplan.planner.trace import GRADIENT, PARAMETER, TEMPORARY, StepTrace
+from dpplan.planner.trace import GRADIENT, PARAMETER, TEMPORARY, StepTrace, trace_index
 
 
 def replay_step(run: Replay) -> None:
@@ -126,19 +126,6 @@ def _final_callback(run: Replay, pos: int) -> None:
     run.post_forward_order.clear()
 
 
-def _micro_batches(trace: StepTrace) -> list[list]:
-    """The markers of each micro-batch (up to the optimizer marker)."""
-    batches: list[list] = []
-    for marker in trace.markers:
-        if marker.kind == "optimizer":
-            break
-        if marker.kind == "micro_batch":
-            batches.append([])
-        if batches:
-            batches[-1].append(marker)
-    return batches
-
-
 _STAGE = {
     "fwd_start": PRE, "fwd_end": POST, "root_fwd_end": POST,
     "root_bwd_start": PRE, "bwd_start": PRE, "bwd_end": POST,
@@ -198,7 +185,7 @@ def _new_grad_temporaries(trace: StepTrace, markers: list) -> dict[int, int]:
 def _replay_micro_batches(run: Replay) -> None:
     trace = run.trace
     root = len(trace.unit_names) - 1
-    batches = _micro_batches(trace)
+    batches = [span.markers for span in trace_index(trace).micro_batches]
     for number, markers in enumerate(batches):
         sync = number == len(batches) - 1  # training_step: sync only on the last micro-batch
         new_grads = _new_grad_temporaries(trace, markers) if number > 0 else {}
@@ -231,7 +218,7 @@ def _free_sharded_grads_at_zero_grad(run: Replay) -> None:
     unit's flat buffer dies with the view of its last parameter, where the trace frees that
     parameter's gradient."""
     trace = run.trace
-    optimizer = next((m.event for m in trace.markers if m.kind == "optimizer"), len(trace.event_storage))
+    optimizer = trace_index(trace).optimizer
     for unit, nbytes in run.sharded_grads.items():
         deaths = [
             int(run.death[s])

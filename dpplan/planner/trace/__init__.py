@@ -13,6 +13,7 @@ What the rest of dpplan uses is importable from here.
 """
 
 from dpplan.planner.trace.errors import TraceError, TracerBug
+from dpplan.planner.trace.index import MicroBatchSpan, TraceIndex, trace_index
 from dpplan.planner.trace.full_or_built import has_floating_buffers, has_floating_inputs, trace_step, untraced_model
 from dpplan.planner.trace.step_trace import (
     ACTIVATION,
@@ -39,7 +40,7 @@ from dpplan.planner.trace.step_trace import (
 __all__ = [
     "ACTIVATION", "AUTOCAST", "BUFFER", "CATEGORY_NAMES", "ENGINE_CAST", "GRADIENT", "INPUT",
     "OPTIMIZER_STATE", "OPTIMIZER_TEMPORARY", "OTHER", "PARAM_CAST", "PARAMETER", "TEMPORARY",
-    "TRACE_BATCH_SIZE", "Marker", "ParamInfo", "StepTrace", "TraceError", "TraceSettings",
-    "TracerBug", "cached_on_trace", "has_floating_buffers", "has_floating_inputs", "trace_step",
-    "untraced_model",
+    "TRACE_BATCH_SIZE", "Marker", "MicroBatchSpan", "ParamInfo", "StepTrace", "TraceError", "TraceIndex",
+    "TraceSettings", "TracerBug", "cached_on_trace", "has_floating_buffers", "has_floating_inputs",
+    "trace_index", "trace_step", "untraced_model",
 ]
