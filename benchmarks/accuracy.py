@@ -139,7 +139,7 @@ def suite() -> list[Case]:
         Case(model=_m("llama.py"), strategy="fsdp2", ranks=2, precision="bf16"),
         Case(model=_m("gpt.py"), strategy="single", ranks=1, activation_checkpointing=True, precision="bf16-mixed"),
         Case(model=_m("gpt.py"), strategy="fsdp-hybrid", ranks=4, nodes=2),
-        # Ten alike layers: planned from 3- and 4-layer traces (planner/repeated_layers.py).
+        # Ten alike layers: planned from 3- and 4-layer traces (planner/trace/repeated_layers.py).
         Case(model=_m("gpt_deep.py"), strategy="ddp", ranks=2, precision="bf16-mixed"),
         Case(model=_m("gpt_deep.py"), strategy="fsdp2", ranks=2),
         Case(model=_m("gpt_deep.py"), strategy="fsdp-full", ranks=2, activation_checkpointing=True),

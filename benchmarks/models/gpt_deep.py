@@ -1,5 +1,5 @@
 """gpt.py at 10 layers: a stack deep enough (at least 8 alike layers) that dpplan traces it at
-3 and 4 layers and builds the full depth from those (dpplan/planner/repeated_layers.py). The
+3 and 4 layers and builds the full depth from those (dpplan/planner/trace/repeated_layers.py). The
 accuracy benchmark runs it for real, so the shortcut is checked against measured memory."""
 
 import importlib.util

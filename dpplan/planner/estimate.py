@@ -30,6 +30,7 @@ from dpplan.planner.trace import (
     TraceSettings,
     has_floating_buffers,
     has_floating_inputs,
+    trace_index,
     trace_step,
     untraced_model,
 )
@@ -391,10 +392,10 @@ def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace
 
 def top_activation_modules(trace: StepTrace, batch_size: int, limit: int = TOP_MODULES) -> list[ModuleActivation]:
     """Modules whose forward leaves the most bytes alive for backward (first micro-batch)."""
-    backward = trace.markers_of("backward")
+    backward = trace_index(trace).backward_starts
     if not backward:
         return []
-    end_of_forward = backward[0].event
+    end_of_forward = backward[0]
     sizes = trace.storage_bytes_at(batch_size)
     alive = np.zeros(len(sizes), dtype=np.int64)
     np.add.at(alive, trace.event_storage[:end_of_forward], trace.event_sign[:end_of_forward])

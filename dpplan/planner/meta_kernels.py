@@ -2,7 +2,7 @@
 
 A meta kernel is written to mirror one device's checks and leaves out what only the device
 decides. Where that changes what a training step allocates (an output's dtype, its memory
-format, an op with no meta kernel at all), the tracer's planner/fake_device.py calls
+format, an op with no meta kernel at all), the tracer's planner/fake_device/storage_tracer.py calls
 ``run_meta_kernel`` instead of the meta kernel, and these rules decide as the device does.
 """
 

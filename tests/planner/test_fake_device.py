@@ -216,7 +216,7 @@ def test_gradients_summed_by_autograd_reuse_the_buffer_as_the_real_engine_does()
     blocks at most)."""
     import numpy as np
 
-    from dpplan.planner.trace import _Recorder
+    from dpplan.planner.trace.recorder import Recorder as _Recorder
 
     recorder = _Recorder()
     tracer = StorageTracer(recorder.alloc, recorder.free)
@@ -266,7 +266,7 @@ def test_a_tied_weights_gradients_are_summed_out_of_place_as_the_real_engine_doe
     real engine sums the two out of place (profiled on CPU: ``aten::add``, not ``add_``)."""
     import numpy as np
 
-    from dpplan.planner.trace import _Recorder
+    from dpplan.planner.trace.recorder import Recorder as _Recorder
 
     recorder = _Recorder()
     tracer = StorageTracer(recorder.alloc, recorder.free)

@@ -166,14 +166,14 @@ def test_traces_do_not_leak_into_each_other_through_the_op_cache(tiny_gpt):
     """Op outputs are cached across traces. A kernel that returns a view although its schema
     promises a fresh tensor (``_unsafe_view``) once made a later trace count a storage birth
     that the clean trace did not have."""
-    from dpplan.planner import fake_device
+    from dpplan.planner.fake_device import op_cache
 
     spec = load_model_file(tiny_gpt)
     autocast = TraceSettings(precision="bf16-mixed", family=AUTOCAST)
     param_cast = TraceSettings(precision="bf16-mixed", family=PARAM_CAST, cast_buffers=True)
-    fake_device._OP_CACHE.clear()
+    op_cache.OP_CACHE.clear()
     clean = trace_step(spec, autocast, batch_size=3)
-    fake_device._OP_CACHE.clear()
+    op_cache.OP_CACHE.clear()
     trace_step(spec, param_cast, batch_size=3)
     after_other = trace_step(spec, autocast, batch_size=3)
     allocs = clean.event_sign > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpplan.planner import fake_device
+from dpplan.planner.fake_device import op_cache
 from dpplan.training.model_file import load_model_file
 from dpplan.planner.trace import PARAM_CAST, TraceSettings, trace_step
 
@@ -102,20 +102,20 @@ def test_foreach_ops_deduplicated_trace_the_same(tiny_gpt, monkeypatch, precisio
     settings = TraceSettings(precision=precision, family=family, device_type="cuda")
     spec = load_model_file(tiny_gpt)
     taken = []
-    real = fake_device._run_foreach_deduplicated
+    real = op_cache.run_foreach_deduplicated
 
     def spy(func, *args):
         result = real(func, *args)
-        if result is not fake_device._NOT_DEDUPLICATED:
+        if result is not op_cache.NOT_DEDUPLICATED:
             taken.append(func._schema.name)
         return result
 
-    monkeypatch.setattr(fake_device, "_OP_CACHE", {})
-    monkeypatch.setattr(fake_device, "_run_foreach_deduplicated", spy)
+    monkeypatch.setattr(op_cache, "OP_CACHE", {})
+    monkeypatch.setattr(op_cache, "run_foreach_deduplicated", spy)
     fast = trace_step(spec, settings)
     assert "aten::_foreach_sqrt" in taken and "aten::_foreach_addcdiv_" in taken, taken
 
-    monkeypatch.setattr(fake_device, "_OP_CACHE", {})
-    monkeypatch.setattr(fake_device, "_run_foreach_deduplicated", lambda *a: fake_device._NOT_DEDUPLICATED)
+    monkeypatch.setattr(op_cache, "OP_CACHE", {})
+    monkeypatch.setattr(op_cache, "run_foreach_deduplicated", lambda *a: op_cache.NOT_DEDUPLICATED)
     full = trace_step(spec, settings)
     assert_same_trace(fast, full)

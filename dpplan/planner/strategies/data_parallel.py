@@ -30,7 +30,7 @@ from dpplan.planner.strategies.common import wraps_every_model
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline
-from dpplan.planner.trace import ACTIVATION, GRADIENT, INPUT, TEMPORARY, StepTrace
+from dpplan.planner.trace import ACTIVATION, GRADIENT, INPUT, TEMPORARY, StepTrace, trace_index
 
 REDUCE_ADD_BUFFER_BYTES = 10485760
 """comm.reduce_add_coalesced ``buffer_size`` default: gradients are coalesced in chunks of
@@ -53,11 +53,9 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
         timeline.scale(storage, gpus)
     # The reduction onto device 0 at the end of every micro-batch's backward.
     reduce_bytes = gradient_reduction_bytes(trace)
-    root = len(trace.unit_names) - 1
-    for marker in trace.markers:
-        if marker.kind == "bwd_end" and marker.index == root:
-            timeline.insert(marker.event, reduce_bytes, GRADIENT)
-            timeline.insert(marker.event, -reduce_bytes, GRADIENT)
+    for position in trace_index(trace).root_backward_ends:
+        timeline.insert(position, reduce_bytes, GRADIENT)
+        timeline.insert(position, -reduce_bytes, GRADIENT)
     return RankPlan(
         timeline=timeline,
         notes=("dp: device 0 holds the whole input batch, the gathered outputs and the gradient reduction",),
@@ -80,8 +78,9 @@ def gathered_storages(trace: StepTrace) -> list[int]:
     it has a batch dimension; a loss computed inside the model is a scalar per replica) and the batch-sized storages the loss creates outside any module before backward.
     A heuristic: the trace marks where backward starts, not where the model returns."""
     result: list[int] = []
-    starts = [m.event for m in trace.markers if m.kind == "micro_batch"]
-    backwards = [m.event for m in trace.markers if m.kind == "backward"]
+    index = trace_index(trace)
+    starts = [span.start for span in index.micro_batches]
+    backwards = index.backward_starts
     for start, backward in zip(starts, backwards):
         storages = trace.event_storage[start:backward]
         signs = trace.event_sign[start:backward]

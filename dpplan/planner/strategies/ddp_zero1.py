@@ -16,7 +16,7 @@ from dpplan.planner.strategies.ddp import add_gradient_buckets
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline
-from dpplan.planner.trace import OPTIMIZER_TEMPORARY, StepTrace, cached_on_trace
+from dpplan.planner.trace import OPTIMIZER_TEMPORARY, StepTrace, cached_on_trace, trace_index
 
 EXHAUSTIVE_RANKS = 16
 """Up to this many ranks every rank is planned; above, only the candidates for the maximum."""
@@ -129,8 +129,7 @@ def _step_analysis(trace: StepTrace):
     parameter's own and lingering temporary events, their segment signatures, the role of each
     lingering storage and where a role dies in a segment of a given signature. Computed once
     per trace (it is quadratic in the parameters; a 70B plan asks for it at every GPU count)."""
-    start = trace.markers_of("optimizer")[0].event
-    end = trace.markers_of("end")[0].event
+    start, end = trace_index(trace).optimizer, trace_index(trace).end
     events: dict[int, list[int]] = {}
     for k in range(start, end):
         storage = int(trace.event_storage[k])

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dpplan.planner.strategies.fsdp1_flat_param import FlatParam
 from dpplan.planner.timeline import RankTimeline
-from dpplan.planner.trace import GRADIENT, PARAM_CAST, PARAMETER, TEMPORARY, StepTrace
+from dpplan.planner.trace import GRADIENT, PARAM_CAST, PARAMETER, TEMPORARY, trace_index
 
 if TYPE_CHECKING:
-    from dpplan.planner.strategies.fsdp1 import FlatParam
     from dpplan.planner.strategies.layout import Layout
 
 RESHARD_AFTER_FORWARD = ("fsdp-full", "fsdp-hybrid")
@@ -44,7 +44,8 @@ class Replay:
         self.needs_backward = [False] * n
         self.grad_alive = [False] * n  # unsharded flat gradient (kept under no_sync)
         self.device_grad = [0] * n  # offload: sharded gradient on the device until optim
-        self.gradients = traced_gradients(self.trace)
+        # (micro-batch, parameter) -> the traced gradient storages FSDP's cat consumes instead
+        self.gradients = trace_index(self.trace).gradient_contributions
         self.p = 0  # the marker position the running hook inserts at
 
     # -- byte sizes ----------------------------------------------------------------------
@@ -108,7 +109,7 @@ class Replay:
         before[self.root] = forward_order[-1] if forward_order else None
         self.forward_order = order
         self.prefetch_target = before
-        num_micro = len(trace.markers_of("micro_batch"))
+        num_micro = trace_index(trace).num_micro_batches
         self.last_micro = num_micro - 1
         for m in range(num_micro):
             end = spans.get((m, self.root), {}).get("end")
@@ -266,35 +267,3 @@ class Replay:
         if sync and any(self.device_grad):
             self.add(-sum(self.device_grad), GRADIENT)
             self.device_grad = [0] * len(self.flats)
-
-
-def traced_gradients(trace: StepTrace) -> dict[tuple[int, int], list[int]]:
-    """(micro-batch, parameter) -> the traced gradient storages FSDP's cat consumes instead:
-    in the first micro-batch the ``.grad`` itself; later, each new contribution, which the
-    unwrapped trace adds into ``.grad`` and frees just before the parameter's grad marker
-    (torch/csrc/autograd/functions/accumulate_grad.h ``accumulateGrad``)."""
-    found: dict[tuple[int, int], list[int]] = {}
-    claimed: set[int] = set()
-    micro = -1
-    for marker in trace.markers:
-        if marker.kind == "micro_batch":
-            micro = marker.index
-        if marker.kind != "grad":
-            continue
-        param = trace.params[marker.index]
-        if micro == 0:
-            storages = [param.grad_storage] if param.grad_storage >= 0 else []
-        else:
-            storages = _contribution(trace, marker.event, param.numel * param.itemsize, claimed)
-        claimed.update(storages)
-        found.setdefault((micro, marker.index), []).extend(storages)
-    return found
-
-
-def _contribution(trace: StepTrace, event: int, nbytes: int, claimed: set[int], window: int = 16) -> list[int]:
-    for e in range(event - 1, max(event - 1 - window, -1), -1):
-        storage = int(trace.event_storage[e])
-        if (trace.event_sign[e] < 0 and storage not in claimed and trace.storage_bytes[storage] == nbytes
-                and trace.storage_category[storage] == TEMPORARY):
-            return [storage]
-    return []

@@ -45,7 +45,7 @@ from dpplan.planner.strategies.fsdp2_hooks import replay_step
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline, ceil_div
-from dpplan.planner.trace import OTHER, PARAM_CAST, StepTrace
+from dpplan.planner.trace import OTHER, PARAM_CAST, StepTrace, trace_index
 
 MIXED = ("bf16-mixed", "fp16-mixed")
 RANK_MAP_ITEMSIZE = 4
@@ -185,7 +185,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
         offload=offload,
     )
     replay_step(run)
-    traced = sum(m.kind == "micro_batch" for m in trace.markers)
+    traced = trace_index(trace).num_micro_batches
     if layout.grad_accum > traced >= 2:
         # Micro-batches 2..N-1 hold every unit's accumulated unsharded gradients through a
         # whole backward without reduce-scatter; the replay handles them once traced.

@@ -19,7 +19,7 @@ from dpplan.planner.strategies.fsdp2_buffers import (
     gloo_worker_picks_up,
     reshard,
 )
-from dpplan.planner.trace import GRADIENT, PARAMETER, TEMPORARY, StepTrace
+from dpplan.planner.trace import GRADIENT, PARAMETER, TEMPORARY, StepTrace, trace_index
 
 
 def replay_step(run: Replay) -> None:
@@ -126,19 +126,6 @@ def _final_callback(run: Replay, pos: int) -> None:
     run.post_forward_order.clear()
 
 
-def _micro_batches(trace: StepTrace) -> list[list]:
-    """The markers of each micro-batch (up to the optimizer marker)."""
-    batches: list[list] = []
-    for marker in trace.markers:
-        if marker.kind == "optimizer":
-            break
-        if marker.kind == "micro_batch":
-            batches.append([])
-        if batches:
-            batches[-1].append(marker)
-    return batches
-
-
 _STAGE = {
     "fwd_start": PRE, "fwd_end": POST, "root_fwd_end": POST,
     "root_bwd_start": PRE, "bwd_start": PRE, "bwd_end": POST,
@@ -167,41 +154,23 @@ def _hooks(markers: list, root: int) -> list[tuple[int, int, int, str, int]]:
     return sorted(hooks)
 
 
-def _new_grad_temporaries(trace: StepTrace, markers: list) -> dict[int, int]:
-    """Parameter -> the storage autograd produced as its gradient in a later micro-batch.
-
-    In the unwrapped trace AccumulateGrad adds it into the existing ``.grad`` and frees it
-    right there (next to the parameter's ``grad`` marker); under FSDP2 mixed precision the
-    ``.grad`` was moved to an fp32 copy, so this tensor becomes ``.grad`` and lives until
-    the unit's post_backward."""
-    found: dict[int, int] = {}
-    n = len(trace.event_storage)
-    for m in markers:
-        if m.kind != "grad" or m.index in found:
-            continue
-        info = trace.params[m.index]
-        for offset in (-1, 0, -2, 1, -3, 2):
-            e = m.event + offset
-            if not 0 <= e < n or trace.event_sign[e] > 0:
-                continue
-            s = int(trace.event_storage[e])
-            if (
-                trace.storage_category[s] not in (GRADIENT, PARAMETER)
-                and trace.storage_batch_degree[s] == 0
-                and trace.storage_bytes[s] == info.numel * info.itemsize
-            ):
-                found[m.index] = s
-                break
-    return found
+def _new_grad_temporaries(trace: StepTrace, number: int) -> dict[int, int]:
+    """Parameter -> the storage autograd produced as its gradient in micro-batch ``number`` > 0
+    (planner/trace/index.py ``gradient_contributions``). In the unwrapped trace AccumulateGrad
+    adds it into the existing ``.grad`` and frees it; under FSDP2 mixed precision the ``.grad``
+    was moved to an fp32 copy, so this tensor becomes ``.grad`` and lives until the unit's
+    post_backward."""
+    contributions = trace_index(trace).gradient_contributions
+    return {param: storages[0] for (micro, param), storages in contributions.items() if micro == number and storages}
 
 
 def _replay_micro_batches(run: Replay) -> None:
     trace = run.trace
     root = len(trace.unit_names) - 1
-    batches = _micro_batches(trace)
+    batches = [span.markers for span in trace_index(trace).micro_batches]
     for number, markers in enumerate(batches):
         sync = number == len(batches) - 1  # training_step: sync only on the last micro-batch
-        new_grads = _new_grad_temporaries(trace, markers) if number > 0 else {}
+        new_grads = _new_grad_temporaries(trace, number) if number > 0 else {}
         finished: set[int] = set()
         for pos, _, _, kind, unit in _hooks(markers, root):
             is_root = unit == root
@@ -231,7 +200,7 @@ def _free_sharded_grads_at_zero_grad(run: Replay) -> None:
     unit's flat buffer dies with the view of its last parameter, where the trace frees that
     parameter's gradient."""
     trace = run.trace
-    optimizer = next((m.event for m in trace.markers if m.kind == "optimizer"), len(trace.event_storage))
+    optimizer = trace_index(trace).optimizer
     for unit, nbytes in run.sharded_grads.items():
         deaths = [
             int(run.death[s])

@@ -43,13 +43,12 @@ from dpplan.planner.strategies.zero_common import (
     bucket_fills,
     comm_groups,
     flat_state_bytes,
-    micro_batch_spans,
     notes_for,
     flat_step_temporaries,
     zero_optimizer_state,
 )
 from dpplan.planner.timeline import RankTimeline, ceil_div
-from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace
+from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace, trace_index
 
 FP64_BYTES = 8
 
@@ -176,9 +175,8 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankPlan:
     if offload:
         partition_grad_bytes = 0  # copied straight to the host (``async_inplace_copy_grad_to_fp32_buffer_from_gpu``)
     in_partition = params_in_partition(trace, layout.world_size, layout.rank)
-    spans = micro_batch_spans(trace)
-    optimizer_pos = trace.markers_of("optimizer")[0].event
-    end_pos = trace.markers_of("end")[0].event
+    index = trace_index(trace)
+    spans, optimizer_pos, end_pos = index.micro_batches, index.optimizer, index.end
     reduce = functools.partial(
         _replay_reductions, timeline, trace, itemsize=itemsize, bucket_bytes=bucket_bytes,
         partition_grad_bytes=partition_grad_bytes, in_partition=in_partition,

@@ -4,7 +4,7 @@ state of one flat master tensor, where the micro-batches are in a trace, user-fa
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -154,50 +154,6 @@ def zero_optimizer_state(timeline: RankTimeline) -> None:
     """The traced per-parameter optimizer state is gone (DeepSpeed keeps its own, flat)."""
     owned = owned_storages(timeline.trace, "optimizer_state")
     timeline.scale_many(owned.storage, np.zeros(len(owned.storage)))
-
-
-@dataclass(kw_only=True)
-class MicroBatchSpan:
-    """Marker positions of one traced micro-batch."""
-
-    start: int
-    first_grad: int = -1
-    backward_end: int = -1
-    grad_position: dict[int, int] = field(default_factory=dict)
-    fwd_start: dict[int, int] = field(default_factory=dict)
-    fwd_end: dict[int, int] = field(default_factory=dict)
-    bwd_start: dict[int, int] = field(default_factory=dict)
-    bwd_end: dict[int, int] = field(default_factory=dict)
-    recompute_start: dict[int, int] = field(default_factory=dict)
-
-
-def micro_batch_spans(trace: StepTrace) -> list[MicroBatchSpan]:
-    """Marker positions of each traced micro-batch (shared per trace: read-only)."""
-    return cached_on_trace(trace, "micro-batch spans", lambda: _micro_batch_spans(trace))
-
-
-def _micro_batch_spans(trace: StepTrace) -> list[MicroBatchSpan]:
-    root = len(trace.unit_names) - 1
-    spans: list[MicroBatchSpan] = []
-    for marker in trace.markers:
-        if marker.kind == "micro_batch":
-            spans.append(MicroBatchSpan(start=marker.event))
-            continue
-        if not spans or marker.kind in ("optimizer", "end"):
-            continue
-        span = spans[-1]
-        if marker.kind == "grad":
-            if span.first_grad < 0:
-                span.first_grad = marker.event
-            span.grad_position.setdefault(marker.index, marker.event)
-        elif marker.kind == "bwd_end" and marker.index == root:
-            span.backward_end = marker.event
-        elif marker.kind in ("fwd_start", "fwd_end", "bwd_start", "bwd_end", "recompute_start"):
-            getattr(span, marker.kind).setdefault(marker.index, marker.event)
-    for span in spans:
-        if span.first_grad < 0:
-            span.first_grad = span.backward_end
-    return spans
 
 
 def notes_for(trace: StepTrace, layout: Layout) -> list[str]:

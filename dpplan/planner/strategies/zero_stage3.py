@@ -25,16 +25,14 @@ from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.strategies.zero_settings import ZeroSettings
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
-    MicroBatchSpan,
     bucket_fills,
     comm_groups,
     flat_state_bytes,
-    micro_batch_spans,
     flat_step_temporaries,
     zero_optimizer_state,
 )
 from dpplan.planner.timeline import RankTimeline, ceil_div
-from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace
+from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, MicroBatchSpan, StepTrace, trace_index
 
 
 def plan_stage3(trace: StepTrace, layout: Layout) -> RankPlan:
@@ -88,7 +86,7 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankPlan:
             f"zero3: stage3_max_live_parameters / stage3_max_reuse_distance below one layer's "
             f"{largest_unit:,} parameters are planned layer by layer: an overestimate",
         )
-    spans = micro_batch_spans(trace)
+    spans = trace_index(trace).micro_batches
     # Each gradient is copied into its bucket by the hook and autograd's tensor dropped
     # (``reduce_independent_p_g_buckets_and_remove_grads``), but for a gradient larger than the
     # bucket, kept until its own reduction. A hook that would overflow the bucket first
@@ -119,8 +117,7 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankPlan:
                 reduce_scatter(fill, span.backward_end)
         _gather_params(timeline, trace, span, persistent, zero, world)
 
-    optimizer_pos = trace.markers_of("optimizer")[0].event
-    end_pos = trace.markers_of("end")[0].event
+    optimizer_pos, end_pos = trace_index(trace).optimizer, trace_index(trace).end
     # step() starts by releasing every gathered parameter, the persistent ones too
     # (``_partition_all_parameters``), and gathers the persistent ones again when it ends
     # (``_post_step``: one coalesced all-gather, its flat buffer beside them for a moment).

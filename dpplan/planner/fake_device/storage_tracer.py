@@ -10,14 +10,13 @@ storages it creates, and the ones that die, are reported. Around that:
     whose output size depends on data are sized from them or at a stated bound
     (planner/data_dependent.py);
   - outputs of ops seen before with the same metadata are made from a cache, and foreach ops
-    run their kernel once per distinct element (speed).
+    run their kernel once per distinct element (speed: planner/fake_device/op_cache.py).
 
 The private torch APIs this relies on are checked before a trace (planner/torch_apis.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Any, Callable
 
@@ -25,16 +24,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpplan.planner import cpu_kernels, data_dependent, known_values
-from dpplan.planner.fake_tensor import (  # noqa: F401 (the tracer's tensors, re-exported)
+from dpplan.planner.fake_device import op_cache
+from dpplan.planner.fake_device.torch_patches import current_graph_task_id
+from dpplan.planner.fake_tensor import (
     CPU,
     META,
     PRIM_DEVICE as _PRIM_DEVICE,
     FakeDeviceError,
     FakeDeviceTensor,
     meta_like as _meta_like,
-    module_to_fake_device,
-    to_fake_device,
-    tree_to_fake_device,
     unwrap as _unwrap,
 )
 from dpplan.planner.meta_kernels import run_meta_kernel
@@ -219,29 +217,29 @@ class StorageTracer(TorchDispatchMode):
             return self._data_dependent(func, args, kwargs, real_kwargs, maybe_known)
         in_place = self._writes_to_inputs(func)
         values = self._known_values(func, args, real_kwargs) if maybe_known and in_place else None
-        kind = _op_kind(func)
-        key = _cache_key(func, args, kwargs, self.target_device_type) if kind is not _UNCACHED else None
-        cached = _OP_CACHE.get(key) if key is not None else None
+        kind = op_cache.op_kind(func)
+        key = op_cache.cache_key(func, args, kwargs, self.target_device_type) if kind is not op_cache.UNCACHED else None
+        cached = op_cache.OP_CACHE.get(key) if key is not None else None
         if cached is not None:
-            if kind is _CHECK_ONLY:
+            if kind is op_cache.CHECK_ONLY:
                 return args[0] if self._mutates_and_returns_self(func) else None
-            result = _outputs_from_specs(cached)
+            result = op_cache.outputs_from_specs(cached)
         else:
-            result = _run_foreach_deduplicated(func, args, kwargs, kind)
-            if result is _NOT_DEDUPLICATED:
+            result = op_cache.run_foreach_deduplicated(func, args, kwargs, kind)
+            if result is op_cache.NOT_DEDUPLICATED:
                 result = run_meta_kernel(func, args, _unwrap(args), kwargs)
             if self.target_device_type == "cpu" and func in cpu_kernels.CORRECTED_OPS:
                 result = cpu_kernels.corrected_outputs(func, args, result)
             if key is not None:
-                if kind is _FRESH_OUTPUTS and _shares_input_storage(args, result):
+                if kind is op_cache.FRESH_OUTPUTS and op_cache.shares_input_storage(args, result):
                     # The schema promises fresh outputs but the kernel returned a view
                     # (``_unsafe_view`` does): never replay this op from the cache.
-                    _OP_KIND[func] = _UNCACHED
+                    op_cache.OP_KIND[func] = op_cache.UNCACHED
                 else:
-                    _OP_CACHE[key] = _CHECK_ONLY_MARK if kind is _CHECK_ONLY else _specs_of(result)
+                    op_cache.OP_CACHE[key] = op_cache.CHECK_ONLY_MARK if kind is op_cache.CHECK_ONLY else op_cache.specs_of(result)
         if self._mutates_and_returns_self(func):
             return args[0]  # its value, if any, was updated in place
-        if kind is _CHECK_ONLY:
+        if kind is op_cache.CHECK_ONLY:
             return result
         if maybe_known and not in_place and known_values.small_enough(result):
             values = self._known_values(func, args, real_kwargs)
@@ -382,169 +380,6 @@ class StorageTracer(TorchDispatchMode):
         return wrapped
 
 
-# -- op-output cache ------------------------------------------------------------------------
-# Many meta kernels are Python (torch._refs / _prims); a 70B model runs each of them for 80
-# identical layers and 700 parameters. Outputs of an op that creates fresh tensors depend only
-# on the op and its inputs' metadata, so they are computed once per distinct call and then
-# created directly. In-place ops only validate on the meta device: once validated for that
-# metadata they are skipped. Ops that alias or reshape their inputs always run their kernel.
-
-_UNCACHED, _FRESH_OUTPUTS, _CHECK_ONLY = "uncached", "fresh", "check"
-_CHECK_ONLY_MARK = "validated"
-_OP_KIND: dict[Any, str] = {}
-_OP_CACHE: dict[tuple, Any] = {}
-_METADATA_CHANGING = ("resize", "set_", "as_strided_", "_resize_output", "swap_tensors", "_coalesced_")
-
-
-def _op_kind(func) -> str:
-    kind = _OP_KIND.get(func)
-    if kind is None:
-        kind = _classify(func)
-        _OP_KIND[func] = kind
-    return kind
-
-
-def _classify(func) -> str:
-    schema = func._schema
-    name = schema.name.split("::")[-1]
-    if torch.Tag.inplace_view in getattr(func, "tags", ()) or name.startswith(_METADATA_CHANGING):
-        return _UNCACHED
-    if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()) and not schema.is_mutable:
-        return _FRESH_OUTPUTS if _returns_fresh_tensors(schema) else _UNCACHED
-    args_alias = [a.alias_info for a in schema.arguments]
-    returns_alias = [r.alias_info for r in schema.returns]
-    if not any(args_alias) and not any(returns_alias):
-        return _FRESH_OUTPUTS if _returns_fresh_tensors(schema) else _UNCACHED
-    writes = [a for a in args_alias if a is not None and a.is_write]
-    if writes and all(r is None or r.is_write for r in returns_alias) and "out" not in {a.name for a in schema.arguments if a.kwarg_only}:
-        # In-place (self or foreach lists): returns its mutated input, or nothing.
-        if all(str(r.type) in ("Tensor",) for r in schema.returns) or not schema.returns:
-            return _CHECK_ONLY
-    return _UNCACHED
-
-
-def _returns_fresh_tensors(schema) -> bool:
-    return bool(schema.returns) and all(str(r.type) in ("Tensor", "Tensor?", "Tensor[]") for r in schema.returns)
-
-
-def _storages_of(value: Any, found: set) -> set:
-    if isinstance(value, _Tensor):
-        found.add(_storage_cdata(value))
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _storages_of(v, found)
-    return found
-
-
-def _storage_cdata(tensor) -> int:
-    return tensor.untyped_storage()._cdata
-
-
-def _shares_input_storage(args, result) -> bool:
-    return bool(_storages_of(args, set()) & _storages_of(result, set()))
-
-
-def _arg_key(value: Any):
-    if isinstance(value, _Tensor):
-        return (value.shape, value.stride(), value.dtype, value.storage_offset())
-    if isinstance(value, (list, tuple)):
-        return tuple(_arg_key(v) for v in value)
-    if isinstance(value, float):
-        return ("f", value)
-    return value
-
-
-def _cache_key(func, args, kwargs, target):
-    try:
-        key = (target, func, _arg_key(args), tuple((k, _arg_key(v)) for k, v in kwargs.items()))
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-def _spec_of(tensor):
-    if tensor is None:
-        return None
-    return (
-        tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.storage_offset(), tensor.untyped_storage().nbytes()
-    )
-
-
-def _specs_of(result):
-    if isinstance(result, (list, tuple)):
-        return type(result), [_specs_of(r) for r in result]
-    return None, _spec_of(result)
-
-
-def _output_from_spec(spec):
-    if spec is None:
-        return None
-    shape, stride, dtype, offset, nbytes = spec
-    tensor = torch.empty_strided(shape, stride, dtype=dtype, device=META)
-    if offset or tensor.untyped_storage().nbytes() != nbytes:
-        storage = torch.UntypedStorage(nbytes, device=META)
-        tensor = torch.empty(0, dtype=dtype, device=META).set_(storage, offset, shape, stride)
-    return tensor
-
-
-def _outputs_from_specs(cached):
-    container, specs = cached
-    if container is None:
-        return _output_from_spec(specs)
-    return container(_outputs_from_specs(s) for s in specs)
-
-
-# -- foreach ops: one kernel call per distinct element ---------------------------------------
-# A foreach op is its single-tensor op applied element by element (``_foreach_add_(xs, ys)``
-# is ``x.add_(y)`` for each pair): the meta kernel checks, and for an out-of-place op shapes,
-# element i from the i-th entries of the lists alone. The optimizer step calls them on all
-# parameters at once (700 tensors of a 70B model, a handful of distinct shapes), and their meta
-# kernels are Python loops (~0.5 ms per element). Running the kernel on the first element of
-# each distinct combination checks exactly the same conditions; the outputs of the others are
-# copies of that element's output.
-
-_NOT_DEDUPLICATED = object()
-
-
-def _run_foreach_deduplicated(func, args, kwargs, kind):
-    """The op's result computed from its distinct elements, or ``_NOT_DEDUPLICATED`` (not a
-    foreach op, lists of unequal length, a tensor outside the lists, nothing repeated)."""
-    schema = func._schema
-    if kwargs or not schema.name.startswith("aten::_foreach_"):
-        return _NOT_DEDUPLICATED
-    if kind is not _CHECK_ONLY and (schema.is_mutable or any(r.alias_info for r in schema.returns)):
-        return _NOT_DEDUPLICATED  # neither in place nor fresh outputs
-    lists = [i for i, a in enumerate(args) if isinstance(a, (list, tuple))]
-    if not lists or any(isinstance(a, _Tensor) for a in args):
-        return _NOT_DEDUPLICATED
-    length = len(args[lists[0]])
-    if any(len(args[i]) != length for i in lists):
-        return _NOT_DEDUPLICATED
-    distinct: dict[tuple, int] = {}  # element key -> its number, in first-seen order
-    firsts: list[int] = []  # per number: the first element with that key
-    element_of: list[int] = []  # per element: its key's number
-    try:
-        for j in range(length):
-            number = distinct.setdefault(tuple(_arg_key(args[i][j]) for i in lists), len(distinct))
-            if number == len(firsts):
-                firsts.append(j)
-            element_of.append(number)
-    except TypeError:  # an unhashable element
-        return _NOT_DEDUPLICATED
-    if len(firsts) == length:
-        return _NOT_DEDUPLICATED
-    reduced = list(args)
-    for i in lists:
-        reduced[i] = type(args[i])(args[i][j] for j in firsts)
-    result = func(*_unwrap(reduced))
-    if kind is _CHECK_ONLY or result is None:
-        return result
-    if _shares_input_storage(reduced, result):  # not the fresh outputs the schema promises
-        return _NOT_DEDUPLICATED
-    specs = [_spec_of(r) for r in result]
-    return type(result)(_output_from_spec(specs[u]) for u in element_of)
-
 
 def _placeholder_scalar(dtype: torch.dtype):
     if dtype == torch.bool:
@@ -552,73 +387,3 @@ def _placeholder_scalar(dtype: torch.dtype):
     if dtype.is_floating_point or dtype.is_complex:
         return 1.0
     return 1
-
-
-def always_stepping(grad_scaler):
-    """A GradScaler that steps the optimizer without reading ``found_inf``.
-
-    On the fake device ``found_inf`` has no value; a real fp16 run steps on all but the rare
-    overflowing iterations, and those are what the plan is about. ``_maybe_opt_step`` is the
-    private hook of ``torch.amp.GradScaler`` that makes that decision.
-    """
-
-    def step_unconditionally(optimizer, optimizer_state, *args, **kwargs):
-        return optimizer.step(*args, **kwargs)
-
-    grad_scaler._maybe_opt_step = step_unconditionally
-    return grad_scaler
-
-
-@contextlib.contextmanager
-def skip_weight_init():
-    """Turn ``torch.nn.init``'s in-place initialisers into no-ops while a meta model is built.
-
-    On the meta device they compute nothing but still cost about a second for a 70B model.
-    """
-    init = torch.nn.init
-    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
-    saved = {name: getattr(init, name) for name in names}
-
-    def keep(tensor, *args, **kwargs):
-        return tensor
-
-    for name in names:
-        setattr(init, name, keep)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(init, name, fn)
-
-
-@contextlib.contextmanager
-def host_rng_state_as_traced_tensor():
-    """Make ``torch.get_rng_state()`` return a traced tensor of the real state's size.
-
-    Checkpointing (``preserve_rng_state=True``) keeps the CPU generator's state per
-    checkpointed region from forward until its backward, and ``torch.random.fork_rng`` takes
-    one more copy while a region is recomputed (torch/utils/checkpoint.py). The real call
-    creates its tensor outside the dispatcher, so the tracer would not see it; on a CPU
-    target those bytes are part of the measured peak. ``torch.set_rng_state`` with such a
-    tensor does nothing (there is no data to restore)."""
-    real_get, real_set = torch.get_rng_state, torch.set_rng_state
-    state_bytes = real_get().numel()
-
-    def traced_get_rng_state():
-        return torch.empty(state_bytes, dtype=torch.uint8, device=META)
-
-    def traced_set_rng_state(state):
-        if state.device.type == "meta" or isinstance(state, FakeDeviceTensor):
-            return None
-        return real_set(state)
-
-    torch.get_rng_state, torch.set_rng_state = traced_get_rng_state, traced_set_rng_state
-    try:
-        yield
-    finally:
-        torch.get_rng_state, torch.set_rng_state = real_get, real_set
-
-
-def current_graph_task_id() -> int:
-    """-1 outside backward; used to tell a recomputed forward (checkpointing) from a real one."""
-    return torch._C._current_graph_task_id()

@@ -1,4 +1,4 @@
-"""Trace a deep stack of identical layers at three and four layers, and build the full depth.
+"""The repetition rule: the trace of a deep stack of alike layers built from its 3-layer trace.
 
 A 70B transformer is 80 copies of one layer. Tracing all 80 costs seconds per precision
 family; tracing a copy of the model cut to 3 layers and to 4 costs a tenth of that. The full
@@ -23,30 +23,20 @@ layer of the short model does, shifted by its index:
     births (size, batch degree, kind, module and owner within the layer): the first layer may
     lack some (its input may need no gradient), the last must match all.
 
-The rule is not trusted on its word: the 4-layer model is traced too, and the rule applied to
-the 3-layer trace must give it exactly (same events, sizes, kinds, owners, markers, up to the
-numbering of storages and the order of frees that happen together). Otherwise, or when the
-layers are not alike, the model is traced in full. A model that treats its layers
-differently (by index, by depth, or sharing tensors between them) therefore costs time, never
-accuracy.
+
+Whether the rule holds for a model is checked by planner/trace/repeated_layers.py, which
+traces the 4-layer model too and compares.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
-import weakref
-from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
-from torch import nn
 
-from dpplan.planner.trace import Marker, ParamInfo, StepTrace, batch_degree
-from dpplan.training.units import find_units
+from dpplan.planner.trace.layer_stack import OUTER, LayerStack
+from dpplan.planner.trace.step_trace import Marker, ParamInfo, StepTrace, batch_degree
 
-MIN_LAYERS = 8
-"""Fewer layers are traced in full: the two short traces together hold seven layers."""
 SHORT_DEPTH = 3
 """The short model the full depth is built from: first layer, middle layer, last layer."""
 
@@ -54,158 +44,11 @@ UNIT_MARKERS = ("fwd_start", "fwd_end", "bwd_start", "bwd_end", "recompute_start
 ROOT_MARKERS = ("root_bwd_start", "root_fwd_end")
 RESETTING_MARKERS = ("bwd_end", "micro_batch", "backward", "optimizer", "end")
 """Markers (of the root, or of the step) that no layer's forward or backward runs across."""
-OUTER = -1
 PHASE_OF_MARKER = {"micro_batch": "forward", "backward": "backward", "optimizer": "optimizer"}
 
 
 class NotRepeatable(Exception):
     """The short trace does not follow the repetition rule (internal; means: trace in full)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class LayerStack:
-    """The ``nn.ModuleList`` whose children are the units, and how names in it read."""
-
-    layers: nn.ModuleList
-    prefix: str
-    """Qualified name of the list plus a dot ("" when the list is the model itself)."""
-
-    def layer_of(self, name: str) -> int:
-        """The layer index a module or parameter name lies in (OUTER if none)."""
-        if not name.startswith(self.prefix):
-            return OUTER
-        head = name[len(self.prefix):].split(".", 1)[0]
-        return int(head) if head.isdigit() else OUTER
-
-    def renamed(self, name: str, layer: int) -> str:
-        rest = name[len(self.prefix):].split(".", 1)
-        return self.prefix + str(layer) + ("." + rest[1] if len(rest) > 1 else "")
-
-
-def trace_by_repeating(
-    model: nn.Module, wrap: str | None, trace_model: Callable[[nn.Module, list[nn.Module]], StepTrace]
-) -> StepTrace | None:
-    """The full-depth trace of ``model`` built from short copies of it, or None when the model
-    is not a stack of alike layers or the short traces do not follow the rule (trace in full).
-    ``trace_model(short_model, units)`` traces a short copy with the given units."""
-    stack = _layer_stack_of(model, wrap)
-    if stack is None or len(stack.layers) < MIN_LAYERS:
-        return None
-    try:
-        short = [_short_copy(model, stack, depth) for depth in (SHORT_DEPTH, SHORT_DEPTH + 1)]
-    except Exception:  # a model that cannot be copied is traced in full
-        return None
-    traces = []
-    for depth, copy_ in zip((SHORT_DEPTH, SHORT_DEPTH + 1), short):
-        try:
-            traces.append(trace_model(copy_, list(_list_in(copy_, stack))))
-        except Exception:  # the full trace reports the model's own error, if it has one
-            return None
-        if traces[-1].unit_names != [stack.prefix + str(i) for i in range(depth)] + ["(root)"]:
-            return None
-    three, four = traces
-    try:
-        built_four = extend(three, stack, SHORT_DEPTH + 1, four.module_names, four.module_classes,
-                            [p.name for p in four.params])
-        if canonical_form(built_four) != canonical_form(four):
-            _why("the rule does not reproduce the four-layer trace", built_four, four)
-            return None
-        names = module_names_of(model)
-        full = extend(three, stack, len(stack.layers), names[0], names[1], param_names_of(model))
-    except NotRepeatable as exc:
-        _why(str(exc))
-        return None
-    per_layer_ops = four.num_ops - three.num_ops
-    return replace(
-        full,
-        num_ops=three.num_ops + per_layer_ops * (len(stack.layers) - SHORT_DEPTH),
-        repeated_layers=len(stack.layers),
-    )
-
-
-_STACKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def _layer_stack_of(model: nn.Module, wrap: str | None) -> LayerStack | None:
-    """``find_layer_stack``, once per untraced model and wrap class (each precision family
-    asks again)."""
-    per_wrap = _STACKS.setdefault(model, {})
-    if wrap not in per_wrap:
-        per_wrap[wrap] = find_layer_stack(model, wrap)
-    return per_wrap[wrap]
-
-
-def find_layer_stack(model: nn.Module, wrap: str | None) -> LayerStack | None:
-    """The list whose children are exactly the units, when they are alike and share nothing."""
-    units = find_units(model, wrap)
-    if not units:
-        return None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == len(units):
-            if all(a is b for a, b in zip(module, units)):
-                stack = LayerStack(layers=module, prefix=f"{name}." if name else "")
-                break
-    else:
-        return None
-    if list(stack.layers._modules) != [str(i) for i in range(len(units))]:
-        return None
-    signatures = {_layer_signature(layer) for layer in units}
-    if len(signatures) != 1:
-        return None
-    # No tensor may be shared between layers, or between a layer and the rest of the model.
-    owners: dict[int, int] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
-        model.named_buffers(remove_duplicate=False)
-    ):
-        layer = stack.layer_of(name)
-        if owners.setdefault(id(tensor), layer) != layer or (layer != OUTER and tensor is None):
-            return None
-    counts: dict[int, int] = {}
-    for _, tensor in model.named_parameters(remove_duplicate=False):
-        counts[id(tensor)] = counts.get(id(tensor), 0) + 1
-    for layer in units:
-        if any(counts[id(p)] > 1 for p in layer.parameters()):
-            return None
-    return stack
-
-
-def _layer_signature(layer: nn.Module) -> tuple:
-    modules = tuple((name, type(m).__qualname__) for name, m in layer.named_modules())
-    params = tuple(
-        (name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in layer.named_parameters(remove_duplicate=False)
-    )
-    buffers = tuple(
-        (name, None if b is None else (tuple(b.shape), b.dtype)) for name, b in layer.named_buffers(remove_duplicate=False)
-    )
-    return modules, params, buffers
-
-
-def _short_copy(model: nn.Module, stack: LayerStack, depth: int) -> nn.Module:
-    """A deep copy of ``model`` with only the first ``depth`` layers in the stack."""
-    children = stack.layers._modules
-    stack.layers._modules = dict(list(children.items())[:depth])
-    try:
-        return copy.deepcopy(model)
-    finally:
-        stack.layers._modules = children
-
-
-def _list_in(model: nn.Module, stack: LayerStack) -> nn.ModuleList:
-    name = stack.prefix[:-1]
-    return model.get_submodule(name) if name else model
-
-
-def module_names_of(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Module names and class names, as the trace lists them."""
-    names, classes = [], []
-    for name, sub in model.named_modules():
-        names.append(name or "(root)")
-        classes.append(type(sub).__name__)
-    return names, classes
-
-
-def param_names_of(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters()]
 
 
 # -- the rule ---------------------------------------------------------------------------------
@@ -665,63 +508,3 @@ def _runs(items):
         else:
             runs.append((item[2], [item]))
     return runs
-
-
-# -- comparison -------------------------------------------------------------------------------
-
-
-def canonical_form(trace: StepTrace) -> tuple:
-    """What a trace says, independent of how its storages are numbered and of the order of
-    frees that happen together (no marker between them)."""
-    first_seen: dict[int, int] = {}
-    for s in trace.event_storage.tolist():
-        if s not in first_seen:
-            first_seen[s] = len(first_seen)
-    cid = [first_seen.get(s, -1) for s in range(len(trace.storage_bytes))]
-    marker_events = {m.event for m in trace.markers}
-    events = list(zip(trace.event_sign.tolist(), (cid[s] for s in trace.event_storage.tolist())))
-    i = 0
-    while i < len(events):
-        if events[i][0] < 0:
-            j = i + 1
-            while j < len(events) and events[j][0] < 0 and j not in marker_events:
-                j += 1
-            events[i:j] = sorted(events[i:j])
-            i = j
-        else:
-            i += 1
-    order = sorted(range(len(cid)), key=lambda s: cid[s])
-    storages = [
-        (
-            int(trace.storage_bytes[s]),
-            int(trace.storage_batch_degree[s]),
-            int(trace.storage_category[s]),
-            trace.module_names[trace.storage_module[s]] if trace.storage_module[s] >= 0 else None,
-            trace.params[trace.storage_owner[s]].name if trace.storage_owner[s] >= 0 else None,
-        )
-        for s in order
-    ]
-    params = [
-        (p.name, p.numel, p.itemsize, p.shape, p.unit, cid[p.storage] if p.storage >= 0 else -1,
-         cid[p.grad_storage] if p.grad_storage >= 0 else -1)
-        for p in trace.params
-    ]
-    return (
-        tuple(events),
-        tuple(storages),
-        tuple((m.event, m.kind, m.index) for m in trace.markers),
-        tuple(params),
-        tuple(trace.unit_names),
-        tuple(trace.module_names),
-        tuple(trace.module_classes),
-        trace.num_baseline_events,
-        trace.checkpointing,
-    )
-
-
-last_reason: list = []
-
-
-def _why(reason: str, *traces) -> None:
-    """Why the last model was traced in full (for tests and debugging)."""
-    last_reason[:] = [reason, *traces]

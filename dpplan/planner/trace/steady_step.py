@@ -1,0 +1,263 @@
+"""Trace one steady-state training step of one model on the fake device: the tracer
+(planner/fake_device/) reports storages, the recorder (planner/trace/recorder.py) labels them,
+hooks mark the units (planner/trace/unit_markers.py), and what was recorded becomes a StepTrace
+(planner/trace/step_trace.py). Whether a model is traced whole or built from short copies is
+decided in planner/trace/full_or_built.py."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpplan.planner import fake_device, torch_apis
+from dpplan.training.model_file import ModelSpec, call_user
+from dpplan.training.optimizers import build_optimizer
+from dpplan.planner.trace.errors import TracerBug, as_trace_failure
+from dpplan.planner.trace.precision import grad_scaler, prepare_precision
+from dpplan.planner.trace.recorder import Recorder, move_births_to_baseline, tensors_in
+from dpplan.planner.trace.step_trace import (
+    ACTIVATION, AUTOCAST, BUFFER, GRADIENT, INPUT, OPTIMIZER_STATE, OPTIMIZER_TEMPORARY, PARAMETER,
+    TRACE_BATCH_SIZE, ParamInfo, StepTrace, TraceSettings, batch_degree,
+)
+from dpplan.planner.trace.unit_markers import enter_backward, mark_units, observe_recompute
+from dpplan.training.training_step import autocast_context, run_micro_batch, run_optimizer_step
+from dpplan.training.units import checkpoint_units, find_units
+
+
+
+def trace_model(
+    spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int, *, units: list[nn.Module] | None = None
+) -> StepTrace:
+    """Trace one step of ``model`` (built on the meta device, not yet traced): ``spec``
+    gives its example batch and loss; ``units``, when given, replaces the units that
+    ``settings.wrap`` would pick."""
+    torch_apis.check(settings.device_type)
+    with torch.device("meta"), fake_device.skip_weight_init():
+        batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)
+    if units is None:
+        units = find_units(model, settings.wrap)
+    recorder = Recorder()
+    checkpointing = "none"
+    if settings.activation_checkpointing:
+        checkpointing = checkpoint_units(model, units, observe=lambda u, fwd: observe_recompute(recorder, u, fwd))
+    batch = prepare_precision(model, batch, settings)
+
+    def location() -> str:
+        module = recorder.module_stack[-1]
+        return f"{module_names[module]} ({module_classes[module]})" if module >= 0 else ""
+
+    tracer = fake_device.StorageTracer(
+        lambda k, n: recorder.alloc(k, n), lambda k: recorder.free(k), target_device_type=settings.device_type,
+        # CPU kernels' buffers are fitted to the batch where the trace batch is the prime that
+        # marks batch dims; a step traced at a real batch has them measured at that batch.
+        trace_batch_size=batch_size if batch_size == TRACE_BATCH_SIZE else 1,
+        kernel_batch_size=settings.kernel_batch_size,
+    )
+    tracer.location = location
+    tracer.on_merge = recorder.merge
+    module_index: dict[int, int] = {}
+    module_names: list[str] = []
+    module_classes: list[str] = []
+    for name, sub in model.named_modules():
+        module_index[id(sub)] = len(module_names)
+        module_names.append(name or "(root)")
+        module_classes.append(type(sub).__name__)
+
+    # The generator state checkpointing keeps is host memory: it counts on a CPU target only.
+    rng_state = (
+        fake_device.host_rng_state_as_traced_tensor()
+        if settings.device_type == "cpu" and checkpointing != "none"
+        else contextlib.nullcontext()
+    )
+    try:
+        with tracer, rng_state:
+            fake_device.module_to_fake_device(model)
+            batch = fake_device.tree_to_fake_device(batch)
+            optimizer = build_optimizer(settings.optimizer, model.parameters(), device_type=settings.device_type)
+            scaler = grad_scaler(settings)
+            return _trace_steady_step(
+                spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
+                module_index, module_names, module_classes, checkpointing, batch_size,
+            )
+    except Exception as exc:
+        failure = as_trace_failure(exc, spec)
+        if failure is exc:
+            raise
+        raise failure from (exc if isinstance(failure, TracerBug) else None)
+
+
+def _trace_steady_step(
+    spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
+    module_index, module_names, module_classes, checkpointing, batch_size,
+) -> StepTrace:
+    # -- what exists when the step starts ---------------------------------------------------
+    seen: set[int] = set()
+    params: list[nn.Parameter] = []
+    param_names: list[str] = []
+    for name, param in model.named_parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            params.append(param)
+            param_names.append(name)
+    recorder.recording = True
+
+    def adopt(tensor: torch.Tensor, category: int) -> None:
+        key = tensor.untyped_storage()._cdata
+        if key in recorder.live:
+            return
+        recorder.phase = category
+        tracer.adopt(tensor)
+
+    # Start a clean record: what is alive now is the baseline, labelled by what it is.
+    recorder.__init__()
+    recorder.recording = True
+    for i, param in enumerate(params):
+        adopt(param, PARAMETER)
+        recorder.storage_owner[recorder.storage_of(param)] = i
+    # A buffer is labelled with its module, so that a layer's buffers are known as its own.
+    seen_buffers: set[int] = set()
+    for sub in model.modules():
+        for buf in sub._buffers.values():
+            if buf is not None and id(buf) not in seen_buffers:
+                seen_buffers.add(id(buf))
+                adopt(buf, BUFFER)
+                recorder.storage_module[recorder.storage_of(buf)] = module_index.get(id(sub), -1)
+    for i, param in enumerate(params):
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor):
+                adopt(value, OPTIMIZER_STATE)
+                recorder.storage_owner[recorder.storage_of(value)] = i
+    if scaler is not None:
+        for value in vars(scaler).values():
+            if isinstance(value, torch.Tensor):
+                adopt(value, OPTIMIZER_STATE)
+    for leaf in tensors_in(batch):
+        adopt(leaf, INPUT)
+    num_baseline = len(recorder.event_storage)
+
+    # -- markers ----------------------------------------------------------------------------
+    root_unit = len(units)
+    unit_names = [_qualified(module_names, module_index, u) for u in units] + ["(root)"]
+    handles = mark_units(recorder, model, units, module_index)
+
+    param_index = {id(p): i for i, p in enumerate(params)}
+    grad_storage = [-1] * len(params)
+
+    def on_grad(param):
+        i = param_index[id(param)]
+        recorder.mark("grad", i)
+        if grad_storage[i] < 0 and param.grad is not None:
+            grad_storage[i] = recorder.storage_of(param.grad)
+
+    for param in params:
+        if param.requires_grad:
+            handles.append(param.register_post_accumulate_grad_hook(on_grad))
+
+    # -- the step ---------------------------------------------------------------------------
+    try:
+        for micro in range(settings.num_micro_batches):
+            recorder.mark("micro_batch", micro)
+            recorder.mark("fwd_start", root_unit)
+            recorder.phase = ACTIVATION
+            run_micro_batch(
+                model, batch, spec.loss_fn,
+                grad_accum=settings.grad_accum,
+                autocast=autocast_context(settings.precision, "cpu", settings.family == AUTOCAST),
+                grad_scaler=scaler,
+                before_backward=lambda: enter_backward(recorder),
+            )
+            recorder.mark("bwd_end", root_unit)
+        recorder.phase_boundary()
+        recorder.phase = OPTIMIZER_TEMPORARY
+        recorder.mark("optimizer")
+        for i, param in enumerate(params):
+            if param.grad is not None:
+                grad = recorder.storage_of(param.grad)
+                recorder.storage_category[grad] = GRADIENT
+                recorder.storage_owner[grad] = i
+        recorder.born_in_op = []
+        tracer.on_op_done = recorder.attribute_outputs
+        run_optimizer_step(optimizer, scaler)
+        tracer.on_op_done = None
+        recorder.mark("end")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    # Optimizer state created in this step (lazily) is state, not temporary, and from the
+    # second step on it exists before the step starts.
+    persistent: set[int] = set()
+    for i, param in enumerate(params):
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in recorder.live:
+                index = recorder.storage_of(value)
+                recorder.storage_category[index] = OPTIMIZER_STATE
+                recorder.storage_owner[index] = i
+                persistent.add(index)
+    if scaler is not None:
+        for value in vars(scaler).values():
+            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in recorder.live:
+                index = recorder.storage_of(value)
+                recorder.storage_category[index] = OPTIMIZER_STATE
+                persistent.add(index)
+    num_baseline = move_births_to_baseline(recorder, persistent, num_baseline)
+    for i, index in enumerate(grad_storage):
+        if index >= 0:
+            recorder.storage_category[index] = GRADIENT
+            recorder.storage_owner[index] = i
+
+    unit_of_param = _unit_of_params(model, units, params, root_unit)
+    holders: dict[int, list[str]] = {}
+    for sub in model.modules():
+        for held in sub._parameters.values():
+            if held is not None:
+                holders.setdefault(id(held), []).append(type(sub).__name__)
+    storage_bytes = np.asarray(recorder.storage_bytes, dtype=np.int64)
+    param_infos = [
+        ParamInfo(
+            name=param_names[i],
+            numel=p.numel(),
+            itemsize=p.element_size(),
+            shape=tuple(p.shape),
+            unit=unit_of_param[i],
+            storage=recorder.live.get(p.untyped_storage()._cdata, -1),
+            grad_storage=grad_storage[i],
+            holder_classes=tuple(holders.get(id(p), ())),
+        )
+        for i, p in enumerate(params)
+    ]
+    return StepTrace(
+        settings=settings,
+        trace_batch_size=batch_size,
+        event_storage=np.asarray(recorder.event_storage, dtype=np.int64),
+        event_sign=np.asarray(recorder.event_sign, dtype=np.int64),
+        storage_bytes=storage_bytes,
+        storage_batch_degree=batch_degree(storage_bytes, batch_size),
+        storage_category=np.asarray(recorder.storage_category, dtype=np.int64),
+        storage_module=np.asarray(recorder.storage_module, dtype=np.int64),
+        storage_owner=np.asarray(recorder.storage_owner, dtype=np.int64),
+        num_baseline_events=num_baseline,
+        markers=recorder.markers,
+        params=param_infos,
+        unit_names=unit_names,
+        module_names=module_names,
+        module_classes=module_classes,
+        num_ops=tracer.num_ops,
+        checkpointing=checkpointing,
+        notes=tuple(f"{note} ({count} calls)" if count > 1 else note for note, count in tracer.notes.items()),
+    )
+
+
+def _qualified(module_names, module_index, module) -> str:
+    return module_names[module_index[id(module)]]
+
+
+def _unit_of_params(model, units, params, root_unit) -> list[int]:
+    owner: dict[int, int] = {}
+    for u, unit in enumerate(units):
+        for p in unit.parameters():
+            owner.setdefault(id(p), u)
+    return [owner.get(id(p), root_unit) for p in params]
