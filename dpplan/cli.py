@@ -333,11 +333,11 @@ def profile(model, strategies, gpus, nnodes, node_rank, rdzv_endpoint, batch_siz
             progress.close()
         if json_path != "-":
             render_profile(document)
-        _write_outputs(document, json_path, html_path, plotlyjs)
-        failed = [r for r in document["runs"] if r["status"] == "failed"]
+        _write_outputs(document.to_json(), json_path, html_path, plotlyjs)
+        failed = [r for r in document.runs if r.status == "failed"]
         if failed:
-            detail = "; ".join(f"{r['strategy']}: {r['error']}" for r in failed)
-            _fail(f"{len(failed)} of {len(document['runs'])} runs failed: {detail}", RUNTIME_ERROR_EXIT)
+            detail = "; ".join(f"{r.settings.strategy}: {r.error}" for r in failed)
+            _fail(f"{len(failed)} of {len(document.runs)} runs failed: {detail}", RUNTIME_ERROR_EXIT)
 
     _run_safely(action)
 

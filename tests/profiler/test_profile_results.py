@@ -7,8 +7,10 @@ import torch
 
 from dpplan.profiler import profile_results
 from dpplan.profiler.cuda_memory import CudaPhaseMeter
-from dpplan.profiler.profile import MIN_SAMPLE_HZ, ProfileConfig, compare, skip_reason
+from dpplan.profiler.profile import MIN_SAMPLE_HZ, ProfileConfig, skip_reason
+from dpplan.profiler.profile_results import compare
 from dpplan.profiler.throughput import tokens_per_micro_batch
+from tests.records import strategy_estimate
 
 MiB = 1 << 20
 
@@ -24,7 +26,8 @@ def cuda_rank(rank, allocated, reserved, nvml, step_time_s):
 
 def test_cuda_gaps_throughput_and_errors_are_named():
     results = [cuda_rank(0, 100 * MiB, 120 * MiB, 700 * MiB, 0.5), cuda_rank(1, 110 * MiB, 125 * MiB, 690 * MiB, 0.4)]
-    measured = profile_results.measured_summary(results, world_size=2)
+    summary = profile_results.measured_summary(results, world_size=2)
+    measured = summary.to_json()
     assert measured["peak_allocated_bytes"] == 110 * MiB
     assert measured["peak_reserved_bytes"] == 125 * MiB
     assert measured["peak_nvml_bytes"] == 700 * MiB
@@ -34,9 +37,8 @@ def test_cuda_gaps_throughput_and_errors_are_named():
     assert measured["samples_per_s"] == 4 * 2 / 0.5
     assert measured["tokens_per_s"] == 4 * 512 * 2 / 0.5
 
-    entry = {"status": "ok", "measured": measured, "estimate": {
-        "peak_allocated_bytes": 121 * MiB, "peak_reserved_bytes": 125 * MiB, "peak_bytes": 630 * MiB}}
-    compare(entry, "cuda")
+    estimate = strategy_estimate(peak_allocated_bytes=121 * MiB, peak_reserved_bytes=125 * MiB, peak_bytes=630 * MiB)
+    entry = compare(summary, estimate, "cuda").to_json()
     assert entry["error_pct"] == pytest.approx(10.0)
     assert entry["errors_pct"] == pytest.approx({"allocated": 10.0, "reserved": 0.0, "nvml": -10.0})
 
