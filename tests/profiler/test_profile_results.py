@@ -167,3 +167,17 @@ def test_out_of_memory_is_recognised():
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
     assert not is_out_of_memory(RuntimeError("boom"))
+
+
+def test_a_saved_profile_reads_back_to_the_same_json(cpu_profile):
+    """``dpplan report`` draws ProfileDocument.from_json(profile.json): nothing lost, nothing reordered."""
+    import json
+
+    from dpplan.profiler.profile_document import ProfileDocument
+
+    assert cpu_profile.exit_code == 0, cpu_profile.output
+    document = cpu_profile.document
+    assert json.dumps(ProfileDocument.from_json(document).to_json()) == json.dumps(document)
+    interrupted = {**document, "interrupted": True}
+    del interrupted["recommendations"]  # an interrupted profile has none, and writes no key
+    assert json.dumps(ProfileDocument.from_json(interrupted).to_json()) == json.dumps(interrupted)
