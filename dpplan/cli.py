@@ -317,11 +317,11 @@ def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, step
             progress.close()
         if json_path != "-":
             render_profile(document)
-        _write_outputs(document, json_path, html_path, plotlyjs)
-        failed = [r for r in document["runs"] if r["status"] == "failed"]
+        _write_outputs(document.to_json(), json_path, html_path, plotlyjs)
+        failed = [r for r in document.runs if r.status == "failed"]
         if failed:
-            detail = "; ".join(f"{r['strategy']}: {r['error']}" for r in failed)
-            raise RunFailed(f"{len(failed)} of {len(document['runs'])} runs failed: {detail}")
+            detail = "; ".join(f"{r.settings.strategy}: {r.error}" for r in failed)
+            raise RunFailed(f"{len(failed)} of {len(document.runs)} runs failed: {detail}")
 
     _run_safely(action)
 

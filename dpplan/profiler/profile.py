@@ -2,8 +2,9 @@
 
 config -> device (GPUs found, else CPU ranks with gloo) -> the matching estimate plan ->
 per strategy: one torchrun job (profiler/launch.py) of profiler/worker.py ranks -> their
-rank<R>.json merged into a run (profiler/profile_results.py) -> profile.json, rewritten
-after every run so that an interrupted profile keeps what it measured.
+rank<R>.json merged into a run (profiler/profile_results.py) -> profile.json
+(profiler/profile_document.py), rewritten after every run so that an interrupted profile
+keeps what it measured.
 
 Layout of ``out_dir``: profile.json; per run a folder ``<n>-<strategy>/`` with rank<R>.json,
 launcher.log (torchrun's own output) and logs/ (each rank's stdout.log and stderr.log).
@@ -30,18 +31,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dpplan import __version__
 from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
 from dpplan.config import PlanConfig, ProfileConfig, RunConfig
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
 from dpplan.planner.strategies.registry import Wrapper, strategy_info
-from dpplan.profiler import profile_results as results_json
+from dpplan.profiler import profile_results as results
 from dpplan.profiler import recommend as recommendations
+from dpplan.profiler.profile_document import DeviceInfo, ProfileDocument, write_profile
+from dpplan.profiler.recommendation_results import Recommendations
 from dpplan.profiler.batch_search import Trial, judge
 from dpplan.profiler.launch import (
     LaunchSpec,
@@ -51,6 +54,9 @@ from dpplan.profiler.launch import (
     user_commands,
     worker_command,
 )
+
+if TYPE_CHECKING:
+    from dpplan.planner.estimate import ModelSummary, StrategyEstimate  # imports torch: imported where used
 
 DEFAULT_CPU_RANKS = 2
 DEFAULT_RUNS_DIR = "dpplan-runs"
@@ -186,14 +192,16 @@ def default_out_dir(now: datetime | None = None) -> Path:
     return path
 
 
-def estimate_entries(config: ProfileConfig, target: Target) -> tuple[dict, dict[str, dict], dict[str, str]]:
-    """The model summary, the `dpplan estimate` JSON entry of each strategy, for exactly the
-    runs profiled (cpu runs: ``--device cpu`` estimates; cuda: the detected GPU), and the
-    strategies whose wrapper refuses the model, with its reason."""
+def estimate_entries(
+    config: ProfileConfig, target: Target
+) -> tuple[ModelSummary, dict[str, StrategyEstimate], dict[str, str]]:
+    """The model summary, the estimate of each strategy, for exactly the runs profiled (cpu
+    runs: ``--device cpu`` estimates; cuda: the detected GPU), and the strategies whose
+    wrapper refuses the model, with its reason."""
     from dpplan.planner.estimate import estimate
 
     plan = estimate(plan_config(config, target, config.strategies))
-    return asdict(plan.model), {e.strategy: asdict(e) for e in plan.estimates}, dict(plan.unsupported)
+    return plan.model, {e.strategy: e for e in plan.estimates}, dict(plan.unsupported)
 
 
 def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ...], *, batch_size: int | None = None,
@@ -213,14 +221,14 @@ def estimate_function(config: ProfileConfig, target: Target) -> recommendations.
     from dpplan.training.model_file import load_model_file
 
     spec = load_model_file(config.run.model)
-    answers: dict[tuple, dict] = {}
+    answers: dict[tuple, StrategyEstimate] = {}
 
     def estimate_at(strategy, *, batch_size, offload=None, capacity_bytes=None):
         key = (strategy, batch_size, offload, capacity_bytes)
         if key not in answers:
             request = plan_config(config, target, (strategy,), batch_size=batch_size, offload=offload,
                                   capacity_bytes=capacity_bytes)
-            answers[key] = asdict(estimate(request, spec).estimates[0])
+            answers[key] = estimate(request, spec).estimates[0]
         return answers[key]
 
     return estimate_at
@@ -233,11 +241,10 @@ def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfi
     )
 
 
-def run_notes(strategy: str, target: Target, config: ProfileConfig) -> list[str]:
-    notes = []
+def run_notes(strategy: str, target: Target, config: ProfileConfig) -> tuple[str, ...]:
     if config.nodes > 1:
-        notes.append(f"measured on node {config.node_rank} only: each node writes its own ranks")
-    return notes
+        return (f"measured on node {config.node_rank} only: each node writes its own ranks",)
+    return ()
 
 
 def launch_spec(config: ProfileConfig, target: Target, run_dir: Path) -> LaunchSpec:
@@ -253,8 +260,8 @@ def launch_commands(config: ProfileConfig, strategy: str, target: Target, run_di
     return user_commands(launch_spec(config, target, run_dir), config_json, str(run_dir))
 
 
-def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: Path) -> dict:
-    """Launch one run, wait for it, and merge what its ranks wrote into a run entry."""
+def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: Path) -> results.LaunchedRun:
+    """Launch one run, wait for it, and merge what its ranks wrote."""
     spec = launch_spec(config, target, run_dir)
     config_json = json.dumps(run_config(config, strategy, target).to_json())
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,55 +277,29 @@ def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: P
         timed_out = str(exc)
     first = config.node_rank * spec.nproc_per_node
     expected = list(range(first, first + spec.nproc_per_node))
-    results = {}
+    rank_results = {}
     for rank in expected:
         path = run_dir / f"rank{rank}.json"
         if path.exists():
-            results[rank] = json.loads(path.read_text())
+            rank_results[rank] = json.loads(path.read_text())
     stderr_tail = {rank: tail(rank_log(spec.log_dir, rank - first)) for rank in expected}
-    status, error, failed_rank = results_json.outcome(
+    outcome = results.outcome(
         strategy=strategy, batch_size=config.run.batch_size, gpus=target.gpus, device=target.device,
-        expected_ranks=expected, results=results, returncode=returncode, timed_out=timed_out,
+        expected_ranks=expected, results=rank_results, returncode=returncode, timed_out=timed_out,
         stderr_tail=stderr_tail, launcher_tail=tail(run_dir / "launcher.log"),
     )
-    entry = {"status": status, "error": error, "failed_rank": failed_rank}
-    if status == "ok":
-        entry["measured"] = results_json.measured_summary(
-            [results[r] for r in expected], world_size=target.gpus
-        )
-    else:
-        entry["measured"] = {"per_rank": [results_json.rank_detail(results[r]) for r in expected if r in results]}
-        if failed_rank is not None and failed_rank in stderr_tail:
-            entry["stderr_tail"] = stderr_tail[failed_rank]
-    entry["commands"] = launch_commands(config, strategy, target, run_dir)
-    return entry
+    return results.launched_run(outcome=outcome, results=rank_results, expected_ranks=expected,
+                                world_size=target.gpus, stderr_tail=stderr_tail,
+                                commands=launch_commands(config, strategy, target, run_dir))
 
 
-def run_entry(config: ProfileConfig, strategy: str, target: Target) -> dict:
-    return {
-        "strategy": strategy, "gpus": target.gpus, "nodes": config.nodes, "batch_size": config.run.batch_size,
-        "grad_accum": config.run.grad_accum, "precision": config.run.precision, "optimizer": config.run.optimizer,
-        "activation_checkpointing": config.run.activation_checkpointing, "offload": config.run.offload,
-        "device": target.device, "status": None, "error": None, "failed_rank": None, "measured": None,
-        "estimate": None, "error_pct": None, "errors_pct": None, "notes": [], "dir": None,
-    }
-
-
-def compare(entry: dict, device: str) -> None:
-    """error_pct (and errors_pct) of a finished run against its estimate."""
-    estimate, measured = entry["estimate"], entry["measured"]
-    if not estimate or not measured or entry["status"] != "ok":
-        return
-    allocated_key = "peak_allocated_bytes" if device == "cuda" else "peak_bytes"
-    entry["error_pct"] = results_json.error_pct(estimate[allocated_key], measured["peak_allocated_bytes"])
-    if device == "cuda":
-        entry["errors_pct"] = {
-            "allocated": entry["error_pct"],
-            "reserved": results_json.error_pct(estimate["peak_reserved_bytes"], measured["peak_reserved_bytes"]),
-            "nvml": results_json.error_pct(estimate["peak_bytes"], measured["peak_nvml_bytes"]),
-        }
-    else:
-        entry["errors_pct"] = {"allocated": entry["error_pct"]}
+def run_settings(config: ProfileConfig, strategy: str, target: Target) -> results.RunSettings:
+    run = config.run
+    return results.RunSettings(
+        strategy=strategy, gpus=target.gpus, nodes=config.nodes, batch_size=run.batch_size,
+        grad_accum=run.grad_accum, precision=run.precision, optimizer=run.optimizer,
+        activation_checkpointing=run.activation_checkpointing, offload=run.offload, device=target.device,
+    )
 
 
 def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimate_at,
@@ -332,12 +313,13 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
         index = config.strategies.index(strategy)
         trial_dir = out_dir / f"{index + 1}-{strategy}" / f"trial-b{batch_size}"
         start = time.perf_counter()
-        entry = profile_one(trial_config, strategy, target, trial_dir)
-        measured = entry["measured"] if entry["status"] == "ok" else {}
+        launched = profile_one(trial_config, strategy, target, trial_dir)
+        status, error, _ = launched.outcome
+        measured = launched.measured if status == results.RunStatus.OK else None
         peak, _ = recommendations.fit_bytes(measured, estimate_at(strategy, batch_size=batch_size), target.device)
-        trial = judge(batch_size, entry["status"], peak if measured else None, limit_bytes,
-                      samples_per_s=measured.get("samples_per_s"), seconds=time.perf_counter() - start,
-                      error=entry["error"], dir=str(trial_dir))
+        trial = judge(batch_size, str(status), peak if measured else None, limit_bytes,
+                      samples_per_s=measured.samples_per_s if measured else None,
+                      seconds=time.perf_counter() - start, error=error, dir=str(trial_dir))
         if on_trial:
             on_trial(strategy, trial)
         return trial
@@ -345,11 +327,11 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
     return run_trial
 
 
-def recommend_runs(config: ProfileConfig, target: Target, runs: list[dict], out_dir: Path,
-                   on_trial: Callable[[str, Trial], None] | None = None) -> dict:
+def recommend_runs(config: ProfileConfig, target: Target, runs: tuple[results.RunResult, ...], out_dir: Path,
+                   on_trial: Callable[[str, Trial], None] | None = None) -> Recommendations:
     """The recommendations section: predicted from the runs, confirmed by trials when asked."""
     estimate_at = estimate_function(config, target)
-    capacity = estimate_at(config.strategies[0], batch_size=1)["capacity_bytes"]
+    capacity = estimate_at(config.strategies[0], batch_size=1).capacity_bytes
     limits = recommendations.Limits(capacity_bytes=capacity, headroom_pct=config.headroom_pct,
                                     capacity_source=capacity_source(config, target))
     notes = []
@@ -375,9 +357,9 @@ def profile(
     command: str | None = None,
     on_notice: Callable[[str], None] | None = None,
     on_start: Callable[[str, int, int, dict[str, str]], None] | None = None,
-    on_done: Callable[[dict], None] | None = None,
+    on_done: Callable[[results.RunResult], None] | None = None,
     on_trial: Callable[[str, Trial], None] | None = None,
-) -> dict:
+) -> ProfileDocument:
     """Profile every strategy of ``config``; returns the profile document (also in out_dir/profile.json).
 
     ``on_notice(line)`` says how the runs are made (no GPU: CPU ranks); ``on_start(strategy,
@@ -398,21 +380,13 @@ def profile(
     model, estimates, unsupported = estimate_entries(config, target)  # a broken model file fails here, before any launch
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    document = {
-        "schema_version": results_json.SCHEMA_VERSION,
-        "kind": "profile",
-        "tool": {"name": "dpplan", "version": __version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "config": config.to_json(),
-        "model": model,
-        "device": {"type": target.device, "gpus": target.gpus, "gpu": target.gpu, "description": target.description},
-        "notices": list(target.notices),
-        "interrupted": False,
-        "out_dir": str(out_dir),
-        "runs": [],
-    }
-    results_json.write_profile(document, out_dir)
+    document = ProfileDocument(
+        dpplan_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=command, config=config.to_json(), model=model,
+        device=DeviceInfo(type=target.device, gpus=target.gpus, gpu=target.gpu, description=target.description),
+        notices=target.notices, out_dir=str(out_dir),
+    )
+    write_profile(document, out_dir)
     # A cancelled job (scancel, kill) cleans up like Ctrl-C. SIGINT is set explicitly too: a
     # process started in the background by a non-interactive shell inherits SIGINT ignored,
     # and Python then installs no KeyboardInterrupt handler of its own.
@@ -423,38 +397,32 @@ def profile(
         signal.signal(signum, _raise_interrupt)
     try:
         for index, strategy in enumerate(config.strategies):
-            entry = run_entry(config, strategy, target)
-            entry["estimate"] = estimates.get(strategy)
-            entry["notes"] = run_notes(strategy, target, config)
+            settings = run_settings(config, strategy, target)
+            estimate, notes = estimates.get(strategy), run_notes(strategy, target, config)
             reason = skip_reason(strategy, target.gpus)
             if strategy in unsupported:
                 reason = f"{strategy} cannot wrap this model: {unsupported[strategy]}"
             if reason:
-                entry.update(status="skipped", error=reason)
+                run = results.skipped_run(settings, reason=reason, estimate=estimate, notes=notes)
             else:
                 run_dir = out_dir / f"{index + 1}-{strategy}"
                 if on_start:
                     on_start(strategy, index, len(config.strategies), launch_commands(config, strategy, target, run_dir))
                 start = time.perf_counter()
-                entry.update(profile_one(config, strategy, target, run_dir))
-                for rank in entry["measured"]["per_rank"]:
-                    notice = rank.get("nvml_notice")
-                    if notice and notice not in entry["notes"]:
-                        entry["notes"].append(notice)  # NVML absent: torch's counters only, said once
-                entry["duration_s"] = time.perf_counter() - start
-                entry["dir"] = str(run_dir)
-                compare(entry, target.device)
-            document["runs"].append(entry)
-            results_json.write_profile(document, out_dir)
+                launched = profile_one(config, strategy, target, run_dir)
+                run = results.finished_run(settings, launched, estimate=estimate, notes=notes, dir=str(run_dir),
+                                           duration_s=time.perf_counter() - start)
+            document = document.with_run(run)
+            write_profile(document, out_dir)
             if on_done:
-                on_done(entry)
-        document["recommendations"] = recommend_runs(config, target, document["runs"], out_dir, on_trial)
-        results_json.write_profile(document, out_dir)
+                on_done(run)
+        document = replace(document, recommendations=recommend_runs(config, target, document.runs, out_dir, on_trial))
+        write_profile(document, out_dir)
     except KeyboardInterrupt:
-        document["interrupted"] = True
-        path = results_json.write_profile(document, out_dir)
-        raise Interrupted(f"interrupted; {len(document['runs'])} finished run(s) kept in {path}",
-                          document=document, path=path) from None
+        document = replace(document, interrupted=True)
+        path = write_profile(document, out_dir)
+        raise Interrupted(f"interrupted; {len(document.runs)} finished run(s) kept in {path}",
+                          document=document.to_json(), path=path) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

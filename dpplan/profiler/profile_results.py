@@ -1,34 +1,18 @@
-"""profile.json: the ranks of each run merged into one entry, beside its matching estimate.
+"""One profiled run: the ranks' results merged into a measured summary, beside its estimate.
 
-Schema (``schema_version`` 1; add fields freely, rename or remove only with a new version):
-  {schema_version, kind: "profile", tool, created, command, config, device, notices[],
-   interrupted, out_dir, runs: [run...]}
-  run: {strategy, gpus, nnodes, batch_size, grad_accum, precision, optimizer,
-        activation_checkpointing, offload, device, status (ok | oom | failed | skipped),
-        error (one line naming the rank, or the reason a run was skipped), failed_rank,
-        measured, estimate (the `dpplan estimate` JSON entry), error_pct, errors_pct,
-        notes[], dir, commands {torchrun, srun}, duration_s}
+A run's JSON (one entry of profile.json's ``runs``, see profile_document.py) is
+``RunResult.to_json()``:
+  {strategy, gpus, nodes, batch_size, grad_accum, precision, optimizer,
+   activation_checkpointing, offload, device, status (ok | oom | failed | skipped),
+   error (one line naming the rank, or the reason a run was skipped), failed_rank,
+   measured, estimate (the `dpplan estimate` JSON entry), error_pct, errors_pct,
+   notes[], dir, stderr_tail (a failed rank's, when known), commands {torchrun, srun},
+   duration_s}; the last three only for runs that were launched.
   per_rank memory_series: memory over time, see profiler/memory_series.py.
   measured: {peak_allocated_bytes, peak_reserved_bytes, peak_nvml_bytes (null on cpu),
         allocator_cache_bytes, non_pytorch_bytes, peak_rss_bytes (cpu), step_time_s,
-        samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}
-
-  recommendations (profiler/recommend.py, after the runs): {capacity_bytes, capacity_source,
-        headroom_pct, limit_bytes (capacity x (1 - headroom)), find_batch_size, max_trials,
-        strategies: [recommendation...], fastest, notes[]}
-  recommendation: {strategy, status (confirmed | predicted | does_not_fit | unknown),
-        batch_size (per rank), peak_bytes, peak_source (measured | predicted), samples_per_s (at
-        batch_size, when measured there), predicted_batch_size (the calibrated prediction, the
-        first trial), calibration {batch_size, measured_bytes, estimated_bytes, ratio, quantity},
-        search {num_trials, converged, stop_reason, smallest_rejected, trials: [{batch_size,
-        status (ok | over_limit | oom | failed), accepted, peak_bytes, limit_bytes, samples_per_s,
-        seconds, error, dir}]} (null without --find-batch-size), offload {needed (none |
-        optimizer | optimizer+params | null: none fits), configured, supported, levels:
-        [{offload, predicted_peak_bytes (batch 1, calibrated), host_bytes}]}, profiled
-        {batch_size, status, fit_bytes, samples_per_s}, notes[]}
-  fastest: {strategy, samples_per_s, batch_size, basis, num_candidates} or null.
-  The bytes judged against the limit (fit_bytes, peak_bytes, trials' peak_bytes) are NVML used
-  on cuda (the whole device, context and NCCL included) and tensor bytes on cpu.
+        samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}; a launched run
+        that did not finish has only {per_rank} (the ranks that wrote a result).
 
 Definitions. peak_allocated_bytes: the largest per-rank peak of allocated tensor bytes over
 the timed steps (cuda: torch.cuda.max_memory_allocated; cpu: exact live tensor bytes).
@@ -46,10 +30,14 @@ there); errors_pct adds reserved and NVML vs the estimate's peak_reserved_bytes 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from typing import TYPE_CHECKING, NamedTuple
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    # planner.estimate imports torch (its tracer): read lazily, `dpplan report plan.json` stays torch-free
+    from dpplan.planner.estimate import StrategyEstimate
+
 PER_RANK_KEYS = (
     "rank", "local_rank", "hostname", "status", "error",
     "peak_allocated_bytes", "peak_reserved_bytes", "peak_nvml_bytes",
@@ -63,10 +51,82 @@ PER_RANK_KEYS = (
 )
 
 
-def error_pct(estimated: int | None, measured: int | None) -> float | None:
-    if estimated is None or not measured:
+class RunStatus(StrEnum):
+    OK = "ok"
+    OOM = "oom"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+def estimate_from_json(data: dict | None) -> StrategyEstimate | None:
+    """A run's ``estimate`` entry read back; keys this version does not know are ignored."""
+    if data is None:
         return None
-    return 100.0 * (estimated - measured) / measured
+    from dpplan.planner.estimate import StrategyEstimate
+
+    known = {f.name for f in fields(StrategyEstimate)}
+    return StrategyEstimate(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """What one run was asked to do (the profile's config, on the target found)."""
+
+    strategy: str
+    gpus: int
+    """Total ranks over all nodes."""
+    nodes: int
+    batch_size: int
+    """Micro-batch per rank."""
+    grad_accum: int
+    precision: str
+    optimizer: str
+    activation_checkpointing: bool
+    offload: str
+    device: str
+    """cuda or cpu."""
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunSettings:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """A run's numbers, the largest over its ranks (see Definitions above); None: not
+    measured on this device (NVML and reserved on cpu, RSS on cuda)."""
+
+    summarized: bool = True
+    """False for a launched run that did not finish: only ``per_rank`` (what the ranks that
+    got that far wrote) is known, and only it is written."""
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    peak_nvml_bytes: int | None = None
+    allocator_cache_bytes: int | None = None
+    non_pytorch_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    step_time_s: float | None = None
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    num_ranks_measured: int | None = None
+    per_rank: tuple[dict, ...] = ()
+    """Each rank's record as its worker wrote it (PER_RANK_KEYS, the gaps added; worker.py
+    owns that schema), memory_series included."""
+
+    def to_json(self) -> dict:
+        per_rank = list(self.per_rank)
+        if not self.summarized:
+            return {"per_rank": per_rank}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("summarized", "per_rank")}
+        return {**data, "per_rank": per_rank}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> Measured | None:
+        if data is None:
+            return None
+        summarized = "num_ranks_measured" in data
+        numbers = {f.name: data.get(f.name) for f in fields(cls) if f.name not in ("summarized", "per_rank")}
+        return cls(summarized=summarized, per_rank=tuple(data.get("per_rank") or ()), **numbers)
 
 
 def rank_detail(result: dict) -> dict:
@@ -84,25 +144,82 @@ def _largest(details: list[dict], key: str) -> int | None:
     return max(values) if values else None
 
 
-def measured_summary(results: list[dict], *, world_size: int) -> dict:
+def measured_summary(results: list[dict], *, world_size: int) -> Measured:
     """The run's numbers from its ranks' results (all of them status ok)."""
     details = [rank_detail(r) for r in results]
     step_time = max((r["step_time_s"] for r in results), default=None)
     samples = results[0].get("samples_per_step") if results else None
     tokens = results[0].get("tokens_per_step") if results else None
-    return {
-        "peak_allocated_bytes": _largest(details, "peak_allocated_bytes"),
-        "peak_reserved_bytes": _largest(details, "peak_reserved_bytes"),
-        "peak_nvml_bytes": _largest(details, "peak_nvml_bytes"),
-        "allocator_cache_bytes": _largest(details, "allocator_cache_bytes"),
-        "non_pytorch_bytes": _largest(details, "non_pytorch_bytes"),
-        "peak_rss_bytes": _largest(details, "peak_rss_bytes"),
-        "step_time_s": step_time,
-        "samples_per_s": samples * world_size / step_time if samples and step_time else None,
-        "tokens_per_s": tokens * world_size / step_time if tokens and step_time else None,
-        "num_ranks_measured": len(results),
-        "per_rank": details,
-    }
+    return Measured(
+        peak_allocated_bytes=_largest(details, "peak_allocated_bytes"),
+        peak_reserved_bytes=_largest(details, "peak_reserved_bytes"),
+        peak_nvml_bytes=_largest(details, "peak_nvml_bytes"),
+        allocator_cache_bytes=_largest(details, "allocator_cache_bytes"),
+        non_pytorch_bytes=_largest(details, "non_pytorch_bytes"),
+        peak_rss_bytes=_largest(details, "peak_rss_bytes"),
+        step_time_s=step_time,
+        samples_per_s=samples * world_size / step_time if samples and step_time else None,
+        tokens_per_s=tokens * world_size / step_time if tokens and step_time else None,
+        num_ranks_measured=len(results),
+        per_rank=tuple(details),
+    )
+
+
+def error_pct(estimated: int | None, measured: int | None) -> float | None:
+    if estimated is None or not measured:
+        return None
+    return 100.0 * (estimated - measured) / measured
+
+
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """A finished run's measured peaks against its estimate, in percent (see Definitions)."""
+
+    device: str
+    """cuda compares allocated, reserved and NVML used; cpu only the tensor bytes."""
+    allocated_pct: float | None
+    reserved_pct: float | None = None
+    nvml_pct: float | None = None
+
+    def errors_json(self) -> dict:
+        """The run's ``errors_pct``."""
+        if self.device != "cuda":
+            return {"allocated": self.allocated_pct}
+        return {"allocated": self.allocated_pct, "reserved": self.reserved_pct, "nvml": self.nvml_pct}
+
+    def to_json(self) -> dict:
+        return {"error_pct": self.allocated_pct, "errors_pct": self.errors_json()}
+
+    @classmethod
+    def from_json(cls, run: dict) -> Comparison | None:
+        errors = run.get("errors_pct")
+        if errors is None:
+            return None
+        return cls(device=run["device"], allocated_pct=errors.get("allocated"), reserved_pct=errors.get("reserved"),
+                   nvml_pct=errors.get("nvml"))
+
+
+def compare(measured: Measured | None, estimate: StrategyEstimate | None, device: str) -> Comparison | None:
+    """The error of a finished run against its estimate (None without either)."""
+    if estimate is None or measured is None or not measured.summarized:
+        return None
+    # cpu: the estimate's peak_bytes are the tensor bytes, what the run measures as allocated
+    allocated = error_pct(estimate.peak_allocated_bytes if device == "cuda" else estimate.peak_bytes,
+                          measured.peak_allocated_bytes)
+    if device != "cuda":
+        return Comparison(device=device, allocated_pct=allocated)
+    return Comparison(
+        device=device, allocated_pct=allocated,
+        reserved_pct=error_pct(estimate.peak_reserved_bytes, measured.peak_reserved_bytes),
+        nvml_pct=error_pct(estimate.peak_bytes, measured.peak_nvml_bytes),
+    )
+
+
+class Outcome(NamedTuple):
+    status: RunStatus
+    error: str | None
+    """One line naming the rank (and what it said), None when ok."""
+    failed_rank: int | None
 
 
 def outcome(
@@ -117,8 +234,8 @@ def outcome(
     timed_out: str | None,
     stderr_tail: dict[int, str],
     launcher_tail: str,
-) -> tuple[str, str | None, int | None]:
-    """(status, one-line error, rank) of a run from what its ranks wrote and how the launcher ended.
+) -> Outcome:
+    """How a run ended, from what its ranks wrote and how the launcher ended.
 
     The root cause is the earliest failure: when one rank dies, its peers fail afterwards
     in a collective (gloo: "Connection closed by peer"), or are stopped by torchrun."""
@@ -127,30 +244,126 @@ def outcome(
     oom = [r for r in failures if r.get("status") == "oom"]
     if oom:
         first = min(oom, key=lambda r: r.get("failed_at", 0))
-        return "oom", f"batch {batch_size} does not fit with {strategy} on {where} (rank {first['rank']}: {first['error']})", first["rank"]
+        return Outcome(RunStatus.OOM, f"batch {batch_size} does not fit with {strategy} on {where} "
+                                      f"(rank {first['rank']}: {first['error']})", first["rank"])
     if failures:
         first = min(failures, key=lambda r: r.get("failed_at", 0))
-        return "failed", f"rank {first['rank']} failed: {first['error']}", first["rank"]
+        return Outcome(RunStatus.FAILED, f"rank {first['rank']} failed: {first['error']}", first["rank"])
     missing = [r for r in expected_ranks if r not in results]
     if timed_out:
-        return "failed", timed_out + (f" (no result from rank {missing[0]})" if missing else ""), missing[0] if missing else None
+        return Outcome(RunStatus.FAILED, timed_out + (f" (no result from rank {missing[0]})" if missing else ""),
+                       missing[0] if missing else None)
     if missing:
         for rank in missing:
             lines = [line for line in stderr_tail.get(rank, "").splitlines() if line.strip()]
             if lines:
-                return "failed", f"rank {rank} exited without a result: {lines[-1].strip()}", rank
+                return Outcome(RunStatus.FAILED, f"rank {rank} exited without a result: {lines[-1].strip()}", rank)
         last = [line for line in launcher_tail.splitlines() if line.strip()]
         detail = f": {last[-1].strip()}" if last else ""
-        return "failed", f"rank {missing[0]} wrote no result (launcher exit {returncode}){detail}", missing[0]
+        return Outcome(RunStatus.FAILED, f"rank {missing[0]} wrote no result (launcher exit {returncode}){detail}",
+                       missing[0])
     if returncode:
-        return "failed", f"the launcher exited with {returncode} although every rank finished", None
-    return "ok", None, None
+        return Outcome(RunStatus.FAILED, f"the launcher exited with {returncode} although every rank finished", None)
+    return Outcome(RunStatus.OK, None, None)
 
 
-def write_profile(document: dict, out_dir: Path) -> Path:
-    """Write ``out_dir/profile.json`` atomically (a reader never sees half a file)."""
-    path = out_dir / "profile.json"
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(document, indent=2) + "\n")
-    temp.replace(path)
-    return path
+@dataclass(frozen=True, kw_only=True)
+class LaunchedRun:
+    """One torchrun job as it ended: a profile run or a batch-size trial."""
+
+    outcome: Outcome
+    measured: Measured
+    stderr_tail: str | None
+    """The failed rank's stderr tail, when a rank is to blame."""
+    commands: dict[str, str]
+    """The same run as ``torchrun`` and ``srun`` command lines (launch.user_commands)."""
+
+
+def launched_run(*, outcome: Outcome, results: dict[int, dict], expected_ranks: list[int], world_size: int,
+                 stderr_tail: dict[int, str], commands: dict[str, str]) -> LaunchedRun:
+    """What the ranks of a finished job wrote, merged."""
+    if outcome.status == RunStatus.OK:
+        measured = measured_summary([results[r] for r in expected_ranks], world_size=world_size)
+        tail = None
+    else:
+        measured = Measured(summarized=False,
+                            per_rank=tuple(rank_detail(results[r]) for r in expected_ranks if r in results))
+        tail = stderr_tail.get(outcome.failed_rank) if outcome.failed_rank is not None else None
+    return LaunchedRun(outcome=outcome, measured=measured, stderr_tail=tail, commands=commands)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """One strategy's entry of profile.json: what was asked, how it ended, measured and estimated."""
+
+    settings: RunSettings
+    status: RunStatus
+    error: str | None = None
+    failed_rank: int | None = None
+    measured: Measured | None = None
+    """None for a skipped run."""
+    estimate: StrategyEstimate | None = None
+    """The matching `dpplan estimate` entry; None when the planner has none for the strategy."""
+    comparison: Comparison | None = None
+    notes: tuple[str, ...] = ()
+    dir: str | None = None
+    """The run's folder (rank JSON and logs); None for a skipped run."""
+    stderr_tail: str | None = None
+    commands: dict[str, str] | None = None
+    """None for a skipped run, as are duration_s and stderr_tail: their keys are not written."""
+    duration_s: float | None = None
+    """Launch to last rank, seconds."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "status", RunStatus(self.status))
+
+    @property
+    def error_pct(self) -> float | None:
+        return self.comparison.allocated_pct if self.comparison else None
+
+    def to_json(self) -> dict:
+        data = {
+            **asdict(self.settings), "status": str(self.status), "error": self.error, "failed_rank": self.failed_rank,
+            "measured": self.measured.to_json() if self.measured else None,
+            "estimate": asdict(self.estimate) if self.estimate else None,
+            "error_pct": self.error_pct,
+            "errors_pct": self.comparison.errors_json() if self.comparison else None,
+            "notes": list(self.notes), "dir": self.dir,
+        }
+        # keys of a launched run only, absent (not null) otherwise, as profile.json has always had them
+        for key in ("stderr_tail", "commands", "duration_s"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunResult:
+        return cls(
+            settings=RunSettings.from_json(data), status=data["status"], error=data.get("error"),
+            failed_rank=data.get("failed_rank"), measured=Measured.from_json(data.get("measured")),
+            estimate=estimate_from_json(data.get("estimate")), comparison=Comparison.from_json(data),
+            notes=tuple(data.get("notes") or ()), dir=data.get("dir"), stderr_tail=data.get("stderr_tail"),
+            commands=data.get("commands"), duration_s=data.get("duration_s"),
+        )
+
+
+def skipped_run(settings: RunSettings, *, reason: str, estimate: StrategyEstimate | None,
+                notes: tuple[str, ...]) -> RunResult:
+    return RunResult(settings=settings, status=RunStatus.SKIPPED, error=reason, estimate=estimate, notes=notes)
+
+
+def finished_run(settings: RunSettings, launched: LaunchedRun, *, estimate: StrategyEstimate | None,
+                 notes: tuple[str, ...], dir: str, duration_s: float) -> RunResult:
+    """A launched run beside its estimate, with the error of a finished one."""
+    notes = list(notes)
+    for rank in launched.measured.per_rank:
+        notice = rank.get("nvml_notice")
+        if notice and notice not in notes:
+            notes.append(notice)  # NVML absent: torch's counters only, said once
+    status, error, failed_rank = launched.outcome
+    comparison = compare(launched.measured, estimate, settings.device) if status == RunStatus.OK else None
+    return RunResult(
+        settings=settings, status=status, error=error, failed_rank=failed_rank, measured=launched.measured,
+        estimate=estimate, comparison=comparison, notes=tuple(notes), dir=dir, stderr_tail=launched.stderr_tail,
+        commands=launched.commands, duration_s=duration_s,
+    )

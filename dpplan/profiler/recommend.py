@@ -17,23 +17,40 @@ the planner's exact ``max_batch_size`` against ``limit / ratio``. With ``--find-
 that prediction is the first trial (profiler/batch_search.py) and each trial recalibrates;
 without it every answer is labelled predicted, not confirmed.
 
-Pure: estimates and trial launches come in as functions (profile.py passes the real ones).
+Pure: estimates (the planner's StrategyEstimate) and trial launches come in as functions
+(profile.py passes the real ones); the records it returns are recommendation_results.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol, Sequence
 
 from dpplan.config import DEFAULT_MAX_TRIALS, OFFLOADS
 from dpplan.planner.strategies.registry import strategy_info
 from dpplan.profiler.batch_search import MAX_BATCH_SIZE, SearchResult, Trial, search_batch_size
+from dpplan.profiler.profile_results import Measured, RunResult, RunStatus
+from dpplan.profiler.recommendation_results import (
+    BatchSearch,
+    Calibration,
+    Fastest,
+    OffloadAdvice,
+    OffloadLevel,
+    PeakSource,
+    Profiled,
+    Recommendation,
+    Recommendations,
+    RecommendationStatus,
+)
+
+if TYPE_CHECKING:
+    from dpplan.planner.estimate import StrategyEstimate  # imports torch; cli.py reads the defaults below
 
 
 class EstimateAt(Protocol):
     def __call__(self, strategy: str, *, batch_size: int, offload: str | None = None,
-                 capacity_bytes: int | None = None) -> dict:
-        """The `dpplan estimate` JSON entry of ``strategy`` at that batch (offload: None = the profile's)."""
+                 capacity_bytes: int | None = None) -> StrategyEstimate:
+        """The planner's estimate of ``strategy`` at that batch (offload: None = the profile's)."""
 
 
 RunTrial = Callable[[str, int], Trial]
@@ -52,37 +69,36 @@ class Limits:
         return int(self.capacity_bytes * (1 - self.headroom_pct / 100))
 
 
-def fit_bytes(measured: dict, estimate: dict | None, device: str) -> tuple[int | None, str]:
+def fit_bytes(measured: Measured | None, estimate: StrategyEstimate | None, device: str) -> tuple[int | None, str]:
     """The measured bytes that must fit the capacity, and what they are (see module docstring)."""
     if device != "cuda":
-        return measured.get("peak_allocated_bytes"), "tensor bytes"
-    if measured.get("peak_nvml_bytes") is not None:
-        return measured["peak_nvml_bytes"], "NVML used"
-    reserved = measured.get("peak_reserved_bytes")
+        return (measured.peak_allocated_bytes if measured else None), "tensor bytes"
+    if measured is not None and measured.peak_nvml_bytes is not None:
+        return measured.peak_nvml_bytes, "NVML used"
+    reserved = measured.peak_reserved_bytes if measured else None
     if reserved is None or not estimate:
         return None, "nothing measured"
     # Without NVML: the allocator's reserve plus the estimate's CUDA context and NCCL bytes.
-    return reserved + estimate["peak_bytes"] - estimate["peak_reserved_bytes"], "reserved + estimated context and NCCL"
+    return reserved + estimate.peak_bytes - estimate.peak_reserved_bytes, "reserved + estimated context and NCCL"
 
 
-def calibration(run: dict, device: str) -> dict | None:
+def calibration(run: RunResult, device: str) -> Calibration | None:
     """measured / estimated of the fit bytes of a finished run, or None."""
-    estimate, measured = run.get("estimate"), run.get("measured") or {}
-    if run.get("status") != "ok" or not estimate:
+    estimate = run.estimate
+    if run.status != RunStatus.OK or not estimate:
         return None
-    measured_bytes, quantity = fit_bytes(measured, estimate, device)
-    if not measured_bytes or not estimate["peak_bytes"]:
+    measured_bytes, quantity = fit_bytes(run.measured, estimate, device)
+    if not measured_bytes or not estimate.peak_bytes:
         return None
-    return {
-        "batch_size": run["batch_size"], "measured_bytes": measured_bytes, "estimated_bytes": estimate["peak_bytes"],
-        "ratio": measured_bytes / estimate["peak_bytes"], "quantity": quantity,
-    }
+    return Calibration(batch_size=run.settings.batch_size, measured_bytes=measured_bytes,
+                       estimated_bytes=estimate.peak_bytes, ratio=measured_bytes / estimate.peak_bytes,
+                       quantity=quantity)
 
 
 def predicted_max_batch(estimate_at: EstimateAt, strategy: str, limit_bytes: int, ratio: float) -> int:
     """Largest b with estimate(b) x ratio <= limit (0: not even batch 1), capped at MAX_BATCH_SIZE."""
     entry = estimate_at(strategy, batch_size=1, capacity_bytes=max(1, int(limit_bytes / ratio)))
-    return min(entry["max_batch_size"], MAX_BATCH_SIZE)
+    return min(entry.max_batch_size, MAX_BATCH_SIZE)
 
 
 def offload_levels(strategy: str, device: str) -> tuple[str, ...]:
@@ -94,145 +110,144 @@ def offload_levels(strategy: str, device: str) -> tuple[str, ...]:
 
 
 def offload_advice(strategy: str, *, estimate_at: EstimateAt, ratio: float, limits: Limits, device: str,
-                   configured: str) -> dict:
+                   configured: str) -> OffloadAdvice:
     """The lightest offload whose calibrated peak at batch 1 fits the limit (None: none does)."""
     levels = []
     needed = None
     for level in offload_levels(strategy, device):
         entry = estimate_at(strategy, batch_size=1, offload=level)
-        predicted = int(entry["peak_bytes"] * ratio)
-        levels.append({"offload": level, "predicted_peak_bytes": predicted, "host_bytes": entry.get("host_bytes")})
+        predicted = int(entry.peak_bytes * ratio)
+        levels.append(OffloadLevel(offload=level, predicted_peak_bytes=predicted, host_bytes=entry.host_bytes))
         if needed is None and predicted <= limits.limit_bytes:
             needed = level
             break
-    return {"needed": needed, "configured": configured, "supported": len(offload_levels(strategy, device)) > 1,
-            "levels": levels}
+    return OffloadAdvice(needed=needed, configured=configured, supported=len(offload_levels(strategy, device)) > 1,
+                         levels=tuple(levels))
+
+
+class Verdict(NamedTuple):
+    """The micro-batch a recommendation settles on, and how its peak is known."""
+
+    status: RecommendationStatus
+    batch_size: int | None = None
+    peak_bytes: int | None = None
+    peak_source: PeakSource | None = None
+    samples_per_s: float | None = None
 
 
 def recommend_strategy(
-    run: dict,
+    run: RunResult,
     *,
     device: str,
     limits: Limits,
     estimate_at: EstimateAt,
     run_trial: RunTrial | None = None,
     max_trials: int = DEFAULT_MAX_TRIALS,
-) -> dict:
-    """One strategy's recommendation (see the ``recommendations`` schema in profile_results.py)."""
-    strategy, status = run["strategy"], run["status"]
+) -> Recommendation:
+    """One strategy's recommendation (see the schema in recommendation_results.py)."""
+    strategy, status, batch_size = run.settings.strategy, run.status, run.settings.batch_size
     calib = calibration(run, device)
-    ratio = calib["ratio"] if calib else 1.0
+    ratio = calib.ratio if calib else 1.0
     notes = []
     if calib is None:
-        notes.append({"oom": f"the profile run at batch {run['batch_size']} ran out of memory: uncalibrated estimate",
+        notes.append({"oom": f"the profile run at batch {batch_size} ran out of memory: uncalibrated estimate",
                       "skipped": "not run: estimate only", "failed": "the profile run failed: estimate only"}.get(
                           status, "nothing measured: estimate only"))
     known_good = known_bad = None
     run_fit = None
     if calib:
-        run_fit = calib["measured_bytes"]
+        run_fit = calib.measured_bytes
         if run_fit <= limits.limit_bytes:
-            known_good = run["batch_size"]
+            known_good = batch_size
         else:
-            known_bad = run["batch_size"]
-    elif status == "oom":
-        known_bad = run["batch_size"]
+            known_bad = batch_size
+    elif status == RunStatus.OOM:
+        known_bad = batch_size
     prediction = predicted_max_batch(estimate_at, strategy, limits.limit_bytes, ratio)
     if known_bad is not None:
         prediction = min(prediction, known_bad - 1)  # an uncalibrated estimate may predict a batch that OOMed
     offload = offload_advice(strategy, estimate_at=estimate_at, ratio=ratio, limits=limits, device=device,
-                             configured=run.get("offload", "none"))
-    recommendation = {
-        "strategy": strategy, "status": None, "batch_size": None, "peak_bytes": None, "peak_source": None,
-        "samples_per_s": None, "predicted_batch_size": prediction, "calibration": calib, "search": None,
-        "offload": offload, "profiled": {
-            "batch_size": run["batch_size"], "status": status, "fit_bytes": run_fit,
-            "samples_per_s": (run.get("measured") or {}).get("samples_per_s") if status == "ok" else None,
-        },
-        "notes": notes,
-    }
-    searchable = status in ("ok", "oom") and (prediction >= 1 or known_good)
+                             configured=run.settings.offload)
+    profiled = Profiled(batch_size=batch_size, status=status, fit_bytes=run_fit,
+                        samples_per_s=run.measured.samples_per_s if status == RunStatus.OK and run.measured else None)
+    search = verdict = None
+    searchable = status in (RunStatus.OK, RunStatus.OOM) and (prediction >= 1 or known_good)
     if run_trial is not None and searchable:
         result = search_batch_size(
             first=max(prediction, 1), run_trial=lambda batch: run_trial(strategy, batch),
             predict=lambda trial: _recalibrated(estimate_at, strategy, trial, limits),
             max_trials=max_trials, known_good=known_good, known_bad=known_bad,
         )
-        recommendation["search"] = _search_json(result)
-        _apply_search(recommendation, result, run, run_fit)
-    elif run_trial is not None and status not in ("ok", "oom"):
+        search = BatchSearch.of(result)
+        verdict = _searched(result, run_fit, profiled)
+    elif run_trial is not None and status not in (RunStatus.OK, RunStatus.OOM):
         notes.append("no batch-size search: the profile run did not finish")
-    if recommendation["status"] is None:
-        _apply_prediction(recommendation, prediction, ratio, estimate_at, strategy)
-    needed = offload["needed"]
-    if recommendation["status"] == "confirmed" and (needed is None or OFFLOADS.index(needed) > OFFLOADS.index(offload["configured"])):
+    if verdict is None:
+        verdict = _predicted(prediction, ratio, estimate_at, strategy)
+    needed = offload.needed
+    if verdict.status == RecommendationStatus.CONFIRMED and (
+            needed is None or OFFLOADS.index(needed) > OFFLOADS.index(offload.configured)):
         # Measured beats predicted: a real run fitted with the profiled offload.
-        offload["needed"] = offload["configured"]
-        notes.append(f"the estimate at batch 1 needed more offload, but a measured run fits with offload {offload['configured']}")
-    return recommendation
+        offload = replace(offload, needed=offload.configured)
+        notes.append(f"the estimate at batch 1 needed more offload, but a measured run fits with offload {offload.configured}")
+    return Recommendation(
+        strategy=strategy, status=verdict.status, batch_size=verdict.batch_size, peak_bytes=verdict.peak_bytes,
+        peak_source=verdict.peak_source, samples_per_s=verdict.samples_per_s, predicted_batch_size=prediction,
+        calibration=calib, search=search, offload=offload, profiled=profiled, notes=tuple(notes),
+    )
 
 
 def _recalibrated(estimate_at: EstimateAt, strategy: str, trial: Trial, limits: Limits) -> int | None:
     if trial.peak_bytes is None:
         return None
-    estimated = estimate_at(strategy, batch_size=trial.batch_size)["peak_bytes"]
+    estimated = estimate_at(strategy, batch_size=trial.batch_size).peak_bytes
     return predicted_max_batch(estimate_at, strategy, limits.limit_bytes, trial.peak_bytes / estimated)
 
 
-def _search_json(result: SearchResult) -> dict:
-    return {
-        "num_trials": len(result.trials), "converged": result.converged, "stop_reason": result.stop_reason,
-        "smallest_rejected": result.smallest_rejected,
-        "trials": [{**asdict(t), "accepted": t.accepted} for t in result.trials],
-    }
-
-
-def _apply_search(recommendation: dict, result: SearchResult, run: dict, run_fit: int | None) -> None:
+def _searched(result: SearchResult, run_fit: int | None, profiled: Profiled) -> Verdict:
     if result.batch_size is None:
-        recommendation["status"] = "does_not_fit" if result.smallest_rejected == 1 else "unknown"
-        return
+        return Verdict(RecommendationStatus.DOES_NOT_FIT if result.smallest_rejected == 1 else RecommendationStatus.UNKNOWN)
     accepted = [t for t in result.trials if t.accepted and t.batch_size == result.batch_size]
-    recommendation.update(status="confirmed", batch_size=result.batch_size, peak_source="measured")
     if accepted:
-        recommendation.update(peak_bytes=accepted[-1].peak_bytes, samples_per_s=accepted[-1].samples_per_s)
+        peak_bytes, samples_per_s = accepted[-1].peak_bytes, accepted[-1].samples_per_s
     else:  # the profile run itself is the largest accepted batch
-        recommendation.update(peak_bytes=run_fit, samples_per_s=recommendation["profiled"]["samples_per_s"])
+        peak_bytes, samples_per_s = run_fit, profiled.samples_per_s
+    return Verdict(RecommendationStatus.CONFIRMED, batch_size=result.batch_size, peak_bytes=peak_bytes,
+                   peak_source=PeakSource.MEASURED, samples_per_s=samples_per_s)
 
 
-def _apply_prediction(recommendation: dict, prediction: int, ratio: float, estimate_at: EstimateAt,
-                      strategy: str) -> None:
+def _predicted(prediction: int, ratio: float, estimate_at: EstimateAt, strategy: str) -> Verdict:
     if prediction < 1:
-        recommendation["status"] = "does_not_fit"
-        return
+        return Verdict(RecommendationStatus.DOES_NOT_FIT)
     entry = estimate_at(strategy, batch_size=prediction)
-    recommendation.update(status="predicted", batch_size=prediction, peak_bytes=int(entry["peak_bytes"] * ratio),
-                          peak_source="predicted")
+    return Verdict(RecommendationStatus.PREDICTED, batch_size=prediction, peak_bytes=int(entry.peak_bytes * ratio),
+                   peak_source=PeakSource.PREDICTED)
 
 
-def fastest(recommendations: list[dict]) -> dict | None:
+def fastest(recommendations: Sequence[Recommendation]) -> Fastest | None:
     """The highest samples/s among strategies that fit without more offload than was profiled.
 
     Throughput at each strategy's own recommended batch when a trial (or the profile run)
     measured every candidate there; else the profile runs', all at the profiled batch (same
     batch for every strategy: a fair comparison, though not at the recommended batch)."""
     # confirmed / predicted means it fits with the profiled offload: trials and predictions use it.
-    candidates = [r for r in recommendations if r["status"] in ("confirmed", "predicted") and r["profiled"]["samples_per_s"]]
+    fits = (RecommendationStatus.CONFIRMED, RecommendationStatus.PREDICTED)
+    candidates = [r for r in recommendations if r.status in fits and r.profiled.samples_per_s]
     if not candidates:
         return None
-    if all(r["samples_per_s"] for r in candidates):
-        best = max(candidates, key=lambda r: r["samples_per_s"])
-        return {"strategy": best["strategy"], "samples_per_s": best["samples_per_s"], "batch_size": best["batch_size"],
-                "basis": "measured at each strategy's recommended micro-batch",
-                "num_candidates": len(candidates)}
-    best = max(candidates, key=lambda r: r["profiled"]["samples_per_s"])
-    return {"strategy": best["strategy"], "samples_per_s": best["profiled"]["samples_per_s"],
-            "batch_size": best["profiled"]["batch_size"],
-            "basis": "measured in the profile runs, all at the profiled micro-batch",
-            "num_candidates": len(candidates)}
+    if all(r.samples_per_s for r in candidates):
+        best = max(candidates, key=lambda r: r.samples_per_s)
+        return Fastest(strategy=best.strategy, samples_per_s=best.samples_per_s, batch_size=best.batch_size,
+                       basis="measured at each strategy's recommended micro-batch", num_candidates=len(candidates))
+    best = max(candidates, key=lambda r: r.profiled.samples_per_s)
+    return Fastest(strategy=best.strategy, samples_per_s=best.profiled.samples_per_s,
+                   batch_size=best.profiled.batch_size,
+                   basis="measured in the profile runs, all at the profiled micro-batch",
+                   num_candidates=len(candidates))
 
 
 def recommend(
-    runs: list[dict],
+    runs: Sequence[RunResult],
     *,
     device: str,
     limits: Limits,
@@ -240,16 +255,16 @@ def recommend(
     run_trial: RunTrial | None = None,
     max_trials: int = DEFAULT_MAX_TRIALS,
     notes: tuple[str, ...] = (),
-) -> dict:
+) -> Recommendations:
     """The ``recommendations`` section of profile.json for every run of a profile."""
-    strategies = [
+    strategies = tuple(
         recommend_strategy(run, device=device, limits=limits, estimate_at=estimate_at, run_trial=run_trial,
                            max_trials=max_trials)
         for run in runs
-    ]
-    return {
-        "capacity_bytes": limits.capacity_bytes, "capacity_source": limits.capacity_source,
-        "headroom_pct": limits.headroom_pct, "limit_bytes": limits.limit_bytes,
-        "find_batch_size": run_trial is not None, "max_trials": max_trials if run_trial is not None else None,
-        "strategies": strategies, "fastest": fastest(strategies), "notes": list(notes),
-    }
+    )
+    return Recommendations(
+        capacity_bytes=limits.capacity_bytes, capacity_source=limits.capacity_source,
+        headroom_pct=limits.headroom_pct, limit_bytes=limits.limit_bytes,
+        find_batch_size=run_trial is not None, max_trials=max_trials if run_trial is not None else None,
+        strategies=strategies, fastest=fastest(strategies), notes=tuple(notes),
+    )

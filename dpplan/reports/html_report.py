@@ -6,14 +6,17 @@ from pathlib import Path
 
 from dpplan.errors import UsageError
 from dpplan.json_file import read_json
+from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.reports.html_page import render_page
 
 KINDS = ("estimate", "profile")
 
 
-def render_report(document: dict, *, plotlyjs: str = "inline") -> str:
-    """The HTML report of a plan JSON (``kind: estimate``) or a profile.json (``kind: profile``)."""
-    kind = document.get("kind") if isinstance(document, dict) else None
+def render_report(document: dict | ProfileDocument, *, plotlyjs: str = "inline") -> str:
+    """The HTML report of a plan JSON (``kind: estimate``), or of a profile: a ProfileDocument or
+    its profile.json (``kind: profile``), read back into one first."""
+    kind = "profile" if isinstance(document, ProfileDocument) else (
+        document.get("kind") if isinstance(document, dict) else None)
     if kind == "estimate":
         from dpplan.reports.plan_html import plan_page
 
@@ -21,6 +24,8 @@ def render_report(document: dict, *, plotlyjs: str = "inline") -> str:
     elif kind == "profile":
         from dpplan.reports.profile_html import profile_page
 
+        if not isinstance(document, ProfileDocument):
+            document = ProfileDocument.from_json(document)
         page = profile_page(document)
     else:
         raise UsageError(f"not a dpplan estimate or profile JSON (kind {kind!r}; expected one of {', '.join(KINDS)})")
@@ -37,7 +42,7 @@ def read_document(path: str) -> dict:
     return document
 
 
-def write_report(document: dict, destination: str, *, plotlyjs: str = "inline") -> Path:
+def write_report(document: dict | ProfileDocument, destination: str, *, plotlyjs: str = "inline") -> Path:
     """Render and write; the file appears whole or not at all."""
     path = Path(destination)
     text = render_report(document, plotlyjs=plotlyjs)

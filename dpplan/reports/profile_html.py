@@ -1,8 +1,8 @@
 """The profile report: the recommendation first, then measured against estimated, memory over
 time per rank, and speed.
 
-Draws profile.json (profiler/profile_results.py) as written; every number, error and
-recommendation is computed by the profiler.
+Draws a ProfileDocument (profiler/profile_document.py; ``dpplan report`` reads it back from
+profile.json) as written; every number, error and recommendation is computed by the profiler.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dpplan.profiler.profile_document import ProfileDocument
+from dpplan.profiler.profile_results import Measured, RunResult
+from dpplan.profiler.recommendation_results import Recommendations
 from dpplan.reports.html_page import (
     BulletList,
     Callout,
@@ -39,66 +42,72 @@ MAX_RANKS_DRAWN = 8
 """Ranks drawn per run in the memory-over-time figure; the rest are in the JSON."""
 
 
-def _is_cuda(document: dict) -> bool:
-    return document["device"]["type"] == "cuda"
+NOT_MEASURED = Measured(summarized=False)
+"""What a run that measured nothing (skipped) reads as."""
 
 
-def _estimated_allocated(document: dict, estimate: dict) -> int | None:
+def _is_cuda(document: ProfileDocument) -> bool:
+    return document.device.type == "cuda"
+
+
+def _estimated_allocated(document: ProfileDocument, run: RunResult) -> int | None:
     """The estimate comparable to "allocated": tensor bytes on cpu, allocator bytes on cuda."""
-    return estimate.get("peak_allocated_bytes" if _is_cuda(document) else "peak_bytes")
+    if run.estimate is None:
+        return None
+    return run.estimate.peak_allocated_bytes if _is_cuda(document) else run.estimate.peak_bytes
 
 
-def _recommendation_blocks(document: dict) -> list:
-    section = document.get("recommendations")
+def _recommendation_blocks(document: ProfileDocument) -> list:
+    section = document.recommendations
     if not section:
-        if document.get("interrupted"):
+        if document.interrupted:
             return [Callout(lines=["Interrupted before the recommendations were made; the runs below are kept."],
                             css="bad")]
         return [Text(text="No recommendation was made for this profile.", css="muted")]
     lines = []
-    fastest = section.get("fastest")
+    fastest = section.fastest
     if fastest:
         lines.append(f"Recommended: {fastest_line(fastest)}.")
-        chosen = next((rec for rec in section["strategies"] if rec["strategy"] == fastest["strategy"]), None)
-        if chosen and chosen.get("batch_size"):
+        chosen = next((rec for rec in section.strategies if rec.strategy == fastest.strategy), None)
+        if chosen and chosen.batch_size:
             lines.append(recommendation_line(chosen, section))
     else:
         lines.append("No strategy both fits and was measured; see each strategy below.")
     blocks = [
         Callout(lines=lines, css="" if fastest else "bad"),
-        Text(text=f"Capacity {format_bytes(section['capacity_bytes'])} per rank ({section['capacity_source']}); "
-             f"headroom {section['headroom_pct']:g}%: a micro-batch is recommended only if its peak stays under "
-             f"{format_bytes(section['limit_bytes'])}."),
+        Text(text=f"Capacity {format_bytes(section.capacity_bytes)} per rank ({section.capacity_source}); "
+             f"headroom {section.headroom_pct:g}%: a micro-batch is recommended only if its peak stays under "
+             f"{format_bytes(section.limit_bytes)}."),
     ]
     reasons = []
-    for rec in section["strategies"]:
+    for rec in section.strategies:
         reasons.append(recommendation_line(rec, section))
         offload = offload_line(rec, section)
         if offload:
             reasons.append(offload)
-        trials = (rec.get("search") or {}).get("trials") or []
+        trials = rec.search.trials if rec.search else ()
         if trials:
-            reasons.append(f"{rec['strategy']} trials: " + ", ".join(
-                f"batch {t['batch_size']} {t['status'].replace('_', ' ')}"
-                + (f" ({format_bytes(t['peak_bytes'])})" if t.get("peak_bytes") is not None else "")
+            reasons.append(f"{rec.strategy} trials: " + ", ".join(
+                f"batch {t.batch_size} {t.status.replace('_', ' ')}"
+                + (f" ({format_bytes(t.peak_bytes)})" if t.peak_bytes is not None else "")
                 for t in trials
             ))
     blocks.append(BulletList(items=reasons))
-    if section.get("notes"):
-        blocks.append(BulletList(items=[f"note: {note}" for note in section["notes"]], css="warn"))
+    if section.notes:
+        blocks.append(BulletList(items=[f"note: {note}" for note in section.notes], css="warn"))
     search = _batch_search(section)
     if search:
         blocks.append(search)
     return blocks
 
 
-def _estimate_vs_measured(document: dict, runs: list[dict]) -> Figure:
-    measured_runs = [r for r in runs if r["status"] == "ok"]
-    names = [figure_text(r["strategy"]) for r in measured_runs]
-    estimated = [_estimated_allocated(document, r.get("estimate") or {}) for r in measured_runs]
-    measured = [(r.get("measured") or {}).get("peak_allocated_bytes") for r in measured_runs]
+def _estimate_vs_measured(document: ProfileDocument, runs: tuple[RunResult, ...]) -> Figure:
+    measured_runs = [r for r in runs if r.status == "ok"]
+    names = [figure_text(r.settings.strategy) for r in measured_runs]
+    estimated = [_estimated_allocated(document, r) for r in measured_runs]
+    measured = [(r.measured or NOT_MEASURED).peak_allocated_bytes for r in measured_runs]
     quantity = "allocated (torch)" if _is_cuda(document) else "tensor bytes (exact)"
-    nvml = [(r.get("measured") or {}).get("peak_nvml_bytes") for r in measured_runs] if _is_cuda(document) else []
+    nvml = [(r.measured or NOT_MEASURED).peak_nvml_bytes for r in measured_runs] if _is_cuda(document) else []
     unit, size = byte_unit(max((v for v in measured + estimated + nvml if v is not None), default=None))
 
     def scaled(values):
@@ -110,7 +119,7 @@ def _estimate_vs_measured(document: dict, runs: list[dict]) -> Figure:
     figure.add_bar(x=names, y=scaled(estimated), name="estimated", marker_color="#b7c7e4",
                    hovertemplate="%{x} estimated: %{y:.2f} " + unit + "<extra></extra>")
     for name, run, top in zip(names, measured_runs, measured):
-        figure.add_annotation(x=name, y=(top or 0) / size, text=f"error {format_pct(run.get('error_pct'))}",
+        figure.add_annotation(x=name, y=(top or 0) / size, text=f"error {format_pct(run.error_pct)}",
                               showarrow=False, yshift=12)
     if any(v is not None for v in nvml):
         figure.add_scatter(x=names, y=scaled(nvml), mode="markers",
@@ -125,15 +134,15 @@ def _estimate_vs_measured(document: dict, runs: list[dict]) -> Figure:
     )
 
 
-def _memory_over_time(document: dict, run: dict, index: int) -> Figure | None:
-    per_rank = [r for r in (run.get("measured") or {}).get("per_rank", []) if r.get("memory_series")]
+def _memory_over_time(document: ProfileDocument, run: RunResult, index: int) -> Figure | None:
+    per_rank = [r for r in (run.measured or NOT_MEASURED).per_rank if r.get("memory_series")]
     if not per_rank:
         return None
     figure = go.Figure()
     first = per_rank[0]["memory_series"]
-    estimate = run.get("estimate") or {}
-    estimated = _estimated_allocated(document, estimate)
-    largest = max([estimated or 0, estimate.get("peak_bytes") or 0] + [
+    estimated = _estimated_allocated(document, run)
+    device_peak = run.estimate.peak_bytes if run.estimate else None
+    largest = max([estimated or 0, device_peak or 0] + [
         max(line["bytes"], default=0) for r in per_rank for line in r["memory_series"]["lines"].values()])
     unit, size = byte_unit(largest)
     for rank_detail in per_rank[:MAX_RANKS_DRAWN]:
@@ -155,9 +164,9 @@ def _memory_over_time(document: dict, run: dict, index: int) -> Figure | None:
     if estimated:
         figure.add_hline(y=estimated / size, line_dash="dash", line_color="#b42318",
                          annotation_text=f"estimated peak {format_bytes(estimated)}", annotation_position="top right")
-    if _is_cuda(document) and estimate.get("peak_bytes"):
-        figure.add_hline(y=estimate["peak_bytes"] / size, line_dash="dot", line_color="#8e1b12",
-                         annotation_text=f"estimated device peak {format_bytes(estimate['peak_bytes'])}",
+    if _is_cuda(document) and device_peak:
+        figure.add_hline(y=device_peak / size, line_dash="dot", line_color="#8e1b12",
+                         annotation_text=f"estimated device peak {format_bytes(device_peak)}",
                          annotation_position="bottom right")
     figure.update_layout(xaxis_title=f"seconds from the {first['time_origin']}", yaxis_title=f"{unit} per rank")
     figure.update_yaxes(rangemode="tozero")
@@ -166,20 +175,20 @@ def _memory_over_time(document: dict, run: dict, index: int) -> Figure | None:
     return Figure(
         name=f"memory-over-time-{index}",
         figure=style_figure(figure, height=400),
-        caption=f"{run['strategy']}: memory of each rank over the run{more}; grey lines start each step. "
+        caption=f"{run.settings.strategy}: memory of each rank over the run{more}; grey lines start each step. "
         "Each line keeps every step's highest and lowest reading.",
     )
 
 
-def _speed(runs: list[dict]) -> Figure | None:
-    measured_runs = [r for r in runs if r["status"] == "ok" and (r.get("measured") or {}).get("step_time_s")]
+def _speed(runs: tuple[RunResult, ...]) -> Figure | None:
+    measured_runs = [r for r in runs if r.status == "ok" and r.measured and r.measured.step_time_s]
     if not measured_runs:
         return None
-    names = [figure_text(r["strategy"]) for r in measured_runs]
+    names = [figure_text(r.settings.strategy) for r in measured_runs]
     figure = make_subplots(rows=1, cols=2, subplot_titles=("step time (ms)", "samples / s (all ranks)"))
-    figure.add_bar(x=names, y=[1000 * r["measured"]["step_time_s"] for r in measured_runs], row=1, col=1,
+    figure.add_bar(x=names, y=[1000 * r.measured.step_time_s for r in measured_runs], row=1, col=1,
                    marker_color="#5a9e4b", showlegend=False, hovertemplate="%{x}: %{y:.1f} ms<extra></extra>")
-    figure.add_bar(x=names, y=[r["measured"].get("samples_per_s") for r in measured_runs], row=1, col=2,
+    figure.add_bar(x=names, y=[r.measured.samples_per_s for r in measured_runs], row=1, col=2,
                    marker_color="#3b6fb6", showlegend=False, hovertemplate="%{x}: %{y:.2f} samples/s<extra></extra>")
     return Figure(
         name="speed",
@@ -196,35 +205,36 @@ TRIAL_MARKERS = {
 }
 
 
-def _batch_search(section: dict) -> Figure | None:
+def _batch_search(section: Recommendations) -> Figure | None:
     """--find-batch-size: each trial's micro-batch and peak against the limit, the choice circled."""
-    searched = [rec for rec in section["strategies"] if (rec.get("search") or {}).get("trials")]
+    searched = [rec for rec in section.strategies if rec.search and rec.search.trials]
     if not searched:
         return None
-    largest = max([section["limit_bytes"]] + [t["peak_bytes"] or 0 for rec in searched for t in rec["search"]["trials"]])
+    limit = section.limit_bytes
+    largest = max([limit] + [t.peak_bytes or 0 for rec in searched for t in rec.search.trials])
     unit, size = byte_unit(largest)
     figure = go.Figure()
     for status, (symbol, color) in TRIAL_MARKERS.items():
-        trials = [(rec["strategy"], t) for rec in searched for t in rec["search"]["trials"] if t["status"] == status]
+        trials = [(rec.strategy, t) for rec in searched for t in rec.search.trials if t.status == status]
         if not trials:
             continue
         # A trial without a peak (OOM before any step, a failed rank) sits on the limit line.
         figure.add_scatter(
-            x=[t["batch_size"] for _, t in trials],
-            y=[(t["peak_bytes"] if t["peak_bytes"] is not None else section["limit_bytes"]) / size for _, t in trials],
+            x=[t.batch_size for _, t in trials],
+            y=[(t.peak_bytes if t.peak_bytes is not None else limit) / size for _, t in trials],
             mode="markers+text", text=[figure_text(strategy) for strategy, _ in trials], textposition="top center",
             marker={"symbol": symbol, "size": 11, "color": color}, name=status.replace("_", " "),
             hovertemplate="%{text} at micro-batch %{x}: %{y:.2f} " + unit + "<extra>" + status + "</extra>",
         )
-    chosen = [rec for rec in searched if rec["status"] == "confirmed" and rec.get("peak_bytes") is not None]
+    chosen = [rec for rec in searched if rec.status == "confirmed" and rec.peak_bytes is not None]
     if chosen:
         figure.add_scatter(
-            x=[rec["batch_size"] for rec in chosen], y=[rec["peak_bytes"] / size for rec in chosen], mode="markers",
+            x=[rec.batch_size for rec in chosen], y=[rec.peak_bytes / size for rec in chosen], mode="markers",
             marker={"symbol": "circle-open", "size": 22, "line": {"width": 2, "color": "#1f2933"}},
             name="recommended", hoverinfo="skip",
         )
-    figure.add_hline(y=section["limit_bytes"] / size, line_dash="dash", line_color="#b42318",
-                     annotation_text=f"limit {format_bytes(section['limit_bytes'])} ({section['headroom_pct']:g}% headroom)",
+    figure.add_hline(y=limit / size, line_dash="dash", line_color="#b42318",
+                     annotation_text=f"limit {format_bytes(limit)} ({section.headroom_pct:g}% headroom)",
                      annotation_position="top left")
     figure.update_layout(xaxis_title="micro-batch per rank", yaxis_title=f"peak per rank ({unit})")
     figure.update_xaxes(type="log", dtick=0.30102999566)  # log2 spacing: ticks at 1, 2, 4, 8, ...
@@ -237,34 +247,33 @@ def _batch_search(section: dict) -> Figure | None:
     )
 
 
-def _runs_table(document: dict, runs: list[dict]) -> Table:
+def _runs_table(document: ProfileDocument, runs: tuple[RunResult, ...]) -> Table:
     cuda = _is_cuda(document)
     headers = ["strategy", "status", "measured peak", "estimated peak", "error"]
     headers += ["reserved", "NVML used"] if cuda else ["peak RSS"]
     headers += ["step ms", "samples/s", "tokens/s", "detail"]
     rows, css = [], []
     for run in runs:
-        measured = run.get("measured") or {}
-        estimate = run.get("estimate") or {}
-        step = measured.get("step_time_s")
-        row = [run["strategy"], run["status"], format_bytes(measured.get("peak_allocated_bytes")),
-               format_bytes(_estimated_allocated(document, estimate)), format_pct(run.get("error_pct"))]
+        measured = run.measured or NOT_MEASURED
+        step = measured.step_time_s
+        row = [run.settings.strategy, str(run.status), format_bytes(measured.peak_allocated_bytes),
+               format_bytes(_estimated_allocated(document, run)), format_pct(run.error_pct)]
         if cuda:
-            row += [format_bytes(measured.get("peak_reserved_bytes")), format_bytes(measured.get("peak_nvml_bytes"))]
+            row += [format_bytes(measured.peak_reserved_bytes), format_bytes(measured.peak_nvml_bytes)]
         else:
-            row.append(format_bytes(measured.get("peak_rss_bytes")))
-        row += ["-" if step is None else f"{1000 * step:.1f}", format_rate(measured.get("samples_per_s")),
-                format_rate(measured.get("tokens_per_s")), run.get("error") or ""]
+            row.append(format_bytes(measured.peak_rss_bytes))
+        row += ["-" if step is None else f"{1000 * step:.1f}", format_rate(measured.samples_per_s),
+                format_rate(measured.tokens_per_s), run.error or ""]
         rows.append(row)
-        css.append({"ok": "", "skipped": "muted"}.get(run["status"], "bad"))
+        css.append({"ok": "", "skipped": "muted"}.get(run.status, "bad"))
     numeric = frozenset(range(2, len(headers) - 1))
     return Table(headers=headers, rows=rows, numeric=numeric, row_css=css)
 
 
-def _settings(document: dict) -> Table:
-    config = document["config"]
+def _settings(document: ProfileDocument) -> Table:
+    config = document.config
     rows = [
-        ["device", document["device"]["description"]],
+        ["device", document.device.description],
         ["strategies", ", ".join(config["strategies"])],
         ["micro-batch per rank", str(config["batch_size"])],
         ["gradient accumulation", str(config["grad_accum"])],
@@ -273,33 +282,31 @@ def _settings(document: dict) -> Table:
         ["activation checkpointing", "on" if config["activation_checkpointing"] else "off"],
         ["offload", config["offload"]],
         ["steps", f"{config['warmup_steps']} warm-up + {config['steps']} timed"],
-        ["results", f"{document['out_dir']}/profile.json"],
+        ["results", f"{document.out_dir}/profile.json"],
     ]
     return Table(headers=["setting", "value"], rows=rows)
 
 
-def profile_page(document: dict) -> Page:
-    runs = document["runs"]
-    model = document.get("model") or {}
-    config = document["config"]
+def profile_page(document: ProfileDocument) -> Page:
+    runs, model, config = document.runs, document.model, document.config
     sections = [Section(title="Recommendation", anchor="recommendation", blocks=_recommendation_blocks(document))]
-    notices = list(document.get("notices") or [])
+    notices = list(document.notices)
     notes = []
     for run in runs:
-        for note in run.get("notes") or []:
+        for note in run.notes:
             if note not in notes:
                 notes.append(note)
     if notices or notes:
         sections.append(Section(title="Notices", anchor="notices", blocks=[BulletList(items=notices + notes, css="warn")]))
     comparison = [Heading(text="Runs"), _runs_table(document, runs)]
-    if any(r["status"] == "ok" for r in runs):
+    if any(r.status == "ok" for r in runs):
         comparison.insert(0, _estimate_vs_measured(document, runs))
     sections.append(Section(title="Estimated vs measured", anchor="accuracy", blocks=comparison))
     memory_blocks = []
     for index, run in enumerate(runs):
         figure = _memory_over_time(document, run, index)
         if figure:
-            memory_blocks += [Heading(text=run["strategy"]), figure]
+            memory_blocks += [Heading(text=run.settings.strategy), figure]
     if memory_blocks:
         if not _is_cuda(document):
             memory_blocks.insert(0, Text(text="CPU ranks: the exact bytes of live CPU tensors, every allocation "
@@ -309,16 +316,16 @@ def profile_page(document: dict) -> Page:
     if speed:
         sections.append(Section(title="Speed", anchor="speed", blocks=[speed]))
     sections.append(Section(title="Settings", anchor="settings", blocks=[_settings(document)]))
-    name = model.get("name") or (config.get("model") or "bundled model")
+    name = (model.name if model else None) or (config.get("model") or "bundled model")
     return Page(
         title="dpplan profile",
         model_name=name,
-        subtitle=f"{document['device']['description']} · {config['precision']} · {config['optimizer']} · "
+        subtitle=f"{document.device.description} · {config['precision']} · {config['optimizer']} · "
         f"micro-batch {config['batch_size']} per rank",
         header_rows=[
-            ("created", document.get("created") or "-"),
-            ("command", document.get("command") or "-"),
-            ("model file", model.get("path") or config.get("model") or "bundled model"),
+            ("created", document.created or "-"),
+            ("command", document.command or "-"),
+            ("model file", (model.path if model else None) or config.get("model") or "bundled model"),
         ],
         sections=sections,
         footer="measured in real training runs launched through torchrun",

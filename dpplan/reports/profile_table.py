@@ -1,6 +1,7 @@
 """A profile (profile.json) as a terminal table, and the progress line while runs go (rich).
 
-Draws only what profile.json holds; every number is computed in profiler/profile_results.py.
+Draws only what a ProfileDocument holds; every number is computed by the profiler
+(profiler/profile_results.py, profiler/recommend.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from dpplan.profiler.profile_document import ProfileDocument
+from dpplan.profiler.profile_results import Measured, RunResult
+from dpplan.profiler.recommendation_results import Recommendations
 from dpplan.reports.plan_table import TABLE_WIDTH
 from dpplan.reports.recommendation_text import (
     fastest_line,
@@ -31,22 +35,26 @@ def _pair(measured: int | None, estimated: int | None) -> str:
     return f"{format_bytes(measured)} / {format_bytes(estimated)}"
 
 
-def render_profile(document: dict, console: Console | None = None) -> None:
+NOT_MEASURED = Measured(summarized=False)
+"""What a table row reads for a run that measured nothing (skipped)."""
+
+
+def render_profile(document: ProfileDocument, console: Console | None = None) -> None:
     if console is None:
         console = Console()
         if not console.is_terminal and console.width < TABLE_WIDTH:
             console = Console(width=TABLE_WIDTH)
-    cuda = document["device"]["type"] == "cuda"
-    model = document.get("model") or {}
-    config = document["config"]
+    cuda = document.device.type == "cuda"
+    config = document.config
     console.print(
-        f"[bold]{escape(model.get('name', 'model'))}[/bold] on {escape(document['device']['description'])} · "
+        f"[bold]{escape(document.model.name if document.model else 'model')}[/bold] on "
+        f"{escape(document.device.description)} · "
         f"micro-batch {config['batch_size']} per rank · grad accum {config['grad_accum']} · {config['precision']} · "
         f"{config['optimizer']} · {config['warmup_steps']} warm-up + {config['steps']} timed steps",
         highlight=False,
     )
-    if document.get("recommendations"):
-        render_recommendations(document["recommendations"], console)
+    if document.recommendations:
+        render_recommendations(document.recommendations, console)
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
     table.add_column("strategy")
     table.add_column("status")
@@ -60,24 +68,25 @@ def render_profile(document: dict, console: Console | None = None) -> None:
     table.add_column("step ms", justify="right")
     table.add_column("samples/s", justify="right")
     table.add_column("tokens/s", justify="right")
-    for run in document["runs"]:
-        measured = run.get("measured") or {}
-        estimate = run.get("estimate") or {}
-        status = Text(run["status"], style=STATUS_STYLE.get(run["status"], ""))
-        allocated_estimate = estimate.get("peak_allocated_bytes" if cuda else "peak_bytes")
-        row = [run["strategy"], status, _pair(measured.get("peak_allocated_bytes"), allocated_estimate), format_pct(run.get("error_pct"))]
+    for run in document.runs:
+        measured = run.measured or NOT_MEASURED
+        estimate = run.estimate
+        status = Text(str(run.status), style=STATUS_STYLE.get(run.status, ""))
+        allocated_estimate = (estimate.peak_allocated_bytes if cuda else estimate.peak_bytes) if estimate else None
+        row = [run.settings.strategy, status, _pair(measured.peak_allocated_bytes, allocated_estimate),
+               format_pct(run.error_pct)]
         if cuda:
             row += [
-                _pair(measured.get("peak_reserved_bytes"), estimate.get("peak_reserved_bytes")),
-                _pair(measured.get("peak_nvml_bytes"), estimate.get("peak_bytes")),
+                _pair(measured.peak_reserved_bytes, estimate.peak_reserved_bytes if estimate else None),
+                _pair(measured.peak_nvml_bytes, estimate.peak_bytes if estimate else None),
             ]
         else:
-            row.append(format_bytes(measured.get("peak_rss_bytes")))
-        step = measured.get("step_time_s")
+            row.append(format_bytes(measured.peak_rss_bytes))
+        step = measured.step_time_s
         row += [
             "-" if step is None else f"{1000 * step:.1f}",
-            format_rate(measured.get("samples_per_s")),
-            format_rate(measured.get("tokens_per_s")),
+            format_rate(measured.samples_per_s),
+            format_rate(measured.tokens_per_s),
         ]
         table.add_row(*row)
     console.print(table)
@@ -87,13 +96,13 @@ def render_profile(document: dict, console: Console | None = None) -> None:
             "error = (est - meas) / meas of allocated bytes; GiB = 2^30 bytes.",
             style="dim", highlight=False,
         )
-        for run in document["runs"]:
-            measured = run.get("measured") or {}
-            if run["status"] == "ok":
+        for run in document.runs:
+            measured = run.measured or NOT_MEASURED
+            if run.status == "ok":
                 console.print(
-                    f"{run['strategy']}: allocator cache (reserved - allocated) up to "
-                    f"{format_bytes(measured.get('allocator_cache_bytes'))}; CUDA context, NCCL and other "
-                    f"(NVML used - reserved) up to {format_bytes(measured.get('non_pytorch_bytes'))}",
+                    f"{run.settings.strategy}: allocator cache (reserved - allocated) up to "
+                    f"{format_bytes(measured.allocator_cache_bytes)}; CUDA context, NCCL and other "
+                    f"(NVML used - reserved) up to {format_bytes(measured.non_pytorch_bytes)}",
                     style="dim", highlight=False,
                 )
     else:
@@ -103,47 +112,46 @@ def render_profile(document: dict, console: Console | None = None) -> None:
             "libraries included); step times include the exact-memory recorder's overhead.",
             style="dim", highlight=False,
         )
-    for run in document["runs"]:
-        if run.get("error"):
-            style = "dim" if run["status"] == "skipped" else "red"
-            console.print(f"{run['strategy']}: {escape(run['error'])}", style=style, highlight=False)
+    for run in document.runs:
+        if run.error:
+            style = "dim" if run.status == "skipped" else "red"
+            console.print(f"{run.settings.strategy}: {escape(run.error)}", style=style, highlight=False)
     notes = []
-    for run in document["runs"]:
-        for note in run.get("notes") or []:
+    for run in document.runs:
+        for note in run.notes:
             if note not in notes:
                 notes.append(note)
     for note in notes:
         console.print(f"note: {escape(note)}", style="yellow", highlight=False)
-    console.print(f"results: {escape(document['out_dir'])}/profile.json", highlight=False)
+    console.print(f"results: {escape(document.out_dir)}/profile.json", highlight=False)
 
 
 TRIAL_STYLE = {"ok": "green", "over_limit": "yellow", "oom": "red", "failed": "red"}
 
 
-def render_recommendations(section: dict, console: Console) -> None:
+def render_recommendations(section: Recommendations, console: Console) -> None:
     console.print(
-        f"[bold]Recommendations[/bold] · capacity {format_bytes(section['capacity_bytes'])} per rank "
-        f"({escape(section['capacity_source'])}) · headroom {section['headroom_pct']:g}%: "
-        f"limit {format_bytes(section['limit_bytes'])}",
+        f"[bold]Recommendations[/bold] · capacity {format_bytes(section.capacity_bytes)} per rank "
+        f"({escape(section.capacity_source)}) · headroom {section.headroom_pct:g}%: "
+        f"limit {format_bytes(section.limit_bytes)}",
         highlight=False,
     )
-    for rec in section["strategies"]:
+    for rec in section.strategies:
         console.print(escape(recommendation_line(rec, section)), highlight=False)
         line = offload_line(rec, section)
         if line:
             console.print(escape(line), highlight=False)
-        trials = (rec.get("search") or {}).get("trials") or []
+        trials = rec.search.trials if rec.search else ()
         if trials:
             parts = []
             for trial in trials:
-                style = TRIAL_STYLE.get(trial["status"], "")
-                peak = f" {format_bytes(trial['peak_bytes'])}" if trial["peak_bytes"] is not None else ""
-                parts.append(f"b{trial['batch_size']} [{style}]{trial['status'].replace('_', ' ')}[/{style}]{peak}")
+                style = TRIAL_STYLE.get(trial.status, "")
+                peak = f" {format_bytes(trial.peak_bytes)}" if trial.peak_bytes is not None else ""
+                parts.append(f"b{trial.batch_size} [{style}]{trial.status.replace('_', ' ')}[/{style}]{peak}")
             console.print(f"  trials: {', '.join(parts)}", style="dim", highlight=False)
-    fastest = section.get("fastest")
-    if fastest:
-        console.print(escape(fastest_line(fastest)), highlight=False)
-    for note in section.get("notes") or []:
+    if section.fastest:
+        console.print(escape(fastest_line(section.fastest)), highlight=False)
+    for note in section.notes:
         console.print(f"note: {escape(note)}", style="yellow", highlight=False)
     console.print()
 
@@ -167,13 +175,14 @@ class ProfileProgress:
         else:
             self._status.update(text)
 
-    def done(self, run: dict) -> None:
+    def done(self, run: RunResult) -> None:
         if not self.enabled:
             return
-        measured = run.get("measured") or {}
-        detail = run.get("error") or f"peak {format_bytes(measured.get('peak_allocated_bytes'))}"
-        style = STATUS_STYLE.get(run["status"], "")
-        self.console.print(f"{run['strategy']}: [{style}]{run['status']}[/{style}] {escape(detail)}", highlight=False)
+        measured = run.measured or NOT_MEASURED
+        detail = run.error or f"peak {format_bytes(measured.peak_allocated_bytes)}"
+        style = STATUS_STYLE.get(run.status, "")
+        self.console.print(f"{run.settings.strategy}: [{style}]{run.status}[/{style}] {escape(detail)}",
+                           highlight=False)
 
     def trial(self, strategy: str, trial) -> None:
         """One batch-size trial finished (a batch_search.Trial)."""

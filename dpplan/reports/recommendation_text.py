@@ -6,6 +6,7 @@ profiler/recommend.py, none is computed here.
 
 from __future__ import annotations
 
+from dpplan.profiler.recommendation_results import Fastest, Recommendation, Recommendations
 from dpplan.reports.units import format_bytes, format_count
 
 
@@ -26,55 +27,55 @@ def _trials(count: int) -> str:
     return f"{count} trial{'s' if count != 1 else ''}"
 
 
-def recommendation_line(rec: dict, section: dict) -> str:
+def recommendation_line(rec: Recommendation, section: Recommendations) -> str:
     """One strategy's micro-batch verdict with its reason."""
-    strategy, headroom = rec["strategy"], f"{section['headroom_pct']:g}%"
-    capacity = format_bytes(section["capacity_bytes"])
-    search = rec.get("search")
-    if rec["status"] == "confirmed":
-        how = f"confirmed in {_trials(search['num_trials'])}" if search and search["num_trials"] else (
-            f"confirmed by the profile run at batch {rec['batch_size']}")
-        if search and not search["converged"]:
-            how += f"; a larger one may fit ({search['stop_reason']})"
-        return (f"{strategy}: micro-batch {rec['batch_size']} fits with {headroom} headroom "
-                f"(peak {format_bytes(rec['peak_bytes'])} of {capacity}; {how})")
-    if rec["status"] == "predicted":
-        return (f"{strategy}: micro-batch {rec['batch_size']} should fit with {headroom} headroom "
-                f"(predicted peak {format_bytes(rec['peak_bytes'])} of {capacity}; predicted, not confirmed)")
-    if rec["status"] == "does_not_fit":
-        how = f" (rejected in {_trials(search['num_trials'])})" if search and search["num_trials"] else ""
+    strategy, headroom = rec.strategy, f"{section.headroom_pct:g}%"
+    capacity = format_bytes(section.capacity_bytes)
+    search = rec.search
+    if rec.status == "confirmed":
+        how = f"confirmed in {_trials(search.num_trials)}" if search and search.num_trials else (
+            f"confirmed by the profile run at batch {rec.batch_size}")
+        if search and not search.converged:
+            how += f"; a larger one may fit ({search.stop_reason})"
+        return (f"{strategy}: micro-batch {rec.batch_size} fits with {headroom} headroom "
+                f"(peak {format_bytes(rec.peak_bytes)} of {capacity}; {how})")
+    if rec.status == "predicted":
+        return (f"{strategy}: micro-batch {rec.batch_size} should fit with {headroom} headroom "
+                f"(predicted peak {format_bytes(rec.peak_bytes)} of {capacity}; predicted, not confirmed)")
+    if rec.status == "does_not_fit":
+        how = f" (rejected in {_trials(search.num_trials)})" if search and search.num_trials else ""
         return f"{strategy}: does not fit even at micro-batch 1 with {headroom} headroom{how}"
-    reason = search["stop_reason"] if search else "nothing measured"
+    reason = search.stop_reason if search else "nothing measured"
     return f"{strategy}: no micro-batch confirmed ({reason})"
 
 
-def offload_line(rec: dict, section: dict) -> str | None:
+def offload_line(rec: Recommendation, section: Recommendations) -> str | None:
     """Whether offload is needed, with the batch-1 peaks that say so; None when it is not a question."""
-    offload, strategy = rec["offload"], rec["strategy"]
-    needed, configured, levels = offload["needed"], offload["configured"], offload["levels"]
-    limit = format_bytes(section["limit_bytes"])
-    by_level = {level["offload"]: level["predicted_peak_bytes"] for level in levels}
+    offload, strategy = rec.offload, rec.strategy
+    needed, configured, levels = offload.needed, offload.configured, offload.levels
+    limit = format_bytes(section.limit_bytes)
+    by_level = {level.offload: level.predicted_peak_bytes for level in levels}
     without = by_level.get(configured, by_level.get("none"))
     if needed is None:
-        if not offload["supported"]:
+        if not offload.supported:
             return f"{strategy}: has no offload here; a zero*/fsdp* strategy shards or offloads more" if (
-                rec["status"] == "does_not_fit") else None
+                rec.status == "does_not_fit") else None
         return (f"{strategy}: does not fit even with optimizer+params offload "
-                f"(batch 1 peak {format_bytes(levels[-1]['predicted_peak_bytes'])} > limit {limit})")
+                f"(batch 1 peak {format_bytes(levels[-1].predicted_peak_bytes)} > limit {limit})")
     if needed == "none":
         if configured != "none":
             return (f"{strategy}: offload {configured} is not needed "
                     f"(batch 1 peak {format_bytes(by_level['none'])} without it, limit {limit})")
-        return f"{strategy}: no offload needed" if rec["status"] in ("confirmed", "predicted") else None
+        return f"{strategy}: no offload needed" if rec.status in ("confirmed", "predicted") else None
     if OFFLOAD_ORDER.index(needed) > OFFLOAD_ORDER.index(configured):
         return (f"{strategy}: needs {needed} offload (batch 1 peak {format_bytes(without)} > limit {limit}; "
-                f"with offload {format_bytes(levels[-1]['predicted_peak_bytes'])}) - rerun with --offload {needed}")
+                f"with offload {format_bytes(levels[-1].predicted_peak_bytes)}) - rerun with --offload {needed}")
     if OFFLOAD_ORDER.index(needed) < OFFLOAD_ORDER.index(configured):
         return (f"{strategy}: {needed} offload is enough, {configured} is not needed "
-                f"(batch 1 peak {format_bytes(levels[-1]['predicted_peak_bytes'])}, limit {limit})")
+                f"(batch 1 peak {format_bytes(levels[-1].predicted_peak_bytes)}, limit {limit})")
     return None
 
 
-def fastest_line(fastest: dict) -> str:
-    return (f"{fastest['strategy']}: fastest that fits ({format_rate(fastest['samples_per_s'])} samples/s at batch "
-            f"{fastest['batch_size']}; {fastest['basis']})")
+def fastest_line(fastest: Fastest) -> str:
+    return (f"{fastest.strategy}: fastest that fits ({format_rate(fastest.samples_per_s)} samples/s at batch "
+            f"{fastest.batch_size}; {fastest.basis})")

@@ -8,8 +8,10 @@ import torch
 from dpplan.profiler import profile_results
 from dpplan.profiler.cuda_memory import CudaPhaseMeter
 from dpplan.config import MIN_SAMPLE_HZ, ProfileConfig
-from dpplan.profiler.profile import compare, skip_reason
+from dpplan.profiler.profile import skip_reason
+from dpplan.profiler.profile_results import compare
 from dpplan.profiler.throughput import tokens_per_micro_batch
+from tests.records import strategy_estimate
 
 MiB = 1 << 20
 
@@ -25,7 +27,8 @@ def cuda_rank(rank, allocated, reserved, nvml, step_time_s):
 
 def test_cuda_gaps_throughput_and_errors_are_named():
     results = [cuda_rank(0, 100 * MiB, 120 * MiB, 700 * MiB, 0.5), cuda_rank(1, 110 * MiB, 125 * MiB, 690 * MiB, 0.4)]
-    measured = profile_results.measured_summary(results, world_size=2)
+    summary = profile_results.measured_summary(results, world_size=2)
+    measured = summary.to_json()
     assert measured["peak_allocated_bytes"] == 110 * MiB
     assert measured["peak_reserved_bytes"] == 125 * MiB
     assert measured["peak_nvml_bytes"] == 700 * MiB
@@ -35,9 +38,8 @@ def test_cuda_gaps_throughput_and_errors_are_named():
     assert measured["samples_per_s"] == 4 * 2 / 0.5
     assert measured["tokens_per_s"] == 4 * 512 * 2 / 0.5
 
-    entry = {"status": "ok", "measured": measured, "estimate": {
-        "peak_allocated_bytes": 121 * MiB, "peak_reserved_bytes": 125 * MiB, "peak_bytes": 630 * MiB}}
-    compare(entry, "cuda")
+    estimate = strategy_estimate(peak_allocated_bytes=121 * MiB, peak_reserved_bytes=125 * MiB, peak_bytes=630 * MiB)
+    entry = compare(summary, estimate, "cuda").to_json()
     assert entry["error_pct"] == pytest.approx(10.0)
     assert entry["errors_pct"] == pytest.approx({"allocated": 10.0, "reserved": 0.0, "nvml": -10.0})
 
@@ -166,3 +168,17 @@ def test_out_of_memory_is_recognised():
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
     assert not is_out_of_memory(RuntimeError("boom"))
+
+
+def test_a_saved_profile_reads_back_to_the_same_json(cpu_profile):
+    """``dpplan report`` draws ProfileDocument.from_json(profile.json): nothing lost, nothing reordered."""
+    import json
+
+    from dpplan.profiler.profile_document import ProfileDocument
+
+    assert cpu_profile.exit_code == 0, cpu_profile.output
+    document = cpu_profile.document
+    assert json.dumps(ProfileDocument.from_json(document).to_json()) == json.dumps(document)
+    interrupted = {**document, "interrupted": True}
+    del interrupted["recommendations"]  # an interrupted profile has none, and writes no key
+    assert json.dumps(ProfileDocument.from_json(interrupted).to_json()) == json.dumps(interrupted)

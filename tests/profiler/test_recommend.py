@@ -2,6 +2,7 @@
 and one end-to-end batch-size search with real torchrun trials on CPU ranks."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +12,8 @@ from dpplan.profiler import recommend as rec
 from dpplan.profiler.batch_search import judge
 from dpplan.config import ProfileConfig, RunSpec
 from dpplan.profiler.profile import Target, estimate_function
+from dpplan.profiler.profile_results import Measured, RunResult
+from tests.records import run_settings, strategy_estimate
 
 MiB = 1 << 20
 
@@ -23,8 +26,8 @@ def _estimate_at(model, device, strategies=("ddp",), gpus=2):
 
 
 def _run(strategy, batch_size, status, estimate, measured=None, offload="none"):
-    return {"strategy": strategy, "batch_size": batch_size, "status": status, "estimate": estimate,
-            "measured": measured, "offload": offload}
+    return RunResult(settings=run_settings(strategy=strategy, batch_size=batch_size, offload=offload), status=status,
+                     estimate=estimate, measured=Measured(**measured) if measured is not None else None)
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +38,22 @@ def cpu_estimates():
 
 
 def test_fit_bytes_are_what_must_fit_on_the_card():
-    estimate = {"peak_bytes": 900 * MiB, "peak_reserved_bytes": 400 * MiB}
-    measured = {"peak_allocated_bytes": 300 * MiB, "peak_reserved_bytes": 420 * MiB, "peak_nvml_bytes": 950 * MiB}
+    estimate = strategy_estimate(peak_bytes=900 * MiB, peak_reserved_bytes=400 * MiB)
+    measured = Measured(peak_allocated_bytes=300 * MiB, peak_reserved_bytes=420 * MiB, peak_nvml_bytes=950 * MiB)
     assert rec.fit_bytes(measured, estimate, "cuda") == (950 * MiB, "NVML used")
-    without_nvml = {**measured, "peak_nvml_bytes": None}
+    without_nvml = replace(measured, peak_nvml_bytes=None)
     assert rec.fit_bytes(without_nvml, estimate, "cuda") == (920 * MiB, "reserved + estimated context and NCCL")
     assert rec.fit_bytes(measured, estimate, "cpu") == (300 * MiB, "tensor bytes")
 
 
 def test_calibration_scales_the_estimate_by_what_was_measured(cpu_estimates):
     estimate = cpu_estimates("ddp", batch_size=2)
-    run = _run("ddp", 2, "ok", estimate, {"peak_allocated_bytes": int(estimate["peak_bytes"] * 1.1)})
-    calib = rec.calibration(run, "cpu")
+    run = _run("ddp", 2, "ok", estimate, {"peak_allocated_bytes": int(estimate.peak_bytes * 1.1)})
+    calib = rec.calibration(run, "cpu").to_json()
     assert calib["ratio"] == pytest.approx(1.1, rel=1e-6) and calib["batch_size"] == 2
-    assert rec.calibration({**run, "status": "oom"}, "cpu") is None
+    assert rec.calibration(replace(run, status="oom"), "cpu") is None
     # The largest b with estimate(b) x ratio <= limit, checked against the planner's own peaks.
-    limit = int(cpu_estimates("ddp", batch_size=6)["peak_bytes"] * 1.1) + 1
+    limit = int(cpu_estimates("ddp", batch_size=6).peak_bytes * 1.1) + 1
     predicted = rec.predicted_max_batch(cpu_estimates, "ddp", limit, calib["ratio"])
     assert predicted == 6
     assert rec.predicted_max_batch(cpu_estimates, "ddp", limit, 1.0) > 6  # uncalibrated: too optimistic
@@ -58,10 +61,10 @@ def test_calibration_scales_the_estimate_by_what_was_measured(cpu_estimates):
 
 def test_predicted_only_without_trials(cpu_estimates):
     estimate = cpu_estimates("ddp", batch_size=1)
-    limit = cpu_estimates("ddp", batch_size=4)["peak_bytes"]
+    limit = cpu_estimates("ddp", batch_size=4).peak_bytes
     limits = rec.Limits(capacity_bytes=int(limit / 0.9) + 1, headroom_pct=10.0, capacity_source="test")
-    run = _run("ddp", 1, "ok", estimate, {"peak_allocated_bytes": estimate["peak_bytes"], "samples_per_s": 5.0})
-    out = rec.recommend([run], device="cpu", limits=limits, estimate_at=cpu_estimates)
+    run = _run("ddp", 1, "ok", estimate, {"peak_allocated_bytes": estimate.peak_bytes, "samples_per_s": 5.0})
+    out = rec.recommend([run], device="cpu", limits=limits, estimate_at=cpu_estimates).to_json()
     (ddp,) = out["strategies"]
     assert (ddp["status"], ddp["batch_size"], ddp["peak_source"], ddp["search"]) == ("predicted", 4, "predicted", None)
     assert ddp["peak_bytes"] <= limits.limit_bytes
@@ -72,20 +75,20 @@ def test_predicted_only_without_trials(cpu_estimates):
 
 def test_trials_confirm_and_a_missing_rank_is_a_failure(cpu_estimates):
     estimate = cpu_estimates("ddp", batch_size=1)
-    limit = cpu_estimates("ddp", batch_size=5)["peak_bytes"]
+    limit = cpu_estimates("ddp", batch_size=5).peak_bytes
     limits = rec.Limits(capacity_bytes=limit, headroom_pct=0.0, capacity_source="test")
-    run = _run("ddp", 1, "ok", estimate, {"peak_allocated_bytes": estimate["peak_bytes"], "samples_per_s": 5.0})
+    run = _run("ddp", 1, "ok", estimate, {"peak_allocated_bytes": estimate.peak_bytes, "samples_per_s": 5.0})
     tried = []
 
     def run_trial(strategy, batch):
         tried.append(batch)
         if batch == 5:  # the prediction, but a rank vanished: rejected, the search goes lower
             return judge(batch, "failed", None, limits.limit_bytes, error="rank 1 wrote no result")
-        peak = cpu_estimates(strategy, batch_size=batch)["peak_bytes"]
+        peak = cpu_estimates(strategy, batch_size=batch).peak_bytes
         return judge(batch, "ok", peak, limits.limit_bytes, samples_per_s=10.0 * batch)
 
     out = rec.recommend([run], device="cpu", limits=limits, estimate_at=cpu_estimates, run_trial=run_trial,
-                        max_trials=4)
+                        max_trials=4).to_json()
     (ddp,) = out["strategies"]
     assert tried == [5, 3, 4]
     assert (ddp["status"], ddp["batch_size"], ddp["search"]["num_trials"], ddp["search"]["converged"]) == (
@@ -99,23 +102,23 @@ def test_offload_is_recommended_only_when_needed():
 
     # a model whose optimizer state shows beside DeepSpeed's 1 GB of bf16 bucket buffers
     estimate_at = _estimate_at(str(FIXTURES.parent.parent / "benchmarks" / "models" / "gpt.py"), "cuda", strategies=("zero3",))
-    without = estimate_at("zero3", batch_size=1, offload="none")["peak_bytes"]
-    with_optimizer = estimate_at("zero3", batch_size=1, offload="optimizer")["peak_bytes"]
+    without = estimate_at("zero3", batch_size=1, offload="none").peak_bytes
+    with_optimizer = estimate_at("zero3", batch_size=1, offload="optimizer").peak_bytes
     assert with_optimizer < without
     limits = rec.Limits(capacity_bytes=(without + with_optimizer) // 2, headroom_pct=0.0, capacity_source="test")
     advice = rec.offload_advice("zero3", estimate_at=estimate_at, ratio=1.0, limits=limits, device="cuda",
-                                configured="none")
+                                configured="none").to_json()
     assert advice["needed"] == "optimizer" and advice["supported"]
     assert [level["offload"] for level in advice["levels"]] == ["none", "optimizer"]
     roomy = rec.Limits(capacity_bytes=without, headroom_pct=0.0, capacity_source="test")
     assert rec.offload_advice("zero3", estimate_at=estimate_at, ratio=1.0, limits=roomy, device="cuda",
-                              configured="optimizer")["needed"] == "none"
+                              configured="optimizer").to_json()["needed"] == "none"
     tight = rec.Limits(capacity_bytes=with_optimizer // 2, headroom_pct=0.0, capacity_source="test")
     assert rec.offload_advice("zero3", estimate_at=estimate_at, ratio=1.0, limits=tight, device="cuda",
-                              configured="none")["needed"] is None
+                              configured="none").to_json()["needed"] is None
     # A skipped zero3 run (DeepSpeed) still gets the advice, from its estimate.
     run = _run("zero3", 1, "skipped", estimate_at("zero3", batch_size=1))
-    out = rec.recommend([run], device="cuda", limits=limits, estimate_at=estimate_at)
+    out = rec.recommend([run], device="cuda", limits=limits, estimate_at=estimate_at).to_json()
     (zero3,) = out["strategies"]
     assert zero3["status"] == "does_not_fit" and zero3["offload"]["needed"] == "optimizer"
     assert zero3["notes"] == ["not run: estimate only"] and out["fastest"] is None
@@ -123,8 +126,8 @@ def test_offload_is_recommended_only_when_needed():
 
 def test_find_batch_size_end_to_end_on_cpu_ranks(tiny_gpt, tmp_path, cpu_estimates):
     # A capacity whose 10%-headroom limit falls between the peaks of batch 3 and batch 4.
-    peak3 = cpu_estimates("ddp", batch_size=3)["peak_bytes"]
-    peak4 = cpu_estimates("ddp", batch_size=4)["peak_bytes"]
+    peak3 = cpu_estimates("ddp", batch_size=3).peak_bytes
+    peak4 = cpu_estimates("ddp", batch_size=4).peak_bytes
     capacity = int((peak3 + peak4) / 2 / 0.9)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [

@@ -114,9 +114,9 @@ def gpu_profile_document(cpu_profile) -> dict:
     section = document["recommendations"]
     limit = section["limit_bytes"]
     section["strategies"][0].update(status="confirmed", batch_size=64, peak_bytes=limit // 2, search={
-        "num_trials": 3, "converged": True, "stop_reason": "bracketed", "trials": [
-            {"batch_size": 64, "status": "ok", "accepted": True, "peak_bytes": limit // 2},
-            {"batch_size": 128, "status": "over_limit", "accepted": False, "peak_bytes": limit + 1},
-            {"batch_size": 96, "status": "oom", "accepted": False, "peak_bytes": None},
+        "num_trials": 3, "converged": True, "stop_reason": "bracketed", "smallest_rejected": 96, "trials": [
+            {"batch_size": 64, "status": "ok", "accepted": True, "peak_bytes": limit // 2, "limit_bytes": limit},
+            {"batch_size": 128, "status": "over_limit", "accepted": False, "peak_bytes": limit + 1, "limit_bytes": limit},
+            {"batch_size": 96, "status": "oom", "accepted": False, "peak_bytes": None, "limit_bytes": limit},
         ]})
     return document

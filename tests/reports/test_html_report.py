@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from dpplan.cli import main
+from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.reports.html_page import byte_unit, figure_text
 from dpplan.reports.html_report import read_document, render_report
 from dpplan.reports.plan_html import plan_page
@@ -103,7 +104,7 @@ def test_cdn_mode_links_plotly_instead_of_embedding_it(plan_document):
 def test_profile_page_draws_the_profiles_numbers(cpu_profile):
     assert cpu_profile.exit_code == 0, cpu_profile.output
     document = cpu_profile.document
-    page = profile_page(document)
+    page = profile_page(ProfileDocument.from_json(document))
     assert [s.anchor for s in page.sections][:2] == ["recommendation", "accuracy"]
     figures = _figures(page)
     comparison = figures["estimate-vs-measured"]
@@ -177,7 +178,7 @@ def test_read_document_accepts_both_kinds(tmp_path, plan_document, cpu_profile):
 
 def test_gpu_profile_page_draws_nvml_and_torch_lines_with_both_estimates(gpu_profile_document):
     document = gpu_profile_document
-    figures = _figures(profile_page(document))
+    figures = _figures(profile_page(ProfileDocument.from_json(document)))
     over_time = figures["memory-over-time-0"]
     assert [t.name for t in over_time.data] == [
         f"rank {r} {kind}" for r in (0, 1) for kind in (
@@ -199,7 +200,7 @@ def test_batch_search_trials_are_drawn_against_the_limit(gpu_profile_document):
     # conftest: trials at micro-batch 64 (ok, half the limit), 128 (over the limit), 96 (OOM, no peak)
     document = gpu_profile_document
     limit = document["recommendations"]["limit_bytes"]
-    figure = _figures(profile_page(document))["batch-search"]
+    figure = _figures(profile_page(ProfileDocument.from_json(document)))["batch-search"]
     by_name = {trace.name: trace for trace in figure.data}
     unit, size = byte_unit(limit + 1)
     assert list(by_name["ok"].x) == [64] and by_name["ok"].y[0] == (limit // 2) / size

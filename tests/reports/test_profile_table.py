@@ -1,6 +1,19 @@
 from rich.console import Console
 
+from dpplan.profiler.batch_search import Trial
+from dpplan.profiler.profile_document import DeviceInfo
+from dpplan.profiler.profile_results import Comparison, Measured, RunResult
+from dpplan.profiler.recommendation_results import (
+    BatchSearch,
+    Fastest,
+    OffloadAdvice,
+    OffloadLevel,
+    Profiled,
+    Recommendation,
+    Recommendations,
+)
 from dpplan.reports.profile_table import render_profile
+from tests.records import profile_document, run_settings, strategy_estimate
 
 MiB = 1 << 20
 
@@ -11,20 +24,17 @@ def test_cuda_table_names_the_three_numbers_and_the_gaps():
         "allocator_cache_bytes": 20 * MiB, "non_pytorch_bytes": 580 * MiB, "step_time_s": 0.25,
         "samples_per_s": 32.0, "tokens_per_s": 16384.0, "per_rank": [],
     }
-    estimate = {"peak_allocated_bytes": 101 * MiB, "peak_reserved_bytes": 121 * MiB, "peak_bytes": 650 * MiB}
-    document = {
-        "device": {"type": "cuda", "description": "2 x NVIDIA H100 80GB HBM3 (1 node, nccl)"},
-        "model": {"name": "m.py"},
-        "config": {"batch_size": 4, "grad_accum": 1, "precision": "bf16-mixed", "optimizer": "adamw",
-                   "warmup_steps": 1, "steps": 5},
-        "out_dir": "runs/x",
-        "runs": [
-            {"strategy": "ddp", "status": "ok", "error": None, "measured": measured, "estimate": estimate,
-             "error_pct": 1.0, "notes": []},
-            {"strategy": "fsdp2", "status": "oom", "error": "batch 4 does not fit with fsdp2 on 2 GPUs (rank 0: ...)",
-             "measured": {"per_rank": []}, "estimate": estimate, "error_pct": None, "notes": ["a note"]},
-        ],
-    }
+    estimate = strategy_estimate(peak_allocated_bytes=101 * MiB, peak_reserved_bytes=121 * MiB, peak_bytes=650 * MiB)
+    document = profile_document(
+        device=DeviceInfo(type="cuda", gpus=2, gpu="h100-80gb", description="2 x NVIDIA H100 80GB HBM3 (1 node, nccl)"),
+        runs=(
+            RunResult(settings=run_settings(strategy="ddp"), status="ok", measured=Measured(**measured),
+                      estimate=estimate, comparison=Comparison(device="cuda", allocated_pct=1.0)),
+            RunResult(settings=run_settings(strategy="fsdp2"), status="oom",
+                      error="batch 4 does not fit with fsdp2 on 2 GPUs (rank 0: ...)",
+                      measured=Measured(summarized=False), estimate=estimate, notes=("a note",)),
+        ),
+    )
     console = Console(width=200, record=True)
     render_profile(document, console)
     text = console.export_text()
@@ -37,30 +47,32 @@ def test_cuda_table_names_the_three_numbers_and_the_gaps():
 
 def test_recommendations_come_first_with_their_reasons():
     GiB = 1 << 30
-    section = {
-        "capacity_bytes": 80 * GiB, "capacity_source": "h100-80gb memory", "headroom_pct": 10.0,
-        "limit_bytes": 72 * GiB, "find_batch_size": True, "max_trials": 4, "notes": ["a note"],
-        "strategies": [
-            {"strategy": "ddp", "status": "confirmed", "batch_size": 12, "peak_bytes": 70 * GiB,
-             "search": {"num_trials": 3, "converged": True, "stop_reason": "batch 12 fits and 13 does not",
-                        "trials": [{"batch_size": 12, "status": "ok", "peak_bytes": 70 * GiB},
-                                   {"batch_size": 14, "status": "oom", "peak_bytes": None}]},
-             "offload": {"needed": "none", "configured": "none", "supported": False,
-                         "levels": [{"offload": "none", "predicted_peak_bytes": 40 * GiB}]}},
-            {"strategy": "zero3", "status": "does_not_fit", "batch_size": None, "peak_bytes": None, "search": None,
-             "offload": {"needed": "optimizer", "configured": "none", "supported": True,
-                         "levels": [{"offload": "none", "predicted_peak_bytes": 93 * GiB},
-                                    {"offload": "optimizer", "predicted_peak_bytes": 61 * GiB}]}},
-        ],
-        "fastest": {"strategy": "ddp", "samples_per_s": 412.0, "batch_size": 12,
-                    "basis": "measured at each strategy's recommended micro-batch"},
-    }
-    document = {
-        "device": {"type": "cuda", "description": "2 x H100"}, "model": {"name": "m.py"},
-        "config": {"batch_size": 4, "grad_accum": 1, "precision": "bf16-mixed", "optimizer": "adamw",
-                   "warmup_steps": 1, "steps": 5},
-        "out_dir": "runs/x", "runs": [], "recommendations": section,
-    }
+    limit = 72 * GiB
+    profiled = Profiled(batch_size=4, status="ok", fit_bytes=None, samples_per_s=None)
+    section = Recommendations(
+        capacity_bytes=80 * GiB, capacity_source="h100-80gb memory", headroom_pct=10.0,
+        limit_bytes=limit, find_batch_size=True, max_trials=4, notes=("a note",),
+        strategies=(
+            Recommendation(
+                strategy="ddp", status="confirmed", batch_size=12, peak_bytes=70 * GiB, predicted_batch_size=12,
+                search=BatchSearch(num_trials=3, converged=True, stop_reason="batch 12 fits and 13 does not",
+                                   smallest_rejected=13,
+                                   trials=(Trial(batch_size=12, status="ok", peak_bytes=70 * GiB, limit_bytes=limit),
+                                           Trial(batch_size=14, status="oom", peak_bytes=None, limit_bytes=limit))),
+                offload=OffloadAdvice(needed="none", configured="none", supported=False,
+                                      levels=(OffloadLevel(offload="none", predicted_peak_bytes=40 * GiB),)),
+                profiled=profiled),
+            Recommendation(
+                strategy="zero3", status="does_not_fit", predicted_batch_size=0,
+                offload=OffloadAdvice(needed="optimizer", configured="none", supported=True,
+                                      levels=(OffloadLevel(offload="none", predicted_peak_bytes=93 * GiB),
+                                              OffloadLevel(offload="optimizer", predicted_peak_bytes=61 * GiB))),
+                profiled=profiled),
+        ),
+        fastest=Fastest(strategy="ddp", samples_per_s=412.0, batch_size=12,
+                        basis="measured at each strategy's recommended micro-batch", num_candidates=1),
+    )
+    document = profile_document(recommendations=section)
     console = Console(width=250, record=True)
     render_profile(document, console)
     text = console.export_text()
