@@ -3,7 +3,7 @@ only the fields a test names matter, the rest are plausible placeholders."""
 
 from __future__ import annotations
 
-from dpplan.planner.estimate import ModelSummary, StrategyEstimate
+from dpplan.planner.plan import ModelSummary, StrategyEstimate
 from dpplan.profiler.profile_document import DeviceInfo, ProfileDocument
 from dpplan.profiler.profile_results import RunSettings
 

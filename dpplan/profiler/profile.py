@@ -34,12 +34,13 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from dpplan import __version__
 from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
 from dpplan.config import PlanConfig, ProfileConfig, RunConfig
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
+from dpplan.planner.plan import ModelSummary, StrategyEstimate
 from dpplan.planner.strategies.registry import Wrapper, strategy_info
 from dpplan.profiler import profile_results as results
 from dpplan.profiler import recommend as recommendations
@@ -54,9 +55,6 @@ from dpplan.profiler.launch import (
     user_commands,
     worker_command,
 )
-
-if TYPE_CHECKING:
-    from dpplan.planner.estimate import ModelSummary, StrategyEstimate  # imports torch: imported where used
 
 DEFAULT_CPU_RANKS = 2
 DEFAULT_RUNS_DIR = "dpplan-runs"

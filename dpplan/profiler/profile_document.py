@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from dpplan.planner.plan import ModelSummary, ModuleActivation
 from dpplan.profiler.profile_results import RunResult
 from dpplan.profiler.recommendation_results import Recommendations
 
 SCHEMA_VERSION = 1
 KIND = "profile"
 TOOL_NAME = "dpplan"
-
-if TYPE_CHECKING:
-    from dpplan.planner.estimate import ModelSummary  # imports torch: read lazily (profile_results.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,8 +44,6 @@ class DeviceInfo:
 def model_from_json(data: dict | None) -> ModelSummary | None:
     if data is None:
         return None
-    from dpplan.planner.estimate import ModelSummary, ModuleActivation
-
     modules = [ModuleActivation(**m) for m in data.get("top_activation_modules") or ()]
     return ModelSummary(**{**data, "top_activation_modules": modules})
 

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    # planner.estimate imports torch (its tracer): read lazily, `dpplan report plan.json` stays torch-free
-    from dpplan.planner.estimate import StrategyEstimate
+from dpplan.planner.plan import StrategyEstimate
 
 PER_RANK_KEYS = (
     "rank", "local_rank", "hostname", "status", "error",
@@ -62,8 +60,6 @@ def estimate_from_json(data: dict | None) -> StrategyEstimate | None:
     """A run's ``estimate`` entry read back; keys this version does not know are ignored."""
     if data is None:
         return None
-    from dpplan.planner.estimate import StrategyEstimate
-
     known = {f.name for f in fields(StrategyEstimate)}
     return StrategyEstimate(**{k: v for k, v in data.items() if k in known})
 

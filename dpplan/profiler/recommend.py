@@ -24,9 +24,10 @@ Pure: estimates (the planner's StrategyEstimate) and trial launches come in as f
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from dpplan.config import DEFAULT_MAX_TRIALS, OFFLOADS
+from dpplan.planner.plan import StrategyEstimate
 from dpplan.planner.strategies.registry import strategy_info
 from dpplan.profiler.batch_search import MAX_BATCH_SIZE, SearchResult, Trial, search_batch_size
 from dpplan.profiler.profile_results import Measured, RunResult, RunStatus
@@ -42,9 +43,6 @@ from dpplan.profiler.recommendation_results import (
     Recommendations,
     RecommendationStatus,
 )
-
-if TYPE_CHECKING:
-    from dpplan.planner.estimate import StrategyEstimate  # imports torch; cli.py reads the defaults below
 
 
 class EstimateAt(Protocol):

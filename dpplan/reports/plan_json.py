@@ -15,7 +15,7 @@ from pathlib import Path
 from dpplan import __version__
 from dpplan.errors import UsageError
 from dpplan.planner.cpu_kernels import cpu_description
-from dpplan.planner.estimate import Plan
+from dpplan.planner.plan import Plan
 
 SCHEMA_VERSION = 1
 

@@ -16,7 +16,7 @@ from dpplan.planner.hardware import lookup_gpu
 from dpplan.reports.units import format_bytes, format_count, format_gib
 
 if TYPE_CHECKING:  # reports draw plans; importing the planner (torch) is left to who makes one
-    from dpplan.planner.estimate import Plan
+    from dpplan.planner.plan import Plan
 
 
 TABLE_WIDTH = 120
