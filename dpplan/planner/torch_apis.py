@@ -16,8 +16,11 @@ import torch
 
 from dpplan.errors import InternalError
 
-TESTED_TORCH = ("2.13",)
-"""The torch releases CI runs the whole suite on (.ci/run installs torch==2.13.0)."""
+TESTED_TORCH = ("2.13", "2.14")
+"""The torch releases CI tests: .ci/run runs the whole suite on torch==2.13.0 (the CPU build) and
+the planner and CLI tests on torch==2.14.1; pyproject.toml asks for torch>=2.13."""
+CPU_BUILD = "2.13.0"
+"""The release whose CPU build the README installs."""
 
 
 class TorchApiChanged(InternalError):
@@ -126,5 +129,5 @@ def changed_api_message(api: str, exc: BaseException) -> str:
     return (
         f"torch {torch.__version__} changed a private API dpplan's tracer relies on: {api} "
         f"({type(exc).__name__}: {detail}); the tracer is tested with torch {', '.join(TESTED_TORCH)}: "
-        f"install torch=={TESTED_TORCH[-1]}.0 (CPU build) or a dpplan release for torch {torch.__version__}"
+        f"install one of those (torch=={CPU_BUILD} is a CPU build) or a dpplan release for torch {torch.__version__}"
     )
