@@ -394,7 +394,7 @@ def gpus():
         click.echo(f"{spec.name:<20} {format_bytes(spec.memory_bytes):>11}  {spec.description}{default}")
 
 
-_EXIT_WITHOUT_TEARDOWN = []
+_EXIT_WITHOUT_TEARDOWN: list[bool] = []
 
 
 def _skip_teardown_at_exit() -> None:

@@ -142,7 +142,7 @@ def cpu_description() -> str:
 
 # -- the probe ---------------------------------------------------------------------------------
 
-_PROBED: dict[Any, list[tuple]] = {}
+_PROBED: dict[Any, list[tuple] | None] = {}
 
 
 def in_op_steps(

@@ -15,7 +15,7 @@ assumption it made in a note naming the op. An op that has no upper bound (``rep
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -110,7 +110,7 @@ def _ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, zero_i
     )
 
 
-UPPER_BOUNDS = {
+UPPER_BOUNDS: dict[Any, Callable[..., Any]] = {
     aten._ctc_loss.Tensor: _ctc_loss,
     aten.nonzero.default: _nonzero,
     aten.masked_select.default: _masked_select,
@@ -161,7 +161,7 @@ def mask_index_steps(func, args: tuple, meta_args: list, known, batch: int = 1) 
             nbytes += _selected(meta, known(meta), batch) * meta.dim() * 8
     if not nbytes:
         return None
-    steps = [("+", "indices", nbytes)]
+    steps: list[tuple] = [("+", "indices", nbytes)]
     if func is not aten.index_put_.default:
         steps.append(("out", 0))
     return steps + [("-", "indices")]
@@ -212,10 +212,10 @@ _AT_MOST_MASK_SHARE = frozenset({
 
 def pass_on_mask_share(func, args: tuple, wrapped: Any) -> None:
     if func in _AT_MOST_MASK_SHARE:  # zeros stay zeros: at most the one-hot's entries are set
-        shares = [getattr(a, "mask_share", None) for a in args[:2] if isinstance(a, torch.Tensor)]
-        shares = [x for x in shares if x is not None]
+        found = [getattr(a, "mask_share", None) for a in args[:2] if isinstance(a, torch.Tensor)]
+        shares: list[float] = [x for x in found if x is not None]
         if shares and isinstance(wrapped, torch.Tensor):
-            wrapped.mask_share = min(shares)
+            wrapped.mask_share = min(shares)  # type: ignore[attr-defined]  # read back with getattr
         return
     source = args[0] if args and isinstance(args[0], torch.Tensor) else None
     share = getattr(source, "mask_share", None) if source is not None else None
@@ -225,4 +225,4 @@ def pass_on_mask_share(func, args: tuple, wrapped: Any) -> None:
     if is_view or func in _KEEPS_MASK_SHARE:
         for output in wrapped if isinstance(wrapped, (list, tuple)) else [wrapped]:
             if isinstance(output, torch.Tensor):
-                output.mask_share = share
+                output.mask_share = share  # type: ignore[attr-defined]  # read back with getattr

@@ -214,10 +214,10 @@ def _precision(path: str, config: dict) -> tuple[str | None, bool]:
     if sum(bool(x) for x in (bf16, fp16, autocast)) > 1:
         raise _error(path, "enable at most one of bf16, fp16 and torch_autocast")
     if autocast:
-        extra = set(autocast_section) - {"enabled", "dtype"}
+        extra = set(autocast_section or {}) - {"enabled", "dtype"}
         if extra:
             raise _error(path, f"torch_autocast.{sorted(extra)[0]} is not planned by dpplan")
-        dtype = autocast_section.get("dtype", "bfloat16")
+        dtype = (autocast_section or {}).get("dtype", "bfloat16")
         modes = {"bfloat16": "bf16-mixed", "torch.bfloat16": "bf16-mixed", "float16": "fp16-mixed",
                  "torch.float16": "fp16-mixed"}
         if dtype not in modes:
@@ -286,7 +286,7 @@ def resolve_for_model(zero: ZeroSettings, model) -> ZeroSettings:
             f"{zero.source}: the model has no config.hidden_size, so these \"auto\" values cannot be filled "
             f"(as in HF's Trainer): {', '.join(hidden_size_auto)}; give them as integers"
         )
-    values = {
+    values: dict[str, Any] = {
         "reduce_bucket_size": hidden * hidden,
         "prefetch_bucket_size": int(0.9 * hidden * hidden),
         "param_persistence_threshold": 10 * hidden,

@@ -109,7 +109,7 @@ def attach(wrapped: Any, values: Any) -> None:
         return
     if isinstance(wrapped, torch.Tensor) and isinstance(values, torch.Tensor):
         if tuple(wrapped.shape) == tuple(values.shape) and wrapped.dtype == values.dtype:
-            wrapped.known_value = values
+            wrapped.known_value = values  # type: ignore[attr-defined]  # read back with getattr (known())
     elif isinstance(wrapped, (list, tuple)) and isinstance(values, (list, tuple)):
         for w, v in zip(wrapped, values):
             attach(w, v)

@@ -58,8 +58,8 @@ class RankTimeline:
         self._merged_cache = None  # _merged() of the events as they are; reset by every change
         self._order_cache = None  # _event_order() for a number of inserted events
         self._moved_deaths: list[tuple] = []  # (insert index, storage, scale when moved)
-        self._merge_base = None  # (merged, storage_scale, inserted events, positions) of the copied
-        self._merge_base_of_copies = None  # the same, of this timeline as it is when first copied
+        self._merge_base: tuple | None = None  # (merged, storage_scale, inserted events, positions) of the copied
+        self._merge_base_of_copies: tuple | None = None  # the same, of this timeline as it is when first copied
 
     def copy(self) -> "RankTimeline":
         """An independent timeline with the same events so far."""

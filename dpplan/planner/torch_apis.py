@@ -86,7 +86,9 @@ def _allocation_events() -> None:
     recorder = autograd_profiler.profile(use_cpu=True, profile_memory=True, use_kineto=True)
     with quiet_stderr(), recorder:
         torch.empty(16)
-    nodes = list(recorder.kineto_results.experimental_event_tree())
+    results = recorder.kineto_results
+    assert results is not None, "the profiler kept no results"
+    nodes = list(results.experimental_event_tree())
     fields = [n.extra_fields for n in nodes]
     assert any(type(f).__name__.endswith("Allocation") and hasattr(f, "ptr") for f in fields), (
         "the profiler's event tree no longer carries allocations with their address"

@@ -13,6 +13,8 @@ its start and end.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ctypes
 import os
 from dataclasses import dataclass, field
@@ -95,7 +97,10 @@ class CpuMemoryRecorder:
     def stop(self) -> MemoryTimeline:
         assert self._profiler is not None, "recorder was not started"
         self._profiler.__exit__(None, None, None)
-        tree = self._profiler.profiler.kineto_results.experimental_event_tree()
+        # The event tree is torch's private profiler API (checked in planner/torch_apis.py); its
+        # stubs type each node's fields as a union of every kind, so it is read untyped here.
+        kineto: Any = self._profiler.profiler
+        tree = kineto.kineto_results.experimental_event_tree()
         times: list[int] = []
         totals: list[int] = []
         marks: list[tuple[str, int, int]] = []
@@ -103,7 +108,7 @@ class CpuMemoryRecorder:
         stack = [(node, "") for node in tree]
         while stack:
             node, parent_name = stack.pop()
-            fields = node.extra_fields
+            fields: Any = node.extra_fields
             kind = type(fields).__name__
             if kind.endswith("Allocation"):
                 times.append(node.start_time_ns)

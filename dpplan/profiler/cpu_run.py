@@ -37,7 +37,7 @@ def run_cpu(config: RunConfig, num_ranks: int, *, timeout_s: float = 900, out_di
             if result is None:
                 tail = "\n".join((completed.stderr or "").strip().splitlines()[-15:])
                 raise RunFailed(f"rank {rank} wrote no result (exit {completed.returncode}):\n{tail}")
-        return results
+        return [result for result in results if result is not None]  # every rank wrote one (checked above)
     finally:
         if temp is not None:
             temp.cleanup()

@@ -27,6 +27,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_RATE_HZ = 100.0
 # Issue #3: slower than 50 Hz misses allocation spikes of a few steps' length.
@@ -149,7 +150,8 @@ class GpuSampler:
         # Per-process detail, read once at stop(); None where NVML cannot say (see module doc).
         self.process_used_bytes: int | None = None
         self.num_failed_samples = 0
-        self._nvml = None
+        self._nvml: Any = None
+        """pynvml, or the test double given as ``nvml``; None when closed or NVML is unavailable."""
         self._handle = None
         self._memory_version = None
         self._samples: list[GpuSample] = []
@@ -169,10 +171,11 @@ class GpuSampler:
     def _open(self, nvml) -> None:
         if nvml is None:
             try:
-                import pynvml as nvml
+                import pynvml
             except ImportError:
                 self.notice = f"NVML unavailable (nvidia-ml-py not installed): {NO_NVML_FALLBACK}"
                 return
+            nvml = pynvml
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as error:

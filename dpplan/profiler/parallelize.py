@@ -140,6 +140,7 @@ def parallelize(
             extra["device_mesh"] = init_device_mesh(
                 device_type, (mesh.dp_replicate, mesh.dp_shard), mesh_dim_names=("replicate", "shard")
             )
+        assert info.fsdp1_sharding is not None, f"{strategy} is FSDP1 and names its ShardingStrategy"
         model = FullyShardedDataParallel(
             model,
             sharding_strategy=getattr(ShardingStrategy, info.fsdp1_sharding),

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from dpplan import __version__
 from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
@@ -89,7 +89,7 @@ _DETECT_GPUS = (
 )
 
 
-def detect_gpus() -> dict:
+def detect_gpus() -> dict[str, Any]:
     """GPUs torch sees here: {count, name, total_bytes} (of device 0).
 
     Asked in a child process: this process must never initialise CUDA, or its context would
@@ -109,7 +109,8 @@ def detect_gpus() -> dict:
 
 def resolve_target(config: ProfileConfig) -> Target:
     """GPUs when there are any (and not --device cpu), else CPU ranks, said in one line."""
-    gpus_found = detect_gpus() if config.device != "cpu" else {"count": 0, "name": None, "total_bytes": None}
+    gpus_found: dict[str, Any] = (
+        detect_gpus() if config.device != "cpu" else {"count": 0, "name": None, "total_bytes": None})
     num_visible = gpus_found["count"]
     if config.device == "cuda" and not num_visible:
         raise UsageError("--device cuda: no GPU is visible to torch here")
@@ -205,7 +206,8 @@ def estimate_entries(
 def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ...], *, batch_size: int | None = None,
                 offload: str | None = None, capacity_bytes: int | None = None) -> PlanConfig:
     """The estimate request matching the runs, at another micro-batch, offload or capacity when given."""
-    run = replace(config.run, **{k: v for k, v in (("batch_size", batch_size), ("offload", offload)) if v is not None})
+    changes: dict[str, Any] = {k: v for k, v in (("batch_size", batch_size), ("offload", offload)) if v is not None}
+    run = replace(config.run, **changes)
     return PlanConfig(
         run=run, strategies=strategies, gpus=(target.gpus,), nodes=config.nodes, gpu=target.gpu or DEFAULT_GPU,
         device=target.device, capacity_bytes=capacity_override(config, target) if capacity_bytes is None else capacity_bytes,
@@ -233,6 +235,7 @@ def estimate_function(config: ProfileConfig, target: Target) -> recommendations.
 
 
 def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfig:
+    assert config.steps is not None, "profile() sets the device's default number of steps first"
     return RunConfig(
         run=config.run, strategy=strategy, nodes=config.nodes, steps=config.steps, warmup_steps=config.warmup_steps,
         device=target.device, sample_hz=config.sample_hz, memory_limit_bytes=memory_limit_bytes(config, target),
@@ -280,6 +283,7 @@ def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: P
         path = run_dir / f"rank{rank}.json"
         if path.exists():
             rank_results[rank] = json.loads(path.read_text())
+    assert spec.log_dir is not None  # launch_spec always gives the ranks a log folder
     stderr_tail = {rank: tail(rank_log(spec.log_dir, rank - first)) for rank in expected}
     outcome = results.outcome(
         strategy=strategy, batch_size=config.run.batch_size, gpus=target.gpus, device=target.device,

@@ -351,15 +351,15 @@ def skipped_run(settings: RunSettings, *, reason: str, estimate: StrategyEstimat
 def finished_run(settings: RunSettings, launched: LaunchedRun, *, estimate: StrategyEstimate | None,
                  notes: tuple[str, ...], dir: str, duration_s: float) -> RunResult:
     """A launched run beside its estimate, with the error of a finished one."""
-    notes = list(notes)
+    all_notes = list(notes)
     for rank in launched.measured.per_rank:
         notice = rank.get("nvml_notice")
-        if notice and notice not in notes:
-            notes.append(notice)  # NVML absent: torch's counters only, said once
+        if notice and notice not in all_notes:
+            all_notes.append(notice)  # NVML absent: torch's counters only, said once
     status, error, failed_rank = launched.outcome
     comparison = compare(launched.measured, estimate, settings.device) if status == RunStatus.OK else None
     return RunResult(
         settings=settings, status=status, error=error, failed_rank=failed_rank, measured=launched.measured,
-        estimate=estimate, comparison=comparison, notes=tuple(notes), dir=dir, stderr_tail=launched.stderr_tail,
+        estimate=estimate, comparison=comparison, notes=tuple(all_notes), dir=dir, stderr_tail=launched.stderr_tail,
         commands=launched.commands, duration_s=duration_s,
     )

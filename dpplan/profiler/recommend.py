@@ -234,10 +234,12 @@ def fastest(recommendations: Sequence[Recommendation]) -> Fastest | None:
     if not candidates:
         return None
     if all(r.samples_per_s for r in candidates):
-        best = max(candidates, key=lambda r: r.samples_per_s)
+        best = max(candidates, key=lambda r: r.samples_per_s or 0.0)
+        assert best.samples_per_s is not None and best.batch_size is not None  # measured means both are known
         return Fastest(strategy=best.strategy, samples_per_s=best.samples_per_s, batch_size=best.batch_size,
                        basis="measured at each strategy's recommended micro-batch", num_candidates=len(candidates))
-    best = max(candidates, key=lambda r: r.profiled.samples_per_s)
+    best = max(candidates, key=lambda r: r.profiled.samples_per_s or 0.0)
+    assert best.profiled.samples_per_s is not None  # candidates were profiled (filtered above)
     return Fastest(strategy=best.strategy, samples_per_s=best.profiled.samples_per_s,
                    batch_size=best.profiled.batch_size,
                    basis="measured in the profile runs, all at the profiled micro-batch",

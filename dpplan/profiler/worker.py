@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from dpplan.config import RunConfig
 
@@ -154,6 +155,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
                 with recorder.mark("backward"):
                     pass
         else:
+            assert meter is not None, "cuda runs measure with a CudaPhaseMeter"
             on_phase, before_backward = meter.mark, meter.backward_starts
 
         def step():
@@ -186,7 +188,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
         if dist.is_initialized():
             dist.barrier()
 
-        measured = {
+        measured: dict[str, Any] = {
             "step_time_s": statistics.median(step_times),
             "step_times_s": step_times,
             "samples_per_step": config.run.batch_size * config.run.grad_accum,
@@ -201,6 +203,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             # updates it lazily, so it can trail the current RSS by a few pages.
             measured["peak_rss_bytes"] = max(_peak_rss_bytes(), measured["rss_bytes"])
         else:
+            assert meter is not None and sampler is not None and timed_start_s is not None
             measured.update(meter.result())
             measured.update(_nvml_memory(sampler, timed_start_s, timed_end_s))
             measured["memory_series"] = cuda_series(

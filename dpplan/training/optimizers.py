@@ -10,7 +10,7 @@ therefore asks for ``foreach=True`` explicitly when the target is a GPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from dpplan.errors import UsageError
 
@@ -26,7 +26,7 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, device_t
     import torch
 
     params = list(params)
-    extra = {"foreach": True} if device_type == "cuda" else {}
+    extra: dict[str, Any] = {"foreach": True} if device_type == "cuda" else {}
     if name == "adamw":
         return torch.optim.AdamW(params, lr=LEARNING_RATE, **extra)
     if name == "adam":
@@ -45,7 +45,7 @@ def optimizer_class_and_kwargs(name: str, *, device_type: str) -> tuple[type, di
     (``ZeroRedundancyOptimizer``)."""
     import torch
 
-    extra = {"foreach": True} if device_type == "cuda" else {}
+    extra: dict[str, Any] = {"foreach": True} if device_type == "cuda" else {}
     table = {
         "adamw": (torch.optim.AdamW, {}),
         "adam": (torch.optim.Adam, {}),
