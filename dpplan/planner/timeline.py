@@ -19,7 +19,6 @@ events.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,34 +133,6 @@ class RankTimeline:
             else:
                 self.free_at(a, position)
 
-    def free_at_many(self, storages, positions) -> None:
-        """``free_at(storage, position)`` for each pair, in order (a storage already moved, or
-        named twice, keeps its first position)."""
-        storages = np.asarray(storages, dtype=np.int64)
-        positions = np.asarray(positions, dtype=np.int64)
-        if len(storages) == 0:
-            return
-        valid = storages >= 0
-        valid[valid] = ~self.storage_death_moved[storages[valid]]
-        _, first = np.unique(storages, return_index=True)
-        once = np.zeros(len(storages), dtype=bool)
-        once[first] = True
-        chosen = np.nonzero(valid & once)[0]
-        if len(chosen) == 0:
-            return
-        storages, positions = storages[chosen], positions[chosen]
-        self.storage_death_moved[storages] = True
-        self._merged_cache = None
-        start = len(self._ins_position)
-        self._moved_deaths.extend(
-            zip(range(start, start + len(storages)), storages.tolist(), self.storage_scale[storages].tolist())
-        )
-        self._ins_position.extend(positions.tolist())
-        zeros = [0.0] * len(storages)
-        self._ins_const.extend(zeros)
-        self._ins_lin.extend(zeros)
-        self._ins_quad.extend(zeros)
-        self._ins_category.extend([0] * len(storages))
 
     def storage_bytes(self, storage: int, batch_size: int) -> int:
         const, lin, quad = self._storage_polynomial(storage)
@@ -357,7 +328,3 @@ def _merged_position_of_trace_events(trace: StepTrace, is_trace: np.ndarray, tra
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def is_finite(x: float) -> bool:
-    return not (math.isinf(x) or math.isnan(x))

@@ -40,9 +40,3 @@ def tokens_per_micro_batch(batch: Any) -> int | None:
         if _is_token_tensor(value):
             return int(value.numel())
     return None
-
-
-def per_second(amount_per_step: int | None, step_time_s: float | None) -> float | None:
-    if amount_per_step is None or not step_time_s:
-        return None
-    return amount_per_step / step_time_s

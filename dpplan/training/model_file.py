@@ -13,7 +13,6 @@ under ``torch.device("meta")``, so files must not force a device.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -145,10 +144,3 @@ def build_module(spec: ModelSpec) -> Any:
             f"{spec.path.name}: {spec.factory_name}() returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
-
-
-def relative_display(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
