@@ -216,7 +216,8 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
 @main.command()
 @click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--strategy", "strategies", type=STRATEGY_LIST, default=",".join(DEFAULT_PROFILE_STRATEGIES), show_default=True,
-              help=f"Comma list or 'all' of: {', '.join(STRATEGIES)} (dp: estimate only; zero1, zero2, zero3 need DeepSpeed installed).")
+              help=f"Comma list or 'all' of: {', '.join(STRATEGIES)} "
+                   "(dp: estimate only; zero1, zero2, zero3 need DeepSpeed installed).")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Total ranks over all nodes, as in estimate  [default: every visible GPU; without GPUs 2 CPU ranks]")
 @click.option("--nnodes", "--nodes", "nodes", type=click.IntRange(min=1), default=1, show_default=True,

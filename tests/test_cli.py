@@ -77,7 +77,8 @@ def test_every_flag_reaches_the_plan(tiny_gpt):
     assert [(e["strategy"], e["gpus"]) for e in data["estimates"]] == [("fsdp2", 4), ("fsdp2", 8)]
     e = data["estimates"][0]
     assert (e["nodes"], e["batch_size"], e["grad_accum"]) == (2, 3, 2)
-    assert (e["precision"], e["optimizer"], e["activation_checkpointing"], e["gpu"]) == ("fp32", "sgd-momentum", True, "a100-40gb")
+    settings = (e["precision"], e["optimizer"], e["activation_checkpointing"], e["gpu"])
+    assert settings == ("fp32", "sgd-momentum", True, "a100-40gb")
     assert e["capacity_bytes"] == 40960 * 2**20
     assert e["offload"] == "optimizer" and e["host_bytes"] > 0  # None without offload
     assert data["model"]["unit_names"] == ["blocks.0.ln_1", "blocks.0.ln_2", "blocks.1.ln_1", "blocks.1.ln_2", "ln_f"]

@@ -156,7 +156,7 @@ def mask_index_steps(func, args: tuple, meta_args: list, known, batch: int = 1) 
     if func not in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
         return None
     nbytes = 0
-    for index, meta in zip(args[1], meta_args[1]):
+    for meta in meta_args[1]:
         if _is_mask(meta):
             nbytes += _selected(meta, known(meta), batch) * meta.dim() * 8
     if not nbytes:
@@ -180,7 +180,8 @@ def sized(func, meta_args: list, kwargs: dict, known, batch: int = 1) -> tuple[A
         error = UnboundedOp(f"{func} returns as many elements as its data says, which is unknown while planning")
         error.op = str(func)
         raise error
-    masks = [a for a in meta_args if _is_mask(a)] + [i for a in meta_args if isinstance(a, (list, tuple)) for i in a if _is_mask(i)]
+    listed = [i for a in meta_args if isinstance(a, (list, tuple)) for i in a]
+    masks = [a for a in meta_args if _is_mask(a)] + [i for i in listed if _is_mask(i)]
     if func is aten.nonzero.default:
         masks = [meta_args[0]]
     infos = [known(m) for m in masks]

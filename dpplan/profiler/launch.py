@@ -116,7 +116,9 @@ def tail(path: Path | None, num_lines: int = 15) -> str:
     return "\n".join(lines[-num_lines:])
 
 
-def run_process_tree(command: list[str], *, env: dict, timeout_s: float, output: Path | None = None) -> subprocess.CompletedProcess:
+def run_process_tree(
+    command: list[str], *, env: dict, timeout_s: float, output: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run ``command`` in a session of its own and wait. Output goes to ``output`` (a file,
     so that no rank can hold a pipe of ours open) or, without one, is captured.
     Raises RunTimedOut after ``timeout_s``; the tree is killed then, and on any exception."""

@@ -98,7 +98,7 @@ def _check(func, specs):
     steps = cpu_kernels.in_op_steps(func, meta_args, {}, TRACE_BATCH, cache_key=None, batch_size=PLAN_BATCH)
     for batch in (PLAN_BATCH, EXTRAPOLATED_BATCH):
         real_args = _tensors(specs, batch, "cpu")
-        real_peak, real_net, outputs = _real_op_profile(lambda: func(*real_args))
+        real_peak, real_net, outputs = _real_op_profile(lambda: func(*real_args))  # noqa: B023 (called in this iteration)
         replay_peak, replay_net = _replayed_profile(steps or [], outputs, batch)
         assert (replay_peak, replay_net) == (real_peak, real_net), (func, batch, steps)
 

@@ -103,7 +103,8 @@ def test_flags_typed_against_the_file_are_errors(tmp_path):
 
 def test_bucket_size_and_overlap_change_the_zero2_plan(tiny_gpt):
     def peak(zero):
-        config = PlanConfig(run=RunSpec(model=tiny_gpt, precision="fp32", zero=zero), strategies=("zero2",), gpus=(2,), device="cpu")
+        run = RunSpec(model=tiny_gpt, precision="fp32", zero=zero)
+        config = PlanConfig(run=run, strategies=("zero2",), gpus=(2,), device="cpu")
         return estimate(config).estimates[0].peak_bytes
 
     default = peak(ZeroSettings())

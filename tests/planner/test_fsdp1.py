@@ -44,7 +44,7 @@ def test_flat_param_layout_matches_fsdp1(tiny_gpt):
             model = build_module(load_model_file(tiny_gpt))
             ids = {id(u) for u in find_units(model)}
             wrapped = FullyShardedDataParallel(
-                model, auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in ids),
+                model, auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in ids),  # noqa: B023 (wrapped in this iteration)
                 use_orig_params=True, device_id=torch.device("cpu"),
                 mixed_precision=MixedPrecision(param_dtype=torch.bfloat16),
             )

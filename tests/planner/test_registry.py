@@ -39,7 +39,9 @@ def test_process_groups_are_the_mesh_axes():
     """HYBRID_SHARD: one group of 8 inside each node, one of 2 across nodes; DDP over 2 nodes:
     one group of 16 that leaves the node; DataParallel: one process, no group; one rank: none."""
     groups = planner_of("fsdp-hybrid").process_groups(Layout.of("fsdp-hybrid", 16, 2))
-    assert sorted(groups, key=lambda g: g.num_ranks) == [ProcessGroup(num_ranks=2, spans_nodes=True), ProcessGroup(num_ranks=8, spans_nodes=False)]
+    assert sorted(groups, key=lambda g: g.num_ranks) == [
+        ProcessGroup(num_ranks=2, spans_nodes=True), ProcessGroup(num_ranks=8, spans_nodes=False)
+    ]
     assert planner_of("ddp").process_groups(Layout.of("ddp", 16, 2)) == [ProcessGroup(num_ranks=16, spans_nodes=True)]
     assert planner_of("dp").process_groups(Layout.of("dp", 8)) == []
     assert planner_of("single").process_groups(Layout.of("single", 1)) == []

@@ -15,7 +15,8 @@ def test_several_nodes_pass_torchruns_flags_through():
     spec = LaunchSpec(nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400")
     assert torchrun_args(spec) == ["--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--rdzv-endpoint=node0:29400"]
     commands = user_commands(spec, '{"strategy": "ddp"}', "out")
-    assert commands["torchrun"].startswith("torchrun --nproc-per-node=8 --nnodes=2 --node-rank=1 --rdzv-endpoint=node0:29400 -m dpplan.profiler.worker")
+    assert commands["torchrun"].startswith(
+        "torchrun --nproc-per-node=8 --nnodes=2 --node-rank=1 --rdzv-endpoint=node0:29400 -m dpplan.profiler.worker")
     assert "'{\"strategy\": \"ddp\"}'" in commands["torchrun"]
     assert commands["srun"].startswith("srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 torchrun")
     assert "--rdzv-id=$SLURM_JOB_ID " in commands["srun"]

@@ -205,7 +205,8 @@ VISION = {
         "image_size": 64, "patch_size": 4, "embed_dim": HIDDEN, "depths": [2, 2], "num_heads": [HEADS, HEADS],
         "window_size": 4, "num_labels": NUM_LABELS}, partial(images, size=64)),
     "convnext": Entry("ConvNextForImageClassification", "convnext", {
-        "num_stages": 2, "hidden_sizes": [HIDDEN, 2 * HIDDEN], "depths": [2, 2], "num_labels": NUM_LABELS}, partial(images, size=64)),
+        "num_stages": 2, "hidden_sizes": [HIDDEN, 2 * HIDDEN], "depths": [2, 2], "num_labels": NUM_LABELS},
+        partial(images, size=64)),
     "resnet": Entry("ResNetForImageClassification", "resnet", {  # BatchNorm
         "embedding_size": HIDDEN, "hidden_sizes": [HIDDEN, 2 * HIDDEN], "depths": [2, 2], "layer_type": "basic",
         "num_labels": NUM_LABELS}, partial(images, size=64)),
