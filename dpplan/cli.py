@@ -196,7 +196,7 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
         if device == "cpu":
             apply_cpu_isa(cpu_isa)  # before torch loads: oneDNN and ATen read their caps once
         from dpplan.planner.estimate import estimate as plan_memory
-        from dpplan.reports.plan_json import plan_to_json
+        from dpplan.reports.plan_json import plan_document
         from dpplan.reports.plan_table import render_plan
 
         run, strategies = run_spec(model, run_flags, deepspeed_config, gpus)
@@ -204,10 +204,10 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
                             gpu=gpu, device=device, cpu_isa=cpu_isa)
         if html_path:
             _check_html_destination(html_path)
-        plan = plan_memory(config)
+        document = plan_document(plan_memory(config), command=_command_line())
         if json_path != "-":
-            render_plan(plan)
-        _write_outputs(plan_to_json(plan, command=_command_line()), json_path, html_path, plotlyjs)
+            render_plan(document)
+        _write_outputs(document.to_json(), json_path, html_path, plotlyjs)
         _skip_teardown_at_exit()
 
     _run_safely(action)

@@ -167,6 +167,14 @@ class PlanConfig:
     def to_json(self) -> dict:
         return {**_flat_json(self), "strategies": list(self.strategies), "gpus": list(self.gpus)}
 
+    @classmethod
+    def from_json(cls, data: dict) -> PlanConfig:
+        """Back from ``to_json()`` (a saved plan's ``config``), validated as when it was made."""
+        run = RunSpec.from_json({k: v for k, v in data.items() if k in RUN_FIELDS})
+        rest = {k: v for k, v in data.items() if k not in RUN_FIELDS}
+        tuples = {k: tuple(rest[k]) for k in ("strategies", "gpus") if k in rest}
+        return cls(run=run, **{**rest, **tuples})
+
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileConfig:

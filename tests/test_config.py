@@ -1,5 +1,6 @@
 """dpplan/config.py: one RunSpec in every config, one set of defaults, one name per field."""
 
+import json
 import subprocess
 import sys
 
@@ -64,3 +65,15 @@ def test_the_cli_its_configs_and_reading_saved_results_start_without_torch():
     modules = "dpplan.config, dpplan.cli, dpplan.planner.plan, dpplan.profiler.profile_document, dpplan.reports.html_report"
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_plan_config_reads_back_from_its_flat_json():
+    run = RunSpec(model="m.py", batch_size=3, zero=ZeroSettings(reduce_bucket_size=7, hidden_size_auto=("x", "y")))
+    plan = PlanConfig(run=run, strategies=("zero2", "zero3"), gpus=(2, 4), gpus_per_node=2, device="cpu", cpu_isa="avx2",
+                      capacity_bytes=5)
+    data = json.loads(json.dumps(plan.to_json()))  # as a saved plan has it: lists, not tuples
+    back = PlanConfig.from_json(data)
+    assert back == plan and back.run.zero.hidden_size_auto == ("x", "y")
+    assert list(back.to_json()) == list(plan.to_json())
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        PlanConfig.from_json({**data, "strategies": ["nope"]})

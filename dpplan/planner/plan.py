@@ -1,14 +1,25 @@
-"""What a plan says: the records ``estimate.py`` returns and the reports draw.
+"""What a plan says: the records ``estimate.py`` returns, and plan.json, the ``PlanDocument``
+the reports draw (the terminal table, the HTML page) and ``dpplan report`` reads back.
 
 Torch-free on purpose: reading a saved plan or profile back (``dpplan report``, the profile's
 ``from_json``) needs these records, not the tracer behind them.
+
+Schema of plan.json (``schema_version`` 1; scripts depend on these names: add fields freely,
+rename or remove only with a new version), ``PlanDocument.to_json()``:
+  {schema_version, kind: "estimate", tool {name, version}, created, command, config (the
+   PlanConfig, RunSpec fields at the top level), model (ModelSummary), estimates: [StrategyEstimate...],
+   unsupported {strategy: reason}, cpu_kernels (cpu target; else null)}
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from dpplan.config import PlanConfig
+
+SCHEMA_VERSION = 1
+KIND = "estimate"
+TOOL_NAME = "dpplan"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +45,11 @@ class ModelSummary:
     repeated_layers: int = 0
     """0: every layer was traced; else the model's stack of that many alike layers was traced
     at three and four layers and built to full depth (checked against the four-layer trace)."""
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelSummary:
+        modules = [ModuleActivation(**m) for m in data.get("top_activation_modules") or ()]
+        return cls(**{**data, "top_activation_modules": modules})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +85,10 @@ class StrategyEstimate:
     """Host RAM per node that offload needs (None without offload)."""
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, data: dict) -> StrategyEstimate:
+        return cls(**data)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
@@ -77,3 +97,57 @@ class Plan:
     estimates: list[StrategyEstimate]
     unsupported: dict[str, str] = field(default_factory=dict)
     """Strategies asked for that the real wrapper refuses for this model, with what it says."""
+
+    def to_json(self) -> dict:
+        """The plan's keys of plan.json, in their order there."""
+        return {
+            "config": self.config.to_json(),
+            "model": asdict(self.model),
+            "estimates": [asdict(e) for e in self.estimates],
+            "unsupported": dict(self.unsupported),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        """Back from ``to_json()`` (or from the whole plan.json, whose other keys it leaves)."""
+        return cls(
+            config=PlanConfig.from_json(data["config"]),
+            model=ModelSummary.from_json(data["model"]),
+            estimates=[StrategyEstimate.from_json(e) for e in data["estimates"]],
+            unsupported=dict(data.get("unsupported") or {}),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanDocument:
+    """plan.json: a plan and how it was made (``dpplan estimate --json``); what the plan's
+    reports draw, and what ``dpplan report`` reads back (schema above)."""
+
+    plan: Plan
+    dpplan_version: str
+    created: str | None
+    """UTC, ISO 8601, to the second (None: not recorded)."""
+    command: str | None
+    """The command line that made it (None when called as a library)."""
+    cpu_kernels: str | None = None
+    """cpu target: the kernels' instruction set and threads the in-op buffers were measured with
+    (planner/cpu_kernels.py ``cpu_description``); None on cuda."""
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION, "kind": KIND, "tool": {"name": TOOL_NAME, "version": self.dpplan_version},
+            "created": self.created, "command": self.command, **self.plan.to_json(), "cpu_kernels": self.cpu_kernels,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> PlanDocument:
+        """A plan.json read back; ValueError (one line) when a required key is missing or a value is refused."""
+        try:
+            return cls(
+                plan=Plan.from_json(data), dpplan_version=(data.get("tool") or {}).get("version", "unknown"),
+                created=data.get("created"), command=data.get("command"), cpu_kernels=data.get("cpu_kernels"),
+            )
+        except KeyError as exc:
+            raise ValueError(f"not a complete plan JSON: no {exc.args[0]!r} key") from None
+        except TypeError as exc:  # a record with a key missing or unknown: the dataclass names it
+            raise ValueError(f"not a complete plan JSON: {exc}") from None

@@ -1,8 +1,8 @@
 """The estimate report: what fits, where the memory goes, and the largest micro-batch.
 
-Draws the plan JSON (reports/plan_json.py) as it was written, so ``dpplan report plan.json``
-and ``dpplan estimate --html`` give the same page; no number is computed here beyond unit
-conversion and picking from the estimates.
+Draws a ``PlanDocument`` (planner/plan.py), the plan JSON as it was written and read back, so
+``dpplan report plan.json`` and ``dpplan estimate --html`` give the same page; no number is
+computed here beyond unit conversion and picking from the estimates.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from dpplan.planner.hardware import GPU_CATALOG
+from dpplan.planner.plan import ModelSummary, PlanDocument, StrategyEstimate
 from dpplan.reports.html_page import (
     CATEGORY_COLORS,
     BulletList,
@@ -23,7 +24,7 @@ from dpplan.reports.html_page import (
     figure_text,
     style_figure,
 )
-from dpplan.reports.plan_table import merge_notes
+from dpplan.reports.plan_table import merged_notes
 from dpplan.reports.units import GiB, format_bytes, format_count
 
 CATEGORY_LABELS = {
@@ -43,33 +44,33 @@ def _gpu_label(gpus: int) -> str:
     return f"{gpus} GPU" + ("s" if gpus != 1 else "")
 
 
-def _target(document: dict) -> str:
-    config = document["config"]
-    if config["device"] == "cpu":
+def _target(document: PlanDocument) -> str:
+    config = document.plan.config
+    if config.device == "cpu":
         return "CPU ranks (gloo): live tensor bytes; capacity = host RAM per rank"
-    spec = GPU_CATALOG.get(config["gpu"])
+    spec = GPU_CATALOG.get(config.gpu)
     if spec is None:
-        return config["gpu"]
+        return config.gpu
     return f"{spec.description} ({format_bytes(spec.memory_bytes)})"
 
 
-def _capacity_name(document: dict) -> str:
-    return "host RAM per rank" if document["config"]["device"] == "cpu" else "GPU memory"
+def _capacity_name(document: PlanDocument) -> str:
+    return "host RAM per rank" if document.plan.config.device == "cpu" else "GPU memory"
 
 
-def _memory_bars(estimates: list[dict], capacity_name: str) -> Figure:
+def _memory_bars(estimates: list[StrategyEstimate], capacity_name: str) -> Figure:
     """Stacked per-GPU memory of each strategy, grouped by GPU count, with the capacity across."""
-    x = [[_gpu_label(e["gpus"]) for e in estimates], [e["strategy"] for e in estimates]]
+    x = [[_gpu_label(e.gpus) for e in estimates], [e.strategy for e in estimates]]
     figure = go.Figure()
     for key, label in CATEGORY_LABELS.items():
         figure.add_bar(
             x=x,
-            y=[e["breakdown"][key] / GiB for e in estimates],
+            y=[e.breakdown[key] / GiB for e in estimates],
             name=label,
             marker_color=CATEGORY_COLORS[key],
             hovertemplate="%{x}<br>" + figure_text(label) + ": %{y:.2f} GiB<extra></extra>",
         )
-    capacities = {e["capacity_bytes"] for e in estimates if e.get("capacity_bytes")}
+    capacities = {e.capacity_bytes for e in estimates if e.capacity_bytes}
     if len(capacities) == 1:
         capacity = capacities.pop() / GiB
         figure.add_hline(y=capacity, line_dash="dash", line_color="#b42318",
@@ -84,27 +85,28 @@ def _memory_bars(estimates: list[dict], capacity_name: str) -> Figure:
     )
 
 
-def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int], capacity_name: str) -> Figure:
+def _fit_map(estimates: list[StrategyEstimate], strategies: list[str], gpu_counts: list[int],
+             capacity_name: str) -> Figure:
     """Strategy x GPU count: the peak as a share of the GPU; red where it does not fit."""
-    by_cell = {(e["strategy"], e["gpus"]): e for e in estimates}
+    by_cell = {(e.strategy, e.gpus): e for e in estimates}
     z, text, hover = [], [], []
     for strategy in strategies:
         row_z, row_text, row_hover = [], [], []
         for gpus in gpu_counts:
             e = by_cell.get((strategy, gpus))
-            if e is None or not e.get("capacity_bytes"):
+            if e is None or not e.capacity_bytes:
                 row_z.append(None)
                 row_text.append("")
                 row_hover.append("not planned")
                 continue
-            share = 100.0 * e["peak_bytes"] / e["capacity_bytes"]
+            share = 100.0 * e.peak_bytes / e.capacity_bytes
             row_z.append(min(share, FIT_MAX_PCT))
-            mark = "" if e["fits"] else "✗ "
-            row_text.append(f"{mark}{e['peak_bytes'] / GiB:.1f}")
+            mark = "" if e.fits else "✗ "
+            row_text.append(f"{mark}{e.peak_bytes / GiB:.1f}")
             row_hover.append(
-                f"{strategy} on {_gpu_label(gpus)}: {format_bytes(e['peak_bytes'])} "
-                f"({share:.0f}% of the {capacity_name}), {'fits' if e['fits'] else 'does not fit'}, "
-                f"largest micro-batch {e['max_batch_size']}"
+                f"{strategy} on {_gpu_label(gpus)}: {format_bytes(e.peak_bytes)} "
+                f"({share:.0f}% of the {capacity_name}), {'fits' if e.fits else 'does not fit'}, "
+                f"largest micro-batch {e.max_batch_size}"
             )
         z.append(row_z)
         text.append(row_text)
@@ -124,16 +126,17 @@ def _fit_map(estimates: list[dict], strategies: list[str], gpu_counts: list[int]
     )
 
 
-def _max_batch_lines(estimates: list[dict], strategies: list[str], gpu_counts: list[int]) -> Figure | Callout:
+def _max_batch_lines(estimates: list[StrategyEstimate], strategies: list[str],
+                     gpu_counts: list[int]) -> Figure | Callout:
     # A strategy that fits at no GPU count would be a line along zero under the others: named instead.
-    never = [s for s in strategies if not any(e["max_batch_size"] for e in estimates if e["strategy"] == s)]
+    never = [s for s in strategies if not any(e.max_batch_size for e in estimates if e.strategy == s)]
     if len(never) == len(strategies):
         return Callout(lines=["No strategy fits even micro-batch 1 at any GPU count planned."], css="bad")
     figure = go.Figure()
     for strategy in [s for s in strategies if s not in never]:
-        points = [e for e in estimates if e["strategy"] == strategy]
+        points = [e for e in estimates if e.strategy == strategy]
         figure.add_scatter(
-            x=[_gpu_label(e["gpus"]) for e in points], y=[e["max_batch_size"] for e in points],
+            x=[_gpu_label(e.gpus) for e in points], y=[e.max_batch_size for e in points],
             mode="lines+markers", name=strategy,
             hovertemplate=strategy + " on %{x}: micro-batch %{y}<extra></extra>",
         )
@@ -147,14 +150,14 @@ def _max_batch_lines(estimates: list[dict], strategies: list[str], gpu_counts: l
     return Figure(name="max-batch", figure=style_figure(figure), caption=caption)
 
 
-def _activation_modules(model: dict) -> Figure | None:
-    modules = model.get("top_activation_modules") or []
+def _activation_modules(model: ModelSummary) -> Figure | None:
+    modules = model.top_activation_modules
     if not modules:
         return None
-    labels = [f"{figure_text(m['name'])} ({figure_text(m['class_name'])})" for m in modules]
-    unit, size = byte_unit(max(m["activation_bytes"] for m in modules))
+    labels = [f"{figure_text(m.name)} ({figure_text(m.class_name)})" for m in modules]
+    unit, size = byte_unit(max(m.activation_bytes for m in modules))
     figure = go.Figure(go.Bar(
-        x=[m["activation_bytes"] / size for m in modules], y=labels, orientation="h",
+        x=[m.activation_bytes / size for m in modules], y=labels, orientation="h",
         marker_color=CATEGORY_COLORS["activations"],
         hovertemplate="%{y}: %{x:.2f} " + unit + "<extra></extra>",
     ))
@@ -168,22 +171,22 @@ def _activation_modules(model: dict) -> Figure | None:
     )
 
 
-def _assumptions(document: dict) -> Table:
-    config, model = document["config"], document["model"]
-    checkpointing = CHECKPOINTING.get(model.get("checkpointing"), model.get("checkpointing")) if (
-        config["activation_checkpointing"]) else "off"
-    nodes = f"{config['gpus_per_node']} GPUs per node" if config.get("gpus_per_node") else f"{config['nodes']}"
-    units = model.get("unit_names") or []
+def _assumptions(document: PlanDocument) -> Table:
+    config, model = document.plan.config, document.plan.model
+    run = config.run
+    checkpointing = CHECKPOINTING.get(model.checkpointing, model.checkpointing) if run.activation_checkpointing else "off"
+    nodes = f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes}"
+    units = model.unit_names
     rows = [
-        ["model", f"{model['name']} ({model['path']})"],
-        ["parameters", f"{format_count(model['num_params'])} ({format_count(model['num_trainable_params'])} trainable)"],
+        ["model", f"{model.name} ({model.path})"],
+        ["parameters", f"{format_count(model.num_params)} ({format_count(model.num_trainable_params)} trainable)"],
         ["target", _target(document)],
-        ["precision", config["precision"]],
-        ["optimizer", config["optimizer"]],
-        ["micro-batch per GPU", str(config["batch_size"])],
-        ["gradient accumulation", str(config["grad_accum"])],
+        ["precision", run.precision],
+        ["optimizer", run.optimizer],
+        ["micro-batch per GPU", str(run.batch_size)],
+        ["gradient accumulation", str(run.grad_accum)],
         ["activation checkpointing", checkpointing],
-        ["offload", config["offload"]],
+        ["offload", run.offload],
         ["nodes", nodes],
         ["FSDP / checkpoint units", f"{len(units)}: {', '.join(units[:4])}{' …' if len(units) > 4 else ''}"
          if units else "none (root only)"],
@@ -192,57 +195,56 @@ def _assumptions(document: dict) -> Table:
     return Table(headers=["assumption", "value"], rows=rows)
 
 
-def _trace_text(model: dict) -> str:
-    text = f"{model['num_traced_ops']} ops in {model['trace_seconds']:.1f} s"
-    repeated = model.get("repeated_layers", 0)
-    if repeated:
-        text += f"; {repeated} alike layers traced at 3 and 4 and built to full depth"
+def _trace_text(model: ModelSummary) -> str:
+    text = f"{model.num_traced_ops} ops in {model.trace_seconds:.1f} s"
+    if model.repeated_layers:
+        text += f"; {model.repeated_layers} alike layers traced at 3 and 4 and built to full depth"
     return text
 
 
-def _all_estimates(estimates: list[dict]) -> Table:
-    show_host = any(e.get("host_bytes") is not None for e in estimates)
+def _all_estimates(estimates: list[StrategyEstimate]) -> Table:
+    show_host = any(e.host_bytes is not None for e in estimates)
     headers = ["GPUs", "strategy", "peak GiB", "params", "grads", "optim", "activ", "other", "fits",
                "max batch", "peak in"] + (["host GiB/node"] if show_host else [])
     rows, css = [], []
     for e in estimates:
-        b = e["breakdown"]
-        row = [str(e["gpus"]), e["strategy"], f"{e['peak_bytes'] / GiB:.2f}",
-               *(f"{b[k] / GiB:.2f}" for k in CATEGORY_LABELS), "yes" if e["fits"] else "no",
-               str(e["max_batch_size"]), e.get("peak_phase") or "-"]
+        b = e.breakdown
+        row = [str(e.gpus), e.strategy, f"{e.peak_bytes / GiB:.2f}",
+               *(f"{b[k] / GiB:.2f}" for k in CATEGORY_LABELS), "yes" if e.fits else "no",
+               str(e.max_batch_size), e.peak_phase or "-"]
         if show_host:
-            row.append("-" if e.get("host_bytes") is None else f"{e['host_bytes'] / GiB:.2f}")
+            row.append("-" if e.host_bytes is None else f"{e.host_bytes / GiB:.2f}")
         rows.append(row)
-        css.append("" if e["fits"] else "bad")
+        css.append("" if e.fits else "bad")
     numeric = frozenset({0, 2, 3, 4, 5, 6, 7, 9} | ({11} if show_host else set()))
     return Table(headers=headers, rows=rows, numeric=numeric, row_css=css)
 
 
-def _verdict(estimates: list[dict], gpu_counts: list[int]) -> Callout:
+def _verdict(estimates: list[StrategyEstimate], gpu_counts: list[int]) -> Callout:
     """Per GPU count: how many strategies fit and the lowest peak, read off the estimates."""
     lines = []
     for gpus in gpu_counts:
-        here = [e for e in estimates if e["gpus"] == gpus]
-        fitting = [e for e in here if e["fits"]]
+        here = [e for e in estimates if e.gpus == gpus]
+        fitting = [e for e in here if e.fits]
         if not fitting:
             lines.append(f"{_gpu_label(gpus)}: no strategy fits (lowest peak "
-                         f"{format_bytes(min(e['peak_bytes'] for e in here))}).")
+                         f"{format_bytes(min(e.peak_bytes for e in here))}).")
             continue
-        lowest = min(fitting, key=lambda e: e["peak_bytes"])
-        largest = max(fitting, key=lambda e: e["max_batch_size"])
+        lowest = min(fitting, key=lambda e: e.peak_bytes)
+        largest = max(fitting, key=lambda e: e.max_batch_size)
         lines.append(
-            f"{_gpu_label(gpus)}: {len(fitting)} of {len(here)} strategies fit; lowest peak {lowest['strategy']} "
-            f"{format_bytes(lowest['peak_bytes'])}; largest micro-batch {largest['max_batch_size']} "
-            f"({largest['strategy']})."
+            f"{_gpu_label(gpus)}: {len(fitting)} of {len(here)} strategies fit; lowest peak {lowest.strategy} "
+            f"{format_bytes(lowest.peak_bytes)}; largest micro-batch {largest.max_batch_size} "
+            f"({largest.strategy})."
         )
-    return Callout(lines=lines, css="" if any(e["fits"] for e in estimates) else "bad")
+    return Callout(lines=lines, css="" if any(e.fits for e in estimates) else "bad")
 
 
-def plan_page(document: dict) -> Page:
-    estimates = document["estimates"]
-    config, model = document["config"], document["model"]
-    gpu_counts = sorted({e["gpus"] for e in estimates})
-    strategies = [s for s in config["strategies"] if any(e["strategy"] == s for e in estimates)]
+def plan_page(document: PlanDocument) -> Page:
+    plan = document.plan
+    estimates, config, model = plan.estimates, plan.config, plan.model
+    gpu_counts = sorted({e.gpus for e in estimates})
+    strategies = [s for s in config.strategies if any(e.strategy == s for e in estimates)]
     sections = [
         Section(title="What fits", anchor="fits", blocks=[
             _verdict(estimates, gpu_counts),
@@ -254,8 +256,8 @@ def plan_page(document: dict) -> Page:
     activations = _activation_modules(model)
     if activations:
         sections.append(Section(title="Activation memory by module", anchor="activations", blocks=[activations]))
-    notes = merge_notes((e["strategy"], e.get("notes") or []) for e in estimates)
-    notes += [f"not planned: {strategy}: {reason}" for strategy, reason in (document.get("unsupported") or {}).items()]
+    notes = merged_notes(plan)
+    notes += [f"not planned: {strategy}: {reason}" for strategy, reason in plan.unsupported.items()]
     sections.append(Section(title="Assumptions", anchor="assumptions", blocks=[
         _assumptions(document),
         *([Text(text="Notes:"), BulletList(items=notes)] if notes else []),
@@ -267,13 +269,13 @@ def plan_page(document: dict) -> Page:
     ]))
     return Page(
         title="dpplan memory plan",
-        model_name=model["name"],
-        subtitle=f"{format_count(model['num_params'])} parameters · {config['precision']} · {config['optimizer']} · "
-        f"micro-batch {config['batch_size']} · {_target(document)}",
+        model_name=model.name,
+        subtitle=f"{format_count(model.num_params)} parameters · {config.run.precision} · {config.run.optimizer} · "
+        f"micro-batch {config.run.batch_size} · {_target(document)}",
         header_rows=[
-            ("created", document.get("created") or "-"),
-            ("command", document.get("command") or "-"),
-            ("model file", model["path"]),
+            ("created", document.created or "-"),
+            ("command", document.command or "-"),
+            ("model file", model.path),
         ],
         sections=sections,
         footer="estimates from a traced training step on a fake device; nothing was allocated",

@@ -1,40 +1,29 @@
-"""The machine-readable plan: ``{"schema_version": 1, "model": {...}, "estimates": [...]}``.
-
-Scripts depend on these names; add fields freely, rename or remove only with a new
-``schema_version``.
+"""Writing plan.json: the ``PlanDocument`` of a plan (planner/plan.py, where its schema is), with
+the version, the time and the command that made it, and the CPU kernels it was planned for.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dpplan import __version__
 from dpplan.errors import UsageError
 from dpplan.planner.cpu_kernels import cpu_description
-from dpplan.planner.plan import Plan
-
-SCHEMA_VERSION = 1
+from dpplan.planner.plan import Plan, PlanDocument
 
 
-def plan_to_json(plan: Plan, *, command: str | None = None) -> dict:
-    model = asdict(plan.model)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "estimate",
-        "tool": {"name": "dpplan", "version": __version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "config": plan.config.to_json(),
-        "model": model,
-        "estimates": [asdict(e) for e in plan.estimates],
-        "unsupported": dict(plan.unsupported),
+def plan_document(plan: Plan, *, command: str | None = None) -> PlanDocument:
+    return PlanDocument(
+        plan=plan,
+        dpplan_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=command,
         # cpu target: the kernels' instruction set and threads the in-op buffers were measured with
-        "cpu_kernels": cpu_description() if plan.config.device == "cpu" else None,
-    }
+        cpu_kernels=cpu_description() if plan.config.device == "cpu" else None,
+    )
 
 
 def write_json(data: dict, destination: str) -> None:

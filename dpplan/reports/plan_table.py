@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -13,18 +11,16 @@ from rich.table import Table
 from rich.text import Text
 
 from dpplan.planner.hardware import lookup_gpu
+from dpplan.planner.plan import Plan, PlanDocument
 from dpplan.reports.units import format_bytes, format_count, format_gib
-
-if TYPE_CHECKING:  # reports draw plans; importing the planner (torch) is left to who makes one
-    from dpplan.planner.plan import Plan
 
 
 TABLE_WIDTH = 120
 """Columns fit in this width; used when the output is not a terminal (rich would assume 80)."""
 
 
-def _header(plan: Plan) -> list[str]:
-    config, model = plan.config, plan.model
+def _header(document: PlanDocument) -> list[str]:
+    config, model = document.plan.config, document.plan.model
     units = f"{model.num_units} FSDP/checkpoint units" if model.num_units else "no units (root only)"
     if model.num_units:
         first, last = model.unit_names[0], model.unit_names[-1]
@@ -35,9 +31,8 @@ def _header(plan: Plan) -> list[str]:
         gpu = lookup_gpu(config.gpu)
         target = f"{gpu.description} ({format_bytes(gpu.memory_bytes)})"
     else:
-        from dpplan.planner.cpu_kernels import cpu_description
-
-        target = f"CPU (gloo): live tensor bytes, capacity = this machine's RAM / ranks per node · {cpu_description()}"
+        kernels = f" · {document.cpu_kernels}" if document.cpu_kernels else ""
+        target = f"CPU (gloo): live tensor bytes, capacity = this machine's RAM / ranks per node{kernels}"
     checkpointing = {"none": "no checkpointing", "model": "checkpointing (model's own)", "units": "checkpointing per unit"}[
         model.checkpointing
     ] if config.run.activation_checkpointing else "no checkpointing"
@@ -51,12 +46,13 @@ def _header(plan: Plan) -> list[str]:
     ]
 
 
-def render_plan(plan: Plan, console: Console | None = None) -> None:
+def render_plan(document: PlanDocument, console: Console | None = None) -> None:
+    plan = document.plan
     if console is None:
         console = Console()
         if not console.is_terminal and console.width < TABLE_WIDTH:
             console = Console(width=TABLE_WIDTH)
-    for line in _header(plan):
+    for line in _header(document):
         console.print(line, highlight=False)
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
     table.add_column("GPUs", justify="right")

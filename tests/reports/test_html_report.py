@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from dpplan.cli import main
+from dpplan.planner.plan import PlanDocument
 from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.reports.html_page import byte_unit, figure_text
 from dpplan.reports.html_report import read_document, render_report
@@ -32,7 +33,7 @@ def _figures(page):
 
 
 def test_memory_bars_stack_to_each_estimates_peak(plan_document):
-    bars = _figures(plan_page(plan_document))["memory-by-strategy"]
+    bars = _figures(plan_page(PlanDocument.from_json(plan_document)))["memory-by-strategy"]
     estimates = plan_document["estimates"]
     assert [trace.name.split(" ")[0] for trace in bars.data] == ["parameters", "gradients", "optimizer", "activations", "other"]
     for index, estimate in enumerate(estimates):
@@ -48,7 +49,7 @@ def test_fit_map_colours_by_share_of_the_gpu_and_marks_what_does_not_fit(plan_do
     document = copy.deepcopy(plan_document)
     over = next(e for e in document["estimates"] if e["strategy"] == "ddp" and e["gpus"] == 2)
     over["peak_bytes"], over["fits"] = 2 * over["capacity_bytes"], False
-    heatmap = _figures(plan_page(document))["fit-map"].data[0]
+    heatmap = _figures(plan_page(PlanDocument.from_json(document)))["fit-map"].data[0]
     assert list(heatmap.x) == ["1 GPU", "2 GPUs", "4 GPUs"]
     assert list(heatmap.y) == document["config"]["strategies"]
     row, column = heatmap.y.index("ddp"), 1
@@ -61,7 +62,7 @@ def test_fit_map_colours_by_share_of_the_gpu_and_marks_what_does_not_fit(plan_do
 
 
 def test_largest_micro_batch_lines_follow_the_estimates(plan_document):
-    lines = {trace.name: trace for trace in _figures(plan_page(plan_document))["max-batch"].data}
+    lines = {trace.name: trace for trace in _figures(plan_page(PlanDocument.from_json(plan_document)))["max-batch"].data}
     for estimate in plan_document["estimates"]:
         line = lines[estimate["strategy"]]
         label = f"{estimate['gpus']} GPU" + ("s" if estimate["gpus"] > 1 else "")
@@ -69,7 +70,7 @@ def test_largest_micro_batch_lines_follow_the_estimates(plan_document):
 
 
 def test_activation_modules_in_a_readable_unit(plan_document):
-    bars = _figures(plan_page(plan_document))["activation-modules"].data[0]
+    bars = _figures(plan_page(PlanDocument.from_json(plan_document)))["activation-modules"].data[0]
     modules = plan_document["model"]["top_activation_modules"]
     unit, size = byte_unit(max(m["activation_bytes"] for m in modules))
     assert unit == "KiB"  # the tiny GPT keeps tens of KiB per module
@@ -215,13 +216,13 @@ def test_strategies_that_never_fit_are_named_not_drawn(plan_document):
     for e in document["estimates"]:
         if e["strategy"] in ("ddp", "zero2"):
             e["max_batch_size"], e["fits"] = 0, False
-    page = plan_page(document)
+    page = plan_page(PlanDocument.from_json(document))
     figure = _figures(page)["max-batch"]
     assert "ddp" not in {trace.name for trace in figure.data} and "fsdp2" in {trace.name for trace in figure.data}
     caption = next(b.caption for s in page.sections for b in s.blocks if getattr(b, "name", "") == "max-batch")
     assert caption.endswith("fits at no GPU count planned: ddp, zero2.")
     for e in document["estimates"]:
         e["max_batch_size"], e["fits"] = 0, False
-    page = plan_page(document)
+    page = plan_page(PlanDocument.from_json(document))
     assert "max-batch" not in _figures(page)
     assert "No strategy fits" in render_report(document)
