@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dpplan.planner.plan import ModelSummary, ModuleActivation
+from dpplan.planner.plan import ModelSummary
 from dpplan.profiler.profile_results import RunResult
 from dpplan.profiler.recommendation_results import Recommendations
 
@@ -41,11 +41,8 @@ class DeviceInfo:
         return cls(type=data["type"], gpus=data["gpus"], gpu=data.get("gpu"), description=data["description"])
 
 
-def model_from_json(data: dict | None) -> ModelSummary | None:
-    if data is None:
-        return None
-    modules = [ModuleActivation(**m) for m in data.get("top_activation_modules") or ()]
-    return ModelSummary(**{**data, "top_activation_modules": modules})
+def _model(data: dict | None) -> ModelSummary | None:
+    return None if data is None else ModelSummary.from_json(data)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +84,7 @@ class ProfileDocument:
         try:
             return cls(
                 dpplan_version=(data.get("tool") or {}).get("version", "unknown"), created=data.get("created"),
-                command=data.get("command"), config=data["config"], model=model_from_json(data.get("model")),
+                command=data.get("command"), config=data["config"], model=_model(data.get("model")),
                 device=DeviceInfo.from_json(data["device"]), notices=tuple(data.get("notices") or ()),
                 out_dir=data["out_dir"], interrupted=bool(data.get("interrupted")),
                 runs=tuple(RunResult.from_json(run) for run in data.get("runs") or ()),

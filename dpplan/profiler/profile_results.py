@@ -57,11 +57,8 @@ class RunStatus(StrEnum):
 
 
 def estimate_from_json(data: dict | None) -> StrategyEstimate | None:
-    """A run's ``estimate`` entry read back; keys this version does not know are ignored."""
-    if data is None:
-        return None
-    known = {f.name for f in fields(StrategyEstimate)}
-    return StrategyEstimate(**{k: v for k, v in data.items() if k in known})
+    """A run's ``estimate`` entry read back (None: the run had none)."""
+    return None if data is None else StrategyEstimate.from_json(data)
 
 
 @dataclass(frozen=True, kw_only=True)
