@@ -14,7 +14,7 @@ from dpplan.planner.plan import PlanDocument
 from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.reports.html_page import render_page
 
-DOCUMENT_TYPES = {"estimate": PlanDocument, "profile": ProfileDocument}
+DOCUMENT_TYPES: dict[str, type[PlanDocument] | type[ProfileDocument]] = {"estimate": PlanDocument, "profile": ProfileDocument}
 KINDS = tuple(DOCUMENT_TYPES)
 
 

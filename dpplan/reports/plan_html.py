@@ -89,9 +89,13 @@ def _fit_map(estimates: list[StrategyEstimate], strategies: list[str], gpu_count
              capacity_name: str) -> Figure:
     """Strategy x GPU count: the peak as a share of the GPU; red where it does not fit."""
     by_cell = {(e.strategy, e.gpus): e for e in estimates}
-    z, text, hover = [], [], []
+    z: list[list[float | None]] = []
+    text: list[list[str]] = []
+    hover: list[list[str]] = []
     for strategy in strategies:
-        row_z, row_text, row_hover = [], [], []
+        row_z: list[float | None] = []
+        row_text: list[str] = []
+        row_hover: list[str] = []
         for gpus in gpu_counts:
             e = by_cell.get((strategy, gpus))
             if e is None or not e.capacity_bytes:

@@ -181,14 +181,15 @@ def _memory_over_time(document: ProfileDocument, run: RunResult, index: int) -> 
 
 
 def _speed(runs: tuple[RunResult, ...]) -> Figure | None:
-    measured_runs = [r for r in runs if r.status == "ok" and r.measured and r.measured.step_time_s]
+    measured_runs = [(r.settings.strategy, step, r.measured.samples_per_s) for r in runs
+                     if r.status == "ok" and r.measured and (step := r.measured.step_time_s)]
     if not measured_runs:
         return None
-    names = [figure_text(r.settings.strategy) for r in measured_runs]
+    names = [figure_text(strategy) for strategy, _, _ in measured_runs]
     figure = make_subplots(rows=1, cols=2, subplot_titles=("step time (ms)", "samples / s (all ranks)"))
-    figure.add_bar(x=names, y=[1000 * r.measured.step_time_s for r in measured_runs], row=1, col=1,
+    figure.add_bar(x=names, y=[1000 * step for _, step, _ in measured_runs], row=1, col=1,
                    marker_color="#5a9e4b", showlegend=False, hovertemplate="%{x}: %{y:.1f} ms<extra></extra>")
-    figure.add_bar(x=names, y=[r.measured.samples_per_s for r in measured_runs], row=1, col=2,
+    figure.add_bar(x=names, y=[samples_per_s for _, _, samples_per_s in measured_runs], row=1, col=2,
                    marker_color="#3b6fb6", showlegend=False, hovertemplate="%{x}: %{y:.2f} samples/s<extra></extra>")
     return Figure(
         name="speed",
@@ -207,29 +208,30 @@ TRIAL_MARKERS = {
 
 def _batch_search(section: Recommendations) -> Figure | None:
     """--find-batch-size: each trial's micro-batch and peak against the limit, the choice circled."""
-    searched = [rec for rec in section.strategies if rec.search and rec.search.trials]
+    searched = [(rec, rec.search.trials) for rec in section.strategies if rec.search and rec.search.trials]
     if not searched:
         return None
     limit = section.limit_bytes
-    largest = max([limit] + [t.peak_bytes or 0 for rec in searched for t in rec.search.trials])
+    largest = max([limit] + [t.peak_bytes or 0 for _, trials in searched for t in trials])
     unit, size = byte_unit(largest)
     figure = go.Figure()
     for status, (symbol, color) in TRIAL_MARKERS.items():
-        trials = [(rec.strategy, t) for rec in searched for t in rec.search.trials if t.status == status]
-        if not trials:
+        found = [(rec.strategy, t) for rec, trials in searched for t in trials if t.status == status]
+        if not found:
             continue
         # A trial without a peak (OOM before any step, a failed rank) sits on the limit line.
         figure.add_scatter(
-            x=[t.batch_size for _, t in trials],
-            y=[(t.peak_bytes if t.peak_bytes is not None else limit) / size for _, t in trials],
-            mode="markers+text", text=[figure_text(strategy) for strategy, _ in trials], textposition="top center",
+            x=[t.batch_size for _, t in found],
+            y=[(t.peak_bytes if t.peak_bytes is not None else limit) / size for _, t in found],
+            mode="markers+text", text=[figure_text(strategy) for strategy, _ in found], textposition="top center",
             marker={"symbol": symbol, "size": 11, "color": color}, name=status.replace("_", " "),
             hovertemplate="%{text} at micro-batch %{x}: %{y:.2f} " + unit + "<extra>" + status + "</extra>",
         )
-    chosen = [rec for rec in searched if rec.status == "confirmed" and rec.peak_bytes is not None]
+    chosen = [(rec.batch_size, peak) for rec, _ in searched
+              if rec.status == "confirmed" and (peak := rec.peak_bytes) is not None]
     if chosen:
         figure.add_scatter(
-            x=[rec.batch_size for rec in chosen], y=[rec.peak_bytes / size for rec in chosen], mode="markers",
+            x=[batch for batch, _ in chosen], y=[peak / size for _, peak in chosen], mode="markers",
             marker={"symbol": "circle-open", "size": 22, "line": {"width": 2, "color": "#1f2933"}},
             name="recommended", hoverinfo="skip",
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
@@ -73,7 +74,7 @@ def render_profile(document: ProfileDocument, console: Console | None = None) ->
         estimate = run.estimate
         status = Text(str(run.status), style=STATUS_STYLE.get(run.status, ""))
         allocated_estimate = (estimate.peak_allocated_bytes if cuda else estimate.peak_bytes) if estimate else None
-        row = [run.settings.strategy, status, _pair(measured.peak_allocated_bytes, allocated_estimate),
+        row: list[str | Text] = [run.settings.strategy, status, _pair(measured.peak_allocated_bytes, allocated_estimate),
                format_pct(run.error_pct)]
         if cuda:
             row += [
@@ -163,7 +164,7 @@ class ProfileProgress:
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.enabled = self.console.is_terminal
-        self._status = None
+        self._status: Status | None = None
 
     def start(self, strategy: str, index: int, count: int) -> None:
         if not self.enabled:
