@@ -40,6 +40,7 @@ from dpplan.planner.meta_kernels import run_meta_kernel
 _Tensor = torch.Tensor
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
 _ADD_TENSOR = torch.ops.aten.add.Tensor
+_ADD_INPLACE = torch.ops.aten.add_.Tensor
 
 
 def _pairs(meta_args: list, args: tuple):
@@ -93,6 +94,10 @@ class StorageTracer(TorchDispatchMode):
         born, continues; the recorder records the death first (True if it did, and then the free
         is not reported again); see ``_note_accumulation``."""
         self._accumulation: tuple[int, tuple[int, ...]] | None = None
+        self.on_sum_into: Callable[[int, int], None] | None = None
+        """``on_sum_into(key, operand_key)``: during backward, storage ``operand_key`` was added
+        in place into storage ``key``; how a gradient's later contributions are recorded
+        (see ``_note_sum_into``)."""
         self.location: Callable[[], str] | None = None
         """Says where in the model the step is (the running module), for errors."""
         self.notes: dict[str, int] = {}
@@ -203,6 +208,8 @@ class StorageTracer(TorchDispatchMode):
             return _placeholder_scalar(args[0].dtype) if known_values.is_unknown(value) else value.item()
         self.num_ops += 1
         self._accumulation = None  # a gradient sum is taken over only right after it is made
+        if func is _ADD_INPLACE and self.on_sum_into is not None:
+            self._note_sum_into(args, kwargs)  # before the op cache, which skips in-place ops
         self.current_op = func
         kwargs = kwargs or {}
         real_kwargs = kwargs
@@ -279,6 +286,18 @@ class StorageTracer(TorchDispatchMode):
             # a tied GPT head's weight gradient is) is summed out of place, as profiled on CPU
             return
         self._accumulation = (output.untyped_storage()._cdata, (a.untyped_storage()._cdata,))
+
+    def _note_sum_into(self, args: tuple, kwargs: dict) -> None:
+        """AccumulateGrad sums a gradient that reaches a leaf with a ``.grad`` already (a later
+        micro-batch's) in place, ``variable_grad += new_grad``, when grad mode is off, as it is
+        in backward (torch/csrc/autograd/functions/accumulate_grad.h ``accumulateGrad``),
+        and then runs the parameter's post-accumulate-grad hooks: report which storage was
+        summed into which, for the hook to read."""
+        if current_graph_task_id() == -1 or kwargs.get("alpha", 1) != 1 or len(args) != 2:
+            return
+        a, b = args
+        if isinstance(a, _Tensor) and isinstance(b, _Tensor):
+            self.on_sum_into(a.untyped_storage()._cdata, b.untyped_storage()._cdata)
 
     # -- values the trace knows -------------------------------------------------------------
     def _is_stale(self, tensor: torch.Tensor) -> bool:

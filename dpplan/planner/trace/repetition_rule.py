@@ -31,6 +31,7 @@ traces the 4-layer model too and compares.
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 
 import numpy as np
 
@@ -306,7 +307,17 @@ class _Extension:
             index = self.depth if index == self.k else self._target(index, segment, full_layer)
         elif m.kind == "grad":
             index = self._full_param(index, self._target(self.param_layer[index], segment, full_layer))
-        return Marker(event=event, kind=m.kind, index=index)
+        storage = m.storage if m.storage < 0 else self._storage_name(m.storage, segment, full_layer)
+        return Marker(event=event, kind=m.kind, index=index, storage=storage)
+
+    def _storage_name(self, s: int, segment: int, full_layer: int) -> int:
+        """Integer name of short storage ``s`` seen from a run of ``segment`` placed at
+        ``full_layer`` (as the run's events name it); renumbered with the events in ``_trace``."""
+        home = int(self.home[s])
+        if home == OUTER:
+            return s
+        layer = self._target(home, segment, full_layer)
+        return int(self._resolve(np.asarray([s]), np.asarray([layer]))[0])
 
     def _match_end_layers(self) -> None:
         """Pair each storage of the first and last short layer with the template layer's
@@ -394,6 +405,9 @@ class _Extension:
         module = self._relocated(t.storage_module[source], self.module_layer, source, layer, self._module_table())
         owner = self._relocated(t.storage_owner[source], self.param_layer, source, layer, self._param_table())
         number_of = dict(zip(name.tolist(), range(len(name))))
+        if any(m.storage >= 0 and m.storage not in number_of for m in markers):
+            raise NotRepeatable("a marker's storage never appears")
+        markers = [m if m.storage < 0 else replace(m, storage=number_of[m.storage]) for m in markers]
         shorts, layers = [], []
         for full_name in self.param_names:
             full_layer = self.stack.layer_of(full_name)
