@@ -1,7 +1,7 @@
 """The tracer: runs a training step on fake-device tensors and reports storage births and deaths.
 
 Every aten op of the step reaches ``StorageTracer.__torch_dispatch__``, runs only its meta
-kernel on the meta tensors behind the fake-device tensors (planner/fake_tensor.py), and the new
+kernel on the meta tensors behind the fake-device tensors (fake_tensor.py), and the new
 storages it creates, and the ones that die, are reported. Around that:
   - the meta kernel's outputs are corrected where the device's kernel differs
     (planner/meta_kernels.py), and on a CPU target a kernel's in-op buffers are measured
@@ -23,10 +23,12 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpplan.planner import cpu_kernels, data_dependent, known_values
+# meta_kernels imports fake_tensor from this package: importing it by module, not by name,
+# lets either be imported first.
+from dpplan.planner import cpu_kernels, data_dependent, known_values, meta_kernels
 from dpplan.planner.fake_device import op_cache
 from dpplan.planner.fake_device.torch_patches import current_graph_task_id
-from dpplan.planner.fake_tensor import (
+from dpplan.planner.fake_device.fake_tensor import (
     CPU,
     META,
     PRIM_DEVICE as _PRIM_DEVICE,
@@ -35,7 +37,6 @@ from dpplan.planner.fake_tensor import (
     meta_like as _meta_like,
     unwrap as _unwrap,
 )
-from dpplan.planner.meta_kernels import run_meta_kernel
 
 _Tensor = torch.Tensor
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
@@ -234,7 +235,7 @@ class StorageTracer(TorchDispatchMode):
         else:
             result = op_cache.run_foreach_deduplicated(func, args, kwargs, kind)
             if result is op_cache.NOT_DEDUPLICATED:
-                result = run_meta_kernel(func, args, _unwrap(args), kwargs)
+                result = meta_kernels.run_meta_kernel(func, args, _unwrap(args), kwargs)
             if self.target_device_type == "cpu" and func in cpu_kernels.CORRECTED_OPS:
                 result = cpu_kernels.corrected_outputs(func, args, result)
             if key is not None:
