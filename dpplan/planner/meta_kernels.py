@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dpplan.planner.fake_tensor import UntracedMode, to_meta
+from dpplan.planner.fake_device.fake_tensor import UntracedMode, to_meta
 
 _Tensor = torch.Tensor
 # A meta kernel is written to mirror one device's checks and leaves out what only the device

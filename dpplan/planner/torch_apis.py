@@ -1,6 +1,6 @@
 """The private torch APIs the tracer relies on, checked before a trace: a changed one is our error.
 
-The tracer runs a model on fake-device tensors (planner/fake_tensor.py, fake_device/), which
+The tracer runs a model on fake-device tensors (planner/fake_device/), which
 needs parts of torch that are not public and may change in any release. Each is checked here
 with a small call that exercises it the way the tracer does; when one fails, planning stops
 with ``TorchApiChanged``, an internal error (exit 1) that names the API and the torch versions
@@ -28,7 +28,7 @@ class TorchApiChanged(InternalError):
 
 
 def _fake_tensor_reports_cpu() -> None:
-    from dpplan.planner.fake_tensor import FakeDeviceTensor
+    from dpplan.planner.fake_device.fake_tensor import FakeDeviceTensor
 
     meta = torch.empty(3, 4, device="meta")
     fake = FakeDeviceTensor(meta)

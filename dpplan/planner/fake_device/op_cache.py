@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dpplan.planner.fake_tensor import META, unwrap as _unwrap
+from dpplan.planner.fake_device.fake_tensor import META, unwrap as _unwrap
 
 _Tensor = torch.Tensor
 

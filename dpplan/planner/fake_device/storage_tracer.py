@@ -1,7 +1,7 @@
 """The tracer: runs a training step on fake-device tensors and reports storage births and deaths.
 
 Every aten op of the step reaches ``StorageTracer.__torch_dispatch__``, runs only its meta
-kernel on the meta tensors behind the fake-device tensors (planner/fake_tensor.py), and the new
+kernel on the meta tensors behind the fake-device tensors (fake_tensor.py), and the new
 storages it creates, and the ones that die, are reported. Around that:
   - the meta kernel's outputs are corrected where the device's kernel differs
     (planner/meta_kernels.py), and on a CPU target a kernel's in-op buffers are measured
@@ -23,10 +23,12 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpplan.planner import cpu_kernels, data_dependent, known_values
+# meta_kernels imports fake_tensor from this package: importing it by module, not by name,
+# lets either be imported first.
+from dpplan.planner import cpu_kernels, data_dependent, known_values, meta_kernels
 from dpplan.planner.fake_device import op_cache
 from dpplan.planner.fake_device.torch_patches import current_graph_task_id
-from dpplan.planner.fake_tensor import (
+from dpplan.planner.fake_device.fake_tensor import (
     CPU,
     META,
     PRIM_DEVICE as _PRIM_DEVICE,
@@ -35,11 +37,11 @@ from dpplan.planner.fake_tensor import (
     meta_like as _meta_like,
     unwrap as _unwrap,
 )
-from dpplan.planner.meta_kernels import run_meta_kernel
 
 _Tensor = torch.Tensor
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
 _ADD_TENSOR = torch.ops.aten.add.Tensor
+_ADD_INPLACE = torch.ops.aten.add_.Tensor
 
 
 def _pairs(meta_args: list, args: tuple):
@@ -93,6 +95,10 @@ class StorageTracer(TorchDispatchMode):
         born, continues; the recorder records the death first (True if it did, and then the free
         is not reported again); see ``_note_accumulation``."""
         self._accumulation: tuple[int, tuple[int, ...]] | None = None
+        self.on_sum_into: Callable[[int, int], None] | None = None
+        """``on_sum_into(key, operand_key)``: during backward, storage ``operand_key`` was added
+        in place into storage ``key``; how a gradient's later contributions are recorded
+        (see ``_note_sum_into``)."""
         self.location: Callable[[], str] | None = None
         """Says where in the model the step is (the running module), for errors."""
         self.notes: dict[str, int] = {}
@@ -203,6 +209,8 @@ class StorageTracer(TorchDispatchMode):
             return _placeholder_scalar(args[0].dtype) if known_values.is_unknown(value) else value.item()
         self.num_ops += 1
         self._accumulation = None  # a gradient sum is taken over only right after it is made
+        if func is _ADD_INPLACE and self.on_sum_into is not None:
+            self._note_sum_into(args, kwargs)  # before the op cache, which skips in-place ops
         self.current_op = func
         kwargs = kwargs or {}
         real_kwargs = kwargs
@@ -227,7 +235,7 @@ class StorageTracer(TorchDispatchMode):
         else:
             result = op_cache.run_foreach_deduplicated(func, args, kwargs, kind)
             if result is op_cache.NOT_DEDUPLICATED:
-                result = run_meta_kernel(func, args, _unwrap(args), kwargs)
+                result = meta_kernels.run_meta_kernel(func, args, _unwrap(args), kwargs)
             if self.target_device_type == "cpu" and func in cpu_kernels.CORRECTED_OPS:
                 result = cpu_kernels.corrected_outputs(func, args, result)
             if key is not None:
@@ -279,6 +287,18 @@ class StorageTracer(TorchDispatchMode):
             # a tied GPT head's weight gradient is) is summed out of place, as profiled on CPU
             return
         self._accumulation = (output.untyped_storage()._cdata, (a.untyped_storage()._cdata,))
+
+    def _note_sum_into(self, args: tuple, kwargs: dict) -> None:
+        """AccumulateGrad sums a gradient that reaches a leaf with a ``.grad`` already (a later
+        micro-batch's) in place, ``variable_grad += new_grad``, when grad mode is off, as it is
+        in backward (torch/csrc/autograd/functions/accumulate_grad.h ``accumulateGrad``),
+        and then runs the parameter's post-accumulate-grad hooks: report which storage was
+        summed into which, for the hook to read."""
+        if current_graph_task_id() == -1 or kwargs.get("alpha", 1) != 1 or len(args) != 2:
+            return
+        a, b = args
+        if isinstance(a, _Tensor) and isinstance(b, _Tensor):
+            self.on_sum_into(a.untyped_storage()._cdata, b.untyped_storage()._cdata)
 
     # -- values the trace knows -------------------------------------------------------------
     def _is_stale(self, tensor: torch.Tensor) -> bool:

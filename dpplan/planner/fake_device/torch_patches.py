@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from dpplan.planner.fake_tensor import META, FakeDeviceTensor
+from dpplan.planner.fake_device.fake_tensor import META, FakeDeviceTensor
 
 
 def always_stepping(grad_scaler):

@@ -4,7 +4,8 @@
 What a trace is: step_trace.py (``StepTrace``, the storage categories, the precision families,
 ``TraceSettings``), and index.py (``TraceIndex``, its markers read once). How one is made:
 full_or_built.py (``trace_step``: in full, or built from short copies of a deep stack by
-repeated_layers.py, layer_stack.py, repetition_rule.py and checked with canonical_form.py);
+repeated_layers.py, layer_stack.py, repetition_rule.py with layer_segments.py and
+layer_storages.py, and checked with canonical_form.py);
 steady_step.py traces one model with the recorder (recorder.py), the unit hooks
 (unit_markers.py) and the precision families' casts (precision.py); errors.py tells the model's
 failures from the tracer's.

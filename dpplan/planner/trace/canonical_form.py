@@ -45,7 +45,7 @@ def canonical_form(trace: StepTrace) -> tuple:
     return (
         tuple(events),
         tuple(storages),
-        tuple((m.event, m.kind, m.index) for m in trace.markers),
+        tuple((m.event, m.kind, m.index, cid[m.storage] if m.storage >= 0 else -1) for m in trace.markers),
         tuple(params),
         tuple(trace.unit_names),
         tuple(trace.module_names),

@@ -10,7 +10,7 @@ import torch
 
 from dpplan.errors import InternalError, UsageError
 from dpplan.planner import data_dependent, torch_apis
-from dpplan.planner.fake_tensor import FakeDeviceError
+from dpplan.planner.fake_device.fake_tensor import FakeDeviceError
 from dpplan.training.model_file import ModelFileError, ModelSpec, describe_user_exception
 
 

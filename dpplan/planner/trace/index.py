@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpplan.planner.trace.step_trace import TEMPORARY, Marker, StepTrace, cached_on_trace
+from dpplan.planner.trace.step_trace import Marker, StepTrace, cached_on_trace
 
 UNIT_SPANS = ("fwd_start", "fwd_end", "bwd_start", "bwd_end", "recompute_start")
 """Unit markers whose first position per unit a micro-batch span keeps."""
-CONTRIBUTION_WINDOW = 16
-"""Events before a later micro-batch's grad marker searched for the gradient's contribution."""
 
 
 @dataclass(kw_only=True)
@@ -102,32 +100,16 @@ def _micro_batch_spans(trace: StepTrace) -> list[MicroBatchSpan]:
 
 
 def _gradient_contributions(trace: StepTrace) -> dict[tuple[int, int], list[int]]:
-    """In the first micro-batch the ``.grad`` itself; later, each new contribution, which the
-    unwrapped trace adds into ``.grad`` and frees just before the parameter's grad marker
-    (torch/csrc/autograd/functions/accumulate_grad.h ``accumulateGrad``): the nearest earlier
-    free of a temporary of the gradient's size not claimed already."""
+    """In the first micro-batch the ``.grad`` itself; later, each new contribution, which
+    AccumulateGrad adds into ``.grad`` in place and then frees: the tracer recorded the storage
+    it summed on the parameter's grad marker (step_trace.py ``Marker.storage``)."""
     found: dict[tuple[int, int], list[int]] = {}
-    claimed: set[int] = set()
     micro = -1
     for marker in trace.markers:
         if marker.kind == "micro_batch":
             micro = marker.index
         if marker.kind != "grad":
             continue
-        param = trace.params[marker.index]
-        if micro == 0:
-            storages = [param.grad_storage] if param.grad_storage >= 0 else []
-        else:
-            storages = _contribution(trace, marker.event, param.numel * param.itemsize, claimed)
-        claimed.update(storages)
-        found.setdefault((micro, marker.index), []).extend(storages)
+        storage = trace.params[marker.index].grad_storage if micro == 0 else marker.storage
+        found.setdefault((micro, marker.index), []).extend([storage] if storage >= 0 else [])
     return found
-
-
-def _contribution(trace: StepTrace, event: int, nbytes: int, claimed: set[int]) -> list[int]:
-    for e in range(event - 1, max(event - 1 - CONTRIBUTION_WINDOW, -1), -1):
-        storage = int(trace.event_storage[e])
-        if (trace.event_sign[e] < 0 and storage not in claimed and trace.storage_bytes[storage] == nbytes
-                and trace.storage_category[storage] == TEMPORARY):
-            return [storage]
-    return []

@@ -4,6 +4,7 @@ becomes the arrays of a StepTrace (planner/trace/step_trace.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,9 @@ class Recorder:
         self.live: dict[int, int] = {}  # storage key -> storage index
         self.born_in_op: list[int] = []  # storage indices born in the running op
         self.markers: list[Marker] = []
+        self.summed_into: dict[int, int] = {}
+        """Storage index -> the storage index last summed into it in place during backward
+        (``StorageTracer.on_sum_into``); read and dropped at the parameter's grad marker."""
         self.phase = OTHER
         self.module_stack: list[int] = [-1]
 
@@ -66,6 +70,12 @@ class Recorder:
         self.event_sign.insert(position, -1)
         return True
 
+    def sum_into(self, key: int, operand_key: int) -> None:
+        """Storage ``operand_key`` was just added in place into storage ``key`` in backward."""
+        index = self.live.get(key)
+        if index is not None:
+            self.summed_into[index] = self.live.get(operand_key, -1)
+
     def phase_boundary(self) -> None:
         """An empty storage born and freed: it separates markers that would otherwise share one
         position, so what a strategy inserts at the end of backward (FSDP's root
@@ -75,8 +85,8 @@ class Recorder:
         self.storage_category[-1] = OTHER
         self.free(key)
 
-    def mark(self, kind: str, index: int = -1) -> None:
-        self.markers.append(Marker(event=len(self.event_storage), kind=kind, index=index))
+    def mark(self, kind: str, index: int = -1, storage: int = -1) -> None:
+        self.markers.append(Marker(event=len(self.event_storage), kind=kind, index=index, storage=storage))
 
     def storage_of(self, tensor: torch.Tensor) -> int:
         return self.live[tensor.untyped_storage()._cdata]
@@ -140,8 +150,7 @@ def move_births_to_baseline(recorder: Recorder, storages: set[int], num_baseline
     recorder.event_sign = [recorder.event_sign[i] for i in order]
     removed_before = np.searchsorted(np.asarray(moved), np.arange(len(order) + 1), side="left")
     recorder.markers = [
-        Marker(event=m.event + len(moved) - int(removed_before[m.event]), kind=m.kind, index=m.index)
-        for m in recorder.markers
+        replace(m, event=m.event + len(moved) - int(removed_before[m.event])) for m in recorder.markers
     ]
     return num_baseline + len(moved)
 

@@ -23,6 +23,8 @@ layer of the short model does, shifted by its index:
     births (size, batch degree, kind, module and owner within the layer): the first layer may
     lack some (its input may need no gradient), the last must match all.
 
+The segments are assigned in layer_segments.py, the storages' homes, partners and full-trace
+names kept in layer_storages.py; this module copies the runs and builds the StepTrace.
 
 Whether the rule holds for a model is checked by planner/trace/repeated_layers.py, which
 traces the 4-layer model too and compares.
@@ -30,25 +32,19 @@ traces the 4-layer model too and compares.
 
 from __future__ import annotations
 
-import difflib
+from dataclasses import replace
 
 import numpy as np
 
+from dpplan.planner.trace.layer_segments import UNIT_MARKERS, runs, segment_items
 from dpplan.planner.trace.layer_stack import OUTER, LayerStack
+from dpplan.planner.trace.layer_storages import NotRepeatable, StorageNames
 from dpplan.planner.trace.step_trace import Marker, ParamInfo, StepTrace, batch_degree
 
 SHORT_DEPTH = 3
 """The short model the full depth is built from: first layer, middle layer, last layer."""
 
-UNIT_MARKERS = ("fwd_start", "fwd_end", "bwd_start", "bwd_end", "recompute_start", "recompute_end")
 ROOT_MARKERS = ("root_bwd_start", "root_fwd_end")
-RESETTING_MARKERS = ("bwd_end", "micro_batch", "backward", "optimizer", "end")
-"""Markers (of the root, or of the step) that no layer's forward or backward runs across."""
-PHASE_OF_MARKER = {"micro_batch": "forward", "backward": "backward", "optimizer": "optimizer"}
-
-
-class NotRepeatable(Exception):
-    """The short trace does not follow the repetition rule (internal; means: trace in full)."""
 
 
 # -- the rule ---------------------------------------------------------------------------------
@@ -88,99 +84,20 @@ class _Extension:
             if stack.layer_of(info.name) != self.param_layer[p]:
                 raise NotRepeatable(f"parameter {info.name} lies outside its unit")
 
-    # -- segments and homes ----------------------------------------------------------------
-    def _items(self) -> list[tuple[str, int, int, str]]:
-        """(kind 'e'/'m', index, segment, phase) of every event and marker, in order."""
-        t = self.short
-        markers_at: dict[int, list[int]] = {}
-        for i, m in enumerate(t.markers):
-            markers_at.setdefault(m.event, []).append(i)
-        owner_layer = self._storage_layer_by_owner()
-        items: list[tuple[str, int, int, str]] = []
-        state = OUTER  # the layer whose forward or backward is running
-        phase = "forward"
-        optimizer_state = OUTER  # the layer of the latest storage born in the optimizer step
-        # Frees right after a layer returns (the caller's ``x = layer(x)`` drops the previous
-        # layer's output) belong to that layer: they happen once per layer.
-        trailing = OUTER
-        num_events = len(t.event_storage)
-        for e in range(num_events + 1):
-            for i in markers_at.get(e, ()):
-                m = t.markers[i]
-                phase = PHASE_OF_MARKER.get(m.kind, phase)
-                trailing = OUTER
-                if m.kind in UNIT_MARKERS and 0 <= m.index < self.k:
-                    if m.kind in ("fwd_start", "bwd_start", "recompute_start"):
-                        state = segment = m.index
-                    elif m.kind == "fwd_end":
-                        segment, state, trailing = m.index, OUTER, m.index
-                    elif m.kind == "recompute_end":
-                        segment = state = m.index  # back in the unit's own backward
-                    else:  # bwd_end: may fire once the next layer's backward has begun
-                        segment = state
-                        if state == m.index:
-                            state, trailing = OUTER, m.index
-                elif m.kind == "grad":
-                    segment = self.param_layer[m.index] if state == OUTER else state
-                else:
-                    segment = OUTER
-                    if m.kind in RESETTING_MARKERS:
-                        state = OUTER  # the first layer's backward has no end marker when
-                        # its input needs no gradient: it ends with the step's backward
-                items.append(("m", i, segment, phase))
-            if e == num_events:
-                break
-            if e < t.num_baseline_events:
-                segment = owner_layer[t.event_storage[e]]
-            elif phase == "optimizer":
-                # A per-parameter loop frees the previous parameter's temporary as it makes
-                # the next one's: a free belongs with the latest birth.
-                if t.event_sign[e] > 0:
-                    optimizer_state = owner_layer[t.event_storage[e]]
-                segment = optimizer_state
-            elif state == OUTER and trailing != OUTER and t.event_sign[e] < 0:
-                segment = trailing
-            else:
-                segment = state
-                trailing = OUTER
-            items.append(("e", e, int(segment), "baseline" if e < t.num_baseline_events else phase))
-        return items
-
-    def _storage_layer_by_owner(self) -> np.ndarray:
-        t = self.short
-        layer = np.full(len(t.storage_bytes), OUTER, dtype=np.int64)
-        for s in range(len(layer)):
-            owner = t.storage_owner[s]
-            if owner >= 0:
-                layer[s] = self.param_layer[owner]
-            elif t.storage_module[s] >= 0:
-                layer[s] = self.module_layer[t.storage_module[s]]
-        return layer
-
     # -- building ---------------------------------------------------------------------------
     def build(self) -> StepTrace:
         t = self.short
-        items = self._items()
-        home = np.full(len(t.storage_bytes), OUTER - 1, dtype=np.int64)
-        births: list[list[int]] = [[] for _ in range(self.k)]
-        for kind, index, segment, _ in items:
-            if kind == "e" and t.event_sign[index] > 0:
-                s = int(t.event_storage[index])
-                home[s] = segment
-                if segment != OUTER:
-                    births[segment].append(s)
-        self.home = home
-        self.births = births
-        self._match_end_layers()
-        self._identity_arrays()
+        items = segment_items(t, self.param_layer, self.module_layer)
+        self.names = StorageNames(t, self.stack, self.depth, items)
+        self.home, self.size = self.names.home, self.names.size
 
         pieces: list[np.ndarray] = []
         signs: list[np.ndarray] = []
         markers: list[Marker] = []
         position = 0
         num_baseline = None
-        for segment, run in _runs(items):
-            phase = run[0][3]
+        for segment, run in runs(items):
+            phase = run[0].phase
             if phase != "baseline" and num_baseline is None:
                 num_baseline = position
             elif phase == "baseline" and num_baseline is not None:
@@ -223,42 +140,6 @@ class _Extension:
         raw = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         return self._trace(raw, np.concatenate(signs), markers, num_baseline)
 
-    # -- storage identity ---------------------------------------------------------------------
-    # A full-trace storage is named by one integer while the events are built (S = number of
-    # short storages): an outer storage s is s; the first layer's storage s is S + s; the last
-    # layer's storage s is 2S + s; the copy at middle layer T of template storage q is
-    # 3S + (T - 1) S + q. They are renumbered by first appearance at the end.
-    def _identity_arrays(self) -> None:
-        size = len(self.home)
-        self.size = size
-        self.template_of = np.full(size, -1, dtype=np.int64)
-        self.first_of = np.full(size, -1, dtype=np.int64)
-        self.last_of = np.full(size, -1, dtype=np.int64)
-        for s in self.births[1]:
-            self.template_of[s] = s
-        for end_storage, template in self.to_template.items():
-            self.template_of[end_storage] = template
-        for template, end_storage in self.from_template[0].items():
-            self.first_of[template] = end_storage
-        for template, end_storage in self.from_template[self.k - 1].items():
-            self.last_of[template] = end_storage
-
-    def _resolve(self, s: np.ndarray, layer: np.ndarray) -> np.ndarray:
-        """Integer names of layer storages ``s`` seen at full layers ``layer`` (arrays of one
-        shape); raises NotRepeatable where the full trace has no such storage."""
-        size, last = self.size, self.depth - 1
-        home = self.home[s]
-        template = self.template_of[s]
-        if np.any(template[(layer > 0) & (layer < last)] < 0):
-            raise NotRepeatable("an end layer's storage has no partner in the template")
-        first = np.where(home == 0, s, self.first_of[np.maximum(template, 0)])
-        last_partner = np.where(home == self.k - 1, s, self.last_of[np.maximum(template, 0)])
-        at_first, at_last = layer == 0, layer == last
-        if np.any(first[at_first] < 0) or np.any(last_partner[at_last] < 0):
-            raise NotRepeatable("an end layer lacks a storage the template has")
-        middle = 3 * size + (layer - 1) * size + template
-        return np.where(at_first, size + first, np.where(at_last, 2 * size + last_partner, middle))
-
     def _layer_run(self, events: np.ndarray, segment: int, layers: np.ndarray) -> np.ndarray:
         """Names of a layer run's events for each of its copies, copy after copy."""
         s = self.short.event_storage[events]
@@ -273,7 +154,7 @@ class _Extension:
         s_grid = np.broadcast_to(s, target.shape)
         ids = np.where(outer[None, :], s_grid, 0)
         if np.any(layer_columns):
-            ids[:, layer_columns] = self._resolve(s_grid[:, layer_columns], target[:, layer_columns])
+            ids[:, layer_columns] = self.names.resolve(s_grid[:, layer_columns], target[:, layer_columns])
         return ids.reshape(-1)
 
     def _outer_widths(self, events: np.ndarray) -> np.ndarray:
@@ -296,7 +177,7 @@ class _Extension:
         ids = s_rep.copy()
         inside = home_rep != OUTER
         if np.any(inside):
-            ids[inside] = self._resolve(s_rep[inside], layer[inside])
+            ids[inside] = self.names.resolve(s_rep[inside], layer[inside])
         return ids
 
     def _marker(self, i: int, segment: int, full_layer: int, event: int) -> Marker:
@@ -306,48 +187,17 @@ class _Extension:
             index = self.depth if index == self.k else self._target(index, segment, full_layer)
         elif m.kind == "grad":
             index = self._full_param(index, self._target(self.param_layer[index], segment, full_layer))
-        return Marker(event=event, kind=m.kind, index=index)
+        storage = m.storage if m.storage < 0 else self._storage_name(m.storage, segment, full_layer)
+        return Marker(event=event, kind=m.kind, index=index, storage=storage)
 
-    def _match_end_layers(self) -> None:
-        """Pair each storage of the first and last short layer with the template layer's
-        storage in the same role, by aligning their births (size, degree, kind, module and
-        owner within the layer). The first layer may lack some: its input may need no
-        gradient. A template storage with no partner in an end layer is fine as long as
-        nothing asks for it there."""
-        signature = [self._signature(layer_births) for layer_births in self.births]
-        self.to_template: dict[int, int] = {}
-        self.from_template: dict[int, dict[int, int]] = {0: {}, self.k - 1: {}}
-        for end in (0, self.k - 1):
-            matcher = difflib.SequenceMatcher(None, signature[end], signature[1], autojunk=False)
-            for block in matcher.get_matching_blocks():
-                for i in range(block.size):
-                    end_storage = self.births[end][block.a + i]
-                    template = self.births[1][block.b + i]
-                    self.to_template[end_storage] = template
-                    self.from_template[end][template] = end_storage
-        if len(self.births[self.k - 1]) != len(self.births[1]) or len(self.from_template[self.k - 1]) != len(
-            self.births[1]
-        ):
-            raise NotRepeatable("layers allocate different numbers of storages")
-
-    def _signature(self, storages: list[int]) -> list[tuple]:
-        t = self.short
-        out = []
-        for s in storages:
-            module = int(t.storage_module[s])
-            owner = int(t.storage_owner[s])
-            out.append((
-                int(t.storage_bytes[s]), int(t.storage_batch_degree[s]), int(t.storage_category[s]),
-                self._within_layer(t.module_names[module]) if module >= 0 else None,
-                self._within_layer(t.params[owner].name) if owner >= 0 else None,
-            ))
-        return out
-
-    def _within_layer(self, name: str) -> str:
-        if self.stack.layer_of(name) == OUTER:
-            return name
-        rest = name[len(self.stack.prefix):].split(".", 1)
-        return "." + rest[1] if len(rest) > 1 else "."
+    def _storage_name(self, s: int, segment: int, full_layer: int) -> int:
+        """Integer name of short storage ``s`` seen from a run of ``segment`` placed at
+        ``full_layer`` (as the run's events name it); renumbered with the events in ``_trace``."""
+        home = int(self.home[s])
+        if home == OUTER:
+            return s
+        layer = self._target(home, segment, full_layer)
+        return int(self.names.resolve(np.asarray([s]), np.asarray([layer]))[0])
 
     def _full_layer(self, short_layer: int) -> int:
         """Short layers 0 and 2 are the full model's first and last (1 is the template)."""
@@ -394,6 +244,9 @@ class _Extension:
         module = self._relocated(t.storage_module[source], self.module_layer, source, layer, self._module_table())
         owner = self._relocated(t.storage_owner[source], self.param_layer, source, layer, self._param_table())
         number_of = dict(zip(name.tolist(), range(len(name))))
+        if any(m.storage >= 0 and m.storage not in number_of for m in markers):
+            raise NotRepeatable("a marker's storage never appears")
+        markers = [m if m.storage < 0 else replace(m, storage=number_of[m.storage]) for m in markers]
         shorts, layers = [], []
         for full_name in self.param_names:
             full_layer = self.stack.layer_of(full_name)
@@ -487,7 +340,7 @@ class _Extension:
         name = short_array.copy()
         inside = (short_array >= 0) & (self.home[np.maximum(short_array, 0)] != OUTER)
         if np.any(inside):
-            name[inside] = self._resolve(short_array[inside], layer[inside])
+            name[inside] = self.names.resolve(short_array[inside], layer[inside])
         numbers = []
         for s, n in zip(short, name.tolist()):
             if s < 0:
@@ -498,13 +351,3 @@ class _Extension:
                 numbers.append(number_of[n])
         return numbers
 
-
-def _runs(items):
-    """Maximal runs of consecutive items with the same segment: [(segment, items)]."""
-    runs: list[tuple[int, list]] = []
-    for item in items:
-        if runs and runs[-1][0] == item[2] and runs[-1][1][-1][3] == item[3]:
-            runs[-1][1].append(item)
-        else:
-            runs.append((item[2], [item]))
-    return runs

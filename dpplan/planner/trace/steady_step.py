@@ -58,6 +58,7 @@ def trace_model(
     )
     tracer.location = location
     tracer.on_merge = recorder.merge
+    tracer.on_sum_into = recorder.sum_into
     module_index: dict[int, int] = {}
     module_names: list[str] = []
     module_classes: list[str] = []
@@ -147,10 +148,12 @@ def _trace_steady_step(
     grad_storage = [-1] * len(params)
 
     def on_grad(param):
+        # A post-accumulate-grad hook: AccumulateGrad has just made or summed into ``.grad``.
         i = param_index[id(param)]
-        recorder.mark("grad", i)
-        if grad_storage[i] < 0 and param.grad is not None:
-            grad_storage[i] = recorder.storage_of(param.grad)
+        grad = recorder.storage_of(param.grad) if param.grad is not None else -1
+        recorder.mark("grad", i, storage=recorder.summed_into.pop(grad, -1))
+        if grad_storage[i] < 0:
+            grad_storage[i] = grad
 
     for param in params:
         if param.requires_grad:

@@ -87,6 +87,10 @@ class Marker:
     runs, before the loss function; index = root unit)"""
     index: int = -1
     """Unit index (fwd/bwd/recompute), parameter index (grad) or micro-batch index."""
+    storage: int = -1
+    """grad only: the storage autograd's AccumulateGrad summed into the parameter's existing
+    ``.grad`` just before (``variable_grad += new_grad``: a later micro-batch's contribution),
+    as the tracer saw the ``add_``; -1 when nothing was summed (the first micro-batch's grad)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,7 +6,7 @@ path that keeps the full S x S attention matrix, which neither CPU nor GPU fused
 A tensor that *is* meta underneath but reports ``cpu`` gets the real autocast, the real SDPA
 kernel choice and the real optimizer defaults of that device, while each op still runs only the
 meta kernel: no data, no memory. This is the idea of torch's ``FakeTensorMode``, reduced to what
-a memory trace needs. The tracer that runs ops on these tensors is planner/fake_device/storage_tracer.py.
+a memory trace needs. The tracer that runs ops on these tensors is storage_tracer.py beside it.
 """
 
 from __future__ import annotations
