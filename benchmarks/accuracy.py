@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from dpplan.config import PlanConfig, RunConfig, RunSpec  # noqa: E402
 from dpplan.planner.deepspeed_config import merge_with_flags, read_deepspeed_config  # noqa: E402
-from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO  # noqa: E402
 from dpplan.planner.estimate import estimate  # noqa: E402
 from dpplan.planner.strategies.registry import DEEPSPEED_STAGES  # noqa: E402
+from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO  # noqa: E402
 from dpplan.profiler.cpu_run import RunFailed, run_cpu  # noqa: E402
 
 MODELS = ROOT / "benchmarks" / "models"

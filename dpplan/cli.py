@@ -24,7 +24,6 @@ import click
 
 from dpplan import __version__
 from dpplan.cli_types import BYTE_SIZE, ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
-from dpplan.errors import FAILURE_EXIT, INTERRUPTED_EXIT, DpplanError, Interrupted, RunFailed, UsageError
 from dpplan.config import (
     DEFAULT_HEADROOM_PCT,
     DEFAULT_MAX_TRIALS,
@@ -40,12 +39,14 @@ from dpplan.config import (
     ProfileConfig,
     RunSpec,
 )
-from dpplan.planner.hardware import DEFAULT_GPU
+from dpplan.errors import FAILURE_EXIT, INTERRUPTED_EXIT, DpplanError, Interrupted, RunFailed, UsageError
 from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
 from dpplan.planner.cpu_isa import apply as apply_cpu_isa
-from dpplan.training.optimizers import OPTIMIZERS
+from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.strategies.registry import STRATEGIES
 from dpplan.reports.html_settings import PLOTLYJS_MODES
+from dpplan.training.optimizers import OPTIMIZERS
+
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)

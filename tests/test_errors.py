@@ -6,9 +6,9 @@ from dpplan import errors
 from dpplan.cli import _run_safely
 from dpplan.planner.data_dependent import UnboundedOp
 from dpplan.planner.fake_device.fake_tensor import FakeDeviceError
-from dpplan.training.model_file import ModelFileError
 from dpplan.planner.torch_apis import TorchApiChanged
 from dpplan.planner.trace import TraceError, TracerBug
+from dpplan.training.model_file import ModelFileError
 from dpplan.training.units import WrapError
 
 

@@ -15,7 +15,8 @@ assumption it made in a note naming the op. An op that has no upper bound (``rep
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -11,13 +11,12 @@ from dataclasses import replace
 
 import numpy as np
 
+from dpplan.config import PlanConfig
 from dpplan.errors import UsageError
 from dpplan.planner import cpu_isa, forked, gpu_overheads
-from dpplan.config import PlanConfig
 from dpplan.planner.deepspeed_config import resolve_for_model
-from dpplan.planner.plan import ModelSummary, ModuleActivation, Plan, StrategyEstimate
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
-from dpplan.training.model_file import ModelSpec, load_model_file
+from dpplan.planner.plan import ModelSummary, ModuleActivation, Plan, StrategyEstimate
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.strategies.registry import Wrapper, planner_of, strategy_info
@@ -35,6 +34,7 @@ from dpplan.planner.trace import (
     trace_step,
     untraced_model,
 )
+from dpplan.training.model_file import ModelSpec, load_model_file
 
 BREAKDOWN_OF_CATEGORY = {
     "parameter": "params",
@@ -160,7 +160,7 @@ least this many are left (a trace costs about as much as a dozen estimates of a 
 
 def _plan_in_two_processes(
     spec: ModelSpec, config: PlanConfig, items: dict[TraceSettings, list], traced: TraceSettings, traces: dict
-) -> tuple[list["StrategyEstimate"], float]:
+) -> tuple[list[StrategyEstimate], float]:
     """Each family's estimates wait in a queue of their own. The child first traces and plans
     the largest untraced family, this process the other untraced ones; then both plan the
     already traced family (the child inherited its trace), then help with the other's
@@ -201,7 +201,7 @@ def _plan_in_two_processes(
 
 def _plan_items(
     spec: ModelSpec, config: PlanConfig, items: list[tuple[TraceSettings, str, int]], traces: dict
-) -> tuple[list["StrategyEstimate"], float]:
+) -> tuple[list[StrategyEstimate], float]:
     """Estimates for ``items`` (settings, strategy, GPU count), tracing what ``traces`` lacks;
     the seconds spent tracing."""
     estimates = []

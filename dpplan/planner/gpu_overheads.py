@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpplan.planner.hardware import MiB, GpuSpec
+from dpplan.planner.hardware import GpuSpec, MiB
 
 # CUDACachingAllocator.cpp: kMinBlockSize = 512 (every block is a multiple of 512 bytes),
 # kSmallSize = 1 MiB (requests up to 1 MiB come from the small pool, in kSmallBuffer = 2 MiB

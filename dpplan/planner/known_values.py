@@ -17,7 +17,8 @@ random factories are not constants): data-dependent ops on those are planned at 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

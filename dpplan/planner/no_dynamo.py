@@ -27,8 +27,9 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 

@@ -60,7 +60,7 @@ class RankTimeline:
         self._merge_base: tuple | None = None  # (merged, storage_scale, inserted events, positions) of the copied
         self._merge_base_of_copies: tuple | None = None  # the same, of this timeline as it is when first copied
 
-    def copy(self) -> "RankTimeline":
+    def copy(self) -> RankTimeline:
         """An independent timeline with the same events so far."""
         twin = RankTimeline.__new__(RankTimeline)
         twin.trace = self.trace

@@ -10,7 +10,7 @@ dpplan's tracer is tested with, instead of blaming the user's model for a torch 
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -20,8 +20,8 @@ Pure logic: launching and predicting are the callers' functions, so tests drive 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 GROWTH = 1.25
 """Step up when nothing predicts the next batch (no measured peak): accelerate's back-off went

@@ -13,11 +13,10 @@ its start and end.
 
 from __future__ import annotations
 
-from typing import Any
-
 import ctypes
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +83,7 @@ class CpuMemoryRecorder:
         self.process_wide = False
         self._profiler: profile | None = None
 
-    def start(self) -> "CpuMemoryRecorder":
+    def start(self) -> CpuMemoryRecorder:
         self.process_wide = enable_process_wide_accounting()
         self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._profiler.__enter__()

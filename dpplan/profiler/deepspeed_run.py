@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from dpplan.planner.deepspeed_config import resolve_for_model
-from dpplan.training.optimizers import build_optimizer
 from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
+from dpplan.training.optimizers import build_optimizer
 from dpplan.training.training_step import cast_floating
 
 PRECISION_SECTIONS = {"bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}

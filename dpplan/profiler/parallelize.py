@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from dpplan.training.optimizers import build_optimizer, optimizer_class_and_kwargs
-from dpplan.training.training_step import LOW_PRECISION_DTYPE
 from dpplan.planner.strategies.registry import DataAxes, Wrapper, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.profiler.deepspeed_run import cast_inputs, engine_no_sync, initialize_engine
-
+from dpplan.training.optimizers import build_optimizer, optimizer_class_and_kwargs
+from dpplan.training.training_step import LOW_PRECISION_DTYPE
 
 
 @dataclass(frozen=True, kw_only=True)

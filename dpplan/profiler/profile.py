@@ -31,21 +31,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dpplan import __version__
-from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
 from dpplan.config import PlanConfig, ProfileConfig, RunConfig
+from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
 from dpplan.planner.plan import ModelSummary, StrategyEstimate
 from dpplan.planner.strategies.registry import Wrapper, strategy_info
 from dpplan.profiler import profile_results as results
 from dpplan.profiler import recommend as recommendations
-from dpplan.profiler.profile_document import DeviceInfo, ProfileDocument, write_profile
-from dpplan.profiler.recommendation_results import Recommendations
 from dpplan.profiler.batch_search import Trial, judge
 from dpplan.profiler.launch import (
     LaunchSpec,
@@ -55,6 +54,8 @@ from dpplan.profiler.launch import (
     user_commands,
     worker_command,
 )
+from dpplan.profiler.profile_document import DeviceInfo, ProfileDocument, write_profile
+from dpplan.profiler.recommendation_results import Recommendations
 
 DEFAULT_CPU_RANKS = 2
 DEFAULT_RUNS_DIR = "dpplan-runs"
@@ -383,7 +384,7 @@ def profile(
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     document = ProfileDocument(
-        dpplan_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dpplan_version=__version__, created=datetime.now(UTC).isoformat(timespec="seconds"),
         command=command, config=config.to_json(), model=model,
         device=DeviceInfo(type=target.device, gpus=target.gpus, gpu=target.gpu, description=target.description),
         notices=target.notices, out_dir=str(out_dir),

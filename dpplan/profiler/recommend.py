@@ -23,8 +23,9 @@ Pure: estimates (the planner's StrategyEstimate) and trial launches come in as f
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 from dpplan.config import DEFAULT_MAX_TRIALS, OFFLOADS
 from dpplan.planner.plan import StrategyEstimate

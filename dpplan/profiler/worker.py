@@ -99,12 +99,12 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from dpplan.training.model_file import build_module, call_user, load_model_file
-    from dpplan.training.training_step import autocast_context, run_training_step
-    from dpplan.training.units import checkpoint_units, find_units
     from dpplan.profiler.memory_series import cuda_series
     from dpplan.profiler.parallelize import parallelize
     from dpplan.profiler.throughput import tokens_per_micro_batch
+    from dpplan.training.model_file import build_module, call_user, load_model_file
+    from dpplan.training.training_step import autocast_context, run_training_step
+    from dpplan.training.units import checkpoint_units, find_units
 
     sampler = meter = None
     if cpu:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dpplan import __version__
@@ -19,7 +19,7 @@ def plan_document(plan: Plan, *, command: str | None = None) -> PlanDocument:
     return PlanDocument(
         plan=plan,
         dpplan_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         command=command,
         # cpu target: the kernels' instruction set and threads the in-op buffers were measured with
         cpu_kernels=cpu_description() if plan.config.device == "cpu" else None,

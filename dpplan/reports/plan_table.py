@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -13,7 +14,6 @@ from rich.text import Text
 from dpplan.planner.hardware import lookup_gpu
 from dpplan.planner.plan import Plan, PlanDocument
 from dpplan.reports.units import format_bytes, format_count, format_gib
-
 
 TABLE_WIDTH = 120
 """Columns fit in this width; used when the output is not a terminal (rich would assume 80)."""

@@ -10,7 +10,8 @@ therefore asks for ``foreach=True`` explicitly when the target is a GPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from dpplan.errors import UsageError
 

@@ -10,7 +10,8 @@ Because estimate and measurement run this same code, they mean the same thing.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

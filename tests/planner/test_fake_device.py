@@ -6,7 +6,6 @@ If one of these fails after a torch upgrade, the tracer needs updating: the fail
 import weakref
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 

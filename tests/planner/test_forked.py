@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dpplan.planner import forked
 from dpplan.config import PlanConfig, RunSpec
+from dpplan.planner import forked
 from dpplan.planner.estimate import estimate
 from dpplan.planner.strategies import STRATEGIES
 from dpplan.planner.trace import TraceError

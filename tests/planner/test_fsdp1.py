@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dpplan.training.model_file import build_module, load_model_file
-from dpplan.planner.strategies import Layout
-from dpplan.planner.strategies import fsdp1
+from dpplan.planner.strategies import Layout, fsdp1
 from dpplan.planner.trace import OPTIMIZER_STATE, PARAM_CAST, TraceSettings, trace_step
+from dpplan.training.model_file import build_module, load_model_file
 from dpplan.training.units import find_units
 
 

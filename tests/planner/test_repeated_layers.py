@@ -10,11 +10,11 @@ import torch
 from dpplan.config import PlanConfig, RunSpec
 from dpplan.planner import fake_device
 from dpplan.planner.estimate import estimate
-from dpplan.training.model_file import build_module, load_model_file
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.strategies import STRATEGIES
 from dpplan.planner.trace import PARAM_CAST, TRACE_BATCH_SIZE, TraceSettings, repeated_layers, trace_step
 from dpplan.planner.trace.steady_step import trace_model
+from dpplan.training.model_file import build_module, load_model_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TINY_GPT_SIZES = "VOCAB, SEQ, HIDDEN, LAYERS, HEADS = 512, 32, 64, 2, 4"

@@ -5,12 +5,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import FIXTURES
-
 from dpplan.cli import main
 from dpplan.planner import torch_apis
-from dpplan.training.model_file import load_model_file
 from dpplan.planner.trace import TracerBug, TraceSettings, trace_step
+from dpplan.training.model_file import load_model_file
+from tests.conftest import FIXTURES
 
 
 def test_every_private_api_works_on_this_torch():

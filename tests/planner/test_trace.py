@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from dpplan.training.model_file import load_model_file
 from dpplan.planner.trace import (
     ACTIVATION,
     AUTOCAST,
@@ -14,6 +13,7 @@ from dpplan.planner.trace import (
     TraceSettings,
     trace_step,
 )
+from dpplan.training.model_file import load_model_file
 
 TINY_MLP_PARAMS = (64 * 128 + 128) + 2 * (128 * 128 + 128) + (128 * 32 + 32)  # 45,472
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from dpplan.planner.fake_device import op_cache
-from dpplan.training.model_file import load_model_file
 from dpplan.planner.trace import PARAM_CAST, TraceSettings, trace_step
+from dpplan.training.model_file import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,20 +2,20 @@
 
 The full table is benchmarks/accuracy.py (docs/accuracy.md); these are the cheap cases, one per
 strategy family, on the tiny GPT fixture (DeepSpeed's stages where DeepSpeed is installed), FSDP
-mixed precision on a CNN whose float input is large next to it (FSDP casts the root's inputs while the fp32 batch stays alive), and the hard
-third-party cases: a grouped-matmul MoE, a MoE routed through nonzero(), a data-dependent audio
-model and a bf16 CNN (.ci/run runs them once natively and once forced to AVX2). Both sides are
-exact byte counts, so the bound is the benchmark's median target, not its worst-case one.
+mixed precision on a CNN whose float input is large next to it (FSDP casts the root's inputs while
+the fp32 batch stays alive), and the hard third-party cases: a grouped-matmul MoE, a MoE routed
+through nonzero(), a data-dependent audio model and a bf16 CNN (.ci/run runs them once natively
+and once forced to AVX2). Both sides are exact byte counts, so the bound is the benchmark's
+median target, not its worst-case one.
 """
 
 import pytest
-
-from tests.conftest import FIXTURES
 
 from dpplan.config import PlanConfig, RunConfig, RunSpec
 from dpplan.planner.estimate import estimate
 from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
 from dpplan.profiler.cpu_run import run_cpu
+from tests.conftest import FIXTURES
 
 TOLERANCE_PCT = 0.5
 

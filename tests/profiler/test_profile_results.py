@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 import torch
 
+from dpplan.config import MIN_SAMPLE_HZ, ProfileConfig
 from dpplan.profiler import profile_results
 from dpplan.profiler.cuda_memory import CudaPhaseMeter
-from dpplan.config import MIN_SAMPLE_HZ, ProfileConfig
 from dpplan.profiler.profile import skip_reason
 from dpplan.profiler.profile_results import compare
 from dpplan.profiler.throughput import tokens_per_micro_batch

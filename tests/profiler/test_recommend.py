@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from dpplan.cli import main
+from dpplan.config import ProfileConfig, RunSpec
 from dpplan.profiler import recommend as rec
 from dpplan.profiler.batch_search import judge
-from dpplan.config import ProfileConfig, RunSpec
 from dpplan.profiler.profile import Target, estimate_function
 from dpplan.profiler.profile_results import Measured, RunResult
 from tests.records import run_settings, strategy_estimate

@@ -90,8 +90,9 @@ def open_report(browser):
 
 @pytest.fixture
 def gpu_profile_document(cpu_profile) -> dict:
-    """The CPU profile recast as a GPU one with a batch-size search (no GPU here to record one): NVML and torch allocated/reserved series per rank,
-    with reserved = allocated + 2 MiB and NVML used = reserved + 500 MiB (context, NCCL)."""
+    """The CPU profile recast as a GPU one with a batch-size search (no GPU here to record one):
+    NVML and torch allocated/reserved series per rank, with reserved = allocated + 2 MiB and NVML
+    used = reserved + 500 MiB (context, NCCL)."""
     document = copy.deepcopy(cpu_profile.document)
     document["device"] = {"type": "cuda", "gpus": 2, "gpu": "h100-80gb", "description": "2 x NVIDIA H100 80GB HBM3"}
     for run in document["runs"]:

@@ -1,3 +1,4 @@
 """wav2vec 2.0 CTC from transformers (config in zoo.py)."""
 from zoo import model_file
+
 build_model, example_batch, loss_fn = model_file("wav2vec2")

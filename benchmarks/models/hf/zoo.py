@@ -15,9 +15,10 @@ A model file of the zoo is three lines:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the Hub; fail instead of reaching it
 

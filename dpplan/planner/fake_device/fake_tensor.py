@@ -41,7 +41,7 @@ class FakeDeviceTensor(torch.Tensor):
         tensor.meta = meta
         return tensor
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]  # as torch's own subclasses
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -49,7 +49,7 @@ class FakeDeviceTensor(torch.Tensor):
             return CPU
         raise FakeDeviceError(f"{func} ran on a fake-device tensor outside dpplan's tracing mode")
 
-    def __repr__(self) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]  # torch's signature
         return f"FakeDeviceTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
 
     def __format__(self, format_spec: str) -> str:
@@ -129,11 +129,11 @@ def module_to_fake_device(module: torch.nn.Module) -> None:
         for name, param in list(sub._parameters.items()):
             if param is None:
                 continue
-            twin = twins.get(id(param))
-            if twin is None:
-                twin = torch.nn.Parameter(to_fake_device(param.detach()), requires_grad=param.requires_grad)
-                twins[id(param)] = twin
-            sub._parameters[name] = twin
+            param_twin = twins.get(id(param))
+            if param_twin is None:
+                param_twin = torch.nn.Parameter(to_fake_device(param.detach()), requires_grad=param.requires_grad)
+                twins[id(param)] = param_twin
+            sub._parameters[name] = param_twin  # type: ignore[assignment]  # a Parameter, made above
         for name, buffer in list(sub._buffers.items()):
             if buffer is None:
                 continue

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from dpplan.planner.fake_device.fake_tensor import META, unwrap as _unwrap
+from dpplan.planner.fake_device.fake_tensor import META
+from dpplan.planner.fake_device.fake_tensor import unwrap as _unwrap
 
 _Tensor = torch.Tensor
 
@@ -47,7 +48,8 @@ def _classify(func) -> str:
     if not any(args_alias) and not any(returns_alias):
         return FRESH_OUTPUTS if _returns_fresh_tensors(schema) else UNCACHED
     writes = [a for a in args_alias if a is not None and a.is_write]
-    if writes and all(r is None or r.is_write for r in returns_alias) and "out" not in {a.name for a in schema.arguments if a.kwarg_only}:
+    keyword_only = {a.name for a in schema.arguments if a.kwarg_only}
+    if writes and all(r is None or r.is_write for r in returns_alias) and "out" not in keyword_only:
         # In-place (self or foreach lists): returns its mutated input, or nothing.
         if all(str(r.type) in ("Tensor",) for r in schema.returns) or not schema.returns:
             return CHECK_ONLY

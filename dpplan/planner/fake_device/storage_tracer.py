@@ -17,8 +17,10 @@ The private torch APIs this relies on are checked before a trace (planner/torch_
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,16 +29,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # lets either be imported first.
 from dpplan.planner import cpu_kernels, data_dependent, known_values, meta_kernels
 from dpplan.planner.fake_device import op_cache
-from dpplan.planner.fake_device.torch_patches import current_graph_task_id
 from dpplan.planner.fake_device.fake_tensor import (
     CPU,
     META,
-    PRIM_DEVICE as _PRIM_DEVICE,
     FakeDeviceError,
     FakeDeviceTensor,
+)
+from dpplan.planner.fake_device.fake_tensor import (
+    PRIM_DEVICE as _PRIM_DEVICE,
+)
+from dpplan.planner.fake_device.fake_tensor import (
     meta_like as _meta_like,
+)
+from dpplan.planner.fake_device.fake_tensor import (
     unwrap as _unwrap,
 )
+from dpplan.planner.fake_device.torch_patches import current_graph_task_id
 
 _Tensor = torch.Tensor
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
@@ -122,8 +130,12 @@ class StorageTracer(TorchDispatchMode):
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key not in self._alive:
-            self._alive[key] = weakref.ref(storage, lambda _ref, key=key: self._died(key))
+            self._alive[key] = weakref.ref(storage, functools.partial(self._storage_died, key))
         self._on_alloc(key, storage.nbytes())
+
+    def _storage_died(self, key: int, _ref: weakref.ref) -> None:
+        """The weak reference's callback: ``key``'s storage is gone."""
+        self._died(key)
 
     def _died(self, key: int) -> None:
         self._stale_values.discard(key)
@@ -144,7 +156,7 @@ class StorageTracer(TorchDispatchMode):
             storage = value.untyped_storage()
             key = storage._cdata
             if key not in self._alive:
-                self._alive[key] = weakref.ref(storage, lambda _ref, key=key: self._died(key))
+                self._alive[key] = weakref.ref(storage, functools.partial(self._storage_died, key))
                 self._on_alloc(key, storage.nbytes())
             return FakeDeviceTensor(value)
         if isinstance(value, (list, tuple)):
@@ -244,7 +256,8 @@ class StorageTracer(TorchDispatchMode):
                     # (``_unsafe_view`` does): never replay this op from the cache.
                     op_cache.OP_KIND[func] = op_cache.UNCACHED
                 else:
-                    op_cache.OP_CACHE[key] = op_cache.CHECK_ONLY_MARK if kind is op_cache.CHECK_ONLY else op_cache.specs_of(result)
+                    checked_only = kind is op_cache.CHECK_ONLY
+                    op_cache.OP_CACHE[key] = op_cache.CHECK_ONLY_MARK if checked_only else op_cache.specs_of(result)
         if self._mutates_and_returns_self(func):
             return args[0]  # its value, if any, was updated in place
         if kind is op_cache.CHECK_ONLY:
@@ -288,17 +301,18 @@ class StorageTracer(TorchDispatchMode):
             return
         self._accumulation = (output.untyped_storage()._cdata, (a.untyped_storage()._cdata,))
 
-    def _note_sum_into(self, args: tuple, kwargs: dict) -> None:
+    def _note_sum_into(self, args: tuple, kwargs: dict | None) -> None:
         """AccumulateGrad sums a gradient that reaches a leaf with a ``.grad`` already (a later
         micro-batch's) in place, ``variable_grad += new_grad``, when grad mode is off, as it is
         in backward (torch/csrc/autograd/functions/accumulate_grad.h ``accumulateGrad``),
         and then runs the parameter's post-accumulate-grad hooks: report which storage was
         summed into which, for the hook to read."""
-        if current_graph_task_id() == -1 or kwargs.get("alpha", 1) != 1 or len(args) != 2:
+        on_sum_into = self.on_sum_into
+        if on_sum_into is None or current_graph_task_id() == -1 or (kwargs or {}).get("alpha", 1) != 1 or len(args) != 2:
             return
         a, b = args
         if isinstance(a, _Tensor) and isinstance(b, _Tensor):
-            self.on_sum_into(a.untyped_storage()._cdata, b.untyped_storage()._cdata)
+            on_sum_into(a.untyped_storage()._cdata, b.untyped_storage()._cdata)
 
     # -- values the trace knows -------------------------------------------------------------
     def _is_stale(self, tensor: torch.Tensor) -> bool:
@@ -349,7 +363,7 @@ class StorageTracer(TorchDispatchMode):
                 continue
             n = value.shape[-1]
             if n > 1 and value.numel() == n and other.shape[-1] == 1 and value.unique().numel() == n:
-                wrapped.mask_share = 1.0 / n
+                wrapped.mask_share = 1.0 / n  # type: ignore[attr-defined]  # read back with getattr
                 return
 
     def _data_dependent(self, func, args: tuple, kwargs: dict, real_kwargs: dict, maybe_known: bool) -> Any:

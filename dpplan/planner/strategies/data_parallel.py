@@ -46,8 +46,8 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     if layout.device_type == "cpu" or gpus == 1:
         return RankPlan(timeline=timeline)
     # The whole batch on device 0.
-    for storage in np.nonzero((trace.storage_category == INPUT) & (trace.storage_batch_degree > 0))[0]:
-        timeline.scale(int(storage), gpus)
+    for batch_storage in np.nonzero((trace.storage_category == INPUT) & (trace.storage_batch_degree > 0))[0]:
+        timeline.scale(int(batch_storage), gpus)
     # Gathered outputs and the loss computed on them.
     for storage in gathered_storages(trace):
         timeline.scale(storage, gpus)
@@ -75,7 +75,8 @@ def process_groups(layout: Layout) -> list[ProcessGroup]:
 def gathered_storages(trace: StepTrace) -> list[int]:
     """Storages that exist once per gathered batch on device 0, per micro-batch: the model's
     output (the last storage a module created that is still alive when the model returns, if
-    it has a batch dimension; a loss computed inside the model is a scalar per replica) and the batch-sized storages the loss creates outside any module before backward.
+    it has a batch dimension; a loss computed inside the model is a scalar per replica) and the
+    batch-sized storages the loss creates outside any module before backward.
     A heuristic: the trace marks where backward starts, not where the model returns."""
     result: list[int] = []
     index = trace_index(trace)

@@ -78,7 +78,7 @@ class Replay:
         events: list[tuple] = []
         micro = -1
         forward_order: list[int] = []
-        spans = {}
+        spans: dict[tuple[int, int], dict] = {}
         for seq, marker in enumerate(trace.markers):
             kind, index, pos = marker.kind, marker.index, marker.event
             if kind == "micro_batch":
@@ -113,10 +113,10 @@ class Replay:
         self.last_micro = num_micro - 1
         for m in range(num_micro):
             end = spans.get((m, self.root), {}).get("end")
-            for order, unit in enumerate(reversed(self.forward_order)):
+            for rank_in_backward, unit in enumerate(reversed(self.forward_order)):
                 pos = self._post_backward_position(spans, m, unit, before.get(unit), end)
                 if pos is not None:
-                    events.append((pos, 0, order, "post_backward", unit, m))
+                    events.append((pos, 0, rank_in_backward, "post_backward", unit, m))
             if end is not None:
                 events.append((end, 0, len(self.forward_order) + 1, "backward_end", self.root, m))
         events.sort(key=lambda e: (e[0], e[1], e[2]))

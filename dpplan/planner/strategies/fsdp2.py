@@ -211,4 +211,5 @@ def refusal(model) -> str | None:
     name = scalar_parameter(model)
     if name is None:
         return None
-    return f"fully_shard doesn't support scalar parameters: {name} is 0-d (the wrapper asks to make it a 1-d tensor with one element)"
+    return (f"fully_shard doesn't support scalar parameters: {name} is 0-d "
+            "(the wrapper asks to make it a 1-d tensor with one element)")

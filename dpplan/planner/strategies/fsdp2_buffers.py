@@ -256,7 +256,7 @@ def foreach_reduce(run: Replay, g: ParamGroup, pos: int) -> None:
     if not g.with_grad:
         return
     sched.alloc(pos, POST, g.reduce_input_bytes, GRADIENT)
-    frees = []  # the unsharded gradients, in the group's parameter order
+    frees: list[tuple[int, list[int]]] = []  # the unsharded gradients (bytes, storages), in the group's parameter order
     for p in g.with_grad:
         if p.index in run.accumulated:
             frees.append((run.accumulated.pop(p.index), []))

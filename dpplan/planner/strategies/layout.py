@@ -38,7 +38,7 @@ class Layout:
             raise UsageError(f"rank {self.rank} is outside a mesh of {self.mesh.world_size} ranks")
 
     @classmethod
-    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, **settings) -> "Layout":
+    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, **settings) -> Layout:
         """The layout of ``strategy`` on ``world_size`` ranks over ``num_nodes`` nodes (its
         registry entry decides the mesh)."""
         return cls(strategy=strategy, mesh=strategy_info(strategy).mesh(world_size, num_nodes), **settings)
@@ -60,5 +60,5 @@ class Layout:
     def ranks_per_node(self) -> int:
         return self.mesh.ranks_per_node
 
-    def with_rank(self, rank: int) -> "Layout":
+    def with_rank(self, rank: int) -> Layout:
         return replace(self, rank=rank)

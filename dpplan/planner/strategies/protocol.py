@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class RankPlan:
     """One rank's memory over the step under a strategy."""
 
-    timeline: "RankTimeline"
+    timeline: RankTimeline
     notes: tuple[str, ...] = ()
     """What the user should know about how this was planned (shown beside the estimate)."""
     host_bytes: int | None = None
@@ -38,15 +38,15 @@ class RankPlan:
 class StrategyPlanner(Protocol):
     """The functions a strategy module defines (each module is one, structurally)."""
 
-    def plan_rank(self, trace: "StepTrace", layout: "Layout") -> RankPlan:
+    def plan_rank(self, trace: StepTrace, layout: Layout) -> RankPlan:
         """Replay ``trace`` as rank ``layout.rank`` runs it under this strategy."""
         ...
 
-    def ranks_to_evaluate(self, trace: "StepTrace", layout: "Layout") -> list[int]:
+    def ranks_to_evaluate(self, trace: StepTrace, layout: Layout) -> list[int]:
         """The ranks whose peaks can differ: the estimate reports the largest of them."""
         ...
 
-    def process_groups(self, layout: "Layout") -> list[ProcessGroup]:
+    def process_groups(self, layout: Layout) -> list[ProcessGroup]:
         """The communicators a rank creates (their NCCL buffers are device memory)."""
         ...
 
@@ -63,7 +63,7 @@ class ProgramTransform(Protocol):
     axis: str
     """The mesh axis it acts on (``tp``, ``cp``, ``ep``, ``pp``)."""
 
-    def apply(self, trace: "StepTrace", layout: "Layout") -> "StepTrace":
+    def apply(self, trace: StepTrace, layout: Layout) -> StepTrace:
         """The trace rank ``layout.rank`` runs."""
         ...
 

@@ -119,6 +119,6 @@ def strategy_info(name: str) -> StrategyInfo:
     return REGISTRY[name]
 
 
-def planner_of(name: str) -> "StrategyPlanner":
+def planner_of(name: str) -> StrategyPlanner:
     """The module that plans ``name`` (it satisfies protocol.StrategyPlanner)."""
     return importlib.import_module(f"dpplan.planner.strategies.{strategy_info(name).module}")

@@ -35,7 +35,6 @@ from dpplan.planner.strategies.common import mesh_process_groups, wraps_every_mo
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.strategies.registry import DEEPSPEED_STAGES
-from dpplan.planner.strategies.zero_stage3 import plan_stage3
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
     MASTER_ALIGNMENT_FACTOR,
@@ -43,10 +42,11 @@ from dpplan.planner.strategies.zero_common import (
     bucket_fills,
     comm_groups,
     flat_state_bytes,
-    notes_for,
     flat_step_temporaries,
+    notes_for,
     zero_optimizer_state,
 )
+from dpplan.planner.strategies.zero_stage3 import plan_stage3
 from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, StepTrace, trace_index
 
@@ -194,12 +194,13 @@ def plan_stage12(trace: StepTrace, layout: Layout, stage: int) -> RankPlan:
         # released (``reduce_independent_p_g_buckets_and_remove_grads``); a full bucket is
         # reduced at the hook that overflows it, the rest at the end of every micro-batch
         # (``independent_gradient_partition_epilogue``).
-        hooked = sorted((i for i in trainable if i in spans[0].grad_position), key=spans[0].grad_position.get)
+        arrival = spans[0].grad_position
+        hooked = sorted((i for i in trainable if i in arrival), key=lambda i: arrival[i])
         fills = bucket_fills(trace, hooked, bucket_numel)
-        for index, span in enumerate(spans):
+        for micro, span in enumerate(spans):
             timeline.insert(span.first_grad, bucket_bytes, OTHER)
             reduce(hooked, fills, position=lambda i, span=span: span.grad_position.get(i, span.backward_end),
-                   epilogue=span.backward_end, first=index == 0, free_grads=index == 0)
+                   epilogue=span.backward_end, first=micro == 0, free_grads=micro == 0)
     if not offload:
         # step() first takes the gradient norm (``scaled_global_norm`` ->
         # ``get_grad_norm_direct``: each gradient slice copied to fp64 in turn), then flattens

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from dpplan.planner.no_dynamo import dynamo_untouched
-from dpplan.training.optimizers import build_optimizer
 from dpplan.planner.strategies.common import owned_storages
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.timeline import RankTimeline
 from dpplan.planner.trace import AUTOCAST, StepTrace, cached_on_trace
+from dpplan.training.optimizers import build_optimizer
 
 # DeepSpeed's ZeRO settings and their defaults: strategies/zero_settings.py (layout.zero).
 # stage_1_and_2.py: ``nccl_start_alignment_factor = 2`` (the flat buffer is padded to a
@@ -46,7 +46,7 @@ def _comm_sizes(trace: StepTrace, indices: list[int]) -> list[int]:
     for i in indices:
         param = trace.params[i]
         safe = low is not None and any(c in LOWER_PRECISION_SAFE_CLASSES for c in param.holder_classes)
-        sizes.append(low if safe else param.itemsize)
+        sizes.append(low if safe and low is not None else param.itemsize)
     return sizes
 
 
@@ -108,7 +108,7 @@ def _bucket_fills(trace: StepTrace, order: list[int], bucket_numel: int) -> list
     return fills
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flat_state_coefficients(optimizer: str) -> tuple[float, float]:
     """Bytes per element and constant bytes of the optimizer's state for one 1-D fp32 tensor,
     measured by stepping torch's optimizer on two small tensors (a 1-D tensor is what DeepSpeed

@@ -22,7 +22,6 @@ from collections import defaultdict, deque
 
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
-from dpplan.planner.strategies.zero_settings import ZeroSettings
 from dpplan.planner.strategies.zero_common import (
     FP32_BYTES,
     bucket_fills,
@@ -31,6 +30,7 @@ from dpplan.planner.strategies.zero_common import (
     flat_step_temporaries,
     zero_optimizer_state,
 )
+from dpplan.planner.strategies.zero_settings import ZeroSettings
 from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import GRADIENT, OPTIMIZER_STATE, OTHER, PARAMETER, MicroBatchSpan, StepTrace, trace_index
 
@@ -79,7 +79,7 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankPlan:
     for p in params:
         unit_numel[p.unit] += p.numel
     largest_unit = max(unit_numel.values())
-    notes = ()
+    notes: tuple[str, ...] = ()
     if min(zero.max_live_parameters, zero.max_reuse_distance) < largest_unit:
         # DeepSpeed gathers and releases module by module; the trace marks layers only.
         notes = (
@@ -94,12 +94,13 @@ def plan_stage3(trace: StepTrace, layout: Layout) -> RankPlan:
     # at the end of backward. reduce_scatter_coalesced (deepspeed/runtime/comm/
     # coalesced_collectives.py) concatenates the bucket's partitions, each padded to a multiple
     # of the world size, into one new tensor.
-    hooked = sorted((i for i in trainable if i in spans[0].grad_position), key=spans[0].grad_position.get)
+    arrival = spans[0].grad_position
+    hooked = sorted((i for i in trainable if i in arrival), key=lambda i: arrival[i])
     fills = bucket_fills(trace, hooked, zero.reduce_bucket_size)
     triggered = {fill.trigger: fill for fill in fills if fill.trigger is not None}
     oversized = {fill.params[0] for fill in fills if fill.oversized}
     for index, span in enumerate(spans):
-        def reduce_scatter(fill, at):
+        def reduce_scatter(fill, at, index=index):
             padded = sum(ceil_div(params[i].numel, world) * world for i in fill.params)
             timeline.insert(at, padded * fill.comm_size, OTHER)
             timeline.insert(at, -padded * fill.comm_size, OTHER)

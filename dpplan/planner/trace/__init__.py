@@ -14,8 +14,8 @@ What the rest of dpplan uses is importable from here.
 """
 
 from dpplan.planner.trace.errors import TraceError, TracerBug
-from dpplan.planner.trace.index import MicroBatchSpan, TraceIndex, trace_index
 from dpplan.planner.trace.full_or_built import has_floating_buffers, has_floating_inputs, trace_step, untraced_model
+from dpplan.planner.trace.index import MicroBatchSpan, TraceIndex, trace_index
 from dpplan.planner.trace.step_trace import (
     ACTIVATION,
     AUTOCAST,

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from dpplan.planner import fake_device
-from dpplan.training.model_file import ModelSpec, build_module, call_user
 from dpplan.planner.no_dynamo import dynamo_untouched
 from dpplan.planner.trace import repeated_layers
 from dpplan.planner.trace.steady_step import trace_model
 from dpplan.planner.trace.step_trace import TRACE_BATCH_SIZE, StepTrace, TraceSettings
+from dpplan.training.model_file import ModelSpec, build_module, call_user
 
 
 def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TRACE_BATCH_SIZE) -> StepTrace:
@@ -26,7 +26,7 @@ def trace_step(spec: ModelSpec, settings: TraceSettings, *, batch_size: int = TR
         return _trace_step(spec, settings, batch_size)
 
 
-_UNTRACED_MODELS: "weakref.WeakKeyDictionary[ModelSpec, nn.Module]" = weakref.WeakKeyDictionary()
+_UNTRACED_MODELS: weakref.WeakKeyDictionary[ModelSpec, nn.Module] = weakref.WeakKeyDictionary()
 
 
 def untraced_model(spec: ModelSpec) -> nn.Module:

@@ -31,7 +31,7 @@ class Item(NamedTuple):
 
     kind: str
     """'e' (an event) or 'm' (a marker)."""
-    index: int
+    number: int
     """Event index or marker index in the short trace."""
     segment: int
     """Short layer it belongs to, or OUTER."""

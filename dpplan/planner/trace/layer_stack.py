@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -64,8 +65,8 @@ def find_layer_stack(model: nn.Module, wrap: str | None) -> LayerStack | None:
     counts: dict[int, int] = {}
     for _, tensor in model.named_parameters(remove_duplicate=False):
         counts[id(tensor)] = counts.get(id(tensor), 0) + 1
-    for layer in units:
-        if any(counts[id(p)] > 1 for p in layer.parameters()):
+    for unit in units:
+        if any(counts[id(p)] > 1 for p in unit.parameters()):
             return None
     return stack
 
@@ -93,7 +94,8 @@ def short_copy(model: nn.Module, stack: LayerStack, depth: int) -> nn.Module:
 
 def list_in(model: nn.Module, stack: LayerStack) -> nn.ModuleList:
     name = stack.prefix[:-1]
-    return model.get_submodule(name) if name else model
+    # find_layer_stack found an nn.ModuleList at that name (or the model itself is one)
+    return cast(nn.ModuleList, model.get_submodule(name) if name else model)
 
 
 def module_names_of(model: nn.Module) -> tuple[list[str], list[str]]:

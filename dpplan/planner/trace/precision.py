@@ -48,7 +48,7 @@ def _batch_norms_in_full_precision(model: nn.Module) -> set[nn.Module]:
     parameters and statistics stay fp32, and it keeps an fp32 copy of its input for backward."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    kept = {m for m in model.modules() if isinstance(m, _BatchNorm)}
+    kept: set[nn.Module] = {m for m in model.modules() if isinstance(m, _BatchNorm)}
     for module in kept:
         dtypes: dict[int, torch.dtype] = {}
 

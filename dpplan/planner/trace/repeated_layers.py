@@ -15,14 +15,19 @@ accuracy.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from torch import nn
 
 from dpplan.planner.trace.canonical_form import canonical_form
 from dpplan.planner.trace.layer_stack import (
-    LayerStack, find_layer_stack, list_in, module_names_of, param_names_of, short_copy,
+    LayerStack,
+    find_layer_stack,
+    list_in,
+    module_names_of,
+    param_names_of,
+    short_copy,
 )
 from dpplan.planner.trace.repetition_rule import SHORT_DEPTH, NotRepeatable, extend
 from dpplan.planner.trace.step_trace import StepTrace
@@ -72,7 +77,7 @@ def trace_by_repeating(
     )
 
 
-_STACKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_STACKS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _layer_stack_of(model: nn.Module, wrap: str | None) -> LayerStack | None:

@@ -13,19 +13,29 @@ import torch
 from torch import nn
 
 from dpplan.planner import fake_device, torch_apis
-from dpplan.training.model_file import ModelSpec, call_user
-from dpplan.training.optimizers import build_optimizer
 from dpplan.planner.trace.errors import TracerBug, as_trace_failure
 from dpplan.planner.trace.precision import grad_scaler, prepare_precision
 from dpplan.planner.trace.recorder import Recorder, move_births_to_baseline, tensors_in
 from dpplan.planner.trace.step_trace import (
-    ACTIVATION, AUTOCAST, BUFFER, GRADIENT, INPUT, OPTIMIZER_STATE, OPTIMIZER_TEMPORARY, PARAMETER,
-    TRACE_BATCH_SIZE, ParamInfo, StepTrace, TraceSettings, batch_degree,
+    ACTIVATION,
+    AUTOCAST,
+    BUFFER,
+    GRADIENT,
+    INPUT,
+    OPTIMIZER_STATE,
+    OPTIMIZER_TEMPORARY,
+    PARAMETER,
+    TRACE_BATCH_SIZE,
+    ParamInfo,
+    StepTrace,
+    TraceSettings,
+    batch_degree,
 )
 from dpplan.planner.trace.unit_markers import enter_backward, mark_units, observe_recompute
+from dpplan.training.model_file import ModelSpec, call_user
+from dpplan.training.optimizers import build_optimizer
 from dpplan.training.training_step import autocast_context, run_micro_batch, run_optimizer_step
 from dpplan.training.units import checkpoint_units, find_units
-
 
 
 def trace_model(

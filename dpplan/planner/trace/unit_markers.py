@@ -87,7 +87,7 @@ def _unit_post_hook(recorder: Recorder, unit: int):
 def _mark_first_output_grad(recorder: Recorder, output, kind: str, unit: int) -> None:
     """Mark ``kind`` when the first gradient reaches any of ``output``'s tensors."""
     outputs = [t for t in tensors_in(output) if t.requires_grad]
-    fired = []
+    fired: list[bool] = []
 
     def on_output_grad(grad):
         if not fired:
