@@ -13,18 +13,12 @@ rename or remove only with a new version), ``PlanDocument.to_json()``:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from dpplan.config import PlanConfig
+from dpplan.json_file import SCHEMA_VERSION, TOOL_NAME, known_fields
 
-SCHEMA_VERSION = 1
 KIND = "estimate"
-TOOL_NAME = "dpplan"
-
-
-def _known_fields(cls, data: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +49,7 @@ class ModelSummary:
     def from_json(cls, data: dict) -> ModelSummary:
         """Back from JSON; keys this version does not know (a newer dpplan's) are left out."""
         modules = [ModuleActivation(**m) for m in data.get("top_activation_modules") or ()]
-        return cls(**{**_known_fields(cls, data), "top_activation_modules": modules})
+        return cls(**{**known_fields(cls, data), "top_activation_modules": modules})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +88,7 @@ class StrategyEstimate:
     @classmethod
     def from_json(cls, data: dict) -> StrategyEstimate:
         """Back from JSON; keys this version does not know (a newer dpplan's) are left out."""
-        return cls(**_known_fields(cls, data))
+        return cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,13 +15,12 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from dpplan.json_file import SCHEMA_VERSION, TOOL_NAME
 from dpplan.planner.plan import ModelSummary
 from dpplan.profiler.profile_results import RunResult
 from dpplan.profiler.recommendation_results import Recommendations
 
-SCHEMA_VERSION = 1
 KIND = "profile"
-TOOL_NAME = "dpplan"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,9 +21,10 @@ Schema, each record's ``to_json()``:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+from dpplan.json_file import known_fields
 from dpplan.profiler.batch_search import SearchResult, Trial
 from dpplan.profiler.profile_results import RunStatus
 
@@ -43,12 +44,6 @@ class PeakSource(StrEnum):
     PREDICTED = "predicted"
 
 
-def _plain(cls, data: dict) -> dict:
-    """The keys of ``data`` that are fields of ``cls`` (a later version may add keys)."""
-    known = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in known}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Calibration:
     """measured / estimated fit bytes of the profile run: the factor every prediction is scaled by."""
@@ -65,7 +60,7 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: dict | None) -> Calibration | None:
-        return None if data is None else cls(**_plain(cls, data))
+        return None if data is None else cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +91,7 @@ class BatchSearch:
             return None
         return cls(num_trials=data["num_trials"], converged=data["converged"], stop_reason=data["stop_reason"],
                    smallest_rejected=data.get("smallest_rejected"),
-                   trials=tuple(Trial(**_plain(Trial, t)) for t in data.get("trials") or ()))
+                   trials=tuple(Trial(**known_fields(Trial, t)) for t in data.get("trials") or ()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +121,7 @@ class OffloadAdvice:
     @classmethod
     def from_json(cls, data: dict) -> OffloadAdvice:
         return cls(needed=data["needed"], configured=data["configured"], supported=data["supported"],
-                   levels=tuple(OffloadLevel(**_plain(OffloadLevel, level)) for level in data["levels"]))
+                   levels=tuple(OffloadLevel(**known_fields(OffloadLevel, level)) for level in data["levels"]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +143,7 @@ class Profiled:
 
     @classmethod
     def from_json(cls, data: dict) -> Profiled:
-        return cls(**_plain(cls, data))
+        return cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,7 +208,7 @@ class Fastest:
 
     @classmethod
     def from_json(cls, data: dict | None) -> Fastest | None:
-        return None if data is None else cls(**_plain(cls, data))
+        return None if data is None else cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpplan.errors import DpplanError, UsageError
-from dpplan.json_file import read_json
+from dpplan.json_file import SCHEMA_VERSION, read_json
 from dpplan.planner.plan import PlanDocument
 from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.reports.html_page import render_page
@@ -52,8 +52,9 @@ def read_document(path: str) -> dict:
     document = read_json(path)
     if not isinstance(document, dict) or document.get("kind") not in KINDS:
         raise UsageError(f"{path} is not a dpplan estimate or profile JSON (no \"kind\": estimate|profile)")
-    if document.get("schema_version") != 1:
-        raise UsageError(f"{path}: schema_version {document.get('schema_version')!r} is not supported (expected 1)")
+    if document.get("schema_version") != SCHEMA_VERSION:
+        raise UsageError(
+            f"{path}: schema_version {document.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})")
     return document
 
 
