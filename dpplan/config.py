@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from dpplan.errors import UsageError
 from dpplan.planner.cpu_isa import ISAS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
-from dpplan.planner.strategies.registry import DEEPSPEED_STAGES, STRATEGIES
+from dpplan.planner.strategies.registry import DEEPSPEED_STAGES, STRATEGIES, TENSOR_PARALLEL_STRATEGIES
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.training.optimizers import OPTIMIZERS
 
@@ -77,9 +77,16 @@ class RunSpec:
     """Class name of the FSDP / checkpointing unit; None: children of the largest ModuleList."""
     zero: ZeroSettings = DEFAULT_ZERO
     """DeepSpeed's ZeRO settings for zero1/2/3 (``--deepspeed-config``; default: DeepSpeed's)."""
+    tp: int = 1
+    """Tensor-parallel degree: each layer split over this many ranks (training/tensor_parallel.py);
+    the data-parallel strategy then runs over gpus / tp ranks."""
+    sequence_parallel: bool = False
+    """With tp > 1: norms and the residual stream split along the sequence too."""
 
     def __post_init__(self):
-        _at_least(self, ("batch_size", "grad_accum"), 1)
+        _at_least(self, ("batch_size", "grad_accum", "tp"), 1)
+        if self.sequence_parallel and self.tp == 1:
+            raise UsageError("sequence parallelism (--sp) needs tensor parallelism (--tp N, N > 1)")
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("offload", self.offload, OFFLOADS)
@@ -94,6 +101,14 @@ class RunSpec:
             _choice("strategy", strategy, STRATEGIES)
         if not self.zero.is_default() and any(s not in DEEPSPEED_STAGES for s in strategies):
             raise UsageError("DeepSpeed settings (--deepspeed-config) apply to zero1, zero2 and zero3 only")
+        if self.tp > 1:
+            refused = [s for s in strategies if s not in TENSOR_PARALLEL_STRATEGIES]
+            if refused:
+                raise UsageError(
+                    f"--tp combines with {', '.join(TENSOR_PARALLEL_STRATEGIES)} over the data-parallel ranks, "
+                    f"not {', '.join(refused)} (DeepSpeed ZeRO and FSDP1 do not take torch's DTensor "
+                    "tensor-parallel modules; nn.DataParallel is one process)"
+                )
 
     def to_json(self) -> dict:
         return asdict(self)

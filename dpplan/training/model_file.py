@@ -4,6 +4,9 @@ A model file defines
     build_model() -> nn.Module            (or another factory named in ``file.py:factory``)
     example_batch(batch_size) -> dict | tuple | Tensor   (the inputs of one micro-batch)
     loss_fn(output, batch) -> Tensor      (optional)
+    tp_plan(model, sequence_parallel) -> dict[str, ParallelStyle]
+                                          (optional: the plan torch's parallelize_module takes
+                                          for --tp; training/tensor_parallel.py otherwise)
 
 Without ``loss_fn`` the loss is ``output.loss`` when the output has one (Hugging Face),
 else ``output.float().mean()``. The planner calls ``build_model`` and ``example_batch``
@@ -41,6 +44,7 @@ class ModelSpec:
     build_model: Callable[[], Any]
     example_batch: Callable[[int], Any]
     loss_fn: Callable[[Any, Any], Any] | None
+    tp_plan: Callable[[Any, bool], Any] | None = None
 
     @property
     def name(self) -> str:
@@ -116,12 +120,16 @@ def load_model_file(model: str | None) -> ModelSpec:
     loss_fn = getattr(module, "loss_fn", None)
     if loss_fn is not None and not callable(loss_fn):
         raise ModelFileError(f"{path.name}: loss_fn must be a function loss_fn(output, batch)")
+    tp_plan = getattr(module, "tp_plan", None)
+    if tp_plan is not None and not callable(tp_plan):
+        raise ModelFileError(f"{path.name}: tp_plan must be a function tp_plan(model, sequence_parallel)")
     return ModelSpec(
         path=path,
         factory_name=factory_name,
         build_model=build_model,
         example_batch=example_batch,
         loss_fn=loss_fn,
+        tp_plan=tp_plan,
     )
 
 

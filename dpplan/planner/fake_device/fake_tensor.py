@@ -11,6 +11,7 @@ a memory trace needs. The tracer that runs ops on these tensors is storage_trace
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -47,6 +48,10 @@ class FakeDeviceTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func is PRIM_DEVICE:
             return CPU
+        if any(t is not cls and is_dtensor_type(t) for t in types):
+            # what DTensor itself refuses on a real run (a model, or its plan, mixes them)
+            raise RuntimeError(f"{func} got mixed torch.Tensor and DTensor inputs: the tensor-parallel plan splits "
+                               "one input of this op and not the other")
         raise FakeDeviceError(f"{func} ran on a fake-device tensor outside dpplan's tracing mode")
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]  # torch's signature
@@ -110,10 +115,33 @@ class UntracedMode(TorchDispatchMode):
         return result
 
 
+def is_dtensor(tensor: Any) -> bool:
+    """A DTensor (a tensor-parallel plan's parameter or activation). Read without importing
+    torch.distributed.tensor: a DTensor exists only once something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def is_dtensor_type(cls: type) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and issubclass(cls, module.DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds a rank's memory: a DTensor's local shard (tensor parallelism),
+    else the tensor itself. Storages are counted on it."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
 def to_fake_device(tensor: torch.Tensor) -> torch.Tensor:
-    """A fake-device tensor for a meta tensor (keeps ``requires_grad``)."""
+    """A fake-device tensor for a meta tensor (keeps ``requires_grad``); a DTensor (a tensor
+    parallel plan's parameter) keeps its placements over a fake-device local shard."""
     if type(tensor) is FakeDeviceTensor:
         return tensor
+    if is_dtensor(tensor):
+        dtensor = type(tensor)
+        local = to_fake_device(tensor._local_tensor.detach())  # type: ignore[attr-defined]
+        return dtensor(local, tensor._spec, requires_grad=tensor.requires_grad)  # type: ignore[attr-defined,call-arg]
     if tensor.device.type != "meta":
         tensor = tensor.to(META)
     return FakeDeviceTensor(tensor)
@@ -131,7 +159,8 @@ def module_to_fake_device(module: torch.nn.Module) -> None:
                 continue
             param_twin = twins.get(id(param))
             if param_twin is None:
-                param_twin = torch.nn.Parameter(to_fake_device(param.detach()), requires_grad=param.requires_grad)
+                plain = param if is_dtensor(param) else param.detach()  # a DTensor is detached shard-wise
+                param_twin = torch.nn.Parameter(to_fake_device(plain), requires_grad=param.requires_grad)
                 twins[id(param)] = param_twin
             sub._parameters[name] = param_twin  # type: ignore[assignment]  # a Parameter, made above
         for name, buffer in list(sub._buffers.items()):

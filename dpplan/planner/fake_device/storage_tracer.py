@@ -50,6 +50,11 @@ _Tensor = torch.Tensor
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
 _ADD_TENSOR = torch.ops.aten.add.Tensor
 _ADD_INPLACE = torch.ops.aten.add_.Tensor
+_FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
+
+
+def _torch_fake_mode():
+    return torch._C._get_dispatch_mode(_FAKE_MODE_KEY)
 
 
 def _pairs(meta_args: list, args: tuple):
@@ -214,6 +219,14 @@ class StorageTracer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _PRIM_DEVICE:
             return CPU
+        if _torch_fake_mode() is not None:
+            # DTensor's sharding propagation computes output shapes under torch's own
+            # FakeTensorMode (an infra mode, below this one): not an op of the step
+            return func(*args, **(kwargs or {}))
+        if any(t is not FakeDeviceTensor and t is not _Tensor for t in types):
+            # a DTensor (tensor parallelism): it redistributes and runs the op on its local
+            # shards, which come back here as fake-device tensors
+            return NotImplemented
         if func is _LOCAL_SCALAR_DENSE:
             # ``.item()``: the value when the trace knows it (planner/known_values.py), else a
             # placeholder: 1 keeps an optimizer's bias corrections finite.

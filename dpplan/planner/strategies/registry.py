@@ -109,6 +109,10 @@ REGISTRY: dict[str, StrategyInfo] = {info.name: info for info in (
 STRATEGIES = tuple(REGISTRY)
 """Every strategy name dpplan plans, in display order (``--strategy`` values)."""
 
+TENSOR_PARALLEL_STRATEGIES = ("single", "ddp", "fsdp2")
+"""The data-parallel strategies that run over the dp ranks of a tensor-parallel mesh: torch's
+DDP and FSDP2 take DTensor modules (torchtitan's 2-D layouts); ``single`` when dp = 1."""
+
 DEEPSPEED_STAGES = {name: info.deepspeed_stage for name, info in REGISTRY.items() if info.deepspeed_stage}
 """DeepSpeed's ZeRO strategies and their stage numbers."""
 

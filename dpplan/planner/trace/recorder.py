@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpplan.planner.fake_device.fake_tensor import local_tensor
 from dpplan.planner.trace.step_trace import OTHER, Marker
 
 
@@ -89,12 +90,12 @@ class Recorder:
         self.markers.append(Marker(event=len(self.event_storage), kind=kind, index=index, storage=storage))
 
     def storage_of(self, tensor: torch.Tensor) -> int:
-        return self.live[tensor.untyped_storage()._cdata]
+        return self.live[local_tensor(tensor).untyped_storage()._cdata]
 
     def owner_of(self, tensor: Any) -> int:
         if not isinstance(tensor, torch.Tensor):
             return -1
-        index = self.live.get(tensor.untyped_storage()._cdata)
+        index = self.live.get(local_tensor(tensor).untyped_storage()._cdata)
         return -1 if index is None else self.storage_owner[index]
 
     def attribute_outputs(self, func, args, outputs) -> None:

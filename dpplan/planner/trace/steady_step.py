@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from dpplan.planner import fake_device, torch_apis
-from dpplan.planner.trace.errors import TracerBug, as_trace_failure
+from dpplan.planner.fake_device.fake_tensor import local_tensor
+from dpplan.planner.trace.errors import TraceError, TracerBug, as_trace_failure
+from dpplan.planner.trace.fake_mesh import fake_tp_mesh
 from dpplan.planner.trace.precision import grad_scaler, prepare_precision
 from dpplan.planner.trace.recorder import Recorder, move_births_to_baseline, tensors_in
 from dpplan.planner.trace.step_trace import (
@@ -45,6 +47,26 @@ def trace_model(
     gives its example batch and loss; ``units``, when given, replaces the units that
     ``settings.wrap`` would pick."""
     torch_apis.check(settings.device_type)
+    if settings.tp == 1:
+        return _trace_model(spec, model, settings, batch_size, units)
+    from dpplan.training.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
+
+    # torchtitan's order: tensor parallelism first, then checkpointing (then the data-parallel
+    # wrapper, which the strategies replay)
+    plan = tensor_parallel_plan(model, settings.tp, settings.sequence_parallel, spec.tp_plan)
+    with fake_tp_mesh(settings.tp) as mesh:
+        apply_tensor_parallel(model, mesh, plan)
+        try:
+            return _trace_model(spec, model, settings, batch_size, units)
+        except TraceError as exc:
+            raise TraceError(f"{exc} (with --tp {settings.tp} each rank holds 1/{settings.tp} of every split "
+                             "layer and of the heads: a model must reshape by local sizes, e.g. "
+                             "view(batch, seq, -1, head_dim); or define tp_plan(model, sequence_parallel))") from None
+
+
+def _trace_model(
+    spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int, units: list[nn.Module] | None
+) -> StepTrace:
     with torch.device("meta"), fake_device.skip_weight_init():
         batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)
     if units is None:
@@ -116,6 +138,7 @@ def _trace_steady_step(
     recorder.recording = True
 
     def adopt(tensor: torch.Tensor, category: int) -> None:
+        tensor = local_tensor(tensor)
         key = tensor.untyped_storage()._cdata
         if key in recorder.live:
             return
@@ -205,14 +228,14 @@ def _trace_steady_step(
     persistent: set[int] = set()
     for i, param in enumerate(params):
         for value in optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in recorder.live:
+            if isinstance(value, torch.Tensor) and local_tensor(value).untyped_storage()._cdata in recorder.live:
                 index = recorder.storage_of(value)
                 recorder.storage_category[index] = OPTIMIZER_STATE
                 recorder.storage_owner[index] = i
                 persistent.add(index)
     if scaler is not None:
         for value in vars(scaler).values():
-            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in recorder.live:
+            if isinstance(value, torch.Tensor) and local_tensor(value).untyped_storage()._cdata in recorder.live:
                 index = recorder.storage_of(value)
                 recorder.storage_category[index] = OPTIMIZER_STATE
                 persistent.add(index)
@@ -232,11 +255,11 @@ def _trace_steady_step(
     param_infos = [
         ParamInfo(
             name=param_names[i],
-            numel=p.numel(),
+            numel=local_tensor(p).numel(),
             itemsize=p.element_size(),
-            shape=tuple(p.shape),
+            shape=tuple(local_tensor(p).shape),
             unit=unit_of_param[i],
-            storage=recorder.live.get(p.untyped_storage()._cdata, -1),
+            storage=recorder.live.get(local_tensor(p).untyped_storage()._cdata, -1),
             grad_storage=grad_storage[i],
             holder_classes=tuple(holders.get(id(p), ())),
         )

@@ -53,6 +53,9 @@ class TraceSettings:
     """1, or 2 when gradients accumulate (later micro-batches repeat the second)."""
     grad_accum: int = 1
     wrap: str | None = None
+    tp: int = 1
+    """Tensor-parallel degree: the step of one rank of a ``tp`` group (its DTensor shards)."""
+    sequence_parallel: bool = False
     device_type: str = "cpu"
     """Target device type: decides optimizer defaults (foreach on cuda)."""
     kernel_batch_size: int = 2

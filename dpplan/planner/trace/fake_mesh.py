@@ -1,0 +1,32 @@
+"""A device mesh without devices or peers, for tracing one rank of a tensor-parallel plan.
+
+torch's fake process group (torch/testing/_internal/distributed/fake_pg.py, the backend
+torchtitan's and torch's own fake-tensor tests shard models with) lets ``init_device_mesh``
+and DTensor run in one process: collectives return at once, and on the fake device they run
+only their meta kernels, which size their outputs as the real ones (all-gather: the group's
+shards; reduce-scatter: one shard). The trace then counts what one rank holds: its DTensor
+shards, the gathered activations, the redistribution buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from dpplan.planner.trace.errors import TracerBug
+
+
+@contextlib.contextmanager
+def fake_tp_mesh(tp: int, rank: int = 0) -> Iterator:
+    """A 1-D ``tp`` mesh of ``tp`` fake ranks, as rank ``rank`` sees it, for the duration."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise TracerBug("a process group is already initialized in the planning process")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp)
+    try:
+        yield init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
+    finally:
+        dist.destroy_process_group()
