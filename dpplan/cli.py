@@ -25,6 +25,7 @@ import click
 from dpplan import __version__
 from dpplan.cli_types import BYTE_SIZE, ENDPOINT, GPU_NAME, POSITIVE_INT_LIST, STRATEGY_LIST
 from dpplan.config import (
+    DEFAULT_GPU_COUNTS,
     DEFAULT_HEADROOM_PCT,
     DEFAULT_MAX_TRIALS,
     DEFAULT_PROFILE_STRATEGIES,
@@ -43,7 +44,7 @@ from dpplan.errors import FAILURE_EXIT, INTERRUPTED_EXIT, DpplanError, Interrupt
 from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
 from dpplan.planner.cpu_isa import apply as apply_cpu_isa
 from dpplan.planner.hardware import DEFAULT_GPU
-from dpplan.planner.strategies.registry import STRATEGIES
+from dpplan.planner.strategies.registry import STRATEGIES, TENSOR_PARALLEL_STRATEGIES
 from dpplan.reports.html_settings import PLOTLYJS_MODES
 from dpplan.training.optimizers import OPTIMIZERS
 
@@ -121,6 +122,14 @@ def run_spec(model: str | None, flags: dict, deepspeed_config: str | None,
     return RunSpec(model=model, **values), strategies
 
 
+def _tensor_parallel_default(name: str, given, default):
+    """``default`` when the flag ``name`` was not typed (its own default does not apply with --tp)."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return default if source in (ParameterSource.DEFAULT, None) else given
+
+
 def run_options(command):
     """The flags that describe the training run, shared by estimate and profile so that they
     mean exactly the same in both (every profiled run has a matching estimate)."""
@@ -138,6 +147,12 @@ def run_options(command):
                      help="Move optimizer state (and parameters) to host memory."),
         click.option("--wrap", metavar="CLASSNAME", default=RUN_DEFAULTS.wrap,
                      help="FSDP / checkpointing unit class (default: children of the largest nn.ModuleList)."),
+        click.option("--tp", type=click.IntRange(min=1), default=RUN_DEFAULTS.tp, show_default=True,
+                     help="Tensor-parallel degree: each layer split over this many GPUs (the model file's "
+                          "tp_plan, a Hugging Face model's own plan, or Megatron's rule); --strategy then runs "
+                          "over gpus / tp data-parallel ranks."),
+        click.option("--sp", "sequence_parallel", is_flag=True, default=RUN_DEFAULTS.sequence_parallel,
+                     help="With --tp: sequence parallelism (norms and the residual stream split along the sequence)."),
         click.option("--deepspeed-config", "deepspeed_config", metavar="JSON", default=None,
                      help="A DeepSpeed config file: its ZeRO stage, precision, offload, batch, accumulation and "
                           'ZeRO settings are planned ("auto" as HF\'s Trainer fills it, from these flags).'),
@@ -201,7 +216,12 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
         from dpplan.reports.plan_table import render_plan
 
         run, strategies = run_spec(model, run_flags, deepspeed_config, gpus)
-        config = PlanConfig(run=run, strategies=strategies, gpus=gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
+        plan_gpus = gpus
+        if run.tp > 1:
+            # --tp without --strategy or --gpus: what combines with it, on multiples of it
+            strategies = _tensor_parallel_default("strategies", strategies, TENSOR_PARALLEL_STRATEGIES)
+            plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * g for g in DEFAULT_GPU_COUNTS))
+        config = PlanConfig(run=run, strategies=strategies, gpus=plan_gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
                             gpu=gpu, device=device, cpu_isa=cpu_isa)
         if html_path:
             _check_html_destination(html_path)

@@ -167,6 +167,8 @@ class PlanConfig:
         for gpus in self.gpus:
             if gpus % self.nodes_for(gpus):
                 raise UsageError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
+            if gpus % self.run.tp:
+                raise UsageError(f"--tp {self.run.tp} does not divide gpus={gpus} (gpus = data-parallel ranks x tp)")
         _choice("device", self.device, PLAN_DEVICES)
         _choice("cpu_isa", self.cpu_isa, tuple(ISAS))
         if self.cpu_isa != "native" and self.device != "cpu":

@@ -76,6 +76,8 @@ def trace_settings_for(
         num_micro_batches=2 if config.run.grad_accum > 1 else 1,
         grad_accum=config.run.grad_accum,
         wrap=config.run.wrap,
+        tp=config.run.tp,
+        sequence_parallel=config.run.sequence_parallel,
         device_type=config.device,
         # only CPU kernels are measured (at the plan's batch): GPU traces stay batch-free
         kernel_batch_size=config.run.batch_size if config.device == "cpu" else TraceSettings.kernel_batch_size,
@@ -94,7 +96,8 @@ def capacity_for(config: PlanConfig, gpus: int) -> int:
 
 
 def applicable(strategy: str, gpus: int, config: PlanConfig) -> bool:
-    return gpus == 1 or not strategy_info(strategy).single_device
+    """Whether ``strategy`` plans at ``gpus``: a one-rank strategy only without data parallelism."""
+    return gpus == config.run.tp or not strategy_info(strategy).single_device
 
 
 def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: int | None = None) -> Plan:
@@ -223,6 +226,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         strategy,
         gpus,
         nodes,
+        tp=config.run.tp,
         precision=config.run.precision,
         grad_accum=config.run.grad_accum,
         offload=config.run.offload,
@@ -281,6 +285,12 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         max_batch_size=int(max_batch or 0),
         host_bytes=plan.host_bytes,
         notes=notes,
+        dp=layout.mesh.dp_size,
+        tp=layout.mesh.tp,
+        pp=layout.mesh.pp,
+        cp=layout.mesh.cp,
+        ep=layout.mesh.ep,
+        sp=config.run.sequence_parallel,
     )
 
 
@@ -308,6 +318,10 @@ def runtime_terms(plan: RankPlan, peak: Peak, gpu: GpuSpec | None, layout: Layou
 def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace_seconds: float) -> ModelSummary:
     num_params = sum(p.numel for p in trace.params)
     trainable = sum(p.numel for p in trace.params if p.grad_storage >= 0)
+    if config.run.tp > 1:  # the trace holds one rank's shards: count the whole model
+        unique = {id(p): p for p in untraced_model(spec).parameters()}.values()
+        num_params = sum(p.numel() for p in unique)
+        trainable = sum(p.numel() for p in unique if p.requires_grad)
     return ModelSummary(
         name=spec.name,
         path=str(spec.path),

@@ -84,11 +84,32 @@ class StrategyEstimate:
     host_bytes: int | None = None
     """Host RAM per node that offload needs (None without offload)."""
     notes: list[str] = field(default_factory=list)
+    dp: int = 1
+    """The layout (strategies/mesh.py): data-parallel ranks (replicas x shards) ..."""
+    tp: int = 1
+    """... tensor-parallel degree ..."""
+    pp: int = 1
+    """... pipeline stages ..."""
+    cp: int = 1
+    """... context-parallel degree (dp x tp x pp x cp = gpus) ..."""
+    ep: int = 1
+    """... and expert-parallel degree (taken from dp x cp, torchtitan's rule)."""
+    sp: bool = False
+    """Sequence parallelism inside the tensor-parallel groups."""
+
+    @property
+    def layout(self) -> str:
+        """``dp4 x tp2 +sp``: the parallel degrees above 1 (``dp1`` for one rank)."""
+        parts = [f"{name}{getattr(self, name)}" for name in ("dp", "tp", "pp", "cp", "ep") if getattr(self, name) > 1]
+        return " x ".join(parts or ["dp1"]) + (" +sp" if self.sp else "")
 
     @classmethod
     def from_json(cls, data: dict) -> StrategyEstimate:
-        """Back from JSON; keys this version does not know (a newer dpplan's) are left out."""
-        return cls(**known_fields(cls, data))
+        """Back from JSON; keys this version does not know (a newer dpplan's) are left out. A
+        plan written before layouts were recorded was data-parallel over every GPU."""
+        known = known_fields(cls, data)
+        known.setdefault("dp", known["gpus"] // max(1, known.get("tp", 1)))
+        return cls(**known)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -41,6 +41,8 @@ def _header(document: PlanDocument) -> list[str]:
         f"({format_count(model.num_trainable_params)} trainable) · {units}",
         f"micro-batch {config.run.batch_size} per GPU · grad accum {config.run.grad_accum} · {config.run.precision} · "
         f"{config.run.optimizer} · {checkpointing} · offload {config.run.offload} · "
+        + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
+           if config.run.tp > 1 else "")
         + (f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes} node(s)"),
         f"target: {target}",
     ]
@@ -56,6 +58,10 @@ def render_plan(document: PlanDocument, console: Console | None = None) -> None:
         console.print(line, highlight=False)
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
     table.add_column("GPUs", justify="right")
+    # the layout column only where a plan goes beyond data parallelism (dp4 x tp2 +sp)
+    show_layout = any(e.tp > 1 or e.pp > 1 or e.cp > 1 or e.ep > 1 for e in plan.estimates)
+    if show_layout:
+        table.add_column("layout")
     table.add_column("strategy")
     table.add_column("peak GiB", justify="right")
     for name in ("params", "grads", "optim", "activ", "other"):
@@ -76,6 +82,7 @@ def render_plan(document: PlanDocument, console: Console | None = None) -> None:
         host = [format_gib(e.host_bytes) if e.host_bytes is not None else "-"] if show_host else []
         table.add_row(
             str(e.gpus),
+            *([e.layout] if show_layout else []),
             e.strategy,
             Text(format_gib(e.peak_bytes), style="bold"),
             format_gib(b["params"]),

@@ -76,7 +76,7 @@ def _params(trace: StepTrace, layout: Layout) -> list[ShardedParam]:
     mixed = trace.settings.family == PARAM_CAST and layout.precision in MIXED
     result = []
     for i, info in enumerate(trace.params):
-        padded, local = shard_numels(info.shape, info.numel, layout.world_size, layout.rank)
+        padded, local = shard_numels(info.shape, info.numel, layout.dp_shard_size, layout.dp_shard_rank)
         # Under bf16/fp16-mixed the trace holds the parameters in the low dtype; FSDP2 keeps
         # them (and reduces gradients) in fp32 and casts only the all-gather input
         # (FSDPParam.init_dtype_attrs, _get_param_all_gather_inputs).
@@ -156,7 +156,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     """One rank's step: resident shards resized, FSDP2's buffers replayed at its hooks."""
     timeline = RankTimeline(trace)
     offload, notes = _offload(layout)
-    if trace.settings.optimizer == "adafactor" and layout.world_size > 1:
+    if trace.settings.optimizer == "adafactor" and layout.dp_shard_size > 1:
         # torch/optim/_adafactor.py updates its factored state in place (``pow_``) on the
         # DTensor gradients, which DTensor refuses for a Partial placement (measured: torch
         # 2.13 raises "in-place operations that require placement changes are not supported").
@@ -164,7 +164,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     params = _params(trace, layout)
     owned = storages_by_param(trace)
     _shard_resident(timeline, params, offload=False)
-    if layout.device_type == "cpu":
+    if layout.device_type == "cpu" and layout.mesh.tp == 1:
         # fully_shard without a mesh builds its own (FSDP_SRC/_fsdp_init.py
         # ``_init_default_mesh``) at each call: one per unit and one for the root, each holding
         # a world-size rank map in host memory, which on a CPU run is the memory measured.
@@ -176,11 +176,11 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     run = Replay(
         trace=trace,
         sched=Schedule(timeline=timeline),
-        groups=param_groups(trace, params, layout.world_size),
+        groups=param_groups(trace, params, layout.dp_shard_size),
         grads=[ps.gradient for ps in owned],
         birth=birth,
         death=death,
-        gloo=layout.device_type == "cpu" and layout.world_size > 1,
+        gloo=layout.device_type == "cpu" and layout.dp_shard_size > 1,
         cpu=layout.device_type == "cpu",
         offload=offload,
     )

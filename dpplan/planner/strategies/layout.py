@@ -9,9 +9,10 @@ from dpplan.planner.strategies.mesh import Mesh
 from dpplan.planner.strategies.registry import StrategyInfo, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
-PLANNED_AXES = ("dp_replicate", "dp_shard")
-"""The mesh axes the planner replays today; tp, cp, ep and pp wait for their program transforms
-(strategies/protocol.py ``ProgramTransform``)."""
+PLANNED_AXES = ("dp_replicate", "dp_shard", "tp")
+"""The mesh axes the planner plans today: the data axes by the strategies' state transforms,
+tp by tracing one rank of the tensor-parallel program (planner/trace/fake_mesh.py); cp, ep and
+pp wait for their program transforms (strategies/protocol.py ``ProgramTransform``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,10 +39,10 @@ class Layout:
             raise UsageError(f"rank {self.rank} is outside a mesh of {self.mesh.world_size} ranks")
 
     @classmethod
-    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, **settings) -> Layout:
-        """The layout of ``strategy`` on ``world_size`` ranks over ``num_nodes`` nodes (its
-        registry entry decides the mesh)."""
-        return cls(strategy=strategy, mesh=strategy_info(strategy).mesh(world_size, num_nodes), **settings)
+    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, *, tp: int = 1, **settings) -> Layout:
+        """The layout of ``strategy`` on ``world_size`` ranks over ``num_nodes`` nodes, in
+        groups of ``tp`` (its registry entry decides the data axes)."""
+        return cls(strategy=strategy, mesh=strategy_info(strategy).mesh(world_size, num_nodes, tp=tp), **settings)
 
     @property
     def info(self) -> StrategyInfo:
@@ -51,6 +52,16 @@ class Layout:
     def world_size(self) -> int:
         """Total ranks (GPUs)."""
         return self.mesh.world_size
+
+    @property
+    def dp_shard_size(self) -> int:
+        """Ranks a sharding strategy splits parameters, gradients or state over."""
+        return self.mesh.dp_shard
+
+    @property
+    def dp_shard_rank(self) -> int:
+        """This rank's index in its shard group."""
+        return self.mesh.coordinate(self.rank, "dp_shard")
 
     @property
     def num_nodes(self) -> int:

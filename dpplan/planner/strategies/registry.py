@@ -65,19 +65,26 @@ class StrategyInfo:
     not_runnable: str | None = None
     """Why ``dpplan profile`` cannot launch it (None: it can)."""
 
-    def mesh(self, world_size: int, num_nodes: int = 1) -> Mesh:
-        """The mesh this strategy puts ``world_size`` ranks on (``num_nodes`` nodes)."""
+    def mesh(self, world_size: int, num_nodes: int = 1, *, tp: int = 1) -> Mesh:
+        """The mesh this strategy puts ``world_size`` ranks on (``num_nodes`` nodes): its data
+        axes over ``world_size / tp`` ranks, each a ``tp`` group of neighbours (torchtitan's
+        layout: tp innermost, inside a node)."""
+        if world_size % tp:
+            raise UsageError(f"--tp {tp} does not divide {world_size} GPUs")
+        dp = world_size // tp
         if self.data_axes is DataAxes.ONE:
-            if world_size != 1:
-                raise UsageError(f"{self.name} runs on one GPU (asked for {world_size})")
-            return Mesh(num_nodes=num_nodes)
+            if dp != 1:
+                raise UsageError(f"{self.name} runs on one GPU (asked for {world_size})" if tp == 1 else
+                                 f"{self.name} means no data parallelism: --gpus must equal --tp ({tp}), "
+                                 f"not {world_size}")
+            return Mesh(tp=tp, num_nodes=num_nodes)
         if self.data_axes is DataAxes.REPLICATE:
-            return Mesh(dp_replicate=world_size, num_nodes=num_nodes)
+            return Mesh(dp_replicate=dp, tp=tp, num_nodes=num_nodes)
         if self.data_axes is DataAxes.SHARD:
-            return Mesh(dp_shard=world_size, num_nodes=num_nodes)
-        if world_size % num_nodes:
-            raise UsageError(f"{self.name}: {world_size} ranks do not split into {num_nodes} nodes")
-        return Mesh(dp_replicate=num_nodes, dp_shard=world_size // num_nodes, num_nodes=num_nodes)
+            return Mesh(dp_shard=dp, tp=tp, num_nodes=num_nodes)
+        if dp % num_nodes:
+            raise UsageError(f"{self.name}: {dp} data-parallel ranks do not split into {num_nodes} nodes")
+        return Mesh(dp_replicate=num_nodes, dp_shard=dp // num_nodes, tp=tp, num_nodes=num_nodes)
 
 
 def _fsdp1(name: str, sharding: str, axes: DataAxes) -> StrategyInfo:
