@@ -15,24 +15,45 @@ NUM_LAYERS = 6
 NUM_HEADS = 8
 
 
+class Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.head_dim = hidden // num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        batch, seq, _ = x.shape
+        # qkv's features laid out head by head, (heads, q|k|v, head_dim), and reshaped by -1
+        # heads: split by columns over --tp ranks, each rank holds whole heads (Megatron's layout)
+        q, k, v = self.qkv(x).view(batch, seq, -1, 3, self.head_dim).unbind(3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(attn.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden, 4 * hidden)
+        self.fc_out = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x):
+        return self.fc_out(F.gelu(self.fc(x)))
+
+
 class Block(nn.Module):
     def __init__(self, hidden: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.ln_1 = nn.LayerNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.attn = Attention(hidden, num_heads)
         self.ln_2 = nn.LayerNorm(hidden)
-        self.fc = nn.Linear(hidden, 4 * hidden)
-        self.fc_out = nn.Linear(4 * hidden, hidden)
+        self.mlp = MLP(hidden)
 
     def forward(self, x):
-        batch, seq, hidden = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(hidden, dim=2)
-        q, k, v = (t.view(batch, seq, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attn.transpose(1, 2).reshape(batch, seq, hidden))
-        return x + self.fc_out(F.gelu(self.fc(self.ln_2(x))))
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):

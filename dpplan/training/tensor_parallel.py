@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -83,7 +83,25 @@ def tensor_parallel_plan(model: nn.Module, tp: int, sequence_parallel: bool,
             source = "dpplan's Megatron-style rule"
         plan = styles_for(model, split, sequence_parallel)
     check_divisible(model, plan, tp, source)
-    return plan
+    return {**plan, **{path: ReplicateParameters() for path in _whole_parameter_holders(model, plan)}}
+
+
+def _whole_parameter_holders(model: nn.Module, plan: dict[str, Any]) -> list[str]:
+    """Modules holding parameters of their own that no style of the plan covers. Left plain,
+    they would sit beside DTensors in one optimizer step, and torch's foreach kernels (the
+    default on GPUs) refuse mixed lists ("got mixed torch.Tensor and DTensor"): every
+    parameter a plan leaves whole is made a replicated DTensor, as torchtitan's ``NoParallel``
+    does for the modules it keeps whole (torchtitan/distributed/tensor_parallel.py)."""
+    exact = set(plan)
+    patterns = [p for p in plan if "*" in p]
+
+    def covered(path: str) -> bool:
+        atoms = path.split(".")
+        return any(".".join(atoms[:n]) in exact or any(fnmatch.fnmatchcase(".".join(atoms[:n]), p) for p in patterns)
+                   for n in range(1, len(atoms) + 1))
+
+    return [path for path, module in model.named_modules()
+            if path and next(module.parameters(recurse=False), None) is not None and not covered(path)]
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, Any]) -> None:
@@ -282,6 +300,37 @@ class ScatterSequence(ParallelStyle):
             return whole.redistribute(device_mesh, (Shard(1),)).to_local()
 
         module.register_forward_pre_hook(_first_tensor_hook(scatter), with_kwargs=True)
+        return module
+
+
+class ReplicateParameters(ParallelStyle):
+    """A module kept whole on every rank of the group: its own parameters become replicated
+    DTensors (no copy: the local tensor is the whole parameter), its inputs enter as
+    replicated DTensors and its outputs leave as local tensors, so the module computes as
+    before."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            whole = distribute_tensor(param.detach(), device_mesh, (Replicate(),))
+            module.register_parameter(name, nn.Parameter(whole, requires_grad=param.requires_grad))
+
+        def to_replicated(_module, args, kwargs):
+            def convert(value):
+                if torch.is_tensor(value) and not isinstance(value, DTensor):
+                    return DTensor.from_local(value, device_mesh, (Replicate(),), run_check=False)
+                return value
+
+            return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
+
+        def to_local(_module, _args, output):
+            if isinstance(output, DTensor):
+                return output.to_local()
+            if isinstance(output, tuple):
+                return tuple(o.to_local() if isinstance(o, DTensor) else o for o in output)
+            return output
+
+        module.register_forward_pre_hook(to_replicated, with_kwargs=True)
+        module.register_forward_hook(to_local)
         return module
 
 

@@ -33,6 +33,8 @@ def test_megatron_rule_splits_each_pair_and_the_vocabulary():
         "embed": "RowwiseParallel", "head": "ColwiseParallel",
         "blocks.0.mlp.fc1": "ColwiseParallel", "blocks.0.mlp.fc2": "RowwiseParallel",
         "blocks.1.mlp.fc1": "ColwiseParallel", "blocks.1.mlp.fc2": "RowwiseParallel",
+        # kept whole, as replicated DTensors: one kind of tensor for the foreach optimizers
+        "blocks.0.norm": "ReplicateParameters", "blocks.1.norm": "ReplicateParameters",
     }
 
 
@@ -65,7 +67,10 @@ def test_the_model_files_plan_wins():
     def user_plan(model, sequence_parallel):
         return {"blocks.0.mlp.fc1": ColwiseParallel()}
 
-    assert list(tensor_parallel_plan(_model("tp_blocks.py"), 2, False, user_plan)) == ["blocks.0.mlp.fc1"]
+    kinds = _kinds(tensor_parallel_plan(_model("tp_blocks.py"), 2, False, user_plan))
+    assert kinds.pop("blocks.0.mlp.fc1") == "ColwiseParallel"
+    assert set(kinds.values()) == {"ReplicateParameters"}  # what the plan leaves whole
+    assert "blocks.0.mlp" not in kinds and "blocks.1.mlp.fc1" in kinds
 
 
 def test_indivisible_features_are_refused_by_name():
