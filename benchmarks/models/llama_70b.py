@@ -25,31 +25,50 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class Layer(nn.Module):
+class Attention(nn.Module):
     def __init__(self):
         super().__init__()
         self.head_dim = HIDDEN // HEADS
-        self.attn_norm = RMSNorm(HIDDEN)
         self.wq = nn.Linear(HIDDEN, HEADS * self.head_dim, bias=False)
         self.wk = nn.Linear(HIDDEN, KV_HEADS * self.head_dim, bias=False)
         self.wv = nn.Linear(HIDDEN, KV_HEADS * self.head_dim, bias=False)
         self.wo = nn.Linear(HIDDEN, HIDDEN, bias=False)
-        self.ffn_norm = RMSNorm(HIDDEN)
+
+    def forward(self, h, cos, sin):
+        b, s, _ = h.shape
+        # -1: the heads this rank holds under --tp
+        q = self.wq(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self):
+        super().__init__()
         self.w1 = nn.Linear(HIDDEN, FFN, bias=False)
         self.w3 = nn.Linear(HIDDEN, FFN, bias=False)
         self.w2 = nn.Linear(FFN, HIDDEN, bias=False)
 
+    def forward(self, h):
+        return self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class Layer(nn.Module):
+    """torchtitan's Llama block: attention and feed-forward in modules of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention_norm = RMSNorm(HIDDEN)
+        self.attention = Attention()
+        self.ffn_norm = RMSNorm(HIDDEN)
+        self.feed_forward = FeedForward()
+
     def forward(self, x, cos, sin):
-        b, s, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.wq(h).view(b, s, HEADS, self.head_dim).transpose(1, 2)
-        k = self.wk(h).view(b, s, KV_HEADS, self.head_dim).transpose(1, 2)
-        v = self.wv(h).view(b, s, KV_HEADS, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + self.wo(y.transpose(1, 2).reshape(b, s, HIDDEN))
-        h = self.ffn_norm(x)
-        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):

@@ -60,7 +60,8 @@ def _capacity_name(document: PlanDocument) -> str:
 
 def _memory_bars(estimates: list[StrategyEstimate], capacity_name: str) -> Figure:
     """Stacked per-GPU memory of each strategy, grouped by GPU count, with the capacity across."""
-    x = [[_gpu_label(e.gpus) for e in estimates], [e.strategy for e in estimates]]
+    layouts = _shows_layout(estimates)
+    x = [[_gpu_label(e.gpus) + (f" ({e.layout})" if layouts else "") for e in estimates], [e.strategy for e in estimates]]
     figure = go.Figure()
     for key, label in CATEGORY_LABELS.items():
         figure.add_bar(
@@ -206,21 +207,28 @@ def _trace_text(model: ModelSummary) -> str:
     return text
 
 
+def _shows_layout(estimates: list[StrategyEstimate]) -> bool:
+    """Whether the plan goes beyond data parallelism (then its layouts are drawn)."""
+    return any(e.tp > 1 or e.pp > 1 or e.cp > 1 or e.ep > 1 for e in estimates)
+
+
 def _all_estimates(estimates: list[StrategyEstimate]) -> Table:
     show_host = any(e.host_bytes is not None for e in estimates)
-    headers = ["GPUs", "strategy", "peak GiB", "params", "grads", "optim", "activ", "other", "fits",
+    layout = ["layout"] if _shows_layout(estimates) else []
+    headers = ["GPUs", *layout, "strategy", "peak GiB", "params", "grads", "optim", "activ", "other", "fits",
                "max batch", "peak in"] + (["host GiB/node"] if show_host else [])
     rows, css = [], []
     for e in estimates:
         b = e.breakdown
-        row = [str(e.gpus), e.strategy, f"{e.peak_bytes / GiB:.2f}",
+        row = [str(e.gpus), *([e.layout] if layout else []), e.strategy, f"{e.peak_bytes / GiB:.2f}",
                *(f"{b[k] / GiB:.2f}" for k in CATEGORY_LABELS), "yes" if e.fits else "no",
                str(e.max_batch_size), e.peak_phase or "-"]
         if show_host:
             row.append("-" if e.host_bytes is None else f"{e.host_bytes / GiB:.2f}")
         rows.append(row)
         css.append("" if e.fits else "bad")
-    numeric = frozenset({0, 2, 3, 4, 5, 6, 7, 9} | ({11} if show_host else set()))
+    shift = len(layout)
+    numeric = frozenset({0} | {i + shift for i in (2, 3, 4, 5, 6, 7, 9)} | ({11 + shift} if show_host else set()))
     return Table(headers=headers, rows=rows, numeric=numeric, row_css=css)
 
 
@@ -275,7 +283,10 @@ def plan_page(document: PlanDocument) -> Page:
         title="dpplan memory plan",
         model_name=model.name,
         subtitle=f"{format_count(model.num_params)} parameters · {config.run.precision} · {config.run.optimizer} · "
-        f"micro-batch {config.run.batch_size} · {_target(document)}",
+        f"micro-batch {config.run.batch_size} · "
+        + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
+           if config.run.tp > 1 else "")
+        + _target(document),
         header_rows=[
             ("created", document.created or "-"),
             ("command", document.command or "-"),

@@ -51,7 +51,10 @@ def test_impossible_meshes_are_refused(kwargs, message):
 
 
 def test_axes_without_their_program_transform_are_not_planned_yet():
-    with pytest.raises(ValueError, match="tp parallelism is not planned yet"):
-        Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, tp=2))
+    with pytest.raises(ValueError, match="pp parallelism is not planned yet"):
+        Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, pp=2))
+    with pytest.raises(ValueError, match="cp parallelism is not planned yet"):
+        Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, cp=2))
+    assert Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, tp=2)).dp_shard_size == 2  # tp is traced
     with pytest.raises(ValueError, match="rank 4 is outside a mesh of 4 ranks"):
         Layout(strategy="fsdp2", mesh=Mesh(dp_shard=4), rank=4)
