@@ -40,12 +40,17 @@ MODEL = ROOT / "benchmarks" / "models" / "llama_70b.py"
 GPU_COUNTS = "8,16,32,64,128,256,512,1024"
 
 
-def one_run(precision: str, batch_size: int) -> dict:
+SWEEP = ("--strategy", "all", "--gpus", GPU_COUNTS, "--gpus-per-node", "8")
+DATA_PARALLEL = ("--strategy", "fsdp2", "--gpus", "64", "--gpus-per-node", "8")
+"""The tensor-parallel comparison (issue 13): fsdp2 on 64 GPUs, then the same with --tp 8."""
+TENSOR_PARALLEL = (*DATA_PARALLEL, "--tp", "8")
+
+
+def one_run(precision: str, batch_size: int, flags: tuple[str, ...] = SWEEP) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
         command = [
-            sys.executable, "-m", "dpplan.cli", "estimate", str(MODEL), "--strategy", "all",
-            "--gpus", GPU_COUNTS, "--gpus-per-node", "8", "--precision", precision,
+            sys.executable, "-m", "dpplan.cli", "estimate", str(MODEL), *flags, "--precision", precision,
             "--batch-size", str(batch_size), "--json", str(out),
         ]
         start = time.perf_counter()
@@ -80,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="time fsdp2 on 64 GPUs with and without --tp 8 (alternated) instead of the sweep")
     args = parser.parse_args(argv)
     _ = resource  # ru_maxrss of the child comes from wait4
+    if args.tensor_parallel:
+        return compare_tensor_parallel(args)
     runs, imports = [], []
     for _ in range(args.runs):  # alternated, so that both see the same machine
         runs.append(one_run(args.precision, args.batch_size))
@@ -98,6 +107,25 @@ def main(argv: list[str] | None = None) -> int:
         "max_peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / 2**20,
         "estimates_per_run": runs[0]["num_estimates"],
         "traced_ops": runs[0]["num_traced_ops"],
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def compare_tensor_parallel(args) -> int:
+    """Target (issue 13): the tp 8 plan within 1.5x the wall time of the data-parallel one."""
+    plain, tp = [], []
+    for _ in range(args.runs):  # alternated, so that both see the same machine
+        plain.append(one_run(args.precision, args.batch_size, DATA_PARALLEL)["wall_s"])
+        tp.append(one_run(args.precision, args.batch_size, TENSOR_PARALLEL)["wall_s"])
+    summary = {
+        "command": f"dpplan estimate {MODEL.relative_to(ROOT)} {' '.join(DATA_PARALLEL)} [--tp 8] "
+        f"--precision {args.precision} --batch-size {args.batch_size} --json PATH",
+        "runs": args.runs,
+        "median_wall_s_data_parallel": statistics.median(plain),
+        "median_wall_s_tp8": statistics.median(tp),
+        "ratio": statistics.median(tp) / statistics.median(plain),
+        "target_ratio": 1.5,
     }
     print(json.dumps(summary, indent=1))
     return 0

@@ -10,8 +10,10 @@ traced step would import it only to tell a compiler that is not running to stay 
     imports it to call ``torch._dynamo.graph_break()``.
 Outside ``torch.compile`` both are pass-throughs: ``disable(fn)`` runs ``fn``, ``graph_break()``
 does nothing. Inside ``dynamo_untouched`` a stand-in module answers those two names with exactly
-that; any other name, and any import of a submodule, imports the real ``torch._dynamo`` in its
-place, so a torch (or a model) that asks for more costs time, never correctness. On exit the stand-in is removed, and so is every
+that (and ``trace_rules.clear_lru_cache()``, which ``init_process_group`` calls, and the
+``config`` submodule, a leaf module imported as itself); any other name, and any import of another
+submodule, imports the real ``torch._dynamo`` in its place, so a torch (or a model) that asks
+for more costs time, never correctness. On exit the stand-in is removed, and so is every
 ``disable`` result the wrappers cached on their function, so a later ``torch.compile`` in the
 same process sees torch as it was.
 
@@ -28,12 +30,14 @@ import importlib.abc
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
-from types import ModuleType
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
 
 _NAME = "torch._dynamo"
+_CONFIG = _NAME + ".config"
 _CACHE_ATTRIBUTE = "__dynamo_disable"
 
 
@@ -44,6 +48,10 @@ class _StandIn(ModuleType):
         super().__init__(_NAME)
         self.passed_through: list[Callable] = []
         self.__path__: list[str] = []  # a package: its submodules are found by _SubmoduleHandOver
+        # init_process_group clears dynamo's trace-rule caches when torch._dynamo is imported
+        # (torch/distributed/distributed_c10d.py): a dynamo that never ran has none to clear
+        # (the fake process group of a tensor-parallel trace would otherwise import it: 0.8 s)
+        self.trace_rules = SimpleNamespace(clear_lru_cache=lambda: None)
 
     def disable(self, fn=None, recursive=True, **kwargs):
         if fn is None:  # used as @disable(...)
@@ -82,9 +90,14 @@ class _SubmoduleHandOver(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.stand_in = stand_in
 
     def find_spec(self, fullname, path, target=None):
-        if fullname.startswith(_NAME + ".") and sys.modules.get(_NAME) is self.stand_in:
-            return importlib.util.spec_from_loader(fullname, self)
-        return None
+        if sys.modules.get(_NAME) is not self.stand_in or not fullname.startswith(_NAME + "."):
+            return None
+        if fullname == _CONFIG:
+            # dynamo's settings alone, a leaf module (torch's FakeTensorMode reads two of them
+            # at each construction, which DTensor's sharding propagation does): imported as
+            # itself; the real package, if it comes later, finds it in sys.modules
+            return importlib.util.spec_from_file_location(fullname, Path(torch.__file__).parent / "_dynamo" / "config.py")
+        return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
         self.stand_in.hand_over()
