@@ -36,9 +36,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         b, s, _ = x.shape
-        q = self.q(x).view(b, s, HEADS, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, s, KV_HEADS, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, s, KV_HEADS, self.head_dim).transpose(1, 2)
+        q = self.q(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # -1: the local heads under --tp
+        k = self.k(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o(y.transpose(1, 2).reshape(b, s, -1))
