@@ -12,6 +12,14 @@ Each strategy's wrapper (strategies/registry.py ``Wrapper``) is torch's own, wit
                   planned unit module (see training/units.py) plus the root
   fsdp2           fully_shard on each unit, then on the root (reshard after forward)
 
+With tensor parallelism (``--tp``; the model's layers already DTensors over the mesh's "tp"
+dimension, training/tensor_parallel.py) the wrapper runs over the data-parallel sub-mesh
+``dp_mesh`` only, as torchtitan composes them: fsdp2 ``fully_shard(..., mesh=dp_mesh)`` (FSDP2
+shards DTensor parameters along dp, a 2-D layout), ddp ``DistributedDataParallel(device_mesh=
+dp_mesh)`` (which, for a mesh sliced from a larger one, first turns the DTensor parameters into
+their local shards, torch/distributed/tensor/parallel/ddp.py ``_pre_dp_module_transform``, so
+its buckets all-reduce local gradients over dp), single no wrapper (dp = 1).
+
 Offload (``--offload optimizer`` or ``optimizer+params``) on cuda, as the planner plans it:
 FSDP1 CPUOffload(offload_params=True), FSDP2 CPUOffloadPolicy(); torch has no optimizer-only
 offload for either (planner/strategies/fsdp1.py, fsdp2.py). Other strategies, and every cpu
@@ -76,9 +84,14 @@ def parallelize(
     batch_size: int = 1,
     grad_accum: int = 1,
     zero: ZeroSettings = DEFAULT_ZERO,
+    dp_mesh: Any = None,
 ) -> PreparedRun:
-    """Wrap ``model`` (already on ``device``, checkpointing already applied)."""
+    """Wrap ``model`` (already on ``device``, checkpointing already applied). ``dp_mesh``: the
+    data-parallel dimension of a tensor-parallel run's mesh (module docstring); None without
+    tensor parallelism, where the wrapper spans the whole world."""
     info = strategy_info(strategy)
+    if dp_mesh is not None and info.wrapper not in (Wrapper.NONE, Wrapper.DDP, Wrapper.FSDP2):
+        raise ValueError(f"{strategy} does not run over a tensor-parallel mesh (single, ddp and fsdp2 do)")
     device_type = device.type
     low_dtype = LOW_PRECISION_DTYPE.get(precision)
     mixed = precision in ("bf16-mixed", "fp16-mixed")
@@ -107,7 +120,8 @@ def parallelize(
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [device.index] if device_type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids)
+            mesh_kwargs = {"device_mesh": dp_mesh} if dp_mesh is not None else {}
+            model = DistributedDataParallel(model, device_ids=device_ids, **mesh_kwargs)
             no_sync = model.no_sync
         if info.wrapper is Wrapper.DDP_ZERO1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -170,6 +184,8 @@ def parallelize(
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         extra["offload_policy"] = CPUOffloadPolicy()
+    if dp_mesh is not None:
+        extra["mesh"] = dp_mesh
     for unit in units:
         fully_shard(unit, mp_policy=mp_policy, **extra)
     fully_shard(model, mp_policy=mp_policy, **extra)

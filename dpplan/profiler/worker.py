@@ -5,6 +5,8 @@
 
 Builds the model on its device, wraps it per strategy, runs ``warmup_steps`` optimizer steps
 (the first creates the optimizer state), then times ``steps`` more and writes DIR/rank<R>.json.
+With tensor parallelism (tp > 1) the model is split over the tp ranks of a (dp, tp) mesh
+first and the strategy wraps it over dp (profiler/tensor_parallel_run.py).
 
 cpu (gloo): exact live tensor bytes (profiler/cpu_memory.py; recorder started before the
 process group and the model exist) and the process RSS. cuda (nccl, one GPU per process):
@@ -72,6 +74,24 @@ def _settle_gloo_collectives(dist) -> None:
         setattr(dist, name, settled)
 
 
+def _settle_functional_collectives() -> None:
+    """The same settling for the functional collectives DTensor's tensor parallelism runs on
+    (torch.distributed._functional_collectives, whose every wait, forward and backward, goes
+    through the module's ``wait_tensor``): gloo's thread held the local logits shard that an
+    all-gather had sent for a moment after the wait, and 1 run in 6 of a 2-rank tp run peaked
+    4 MB (6%) higher (measured, tests/fixtures/tp_llama.py). Only tensor-parallel runs call it."""
+    import torch.distributed._functional_collectives as funcol
+
+    original = funcol.wait_tensor
+
+    def settled(tensor, _original=original):
+        waited = _original(tensor)
+        time.sleep(GLOO_SETTLE_S)
+        return waited
+
+    funcol.wait_tensor = settled
+
+
 def _to_device(batch, device):
     if hasattr(batch, "to") and callable(batch.to):
         return batch.to(device)
@@ -128,7 +148,16 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             dist.init_process_group("gloo" if cpu else "nccl")
             if cpu:
                 _settle_gloo_collectives(dist)
-        torch.manual_seed(config.seed + rank)
+        mesh = split_bytes = None
+        if config.run.tp > 1:
+            from dpplan.profiler import tensor_parallel_run
+
+            if cpu:
+                _settle_functional_collectives()
+            mesh = tensor_parallel_run.tensor_parallel_mesh(config, world, device.type)
+            torch.manual_seed(tensor_parallel_run.data_parallel_seed(config, rank))
+        else:
+            torch.manual_seed(config.seed + rank)
 
         spec = load_model_file(config.run.model)
         build_mark = recorder.mark("build") if recorder else contextlib.nullcontext()
@@ -137,6 +166,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             with (torch.device(device) if not cpu else contextlib.nullcontext()):
                 model = build_module(spec)
             model = model.to(device)
+            if mesh is not None:  # tensor parallelism first, then checkpointing and the wrapper
+                split_bytes = tensor_parallel_run.split_model(model, spec, config, mesh)
             units = find_units(model, config.run.wrap)
             if config.run.activation_checkpointing:
                 checkpoint_units(model, units)
@@ -144,6 +175,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
                 model, config.strategy, units=units, precision=config.run.precision, optimizer_name=config.run.optimizer,
                 device=device, num_nodes=config.nodes, offload=config.run.offload,
                 batch_size=config.run.batch_size, grad_accum=config.run.grad_accum, zero=config.run.zero,
+                dp_mesh=mesh["dp"] if mesh is not None else None,
             )
         batch = _to_device(call_user(spec, "example_batch()", spec.example_batch, config.run.batch_size), device)
         batch = prepared.cast_batch(batch)
@@ -158,9 +190,14 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             assert meter is not None, "cuda runs measure with a CudaPhaseMeter"
             on_phase, before_backward = meter.mark, meter.backward_starts
 
+        loss_fn = spec.loss_fn
+        losses: list[float] = []
+        if mesh is not None:  # the ranks of a tp group must agree on every loss
+            loss_fn = tensor_parallel_run.recording_loss(spec.loss_fn, losses)
+
         def step():
             run_training_step(
-                prepared.model, prepared.optimizer, batch, spec.loss_fn,
+                prepared.model, prepared.optimizer, batch, loss_fn,
                 grad_accum=config.run.grad_accum,
                 autocast=lambda: autocast_context(config.run.precision, device.type, prepared.uses_autocast),
                 no_sync=prepared.no_sync, grad_scaler=prepared.grad_scaler,
@@ -194,6 +231,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             "samples_per_step": config.run.batch_size * config.run.grad_accum,
             "tokens_per_step": _times(tokens_per_micro_batch(batch), config.run.grad_accum),
         }
+        if mesh is not None and split_bytes is not None:
+            measured["tensor_parallel"] = tensor_parallel_run.rank_record(config, mesh, split_bytes, losses, batch)
         if recorder:
             measured.update(_cpu_memory(recorder, config))
             import psutil
