@@ -9,6 +9,7 @@ the estimate's ``peak_bytes``.
     python benchmarks/accuracy.py --suite own     # dpplan's own zoo (about 25 minutes on 2 cores)
     python benchmarks/accuracy.py --suite third-party   # 35 transformers architectures (needs transformers)
     python benchmarks/accuracy.py --suite deepspeed     # zero1/2/3 through DeepSpeed (needs deepspeed)
+    python benchmarks/accuracy.py --suite tensor-parallel   # --tp / --sp (DTensor) with single, ddp, fsdp2
     python benchmarks/accuracy.py --quick         # a few cases
     python benchmarks/accuracy.py --filter fsdp2  # cases whose label contains "fsdp2"
     python benchmarks/accuracy.py --case benchmarks/models/gpt.py fsdp2 2 --precision bf16-mixed
@@ -56,6 +57,8 @@ class Case:
     offload: str = "none"
     deepspeed_config: str | None = None
     """A DeepSpeed config file (benchmarks/deepspeed_configs/): strategy and precision as it says."""
+    tp: int = 1
+    sequence_parallel: bool = False
 
     @property
     def label(self) -> str:
@@ -69,6 +72,8 @@ class Case:
             parts.append(f"ga{self.grad_accum}")
         if self.nodes > 1:
             parts.append(f"{self.nodes}nodes")
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""))
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
         if self.deepspeed_config:
@@ -235,6 +240,36 @@ def deepspeed_suite() -> list[Case]:
     return cases
 
 
+def tensor_parallel_suite() -> list[Case]:
+    """Tensor and sequence parallelism (--tp, --sp): tp 2 and 4 alone, with and without sequence
+    parallelism; FSDP2 and DDP over dp 2 x tp 2 on 4 ranks; bf16-mixed, checkpointing and
+    gradient accumulation; two Hugging Face decoder families (their own base_model_tp_plan) and a
+    mixture-of-experts decoder (attention split, experts whole: its plan's)."""
+    gpt = str(ROOT / "dpplan" / "models" / "default_gpt.py")  # the bundled GPT, 8 heads
+    llama = _m("llama.py")  # 2 KV heads: tp 2 at most
+    cases = []
+    for sp in (False, True):
+        cases += [
+            Case(model=llama, strategy="single", ranks=2, tp=2, sequence_parallel=sp),
+            Case(model=gpt, strategy="single", ranks=2, tp=2, sequence_parallel=sp),
+            Case(model=gpt, strategy="single", ranks=4, tp=4, sequence_parallel=sp),
+            Case(model=llama, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=sp),
+            Case(model=llama, strategy="ddp", ranks=4, tp=2, sequence_parallel=sp),
+            Case(model=llama, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=sp, precision="bf16-mixed"),
+            Case(model=str(THIRD_PARTY / "llama.py"), strategy="single", ranks=2, tp=2, sequence_parallel=sp),
+            Case(model=str(THIRD_PARTY / "qwen2.py"), strategy="fsdp2", ranks=4, tp=2, sequence_parallel=sp),
+            Case(model=str(THIRD_PARTY / "mixtral.py"), strategy="single", ranks=2, tp=2, sequence_parallel=sp),
+        ]
+    cases += [
+        Case(model=llama, strategy="single", ranks=2, tp=2, precision="bf16-mixed"),
+        Case(model=llama, strategy="fsdp2", ranks=4, tp=2, grad_accum=2),
+        Case(model=llama, strategy="ddp", ranks=4, tp=2, grad_accum=2, precision="bf16-mixed"),
+        Case(model=llama, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=True, activation_checkpointing=True),
+        Case(model=gpt, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=True, precision="bf16-mixed"),
+    ]
+    return cases
+
+
 def quick_suite() -> list[Case]:
     return [
         Case(model=_m("gpt.py"), strategy="single", ranks=1),
@@ -250,7 +285,8 @@ def case_run(case: Case) -> tuple[RunSpec, str]:
     """The case's training step and its strategy (a --deepspeed-config file may set both)."""
     settings = case.settings()
     strategy = settings.pop("strategies")[0]
-    run = RunSpec(model=case.model, activation_checkpointing=case.activation_checkpointing, wrap=case.wrap, **settings)
+    run = RunSpec(model=case.model, activation_checkpointing=case.activation_checkpointing, wrap=case.wrap,
+                  tp=case.tp, sequence_parallel=case.sequence_parallel, **settings)
     return run, strategy
 
 
@@ -317,10 +353,13 @@ SUITES = {
     "own": "dpplan's model zoo (benchmarks/models)",
     "third-party": "third-party architectures (transformers, benchmarks/models/hf)",
     "deepspeed": "DeepSpeed's ZeRO stages (deepspeed.initialize, both zoos)",
+    "tensor-parallel": "tensor and sequence parallelism (DTensor, --tp / --sp)",
 }
 
 
 def suite_of(case: Case) -> str:
+    if case.tp > 1:
+        return "tensor-parallel"
     if case.strategy in DEEPSPEED_STAGES:
         return "deepspeed"
     return "third-party" if Path(case.model).resolve().parent == THIRD_PARTY else "own"
@@ -417,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true")
     parser.add_argument("--json", type=Path, help="written after every case, so an interrupted run keeps its results")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
@@ -427,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.case[0], strategy=args.case[1], ranks=int(args.case[2]),
                 batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
                 activation_checkpointing=args.activation_checkpointing, grad_accum=args.grad_accum,
-                nodes=args.nodes,
+                nodes=args.nodes, tp=args.tp, sequence_parallel=args.sp,
             )
         ]
     elif args.quick:
@@ -435,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cases = (suite() if args.suite in ("all", "own") else []) + (
             third_party_suite() if args.suite in ("all", "third-party") else []) + (
-            deepspeed_suite() if args.suite in ("all", "deepspeed") else [])
+            deepspeed_suite() if args.suite in ("all", "deepspeed") else []) + (
+            tensor_parallel_suite() if args.suite in ("all", "tensor-parallel") else [])
     if args.filter:
         cases = [c for c in cases if args.filter in c.label]
 

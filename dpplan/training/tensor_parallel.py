@@ -221,10 +221,12 @@ def styles_for(model: nn.Module, split: Split, sequence_parallel: bool) -> dict[
             )
         if blocks:
             plan.setdefault(blocks[0], ScatterSequence())
-        for block in gathered:
-            plan[block] = GatherSequence()
-        for path in split.norms or _norms(model, set(plan)):
-            plan[path] = SequenceParallel()
+        for block, child, splits in _sub_blocks(model, blocks, split):
+            # a sub-block that ends in no row-wise layer (a mixture of experts kept whole)
+            # leaves the whole sequence: it cuts its output back to this rank's piece
+            plan[f"{block}.{child}"] = GatherSequence(scatter_output=not splits)
+        for path in split.norms or _norms(model, blocks, set(plan)):
+            plan[path] = SequenceParallel(use_local_output=True)
     return plan
 
 
@@ -236,14 +238,37 @@ def _block_paths(model: nn.Module) -> list[str]:
     return [names[id(u)] for u in find_units(model)]
 
 
-def _norms(model: nn.Module, taken: set[str]) -> list[str]:
-    """Leaf modules named like norms (their class or attribute), outside the split ones."""
+def _sub_blocks(model: nn.Module, blocks: list[str], split: Split) -> list[tuple[str, str, bool]]:
+    """(block, child, whether a row-wise layer ends it) for each child of each block that holds
+    parameters and is not a norm: the attention and MLP (or experts) modules that read the
+    normed residual stream."""
+    modules = dict(model.named_modules())
+    found = []
+    for block in blocks:
+        for child, module in modules[block].named_children():
+            if _is_norm(child, module) or next(module.parameters(), None) is None:
+                continue
+            prefix = f"{block}.{child}."
+            found.append((block, child, any(p.startswith(prefix) for p in split.rowwise)))
+    return found
+
+
+def _is_norm(name: str, module: nn.Module) -> bool:
+    label = (name + type(module).__name__).lower()
+    return any(n in label for n in NORM_NAMES) and not list(module.children())
+
+
+def _norms(model: nn.Module, blocks: list[str], taken: set[str]) -> list[str]:
+    """The norms on the residual stream: each block's own (its direct children named like
+    norms) and those outside every block (the final norm); never one inside attention (a
+    query/key norm sees the gathered sequence)."""
     found = []
     for path, module in model.named_modules():
-        if not path or path in taken or list(module.children()):
+        if not path or path in taken or not _is_norm(path.rsplit(".", 1)[-1], module):
             continue
-        name = (path.rsplit(".", 1)[-1] + type(module).__name__).lower()
-        if any(n in name for n in NORM_NAMES):
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        inside = [b for b in blocks if path.startswith(b + ".")]
+        if not inside or parent in blocks:
             found.append(path)
     return found
 
@@ -305,32 +330,32 @@ class ScatterSequence(ParallelStyle):
 
 class ReplicateParameters(ParallelStyle):
     """A module kept whole on every rank of the group: its own parameters become replicated
-    DTensors (no copy: the local tensor is the whole parameter), its inputs enter as
-    replicated DTensors and its outputs leave as local tensors, so the module computes as
-    before."""
+    DTensors (no copy: the local tensor is the whole parameter), and while its forward runs it
+    sees their local tensors (``to_local()``, a view whose gradient returns to the DTensor
+    replicated), so that it computes on plain tensors exactly as before, whatever ops it uses."""
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        names = []
         for name, param in list(module.named_parameters(recurse=False)):
             whole = distribute_tensor(param.detach(), device_mesh, (Replicate(),))
             module.register_parameter(name, nn.Parameter(whole, requires_grad=param.requires_grad))
+            names.append(name)
+        replicated: dict[str, nn.Parameter] = {}
+        """The parameters while the forward runs (read then, not now: a model moved to another
+        device, or to the planner's fake device, has new parameter objects)."""
 
-        def to_replicated(_module, args, kwargs):
-            def convert(value):
-                if torch.is_tensor(value) and not isinstance(value, DTensor):
-                    return DTensor.from_local(value, device_mesh, (Replicate(),), run_check=False)
-                return value
+        def use_local(_module, _args):
+            for name in names:
+                replicated[name] = module._parameters[name]  # type: ignore[assignment]  # a Parameter
+                module._parameters[name] = replicated[name].to_local()  # type: ignore[assignment]  # forward only
 
-            return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
+        def restore(_module, _args, _output):
+            for name, param in replicated.items():
+                module._parameters[name] = param
+            replicated.clear()
 
-        def to_local(_module, _args, output):
-            if isinstance(output, DTensor):
-                return output.to_local()
-            if isinstance(output, tuple):
-                return tuple(o.to_local() if isinstance(o, DTensor) else o for o in output)
-            return output
-
-        module.register_forward_pre_hook(to_replicated, with_kwargs=True)
-        module.register_forward_hook(to_local)
+        module.register_forward_pre_hook(use_local)
+        module.register_forward_hook(restore, always_call=True)
         return module
 
 
@@ -339,11 +364,29 @@ class GatherSequence(ParallelStyle):
     sequence-sharded residual stream, positional or the first tensor keyword) is all-gathered
     to the whole sequence once, as torch's ``PrepareModuleInput(Shard(1) -> Replicate)`` does
     for a positional input; Hugging Face layers pass ``hidden_states=`` by keyword, which
-    ``PrepareModuleInput`` would need named in advance."""
+    ``PrepareModuleInput`` would need named in advance. ``scatter_output``: the block's output
+    (the whole sequence, no row-wise layer reduced it) is cut back to this rank's piece."""
+
+    def __init__(self, *, scatter_output: bool = False):
+        super().__init__()
+        self.scatter_output = scatter_output
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         gather = functools.partial(_to_sequence, device_mesh=device_mesh, placement=Replicate())
         module.register_forward_pre_hook(_first_tensor_hook(gather), with_kwargs=True)
+        if self.scatter_output:
+            def scatter(_module, _args, output):
+                def cut(tensor):
+                    whole = DTensor.from_local(tensor, device_mesh, (Replicate(),), run_check=False)
+                    return whole.redistribute(device_mesh, (Shard(1),)).to_local()
+
+                if torch.is_tensor(output):
+                    return cut(output)
+                if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+                    return (cut(output[0]), *output[1:])
+                return output
+
+            module.register_forward_hook(scatter)
         return module
 
 

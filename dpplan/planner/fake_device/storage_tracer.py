@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # meta_kernels imports fake_tensor from this package: importing it by module, not by name,
 # lets either be imported first.
 from dpplan.planner import cpu_kernels, data_dependent, known_values, meta_kernels
-from dpplan.planner.fake_device import op_cache
+from dpplan.planner.fake_device import collectives, op_cache
 from dpplan.planner.fake_device.fake_tensor import (
     CPU,
     META,
@@ -124,6 +124,9 @@ class StorageTracer(TorchDispatchMode):
         self._on_alloc = on_alloc
         self._on_free = on_free
         self._alive: dict[int, weakref.ref] = {}
+        self._collective_buffers: dict[int, Any] = {}
+        """Output storage key -> the gloo buffer its collective holds until it is waited for
+        (planner/fake_device/collectives.py)."""
         self._returns_self: dict[Any, bool] = {}
         self.num_ops = 0
         self.current_op: Any = None
@@ -227,6 +230,19 @@ class StorageTracer(TorchDispatchMode):
             # a DTensor (tensor parallelism): it redistributes and runs the op on its local
             # shards, which come back here as fake-device tensors
             return NotImplemented
+        if collectives.is_collective(func):
+            if collectives.is_wait(func):
+                collectives.release_on_wait(self._collective_buffers, args[0])
+                return args[0]  # the device's wait returns the tensor the collective wrote
+            if collectives.is_async_wrapper(func):
+                # an AsyncCollectiveTensor around the collective's output: its storage, no new one
+                return self._wrap(torch.ops.aten.alias.default(args[0].meta))
+        if self._collective_buffers:
+            # the first op on an AsyncCollectiveTensor waits for its collective, whose buffer
+            # then dies (the wrapper the trace does without)
+            for arg in args:
+                if isinstance(arg, _Tensor):
+                    collectives.release_on_wait(self._collective_buffers, arg)
         if func is _LOCAL_SCALAR_DENSE:
             # ``.item()``: the value when the trace knows it (planner/known_values.py), else a
             # placeholder: 1 keeps an optimizer's bias corrections finite.
@@ -282,7 +298,11 @@ class StorageTracer(TorchDispatchMode):
             steps = self._cpu_kernel_steps(func, args, kwargs, key)
         elif self.target_device_type == "cpu" and func in cpu_kernels.RULED_OPS:
             steps = cpu_kernels.RULED_OPS[func](args)
+        elif self.target_device_type == "cpu" and collectives.is_collective(func):
+            steps = collectives.gloo_steps(func, args)
         wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
+        if self.target_device_type == "cpu" and collectives.is_collective(func) and collectives.waits_with_buffer(func):
+            self._collective_buffers[wrapped.untyped_storage()._cdata] = self._wrap(collectives.buffer_until_wait(args))
         if func is _ADD_TENSOR:
             self._note_accumulation(args, kwargs, wrapped)
         known_values.attach(wrapped, values)
