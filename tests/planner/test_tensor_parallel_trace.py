@@ -10,7 +10,7 @@ import pytest
 from dpplan.config import PlanConfig, RunSpec
 from dpplan.errors import UsageError
 from dpplan.planner.estimate import estimate
-from dpplan.planner.trace import TRACE_BATCH_SIZE, TraceSettings, trace_step
+from dpplan.planner.trace import OPTIMIZER_STATE, TRACE_BATCH_SIZE, TraceSettings, trace_step
 from dpplan.planner.trace.index import trace_index
 from dpplan.training.model_file import load_model_file
 
@@ -94,3 +94,58 @@ def test_refused_layouts(strategies, gpus, message):
 def test_sequence_parallel_needs_tensor_parallel():
     with pytest.raises(UsageError, match="needs tensor parallelism"):
         RunSpec(sequence_parallel=True)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_every_parameter_gets_its_gradient_and_state(sp):
+    """Parameters a plan keeps whole (the norms here: replicated DTensors computing on their
+    local tensors) get gradients and optimizer state like the split ones."""
+    trace = _trace(2, sp)
+    assert all(p.grad_storage >= 0 for p in trace.params)
+    owners = set(trace.storage_owner[trace.storage_category == OPTIMIZER_STATE].tolist())
+    assert owners == set(range(len(trace.params)))
+
+
+def test_a_module_kept_whole_computes_on_plain_tensors(write_model):
+    """An op DTensor has no rule for (floor_divide, as Mixtral's expert routing uses) runs in a
+    module the plan keeps whole."""
+    path = write_model(MODEL_WITH_ROUTING)
+    trace = trace_step(load_model_file(path), TraceSettings(precision="fp32", tp=2))
+    assert {p.name: p.shape for p in trace.params}["router.weight"] == (8, 8)  # whole
+
+
+MODEL_WITH_ROUTING = """
+    import torch
+    import torch.nn as nn
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8, 8))
+
+        def forward(self, x):
+            scores = x @ self.weight
+            return scores * (torch.arange(8, device=x.device) // 2).to(scores.dtype)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.fc2(self.fc1(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+            self.router = Router()
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.router(x)
+
+    def build_model(): return Net()
+    def example_batch(b): return torch.randn(b, 4, 8)
+"""
