@@ -9,7 +9,7 @@ the estimate's ``peak_bytes``.
     python benchmarks/accuracy.py --suite own     # dpplan's own zoo (about 25 minutes on 2 cores)
     python benchmarks/accuracy.py --suite third-party   # 35 transformers architectures (needs transformers)
     python benchmarks/accuracy.py --suite deepspeed     # zero1/2/3 through DeepSpeed (needs deepspeed)
-    python benchmarks/accuracy.py --suite tensor-parallel   # --tp / --sp (DTensor) with single, ddp, fsdp2
+    python benchmarks/accuracy.py --suite tensor-parallel   # --tp / --sp (DTensor) with single and fsdp2
     python benchmarks/accuracy.py --quick         # a few cases
     python benchmarks/accuracy.py --filter fsdp2  # cases whose label contains "fsdp2"
     python benchmarks/accuracy.py --case benchmarks/models/gpt.py fsdp2 2 --precision bf16-mixed
@@ -242,7 +242,7 @@ def deepspeed_suite() -> list[Case]:
 
 def tensor_parallel_suite() -> list[Case]:
     """Tensor and sequence parallelism (--tp, --sp): tp 2 and 4 alone, with and without sequence
-    parallelism; FSDP2 and DDP over dp 2 x tp 2 on 4 ranks; bf16-mixed, checkpointing and
+    parallelism; FSDP2 over dp 2 x tp 2 on 4 ranks; bf16-mixed, checkpointing and
     gradient accumulation; two Hugging Face decoder families (their own base_model_tp_plan) and a
     mixture-of-experts decoder (attention split, experts whole: its plan's)."""
     gpt = str(ROOT / "dpplan" / "models" / "default_gpt.py")  # the bundled GPT, 8 heads
@@ -254,7 +254,6 @@ def tensor_parallel_suite() -> list[Case]:
             Case(model=gpt, strategy="single", ranks=2, tp=2, sequence_parallel=sp),
             Case(model=gpt, strategy="single", ranks=4, tp=4, sequence_parallel=sp),
             Case(model=llama, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=sp),
-            Case(model=llama, strategy="ddp", ranks=4, tp=2, sequence_parallel=sp),
             Case(model=llama, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=sp, precision="bf16-mixed"),
             Case(model=str(THIRD_PARTY / "llama.py"), strategy="single", ranks=2, tp=2, sequence_parallel=sp),
             Case(model=str(THIRD_PARTY / "qwen2.py"), strategy="fsdp2", ranks=4, tp=2, sequence_parallel=sp),
@@ -263,7 +262,7 @@ def tensor_parallel_suite() -> list[Case]:
     cases += [
         Case(model=llama, strategy="single", ranks=2, tp=2, precision="bf16-mixed"),
         Case(model=llama, strategy="fsdp2", ranks=4, tp=2, grad_accum=2),
-        Case(model=llama, strategy="ddp", ranks=4, tp=2, grad_accum=2, precision="bf16-mixed"),
+        Case(model=llama, strategy="fsdp2", ranks=4, tp=2, grad_accum=2, precision="bf16-mixed"),
         Case(model=llama, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=True, activation_checkpointing=True),
         Case(model=gpt, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=True, precision="bf16-mixed"),
     ]

@@ -107,7 +107,8 @@ class RunSpec:
                 raise UsageError(
                     f"--tp combines with {', '.join(TENSOR_PARALLEL_STRATEGIES)} over the data-parallel ranks, "
                     f"not {', '.join(refused)} (DeepSpeed ZeRO and FSDP1 do not take torch's DTensor "
-                    "tensor-parallel modules; nn.DataParallel is one process)"
+                    "tensor-parallel modules, DDP over tensor parallelism is not supported by torchtitan "
+                    "or sound in torch 2.13, nn.DataParallel is one process)"
                 )
 
     def to_json(self) -> dict:

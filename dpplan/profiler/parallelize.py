@@ -15,10 +15,8 @@ Each strategy's wrapper (strategies/registry.py ``Wrapper``) is torch's own, wit
 With tensor parallelism (``--tp``; the model's layers already DTensors over the mesh's "tp"
 dimension, training/tensor_parallel.py) the wrapper runs over the data-parallel sub-mesh
 ``dp_mesh`` only, as torchtitan composes them: fsdp2 ``fully_shard(..., mesh=dp_mesh)`` (FSDP2
-shards DTensor parameters along dp, a 2-D layout), ddp ``DistributedDataParallel(device_mesh=
-dp_mesh)`` (which, for a mesh sliced from a larger one, first turns the DTensor parameters into
-their local shards, torch/distributed/tensor/parallel/ddp.py ``_pre_dp_module_transform``, so
-its buckets all-reduce local gradients over dp), single no wrapper (dp = 1).
+shards DTensor parameters along dp, a 2-D layout), single no wrapper (dp = 1). DDP is refused
+with tensor parallelism (strategies/registry.py ``TENSOR_PARALLEL_STRATEGIES`` says why).
 
 Offload (``--offload optimizer`` or ``optimizer+params``) on cuda, as the planner plans it:
 FSDP1 CPUOffload(offload_params=True), FSDP2 CPUOffloadPolicy(); torch has no optimizer-only
@@ -37,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpplan.planner.strategies.registry import DataAxes, Wrapper, strategy_info
+from dpplan.errors import UsageError
+from dpplan.planner.strategies.registry import TENSOR_PARALLEL_STRATEGIES, DataAxes, Wrapper, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.profiler.deepspeed_run import cast_inputs, engine_no_sync, initialize_engine
 from dpplan.training.optimizers import build_optimizer, optimizer_class_and_kwargs
@@ -90,8 +89,8 @@ def parallelize(
     data-parallel dimension of a tensor-parallel run's mesh (module docstring); None without
     tensor parallelism, where the wrapper spans the whole world."""
     info = strategy_info(strategy)
-    if dp_mesh is not None and info.wrapper not in (Wrapper.NONE, Wrapper.DDP, Wrapper.FSDP2):
-        raise ValueError(f"{strategy} does not run over a tensor-parallel mesh (single, ddp and fsdp2 do)")
+    if dp_mesh is not None and strategy not in TENSOR_PARALLEL_STRATEGIES:
+        raise UsageError(f"{strategy} does not run over a tensor-parallel mesh ({', '.join(TENSOR_PARALLEL_STRATEGIES)} do)")
     device_type = device.type
     low_dtype = LOW_PRECISION_DTYPE.get(precision)
     mixed = precision in ("bf16-mixed", "fp16-mixed")
@@ -120,8 +119,7 @@ def parallelize(
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [device.index] if device_type == "cuda" else None
-            mesh_kwargs = {"device_mesh": dp_mesh} if dp_mesh is not None else {}
-            model = DistributedDataParallel(model, device_ids=device_ids, **mesh_kwargs)
+            model = DistributedDataParallel(model, device_ids=device_ids)
             no_sync = model.no_sync
         if info.wrapper is Wrapper.DDP_ZERO1:
             from torch.distributed.optim import ZeroRedundancyOptimizer

@@ -346,17 +346,28 @@ class ReplicateParameters(ParallelStyle):
 
         def use_local(_module, _args):
             for name in names:
-                replicated[name] = module._parameters[name]  # type: ignore[assignment]  # a Parameter
-                module._parameters[name] = replicated[name].to_local()  # type: ignore[assignment]  # forward only
+                current = getattr(module, name)
+                if isinstance(current, DTensor):  # (DDP's TP hooks may have made it a plain attribute)
+                    replicated[name] = current
+                    _set_tensor(module, name, current.to_local())
 
         def restore(_module, _args, _output):
             for name, param in replicated.items():
-                module._parameters[name] = param
+                _set_tensor(module, name, param)
             replicated.clear()
 
         module.register_forward_pre_hook(use_local)
         module.register_forward_hook(restore, always_call=True)
         return module
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` where ``module`` keeps ``name``: its parameters, or its attributes (DDP's
+    ``_pre_dp_module_transform`` puts rebuilt DTensors there during the forward)."""
+    if name in module._parameters:
+        module._parameters[name] = value  # type: ignore[assignment]  # for the forward only
+    else:
+        module.__dict__[name] = value
 
 
 class GatherSequence(ParallelStyle):

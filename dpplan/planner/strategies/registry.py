@@ -116,9 +116,14 @@ REGISTRY: dict[str, StrategyInfo] = {info.name: info for info in (
 STRATEGIES = tuple(REGISTRY)
 """Every strategy name dpplan plans, in display order (``--strategy`` values)."""
 
-TENSOR_PARALLEL_STRATEGIES = ("single", "ddp", "fsdp2")
-"""The data-parallel strategies that run over the dp ranks of a tensor-parallel mesh: torch's
-DDP and FSDP2 take DTensor modules (torchtitan's 2-D layouts); ``single`` when dp = 1."""
+TENSOR_PARALLEL_STRATEGIES = ("single", "fsdp2")
+"""The data-parallel strategies that run over the dp ranks of a tensor-parallel mesh: FSDP2
+takes DTensor modules (torchtitan's 2-D layouts); ``single`` when dp = 1. Not DDP: torchtitan
+refuses it ("DDP has not supported > 1D parallelism", torchtitan/models/llama3/infra/
+parallelize.py), and torch 2.13's DDP-over-TP hooks (torch/distributed/tensor/parallel/ddp.py
+``_pre_dp_module_transform``) leave the module with no parameters after the first forward
+(measured: ``named_parameters()`` empty on 4 gloo ranks), which breaks gradient
+accumulation's memory and every tool that walks the parameters."""
 
 DEEPSPEED_STAGES = {name: info.deepspeed_stage for name, info in REGISTRY.items() if info.deepspeed_stage}
 """DeepSpeed's ZeRO strategies and their stage numbers."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dpplan.planner import fake_device
+from dpplan.planner.fake_device.fake_tensor import is_dtensor
 from dpplan.planner.trace.step_trace import ENGINE_CAST, PARAM_CAST, TraceSettings
 from dpplan.training.training_step import LOW_PRECISION_DTYPE, cast_floating
 
@@ -22,7 +23,7 @@ def prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) -> 
     if settings.family == ENGINE_CAST and low is not None:
         for param in model.parameters():
             if param.is_floating_point():
-                param.data = param.data.to(low)
+                _cast_parameter(param, low)
         return cast_floating(batch, low)
     if settings.family == PARAM_CAST and low is not None and settings.precision != "bf16":
         # FSDP1 (the family that casts buffers) keeps BatchNorm in full precision, below
@@ -30,7 +31,7 @@ def prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) -> 
         kept = {id(t) for m in full_precision for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
         for param in model.parameters():
             if param.is_floating_point() and id(param) not in kept:
-                param.data = param.data.to(low)
+                _cast_parameter(param, low)
         if settings.cast_buffers:
             for sub in model.modules():
                 for name, buf in sub._buffers.items():
@@ -38,6 +39,16 @@ def prepare_precision(model: nn.Module, batch: Any, settings: TraceSettings) -> 
                         sub._buffers[name] = buf.to(low)
         _cast_root_inputs(model, low)
     return batch
+
+
+def _cast_parameter(param: nn.Parameter, low: torch.dtype) -> None:
+    """``param`` in ``low``, in place: ``.data`` for a plain parameter; a DTensor (tensor
+    parallelism) keeps its local shard in an attribute that ``.data`` does not reach, so its
+    contents are swapped for a cast copy's."""
+    if is_dtensor(param):
+        torch.utils.swap_tensors(param, nn.Parameter(param.detach().to(low), requires_grad=param.requires_grad))
+    else:
+        param.data = param.data.to(low)
 
 
 def _batch_norms_in_full_precision(model: nn.Module) -> set[nn.Module]:
