@@ -308,6 +308,8 @@ def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, step
         from dpplan.reports.profile_table import ProfileProgress, render_profile
 
         run, strategies = run_spec(model, run_flags, deepspeed_config, (gpus,) if gpus else ())
+        if run.tp > 1:  # --tp without --strategy: what runs over it
+            strategies = _tensor_parallel_default("strategies", strategies, ("fsdp2",))
         config = ProfileConfig(
             run=run, strategies=strategies, gpus=gpus, nodes=nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
             steps=steps, warmup_steps=warmup_steps, sample_hz=sample_hz, timeout_s=timeout_s, device=device,

@@ -238,6 +238,8 @@ class ProfileConfig:
         _at_least(self, ("warmup_steps",), 0)
         if self.gpus is not None and self.gpus % self.nodes:
             raise UsageError(f"gpus={self.gpus} (total over all nodes) does not split evenly into nodes={self.nodes}")
+        if self.gpus is not None and self.gpus % self.run.tp:
+            raise UsageError(f"--tp {self.run.tp} does not divide gpus={self.gpus} (gpus = data-parallel ranks x tp)")
         if not 0 <= self.node_rank < self.nodes:
             raise UsageError(f"node_rank must be in 0..{self.nodes - 1} (got {self.node_rank})")
         if self.nodes > 1 and not self.rdzv_endpoint:

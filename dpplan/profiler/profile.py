@@ -116,7 +116,7 @@ def resolve_target(config: ProfileConfig) -> Target:
     if config.device == "cuda" and not num_visible:
         raise UsageError("--device cuda: no GPU is visible to torch here")
     if config.device == "cpu" or not num_visible:
-        gpus = config.gpus or DEFAULT_CPU_RANKS * config.nodes
+        gpus = config.gpus or max(DEFAULT_CPU_RANKS, config.run.tp) * config.nodes  # one tp group at least
         notices = [] if config.device == "cpu" else [
             f"no GPU found: running each strategy on {gpus} CPU process{'es' if gpus > 1 else ''} with gloo "
             "(tensor bytes and host RSS, no GPU memory)"
@@ -170,15 +170,16 @@ def capacity_source(config: ProfileConfig, target: Target) -> str:
     return f"{target.gpu} memory" if target.device == "cuda" else "host RAM per rank"
 
 
-def skip_reason(strategy: str, gpus: int) -> str | None:
+def skip_reason(strategy: str, gpus: int, tp: int = 1) -> str | None:
     """Why ``strategy`` cannot be profiled here, or None."""
     info = strategy_info(strategy)
     if info.wrapper is Wrapper.DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
         return f"{strategy} is a DeepSpeed stage and DeepSpeed is not installed: estimate only"
     if info.not_runnable:
         return info.not_runnable
-    if info.single_device and gpus != 1:
-        return f"{strategy} runs on one GPU: profile it with --gpus 1"
+    if info.single_device and gpus != tp:
+        return (f"{strategy} runs on one GPU: profile it with --gpus 1" if tp == 1 else
+                f"{strategy} means no data parallelism: profile it with --gpus {tp} (= --tp)")
     return None
 
 
@@ -402,7 +403,7 @@ def profile(
         for index, strategy in enumerate(config.strategies):
             settings = run_settings(config, strategy, target)
             estimate, notes = estimates.get(strategy), run_notes(strategy, target, config)
-            reason = skip_reason(strategy, target.gpus)
+            reason = skip_reason(strategy, target.gpus, config.run.tp)
             if strategy in unsupported:
                 reason = f"{strategy} cannot wrap this model: {unsupported[strategy]}"
             if reason:

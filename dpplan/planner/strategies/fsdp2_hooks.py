@@ -95,8 +95,9 @@ def _post_backward(run: Replay, unit: int, pos: int, *, sync: bool, new_grads: d
     # grad (the add upcasts it into a temporary), then the grad is dropped.
     for p in g.with_grad:
         if p.index in run.accumulated and p.index in new_grads:
-            sched.alloc(pos, POST, p.numel * p.reduce_size, TEMPORARY)
-            sched.free(pos, POST, p.numel * p.reduce_size, TEMPORARY)
+            upcast = _in_reduce_dtype(run, p, [new_grads[p.index]])
+            sched.alloc(pos, POST, upcast, TEMPORARY)
+            sched.free(pos, POST, upcast, TEMPORARY)
             run.kill(pos, POST, new_grads[p.index])
     reshard(run, g, pos, POST)
     if not sync:
@@ -104,12 +105,24 @@ def _post_backward(run: Replay, unit: int, pos: int, *, sync: bool, new_grads: d
         # FSDPParam.to_accumulated_grad_if_needed moves each into an fp32 copy.
         for p in g.with_grad:
             if p.reduce_size != p.compute_size and p.index not in run.accumulated:
-                sched.alloc(pos, POST, p.numel * p.reduce_size, GRADIENT)
-                run.accumulated[p.index] = p.numel * p.reduce_size
-                for s in run.alive_grads(p, pos):
+                alive = run.alive_grads(p, pos)
+                accumulated = _in_reduce_dtype(run, p, alive) if alive else p.numel * p.reduce_size
+                sched.alloc(pos, POST, accumulated, GRADIENT)
+                run.accumulated[p.index] = accumulated
+                for s in alive:
                     run.kill(pos, POST, s)
         return
     foreach_reduce(run, g, pos)
+
+
+def _in_reduce_dtype(run: Replay, p, grads: list[int]) -> int:
+    """Bytes of the unsharded gradient ``grads`` (storages) cast to the reduce dtype. Their
+    size, not the parameter's: under tensor parallelism a vocabulary-parallel embedding's
+    gradient arrives replicated, the whole table on every rank (measured: FSDP2's
+    ``unsharded_accumulated_grad`` of a RowwiseParallel embedding is a Replicate DTensor of
+    the full shape), where a plain parameter's is its own size."""
+    traced = sum(int(run.trace.storage_bytes[s]) for s in grads)
+    return traced * p.reduce_size // p.compute_size
 
 
 def _final_callback(run: Replay, pos: int) -> None:
