@@ -170,15 +170,19 @@ def capacity_source(config: ProfileConfig, target: Target) -> str:
     return f"{target.gpu} memory" if target.device == "cuda" else "host RAM per rank"
 
 
-def skip_reason(strategy: str, gpus: int) -> str | None:
-    """Why ``strategy`` cannot be profiled here, or None."""
+def skip_reason(strategy: str, gpus: int, tp: int = 1) -> str | None:
+    """Why ``strategy`` cannot be profiled on ``gpus`` ranks at tensor-parallel degree ``tp``,
+    or None. A single-device strategy has no data parallelism: its one replica spans ``tp``
+    ranks."""
     info = strategy_info(strategy)
     if info.wrapper is Wrapper.DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
         return f"{strategy} is a DeepSpeed stage and DeepSpeed is not installed: estimate only"
     if info.not_runnable:
         return info.not_runnable
-    if info.single_device and gpus != 1:
-        return f"{strategy} runs on one GPU: profile it with --gpus 1"
+    if info.single_device and gpus != tp:
+        if tp == 1:
+            return f"{strategy} runs on one GPU: profile it with --gpus 1"
+        return f"{strategy} has no data parallelism: profile it with --gpus {tp} (= --tp)"
     return None
 
 
@@ -331,10 +335,15 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
 
 
 def recommend_runs(config: ProfileConfig, target: Target, runs: tuple[results.RunResult, ...], out_dir: Path,
-                   on_trial: Callable[[str, Trial], None] | None = None) -> Recommendations:
-    """The recommendations section: predicted from the runs, confirmed by trials when asked."""
+                   on_trial: Callable[[str, Trial], None] | None = None) -> Recommendations | None:
+    """The recommendations section: predicted from the runs, confirmed by trials when asked.
+    Only for the runs the planner has an estimate of (not one of a single-device strategy on
+    more ranks than one replica spans); None when there is none."""
+    runs = tuple(run for run in runs if run.estimate is not None)
+    if not runs:
+        return None
     estimate_at = estimate_function(config, target)
-    capacity = estimate_at(config.strategies[0], batch_size=1).capacity_bytes
+    capacity = estimate_at(runs[0].settings.strategy, batch_size=1).capacity_bytes
     limits = recommendations.Limits(capacity_bytes=capacity, headroom_pct=config.headroom_pct,
                                     capacity_source=capacity_source(config, target))
     notes = []
@@ -402,7 +411,7 @@ def profile(
         for index, strategy in enumerate(config.strategies):
             settings = run_settings(config, strategy, target)
             estimate, notes = estimates.get(strategy), run_notes(strategy, target, config)
-            reason = skip_reason(strategy, target.gpus)
+            reason = skip_reason(strategy, target.gpus, config.run.tp)
             if strategy in unsupported:
                 reason = f"{strategy} cannot wrap this model: {unsupported[strategy]}"
             if reason:
