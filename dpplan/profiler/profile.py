@@ -116,7 +116,7 @@ def resolve_target(config: ProfileConfig) -> Target:
     if config.device == "cuda" and not num_visible:
         raise UsageError("--device cuda: no GPU is visible to torch here")
     if config.device == "cpu" or not num_visible:
-        gpus = config.gpus or max(DEFAULT_CPU_RANKS, config.run.tp) * config.nodes  # one tp group at least
+        gpus = config.gpus or DEFAULT_CPU_RANKS * config.nodes
         notices = [] if config.device == "cpu" else [
             f"no GPU found: running each strategy on {gpus} CPU process{'es' if gpus > 1 else ''} with gloo "
             "(tensor bytes and host RSS, no GPU memory)"
@@ -171,15 +171,18 @@ def capacity_source(config: ProfileConfig, target: Target) -> str:
 
 
 def skip_reason(strategy: str, gpus: int, tp: int = 1) -> str | None:
-    """Why ``strategy`` cannot be profiled here, or None."""
+    """Why ``strategy`` cannot be profiled on ``gpus`` ranks at tensor-parallel degree ``tp``,
+    or None. A single-device strategy has no data parallelism: its one replica spans ``tp``
+    ranks."""
     info = strategy_info(strategy)
     if info.wrapper is Wrapper.DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
         return f"{strategy} is a DeepSpeed stage and DeepSpeed is not installed: estimate only"
     if info.not_runnable:
         return info.not_runnable
     if info.single_device and gpus != tp:
-        return (f"{strategy} runs on one GPU: profile it with --gpus 1" if tp == 1 else
-                f"{strategy} means no data parallelism: profile it with --gpus {tp} (= --tp)")
+        if tp == 1:
+            return f"{strategy} runs on one GPU: profile it with --gpus 1"
+        return f"{strategy} has no data parallelism: profile it with --gpus {tp} (= --tp)"
     return None
 
 
@@ -332,10 +335,15 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
 
 
 def recommend_runs(config: ProfileConfig, target: Target, runs: tuple[results.RunResult, ...], out_dir: Path,
-                   on_trial: Callable[[str, Trial], None] | None = None) -> Recommendations:
-    """The recommendations section: predicted from the runs, confirmed by trials when asked."""
+                   on_trial: Callable[[str, Trial], None] | None = None) -> Recommendations | None:
+    """The recommendations section: predicted from the runs, confirmed by trials when asked.
+    Only for the runs the planner has an estimate of (not one of a single-device strategy on
+    more ranks than one replica spans); None when there is none."""
+    runs = tuple(run for run in runs if run.estimate is not None)
+    if not runs:
+        return None
     estimate_at = estimate_function(config, target)
-    capacity = estimate_at(config.strategies[0], batch_size=1).capacity_bytes
+    capacity = estimate_at(runs[0].settings.strategy, batch_size=1).capacity_bytes
     limits = recommendations.Limits(capacity_bytes=capacity, headroom_pct=config.headroom_pct,
                                     capacity_source=capacity_source(config, target))
     notes = []

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from dpplan.config import RunConfig
 from dpplan.errors import UsageError
+from dpplan.planner.strategies.registry import TENSOR_PARALLEL_STRATEGIES
 from dpplan.training.model_file import ModelSpec
 from dpplan.training.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
 from dpplan.training.training_step import default_loss
@@ -38,8 +39,9 @@ def tensor_parallel_mesh(config: RunConfig, world: int, device_type: str) -> Dev
         raise UsageError(f"--tp {tp} does not divide the {world} ranks of the run")
     dp = world // tp
     if config.strategy == "single" and dp > 1:
+        wrappers = ", ".join(s for s in TENSOR_PARALLEL_STRATEGIES if s != "single")
         raise UsageError(f"--strategy single with --tp {tp} runs on {tp} ranks, not {world}: "
-                         "the other ranks need a data-parallel wrapper (ddp, fsdp2)")
+                         f"the other ranks need a data-parallel wrapper ({wrappers})")
     return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
 
 

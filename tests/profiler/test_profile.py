@@ -157,6 +157,17 @@ def test_skipped_strategies_keep_their_estimate(tiny_gpt, tmp_path):
     assert all(r["estimate"]["peak_bytes"] > 0 for r in runs)
 
 
+def test_a_single_device_strategy_on_more_ranks_than_a_replica_is_skipped_without_an_estimate(tiny_gpt, tmp_path):
+    """single has no estimate on 2 ranks (the planner plans it on tp ranks only): its run is
+    skipped with the flag to use, and the profile has no recommendations to make."""
+    result = _profile(tiny_gpt, "--gpus", "2", "--strategy", "single", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "out" / "profile.json").read_text())
+    (run,) = document["runs"]
+    assert run["status"] == "skipped" and "--gpus 1" in run["error"] and run["estimate"] is None
+    assert document.get("recommendations") is None
+
+
 def test_deepspeed_stages_run_for_real(tiny_gpt, tmp_path):
     if not DEEPSPEED_INSTALLED:
         pytest.skip("DeepSpeed is not installed (pip install --no-build-isolation deepspeed; .ci/run installs it)")

@@ -94,6 +94,8 @@ def test_strategies_that_cannot_run_say_why():
     assert "nn.DataParallel" in skip_reason("dp", 2)
     assert "--gpus 1" in skip_reason("single", 2)
     assert skip_reason("single", 1) is None and skip_reason("fsdp2", 8) is None
+    assert skip_reason("single", 2, tp=2) is None and skip_reason("fsdp2", 4, tp=2) is None
+    assert "--gpus 2 (= --tp)" in skip_reason("single", 4, tp=2)
 
 
 def test_config_is_validated_once():

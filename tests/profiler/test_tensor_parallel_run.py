@@ -89,3 +89,22 @@ def test_the_world_must_divide_into_tensor_parallel_groups():
         tensor_parallel_mesh(single, 3, "cpu")
     with pytest.raises(UsageError, match="single with --tp 2 runs on 2 ranks, not 4"):
         tensor_parallel_mesh(single, 4, "cpu")
+
+
+def test_dpplan_profile_runs_a_tensor_parallel_replica_on_tp_ranks(tmp_path):
+    """`dpplan profile --gpus 2 --tp 2 --strategy single`: one replica over both ranks is run
+    (not skipped as a single-device strategy on 2 ranks), measured beside its estimate."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dpplan.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["profile", TP_LLAMA, "--device", "cpu", "--gpus", "2", "--tp", "2",
+                                       "--strategy", "single", "--batch-size", str(BATCH_SIZE), "--steps", "1",
+                                       "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads((out / "profile.json").read_text())["runs"]
+    assert run["status"] == "ok", run["error"]
+    assert run["estimate"]["peak_bytes"] > 0 and run["measured"]["peak_allocated_bytes"] > 0
