@@ -116,7 +116,7 @@ def resolve_target(config: ProfileConfig) -> Target:
     if config.device == "cuda" and not num_visible:
         raise UsageError("--device cuda: no GPU is visible to torch here")
     if config.device == "cpu" or not num_visible:
-        gpus = config.gpus or DEFAULT_CPU_RANKS * config.nodes
+        gpus = config.gpus or max(DEFAULT_CPU_RANKS, config.run.tp) * config.nodes  # one tp group at least
         notices = [] if config.device == "cpu" else [
             f"no GPU found: running each strategy on {gpus} CPU process{'es' if gpus > 1 else ''} with gloo "
             "(tensor bytes and host RSS, no GPU memory)"
