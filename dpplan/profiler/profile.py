@@ -306,6 +306,7 @@ def run_settings(config: ProfileConfig, strategy: str, target: Target) -> result
         strategy=strategy, gpus=target.gpus, nodes=config.nodes, batch_size=run.batch_size,
         grad_accum=run.grad_accum, precision=run.precision, optimizer=run.optimizer,
         activation_checkpointing=run.activation_checkpointing, offload=run.offload, device=target.device,
+        tp=run.tp, sequence_parallel=run.sequence_parallel,
     )
 
 

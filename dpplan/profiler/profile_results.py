@@ -46,6 +46,7 @@ PER_RANK_KEYS = (
     "step_time_s", "step_times_s",
     "nvml", "nvml_notice", "nvml_device", "nvml_process_used_bytes", "gpu_name", "gpu_total_bytes",
     "memory_series",
+    "tensor_parallel",  # tp runs: the rank's coordinates, split/replicated bytes, losses (profiler/tensor_parallel_run.py)
 )
 
 
@@ -78,10 +79,14 @@ class RunSettings:
     offload: str
     device: str
     """cuda or cpu."""
+    tp: int = 1
+    """Tensor-parallel degree (the data-parallel strategy runs over gpus / tp ranks)."""
+    sequence_parallel: bool = False
 
     @classmethod
     def from_json(cls, data: dict) -> RunSettings:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        """Back from JSON (a profile written before tensor parallelism has no tp: 1)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,6 +53,11 @@ ROWWISE_NAMES = frozenset({
     "o", "o_proj", "out_proj", "wo", "proj", "down", "down_proj", "w2", "fc2", "fc_out", "c_proj",
 })
 """Last path atoms of the second linear (split by input features)."""
+ATTENTION_NAMES = frozenset({
+    "q", "k", "v", "o", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "qkv_proj", "wq", "wk", "wv", "wo",
+    "query", "key", "value", "c_attn", "in_proj", "out_proj",
+})
+"""Attention projections, whose per-rank features must be whole heads (``head_dim``)."""
 NORM_NAMES = ("norm", "ln", "layernorm", "layer_norm", "rmsnorm")
 """Substrings of a norm's class or attribute name (sequence parallelism shards norms)."""
 HEAD_ATTRIBUTES = ("num_heads", "n_heads", "num_attention_heads", "n_head", "num_key_value_heads", "n_kv_heads",
@@ -425,6 +430,12 @@ def check_divisible(model: nn.Module, plan: dict[str, Any], tp: int, source: str
                           else (0, ""))
             if size % tp:
                 raise TensorParallelError(f"tp={tp} does not divide the {size} {what} of {path} ({source})")
+            head_dim = _head_dim_of(model, path) if path.rsplit(".", 1)[-1] in ATTENTION_NAMES else None
+            if size and head_dim and (size // tp) % head_dim:
+                raise TensorParallelError(
+                    f"tp={tp} leaves {path} {size // tp} {what} per rank, not whole heads of {head_dim} "
+                    f"({size // head_dim} heads over {tp} ranks)"
+                )
         elif isinstance(module, nn.Embedding) and isinstance(style, (ColwiseParallel, RowwiseParallel)):
             size = module.num_embeddings if isinstance(style, RowwiseParallel) else module.embedding_dim
             if size % tp:
@@ -432,6 +443,15 @@ def check_divisible(model: nn.Module, plan: dict[str, Any], tp: int, source: str
     if not matched:
         raise TensorParallelError(f"the tensor-parallel plan ({source}) names no module of the model: "
                                   f"{', '.join(list(plan)[:4])}")
+
+
+def _head_dim_of(model: nn.Module, path: str) -> int | None:
+    """``head_dim`` of the module holding the linear at ``path`` (attention modules declare it),
+    None when it declares none."""
+    if "." not in path:
+        return None
+    value = model.get_submodule(path.rsplit(".", 1)[0]).__dict__.get("head_dim")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _head_counts(model: nn.Module) -> list[tuple[str, str, int]]:

@@ -103,3 +103,11 @@ def test_sequence_parallel_needs_blocks_with_their_own_attention_and_mlp():
     assert tensor_parallel_plan(Net(), 2, False)  # plain tensor parallelism splits them
     with pytest.raises(TensorParallelError, match="holds its projections directly"):
         tensor_parallel_plan(Net(), 2, True)
+
+
+def test_each_rank_must_hold_whole_key_value_heads():
+    """tp_llama has 4 KV heads of 32 features: tp 8 would leave 16 features of k per rank. The
+    model declares no head count, but its attention declares head_dim."""
+    assert tensor_parallel_plan(_model("tp_llama.py"), 4, False)
+    with pytest.raises(TensorParallelError, match="leaves layers.0.attn.k 16 output features per rank, not whole heads of 32"):
+        tensor_parallel_plan(_model("tp_llama.py"), 8, False)

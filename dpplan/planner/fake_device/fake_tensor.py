@@ -139,9 +139,9 @@ def to_fake_device(tensor: torch.Tensor) -> torch.Tensor:
     if type(tensor) is FakeDeviceTensor:
         return tensor
     if is_dtensor(tensor):
-        dtensor = type(tensor)
+        dtensor: Any = type(tensor)  # DTensor, imported by whoever made one
         local = to_fake_device(tensor._local_tensor.detach())  # type: ignore[attr-defined]
-        return dtensor(local, tensor._spec, requires_grad=tensor.requires_grad)  # type: ignore[attr-defined,call-arg]
+        return dtensor(local, tensor._spec, requires_grad=tensor.requires_grad)  # type: ignore[attr-defined]
     if tensor.device.type != "meta":
         tensor = tensor.to(META)
     return FakeDeviceTensor(tensor)
