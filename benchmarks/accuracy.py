@@ -243,8 +243,9 @@ def deepspeed_suite() -> list[Case]:
 def tensor_parallel_suite() -> list[Case]:
     """Tensor and sequence parallelism (--tp, --sp): tp 2 and 4 alone, with and without sequence
     parallelism; FSDP2 over dp 2 x tp 2 on 4 ranks; bf16-mixed, checkpointing and
-    gradient accumulation; two Hugging Face decoder families (their own base_model_tp_plan) and a
-    mixture-of-experts decoder (attention split, experts whole: its plan's)."""
+    gradient accumulation; Hugging Face decoder families (Llama, Qwen2, Qwen3, Gemma 2, Mistral,
+    each with its own base_model_tp_plan) and mixture-of-experts decoders (Mixtral, Qwen3-MoE:
+    attention split, experts whole, as their plans say)."""
     gpt = str(ROOT / "dpplan" / "models" / "default_gpt.py")  # the bundled GPT, 8 heads
     llama = _m("llama.py")  # 2 KV heads: tp 2 at most
     cases = []
@@ -265,6 +266,10 @@ def tensor_parallel_suite() -> list[Case]:
         Case(model=llama, strategy="fsdp2", ranks=4, tp=2, grad_accum=2, precision="bf16-mixed"),
         Case(model=llama, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=True, activation_checkpointing=True),
         Case(model=gpt, strategy="fsdp2", ranks=4, tp=2, sequence_parallel=True, precision="bf16-mixed"),
+        Case(model=str(THIRD_PARTY / "qwen3.py"), strategy="fsdp2", ranks=4, tp=2, sequence_parallel=True),
+        Case(model=str(THIRD_PARTY / "qwen3_moe.py"), strategy="single", ranks=2, tp=2),
+        Case(model=str(THIRD_PARTY / "gemma2.py"), strategy="single", ranks=2, tp=2, sequence_parallel=True),
+        Case(model=str(THIRD_PARTY / "mistral.py"), strategy="fsdp2", ranks=4, tp=2, precision="bf16-mixed"),
     ]
     return cases
 

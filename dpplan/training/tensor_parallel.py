@@ -53,6 +53,9 @@ ROWWISE_NAMES = frozenset({
     "o", "o_proj", "out_proj", "wo", "proj", "down", "down_proj", "w2", "fc2", "fc_out", "c_proj",
 })
 """Last path atoms of the second linear (split by input features)."""
+KEPT_WHOLE_STYLES = frozenset({"replicate", "gather", "local", "replicated_with_grad_allreduce"})
+"""transformers' plan strings for modules every rank keeps whole (Qwen3's and Gemma 3's
+per-head q/k norms: ``replicated_with_grad_allreduce``); dpplan replicates them."""
 ATTENTION_NAMES = frozenset({
     "q", "k", "v", "o", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "qkv_proj", "wq", "wk", "wv", "wo",
     "query", "key", "value", "c_attn", "in_proj", "out_proj",
@@ -160,7 +163,7 @@ def hugging_face_split(model: nn.Module) -> Split | None:
                 rowwise.append(path)
             elif style == "sequence_parallel":
                 norms.append(path)
-            elif style not in ("replicate", "gather", "local"):
+            elif style not in KEPT_WHOLE_STYLES:
                 raise TensorParallelError(
                     f"{path}: the model's tensor-parallel plan uses {style!r}, which dpplan does not map "
                     "(column- and row-wise splits and sequence_parallel); define tp_plan(model, sequence_parallel)"
