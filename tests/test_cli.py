@@ -117,6 +117,10 @@ def test_gpus_command_lists_the_catalog():
         (["--device", "tpu"], "'tpu' is not one of"),
         (["--cpu-isa", "avx2"], "--cpu-isa applies to --device cpu only"),
         (["--device", "cpu", "--cpu-isa", "sse4"], "'sse4' is not one of"),
+        (["--sp"], "sequence parallelism (--sp) needs tensor parallelism"),
+        (["--tp", "2", "--strategy", "zero2"], "--tp combines with single, fsdp2"),
+        (["--tp", "2", "--gpus", "3"], "--tp 2 does not divide gpus=3"),
+        (["--tp", "0"], "0 is not in the range"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(tiny_gpt, args, message):
@@ -172,6 +176,18 @@ def test_example_batch_that_raises(write_model):
 def test_json_into_a_missing_directory(tiny_gpt, tmp_path):
     result = run("estimate", tiny_gpt, *FAST, "--json", str(tmp_path / "no" / "plan.json"))
     assert result.exit_code == 2 and "directory does not exist" in result.output
+
+
+def test_tensor_parallel_defaults_and_layout():
+    """--tp without --strategy and --gpus: the strategies that run over it, on multiples of it;
+    every estimate carries its layout, the table names it."""
+    data = estimate_json("--tp", "2", "--sp")
+    cells = [(e["strategy"], e["gpus"], e["dp"], e["tp"], e["sp"]) for e in data["estimates"]]
+    assert cells == [("single", 2, 1, 2, True), ("fsdp2", 2, 1, 2, True), ("fsdp2", 4, 2, 2, True),
+                     ("fsdp2", 8, 4, 2, True), ("fsdp2", 16, 8, 2, True)]
+    assert (data["config"]["tp"], data["config"]["sequence_parallel"]) == (2, True)
+    table = run("estimate", "--tp", "2", "--gpus", "4", "--strategy", "fsdp2")
+    assert table.exit_code == 0 and "dp2 x tp2" in table.output and "tensor parallel 2" in table.output
 
 
 def test_gpus_per_node_sweeps_nodes(tiny_gpt):

@@ -11,6 +11,7 @@ shards, the gathered activations, the redistribution buffers.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 from dpplan.planner.trace.errors import TracerBug
@@ -25,8 +26,15 @@ def fake_tp_mesh(tp: int, rank: int = 0) -> Iterator:
 
     if dist.is_initialized():
         raise TracerBug("a process group is already initialized in the planning process")
+    # DTensor computes output shapes under torch's FakeTensorMode, which logs (at ERROR, with a
+    # traceback) every op the model makes fail before re-raising it: the trace reports the
+    # failure itself, in one line
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_tensor_log.level
+    fake_tensor_log.setLevel(logging.CRITICAL)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp)
     try:
         yield init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
     finally:
         dist.destroy_process_group()
+        fake_tensor_log.setLevel(level)
