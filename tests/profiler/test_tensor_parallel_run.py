@@ -1,4 +1,4 @@
-"""Real tensor-parallel runs (DTensor over gloo, torchrun) of the tiny Llama fixture: each rank
+"""Real tensor-parallel runs (DTensor over gloo, torchrun) of the zoo's small Llama: each rank
 holds 1/tp of the split layers, and the ranks of one tensor-parallel group see one batch and
 compute one loss, the unsplit model's. ~4 s per 2-rank run, ~7 s per 4-rank one here."""
 
@@ -13,14 +13,15 @@ from dpplan.profiler.tensor_parallel_run import tensor_parallel_mesh
 from dpplan.training.model_file import build_module, load_model_file
 from tests.conftest import FIXTURES
 
-TP_LLAMA = str(FIXTURES / "tp_llama.py")
+TP_LLAMA = str(FIXTURES.parents[1] / "benchmarks" / "models" / "llama.py")
+"""4 layers, grouped-query attention (8 heads, 2 KV heads), vocabulary 8000: tp 2 at most."""
 BATCH_SIZE = 2
 LOSS_RTOL = 1e-5
 """The split model sums partial products in another order than the whole one (fp32)."""
 
 
 def _unsplit():
-    """The fixture's model and first batch as rank 0 of data-parallel group 0 draws them (seed 0),
+    """The model and first batch as rank 0 of data-parallel group 0 draws them (seed 0),
     whole, on one process: its parameter bytes by kind and its first loss."""
     spec = load_model_file(TP_LLAMA)
     torch.manual_seed(0)

@@ -106,8 +106,10 @@ def test_sequence_parallel_needs_blocks_with_their_own_attention_and_mlp():
 
 
 def test_each_rank_must_hold_whole_key_value_heads():
-    """tp_llama has 4 KV heads of 32 features: tp 8 would leave 16 features of k per rank. The
-    model declares no head count, but its attention declares head_dim."""
-    assert tensor_parallel_plan(_model("tp_llama.py"), 4, False)
+    """The zoo's Llama has 2 KV heads of 32 features: tp 4 would leave 16 features of k per rank.
+    The model declares no head count, but its attention declares head_dim."""
+    with torch.device("meta"):
+        llama = build_module(load_model_file(str(FIXTURES.parents[1] / "benchmarks" / "models" / "llama.py")))
+    assert tensor_parallel_plan(llama, 2, False)
     with pytest.raises(TensorParallelError, match="leaves layers.0.attn.k 16 output features per rank, not whole heads of 32"):
-        tensor_parallel_plan(_model("tp_llama.py"), 8, False)
+        tensor_parallel_plan(llama, 4, False)

@@ -82,6 +82,10 @@ class Mesh:
         """Ranks that see different data: the batch the world trains on is this x the micro-batch."""
         return self.dp_replicate * self.dp_shard
 
+    def degrees(self) -> dict[str, int]:
+        """The layout as plans report it: dp (replicas x shards), tp, pp, cp and ep."""
+        return {"dp": self.dp_size, "tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep}
+
     def axes(self) -> list[MeshAxis]:
         """Every axis of size > 1, outermost first."""
         stride = self.world_size
