@@ -12,10 +12,12 @@ from, in order:
      "Megatron-LM", section 3: the first linear of each pair split by columns, the second
      by rows, so one all-reduce per block in forward and one in backward), by the names the
      common model families give their projections.
-With sequence parallelism (Korthikanti et al., 2022) the norms run sequence-sharded
-(``SequenceParallel``), column-wise layers gather the sequence on entry (``Shard(1)`` in)
-and row-wise layers reduce-scatter it on exit (``Shard(1)`` out), as torchtitan's Llama
-plan does (torchtitan/models/llama3/infra/parallelize.py ``apply_tp``).
+With sequence parallelism (Korthikanti et al., 2022) the residual stream between blocks and
+the norms on it run sequence-sharded (``SequenceParallel``), each attention and MLP block
+gathers the sequence once on entry and its row-wise layer reduce-scatters on exit
+(``Shard(1)`` out), as torchtitan's Llama plan does (torchtitan/models/llama3/infra/
+parallelize.py ``apply_tp``). Parameters a plan leaves whole become replicated DTensors
+(``apply_tensor_parallel``).
 
 Imported only when a plan has tensor parallelism (it imports torch.distributed.tensor).
 
@@ -91,31 +93,21 @@ def tensor_parallel_plan(model: nn.Module, tp: int, sequence_parallel: bool,
             source = "dpplan's Megatron-style rule"
         plan = styles_for(model, split, sequence_parallel)
     check_divisible(model, plan, tp, source)
-    return {**plan, **{path: ReplicateParameters() for path in _whole_parameter_holders(model, plan)}}
-
-
-def _whole_parameter_holders(model: nn.Module, plan: dict[str, Any]) -> list[str]:
-    """Modules holding parameters of their own that no style of the plan covers. Left plain,
-    they would sit beside DTensors in one optimizer step, and torch's foreach kernels (the
-    default on GPUs) refuse mixed lists ("got mixed torch.Tensor and DTensor"): every
-    parameter a plan leaves whole is made a replicated DTensor, as torchtitan's ``NoParallel``
-    does for the modules it keeps whole (torchtitan/distributed/tensor_parallel.py)."""
-    exact = set(plan)
-    patterns = [p for p in plan if "*" in p]
-
-    def covered(path: str) -> bool:
-        atoms = path.split(".")
-        return any(".".join(atoms[:n]) in exact or any(fnmatch.fnmatchcase(".".join(atoms[:n]), p) for p in patterns)
-                   for n in range(1, len(atoms) + 1))
-
-    return [path for path, module in model.named_modules()
-            if path and next(module.parameters(recurse=False), None) is not None and not covered(path)]
+    return plan
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, Any]) -> None:
     """Shard ``model`` in place over ``tp_mesh`` (a 1-D DeviceMesh): torch's own
-    ``parallelize_module``, as a user's script calls it."""
+    ``parallelize_module``, as a user's script calls it; then every module whose own
+    parameters the plan left plain keeps them whole as replicated DTensors. Left plain, they
+    would sit beside DTensors in one optimizer step, and torch's foreach kernels (the default
+    on GPUs) refuse mixed lists ("got mixed torch.Tensor and DTensor"), which is why
+    torchtitan keeps such modules whole with its ``NoParallel`` style
+    (torchtitan/distributed/tensor_parallel.py)."""
     parallelize_module(model, tp_mesh, plan)
+    for module in list(model.modules()):
+        if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            parallelize_module(module, tp_mesh, ReplicateParameters())
 
 
 @dataclass(frozen=True)

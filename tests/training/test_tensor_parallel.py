@@ -5,13 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
+from dpplan.planner.trace.fake_mesh import fake_tp_mesh
 from dpplan.training.model_file import build_module, load_model_file
 from dpplan.training.tensor_parallel import (
     GatherSequence,
     ScatterSequence,
     TensorParallelError,
+    apply_tensor_parallel,
     tensor_parallel_plan,
 )
 
@@ -33,8 +36,6 @@ def test_megatron_rule_splits_each_pair_and_the_vocabulary():
         "embed": "RowwiseParallel", "head": "ColwiseParallel",
         "blocks.0.mlp.fc1": "ColwiseParallel", "blocks.0.mlp.fc2": "RowwiseParallel",
         "blocks.1.mlp.fc1": "ColwiseParallel", "blocks.1.mlp.fc2": "RowwiseParallel",
-        # kept whole, as replicated DTensors: one kind of tensor for the foreach optimizers
-        "blocks.0.norm": "ReplicateParameters", "blocks.1.norm": "ReplicateParameters",
     }
 
 
@@ -67,10 +68,21 @@ def test_the_model_files_plan_wins():
     def user_plan(model, sequence_parallel):
         return {"blocks.0.mlp.fc1": ColwiseParallel()}
 
-    kinds = _kinds(tensor_parallel_plan(_model("tp_blocks.py"), 2, False, user_plan))
-    assert kinds.pop("blocks.0.mlp.fc1") == "ColwiseParallel"
-    assert set(kinds.values()) == {"ReplicateParameters"}  # what the plan leaves whole
-    assert "blocks.0.mlp" not in kinds and "blocks.1.mlp.fc1" in kinds
+    assert _kinds(tensor_parallel_plan(_model("tp_blocks.py"), 2, False, user_plan)) == {
+        "blocks.0.mlp.fc1": "ColwiseParallel"}
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_applied_every_parameter_is_a_dtensor(sp):
+    """What the plan leaves whole (the norms; with sp the norms are SequenceParallel's) is kept
+    whole as replicated DTensors: one kind of tensor for GPU optimizers' foreach kernels."""
+    model = _model("tp_blocks.py")
+    with fake_tp_mesh(2) as mesh:
+        apply_tensor_parallel(model, mesh, tensor_parallel_plan(model, 2, sp))
+        placements = {name: p.placements for name, p in model.named_parameters()}
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert placements["blocks.0.norm.weight"] == (Replicate(),)
+    assert placements["blocks.0.mlp.fc1.weight"] == (Shard(0),)
 
 
 def test_indivisible_features_are_refused_by_name():
