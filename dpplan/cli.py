@@ -153,6 +153,9 @@ def run_options(command):
                           "over gpus / tp data-parallel ranks."),
         click.option("--sp", "sequence_parallel", is_flag=True, default=RUN_DEFAULTS.sequence_parallel,
                      help="With --tp: sequence parallelism (norms and the residual stream split along the sequence)."),
+        click.option("--seq-len", type=click.IntRange(min=1), default=RUN_DEFAULTS.seq_len,
+                     help="Tokens per sample, passed to the model file's example_batch(batch_size, seq_len=...) "
+                          "[default: the file's own]."),
         click.option("--deepspeed-config", "deepspeed_config", metavar="JSON", default=None,
                      help="A DeepSpeed config file: its ZeRO stage, precision, offload, batch, accumulation and "
                           'ZeRO settings are planned ("auto" as HF\'s Trainer fills it, from these flags).'),

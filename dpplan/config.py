@@ -82,9 +82,12 @@ class RunSpec:
     the data-parallel strategy then runs over gpus / tp ranks."""
     sequence_parallel: bool = False
     """With tp > 1: norms and the residual stream split along the sequence too."""
+    seq_len: int | None = None
+    """Tokens per sample, handed to ``example_batch(batch_size, seq_len=...)``; None: the
+    model file's own."""
 
     def __post_init__(self):
-        _at_least(self, ("batch_size", "grad_accum", "tp"), 1)
+        _at_least(self, ("batch_size", "grad_accum", "tp", "seq_len"), 1)
         if self.sequence_parallel and self.tp == 1:
             raise UsageError("sequence parallelism (--sp) needs tensor parallelism (--tp N, N > 1)")
         _choice("precision", self.precision, PRECISIONS)

@@ -121,6 +121,7 @@ def test_gpus_command_lists_the_catalog():
         (["--tp", "2", "--strategy", "zero2"], "--tp combines with single, fsdp2"),
         (["--tp", "2", "--gpus", "3"], "--tp 2 does not divide gpus=3"),
         (["--tp", "0"], "0 is not in the range"),
+        (["--seq-len", "0"], "0 is not in the range"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(tiny_gpt, args, message):
@@ -188,6 +189,25 @@ def test_tensor_parallel_defaults_and_layout():
     assert (data["config"]["tp"], data["config"]["sequence_parallel"]) == (2, True)
     table = run("estimate", "--tp", "2", "--gpus", "4", "--strategy", "fsdp2")
     assert table.exit_code == 0 and "dp2 x tp2" in table.output and "tensor parallel 2" in table.output
+
+
+def test_seq_len_reaches_the_example_batch():
+    """--seq-len is handed to example_batch(batch_size, seq_len=...); the plan states the
+    sequence and its tokens, and half the sequence fits larger micro-batches."""
+    full = estimate_json("--strategy", "single", "--gpus", "1", "--batch-size", "2")
+    half = estimate_json("--strategy", "single", "--gpus", "1", "--batch-size", "2", "--seq-len", "128")
+    assert (full["model"]["seq_len"], full["model"]["tokens_per_micro_batch"]) == (256, 512)
+    assert (half["model"]["seq_len"], half["model"]["tokens_per_micro_batch"]) == (128, 256)
+    assert half["config"]["seq_len"] == 128 and full["config"]["seq_len"] is None
+    assert half["estimates"][0]["max_batch_size"] > full["estimates"][0]["max_batch_size"]
+    table = run("estimate", "--strategy", "single", "--gpus", "1", "--seq-len", "128")
+    assert "sequence 128, 128 tokens" in table.output
+
+
+def test_seq_len_needs_a_model_file_that_takes_it(tiny_mlp):
+    result = run("estimate", tiny_mlp, "--seq-len", "64")
+    assert result.exit_code == 2, result.output
+    assert "takes no seq_len; define example_batch(batch_size, seq_len=None)" in result.output
 
 
 def test_gpus_per_node_sweeps_nodes(tiny_gpt):

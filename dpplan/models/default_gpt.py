@@ -78,8 +78,11 @@ def build_model():
     return GPT()
 
 
-def example_batch(batch_size):
-    ids = torch.randint(0, VOCAB_SIZE, (batch_size, SEQ_LEN))
+def example_batch(batch_size, seq_len=None):
+    seq_len = SEQ_LEN if seq_len is None else seq_len
+    if seq_len > SEQ_LEN:
+        raise ValueError(f"the bundled GPT has {SEQ_LEN} positions; --seq-len {seq_len} is longer")
+    ids = torch.randint(0, VOCAB_SIZE, (batch_size, seq_len))
     return {"input_ids": ids, "labels": ids}
 
 

@@ -26,6 +26,7 @@ from dpplan.planner.trace import (
     AUTOCAST,
     ENGINE_CAST,
     PARAM_CAST,
+    TRACE_BATCH_SIZE,
     StepTrace,
     TraceSettings,
     has_floating_buffers,
@@ -34,7 +35,7 @@ from dpplan.planner.trace import (
     trace_step,
     untraced_model,
 )
-from dpplan.training.model_file import ModelSpec, load_model_file
+from dpplan.training.model_file import ModelSpec, example_batch_for, load_model_file
 
 BREAKDOWN_OF_CATEGORY = {
     "parameter": "params",
@@ -78,6 +79,7 @@ def trace_settings_for(
         wrap=config.run.wrap,
         tp=config.run.tp,
         sequence_parallel=config.run.sequence_parallel,
+        seq_len=config.run.seq_len,
         device_type=config.device,
         # only CPU kernels are measured (at the plan's batch): GPU traces stay batch-free
         kernel_batch_size=config.run.batch_size if config.device == "cpu" else TraceSettings.kernel_batch_size,
@@ -106,6 +108,10 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     if config.device == "cpu":
         cpu_isa.apply(config.cpu_isa)
         cpu_isa.check_supported(config.cpu_isa)
+    if config.run.seq_len is not None and config.run.seq_len % TRACE_BATCH_SIZE == 0:
+        # a sequence as long as a multiple of the trace's batch would read as a second batch dim
+        raise UsageError(f"--seq-len {config.run.seq_len}: multiples of {TRACE_BATCH_SIZE} (the prime micro-batch "
+                         "the planner traces at, planner/trace/step_trace.py) cannot be planned")
     spec = spec or load_model_file(config.run.model)
     if config.run.zero.hidden_size_auto:
         config = replace(config, run=replace(config.run, zero=resolve_for_model(config.run.zero, untraced_model(spec))))
@@ -318,6 +324,7 @@ def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace
         unique = {id(p): p for p in untraced_model(spec).parameters()}.values()
         num_params = sum(p.numel() for p in unique)
         trainable = sum(p.numel() for p in unique if p.requires_grad)
+    seq_len, tokens = planned_tokens(spec, config)
     return ModelSummary(
         name=spec.name,
         path=str(spec.path),
@@ -330,7 +337,23 @@ def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace
         trace_seconds=trace_seconds,
         num_traced_ops=trace.num_ops,
         repeated_layers=trace.repeated_layers,
+        seq_len=seq_len,
+        tokens_per_micro_batch=tokens,
     )
+
+
+def planned_tokens(spec: ModelSpec, config: PlanConfig) -> tuple[int | None, int | None]:
+    """(tokens per sample, tokens per micro-batch) of the batch the plan is for, read off the
+    example batch built on the meta device at the plan's micro-batch (None, None: no tokens)."""
+    import torch
+
+    from dpplan.planner import fake_device
+    from dpplan.training.batch_tokens import tokens_per_micro_batch
+
+    with torch.device("meta"), fake_device.skip_weight_init():
+        batch = example_batch_for(spec, config.run.batch_size, config.run.seq_len)
+    tokens = tokens_per_micro_batch(batch)
+    return (tokens // config.run.batch_size if tokens else None), tokens
 
 
 def top_activation_modules(trace: StepTrace, batch_size: int, limit: int = TOP_MODULES) -> list[ModuleActivation]:

@@ -44,6 +44,11 @@ class ModelSummary:
     repeated_layers: int = 0
     """0: every layer was traced; else the model's stack of that many alike layers was traced
     at three and four layers and built to full depth (checked against the four-layer trace)."""
+    seq_len: int | None = None
+    """Tokens per sample of the planned batch (its token tensor's second dimension, see
+    training/batch_tokens.py); None: the batch holds no token tensor (images, features)."""
+    tokens_per_micro_batch: int | None = None
+    """micro-batch x seq_len at the plan's micro-batch; None without a token tensor."""
 
     @classmethod
     def from_json(cls, data: dict) -> ModelSummary:

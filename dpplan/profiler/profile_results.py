@@ -22,7 +22,7 @@ device as NVML sees it. The gaps are named per rank: allocator cache = reserved 
 CUDA context + NCCL + other = NVML used - reserved (peaks of different instants, so a gap is
 "at most", not exact). step_time_s: the median timed step of the slowest rank (ranks wait for
 each other in every collective). samples/s = batch * grad_accum * world size / step time;
-tokens/s likewise with profiler/throughput.py's token rule.
+tokens/s likewise with training/batch_tokens.py's token rule.
 error_pct = 100 * (estimate - measured) / measured, of peak_allocated_bytes on cuda (against
 the estimate's peak_allocated_bytes) and on cpu (against its peak_bytes, the same thing
 there); errors_pct adds reserved and NVML vs the estimate's peak_reserved_bytes and peak_bytes.

@@ -121,8 +121,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
 
     from dpplan.profiler.memory_series import cuda_series
     from dpplan.profiler.parallelize import parallelize
-    from dpplan.profiler.throughput import tokens_per_micro_batch
-    from dpplan.training.model_file import build_module, call_user, load_model_file
+    from dpplan.training.batch_tokens import tokens_per_micro_batch
+    from dpplan.training.model_file import build_module, example_batch_for, load_model_file
     from dpplan.training.training_step import autocast_context, run_training_step
     from dpplan.training.units import checkpoint_units, find_units
 
@@ -177,7 +177,7 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
                 batch_size=config.run.batch_size, grad_accum=config.run.grad_accum, zero=config.run.zero,
                 dp_mesh=mesh["dp"] if mesh is not None else None,
             )
-        batch = _to_device(call_user(spec, "example_batch()", spec.example_batch, config.run.batch_size), device)
+        batch = _to_device(example_batch_for(spec, config.run.batch_size, config.run.seq_len), device)
         batch = prepared.cast_batch(batch)
 
         if recorder:

@@ -284,6 +284,8 @@ def plan_page(document: PlanDocument) -> Page:
         model_name=model.name,
         subtitle=f"{format_count(model.num_params)} parameters · {config.run.precision} · {config.run.optimizer} · "
         f"micro-batch {config.run.batch_size} · "
+        + (f"sequence {model.seq_len} ({model.tokens_per_micro_batch} tokens per micro-batch) · "
+           if model.tokens_per_micro_batch is not None else "")
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
         + _target(document),

@@ -39,13 +39,21 @@ def _header(document: PlanDocument) -> list[str]:
     return [
         f"[bold]{escape(model.name)}[/bold] · {format_count(model.num_params)} parameters "
         f"({format_count(model.num_trainable_params)} trainable) · {units}",
-        f"micro-batch {config.run.batch_size} per GPU · grad accum {config.run.grad_accum} · {config.run.precision} · "
+        f"micro-batch {config.run.batch_size} per GPU{_tokens(model)} · grad accum {config.run.grad_accum} · "
+        f"{config.run.precision} · "
         f"{config.run.optimizer} · {checkpointing} · offload {config.run.offload} · "
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
         + (f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes} node(s)"),
         f"target: {target}",
     ]
+
+
+def _tokens(model) -> str:
+    """`` (sequence 256, 512 tokens)``: the planned batch's token count, when it has tokens."""
+    if model.tokens_per_micro_batch is None:
+        return ""
+    return f" (sequence {model.seq_len}, {model.tokens_per_micro_batch} tokens)"
 
 
 def render_plan(document: PlanDocument, console: Console | None = None) -> None:

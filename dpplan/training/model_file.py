@@ -2,7 +2,9 @@
 
 A model file defines
     build_model() -> nn.Module            (or another factory named in ``file.py:factory``)
-    example_batch(batch_size) -> dict | tuple | Tensor   (the inputs of one micro-batch)
+    example_batch(batch_size) -> dict | tuple | Tensor   (the inputs of one micro-batch;
+                                          ``example_batch(batch_size, seq_len=None)`` also takes
+                                          ``--seq-len``)
     loss_fn(output, batch) -> Tensor      (optional)
     tp_plan(model, sequence_parallel) -> dict[str, ParallelStyle]
                                           (optional: the plan torch's parallelize_module takes
@@ -16,9 +18,10 @@ under ``torch.device("meta")``, so files must not force a device.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,8 @@ class ModelSpec:
     """Absolute path of the model file."""
     factory_name: str
     build_model: Callable[[], Any]
-    example_batch: Callable[[int], Any]
+    example_batch: Callable[..., Any]
+    """``example_batch(batch_size)``, or ``(batch_size, seq_len=None)``."""
     loss_fn: Callable[[Any, Any], Any] | None
     tp_plan: Callable[[Any, bool], Any] | None = None
 
@@ -141,6 +145,25 @@ def call_user(spec: ModelSpec, what: str, fn: Callable, *args: Any) -> Any:
         raise
     except Exception as exc:
         raise ModelFileError(f"{what} failed: {describe_user_exception(exc, spec.path)}") from None
+
+
+def example_batch_for(spec: ModelSpec, batch_size: int, seq_len: int | None = None) -> Any:
+    """The model file's example batch of ``batch_size`` samples, of ``seq_len`` tokens when
+    given (``--seq-len``; the file's ``example_batch`` must then take ``seq_len``)."""
+    if seq_len is None:
+        return call_user(spec, "example_batch()", spec.example_batch, batch_size)
+    parameters: Mapping[str, inspect.Parameter]
+    try:
+        parameters = inspect.signature(spec.example_batch).parameters
+    except (TypeError, ValueError):  # a builtin or a C function: no signature to read
+        parameters = {}
+    takes = "seq_len" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if not takes:
+        raise ModelFileError(
+            f"--seq-len {seq_len}: {spec.path.name}'s example_batch(batch_size) takes no seq_len; "
+            "define example_batch(batch_size, seq_len=None)"
+        )
+    return call_user(spec, "example_batch()", lambda: spec.example_batch(batch_size, seq_len=seq_len))
 
 
 def build_module(spec: ModelSpec) -> Any:

@@ -10,7 +10,7 @@ from dpplan.profiler import profile_results
 from dpplan.profiler.cuda_memory import CudaPhaseMeter
 from dpplan.profiler.profile import skip_reason
 from dpplan.profiler.profile_results import compare
-from dpplan.profiler.throughput import tokens_per_micro_batch
+from dpplan.training.batch_tokens import tokens_per_micro_batch
 from tests.records import strategy_estimate
 
 MiB = 1 << 20

@@ -34,7 +34,7 @@ from dpplan.planner.trace.step_trace import (
     batch_degree,
 )
 from dpplan.planner.trace.unit_markers import enter_backward, mark_units, observe_recompute
-from dpplan.training.model_file import ModelSpec, call_user
+from dpplan.training.model_file import ModelSpec, example_batch_for
 from dpplan.training.optimizers import build_optimizer
 from dpplan.training.training_step import autocast_context, run_micro_batch, run_optimizer_step
 from dpplan.training.units import checkpoint_units, find_units
@@ -68,7 +68,7 @@ def _trace_model(
     spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int, units: list[nn.Module] | None
 ) -> StepTrace:
     with torch.device("meta"), fake_device.skip_weight_init():
-        batch = call_user(spec, "example_batch()", spec.example_batch, batch_size)
+        batch = example_batch_for(spec, batch_size, settings.seq_len)
     if units is None:
         units = find_units(model, settings.wrap)
     recorder = Recorder()

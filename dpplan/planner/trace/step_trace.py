@@ -56,6 +56,8 @@ class TraceSettings:
     tp: int = 1
     """Tensor-parallel degree: the step of one rank of a ``tp`` group (its DTensor shards)."""
     sequence_parallel: bool = False
+    seq_len: int | None = None
+    """Tokens per sample of the example batch (None: the model file's own)."""
     device_type: str = "cpu"
     """Target device type: decides optimizer defaults (foreach on cuda)."""
     kernel_batch_size: int = 2

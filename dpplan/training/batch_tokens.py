@@ -1,4 +1,5 @@
-"""How many samples and tokens one micro-batch holds, so step time becomes throughput.
+"""How many samples and tokens one micro-batch holds: what a plan states, and what turns a
+run's step time into throughput.
 
 Samples: the micro-batch size (``--batch-size``). Tokens: ``batch * seq`` of the batch's
 token tensor, a 2-D integer tensor of shape (batch, seq). A dict batch prefers the keys
