@@ -168,7 +168,18 @@ def run_options(command):
 @click.group(cls=_RecordingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dpplan")
 def main() -> None:
-    """Plan and profile the memory of multi-GPU PyTorch training."""
+    """Plan and profile the memory of multi-GPU PyTorch training.
+
+    \b
+    Examples:
+      dpplan estimate                                   # the bundled GPT, every strategy, 1-8 H100s
+      dpplan estimate model.py --gpus 64 --gpus-per-node 8 --strategy fsdp2 --tp 8 --sp
+      dpplan estimate model.py --device cpu --gpus 2    # what a CPU (gloo) run allocates
+      dpplan profile model.py --gpus 4                  # short real runs, measured beside the estimates
+      dpplan report plan.json -o plan.html              # a saved plan or profile as HTML
+      dpplan gpus                                       # the GPU catalog
+
+    Each command's --help lists its flags; the model-file contract is in the README."""
 
 
 @main.command()

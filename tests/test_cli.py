@@ -174,6 +174,41 @@ def test_example_batch_that_raises(write_model):
     assert "example_batch() failed: model.py:4: KeyError" in one_line_error(run("estimate", path, *FAST))
 
 
+def test_a_shape_error_names_the_users_batch(write_model):
+    """The planner traces at micro-batch 1009; a model that rejects it is retraced at the user's
+    micro-batch, so the error is in the user's numbers (2 x 3 x 8 = 48 elements)."""
+    path = write_model("""
+        import torch, torch.nn as nn
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(8, 8)
+            def forward(self, x):
+                return self.fc(x.view(4, -1, 8))
+        def build_model(): return M()
+        def example_batch(b): return torch.randn(b, 3, 8)
+    """)
+    result = run("estimate", path, "--strategy", "single", "--gpus", "1", "--batch-size", "2")
+    assert result.exit_code == 2, result.output
+    assert "is invalid for input of size 48" in result.output and "1009" not in result.output
+
+
+def test_a_model_file_that_forces_a_device_is_pointed_to_the_contract(write_model):
+    path = write_model("""
+        import torch, torch.nn as nn
+        def build_model(): return nn.Linear(4, 4).cuda()
+        def example_batch(b): return torch.randn(b, 4)
+    """)
+    result = run("estimate", path, "--strategy", "single", "--gpus", "1")
+    assert result.exit_code == 2, result.output
+    assert "a model file must not force a device" in result.output
+
+
+def test_help_has_examples():
+    result = run("--help")
+    assert result.exit_code == 0 and "Examples:" in result.output and "dpplan estimate model.py" in result.output
+
+
 def test_json_into_a_missing_directory(tiny_gpt, tmp_path):
     result = run("estimate", tiny_gpt, *FAST, "--json", str(tmp_path / "no" / "plan.json"))
     assert result.exit_code == 2 and "directory does not exist" in result.output

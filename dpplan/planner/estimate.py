@@ -28,6 +28,7 @@ from dpplan.planner.trace import (
     PARAM_CAST,
     TRACE_BATCH_SIZE,
     StepTrace,
+    TraceError,
     TraceSettings,
     has_floating_buffers,
     has_floating_inputs,
@@ -86,6 +87,21 @@ def trace_settings_for(
     )
 
 
+def trace_at_planning_batch(spec: ModelSpec, settings: TraceSettings, batch_size: int) -> StepTrace:
+    """``trace_step`` at the prime micro-batch every plan is traced at; when the model rejects
+    it, the step traced at the user's own micro-batch says why in the user's numbers (a shape
+    error then names their batch size, not the planner's 1009)."""
+    try:
+        return trace_step(spec, settings)
+    except TraceError as prime_failure:
+        try:
+            trace_step(spec, settings, batch_size=batch_size)
+        except TraceError as failure:
+            raise failure from None
+        raise TraceError(f"{prime_failure} (at the planner's trace micro-batch {TRACE_BATCH_SIZE}; the model "
+                         f"runs at micro-batch {batch_size}: does it hard-code a batch size?)") from None
+
+
 def capacity_for(config: PlanConfig, gpus: int) -> int:
     if config.capacity_bytes is not None:
         return config.capacity_bytes
@@ -130,7 +146,7 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     # The first trace runs here before anything else: it pays for torch's lazy imports once.
     first = next(iter(families))
     start = time.perf_counter()
-    traces = {first: trace_step(spec, first)}
+    traces = {first: trace_at_planning_batch(spec, first, config.run.batch_size)}
     first_seconds = time.perf_counter() - start
     items = {
         settings: [(settings, strategy, gpus) for strategy in strategies for gpus in config.gpus
@@ -218,7 +234,7 @@ def _plan_items(
     for settings, strategy, gpus in items:
         if settings not in traces:
             start = time.perf_counter()
-            traces[settings] = trace_step(spec, settings)
+            traces[settings] = trace_at_planning_batch(spec, settings, config.run.batch_size)
             trace_seconds += time.perf_counter() - start
         if strategy is not None:  # (settings, None, 0): the trace only
             estimates.append(estimate_strategy(traces[settings], strategy, gpus, config))

@@ -144,7 +144,21 @@ def call_user(spec: ModelSpec, what: str, fn: Callable, *args: Any) -> Any:
     except ModelFileError:
         raise
     except Exception as exc:
-        raise ModelFileError(f"{what} failed: {describe_user_exception(exc, spec.path)}") from None
+        raise ModelFileError(f"{what} failed: {describe_user_exception(exc, spec.path)}{device_hint(exc)}") from None
+
+
+FORCED_DEVICE_MESSAGES = ("not compiled with CUDA", "Cannot copy out of meta tensor", "no NVIDIA driver",
+                          "Found no NVIDIA driver", "CUDA driver initialization failed")
+"""What torch says when a model file moves a tensor to a GPU itself (``.cuda()``,
+``device="cuda"``): no CUDA in this build, or a meta tensor asked for its data."""
+
+
+def device_hint(exc: BaseException) -> str:
+    """A pointer to the contract when ``exc`` comes from a model file that forces a device."""
+    if any(message in str(exc) for message in FORCED_DEVICE_MESSAGES):
+        return (" (a model file must not force a device: dpplan builds and runs it on a fake device; drop "
+                ".cuda() and device=\"cuda\", create tensors with device=x.device; README, \"The model-file contract\")")
+    return ""
 
 
 def example_batch_for(spec: ModelSpec, batch_size: int, seq_len: int | None = None) -> Any:

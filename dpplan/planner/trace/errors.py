@@ -11,7 +11,7 @@ import torch
 from dpplan.errors import InternalError, UsageError
 from dpplan.planner import data_dependent, torch_apis
 from dpplan.planner.fake_device.fake_tensor import FakeDeviceError
-from dpplan.training.model_file import ModelFileError, ModelSpec, describe_user_exception
+from dpplan.training.model_file import ModelFileError, ModelSpec, describe_user_exception, device_hint
 
 
 class TraceError(UsageError):
@@ -66,5 +66,5 @@ def _describe_trace_failure(exc: BaseException, spec: ModelSpec) -> str:
     text = describe_user_exception(exc, spec.path)
     if "data-dependent" in str(exc) or "nonzero" in str(exc) or "_local_scalar_dense" in str(exc):
         text += " (the model uses an op whose output size depends on data, which cannot be planned without data)"
-    return f"the model rejected its example batch: {text}"
+    return f"the model rejected its example batch: {text}{device_hint(exc)}"
 
