@@ -40,6 +40,15 @@ NOT_MEASURED = Measured(summarized=False)
 """What a table row reads for a run that measured nothing (skipped)."""
 
 
+def _tensor_parallel(config: dict) -> str:
+    """``tensor parallel 2 + sequence parallel · `` for a tensor-parallel profile, else nothing
+    (a profile written before tensor parallelism has no tp)."""
+    tp = config.get("tp") or 1
+    if tp == 1:
+        return ""
+    return f"tensor parallel {tp}{' + sequence parallel' if config.get('sequence_parallel') else ''} · "
+
+
 def render_profile(document: ProfileDocument, console: Console | None = None) -> None:
     if console is None:
         console = Console()
@@ -51,7 +60,7 @@ def render_profile(document: ProfileDocument, console: Console | None = None) ->
         f"[bold]{escape(document.model.name if document.model else 'model')}[/bold] on "
         f"{escape(document.device.description)} · "
         f"micro-batch {config['batch_size']} per rank · grad accum {config['grad_accum']} · {config['precision']} · "
-        f"{config['optimizer']} · {config['warmup_steps']} warm-up + {config['steps']} timed steps",
+        f"{config['optimizer']} · {_tensor_parallel(config)}{config['warmup_steps']} warm-up + {config['steps']} timed steps",
         highlight=False,
     )
     if document.recommendations:

@@ -83,3 +83,12 @@ def test_recommendations_come_first_with_their_reasons():
     assert "zero3: needs optimizer offload (batch 1 peak 93.00 GiB > limit 72.00 GiB; with offload 61.00 GiB)" in text
     assert "ddp: fastest that fits (412 samples/s at batch 12" in text
     assert "note: a note" in text
+
+
+def test_header_names_tensor_parallelism():
+    config = {"batch_size": 4, "grad_accum": 1, "precision": "fp32", "optimizer": "adamw", "warmup_steps": 1, "steps": 2}
+    for extra, expected in (({}, None), ({"tp": 2, "sequence_parallel": True}, "tensor parallel 2 + sequence parallel")):
+        console = Console(width=300, record=True)
+        render_profile(profile_document(config={**config, **extra}, runs=()), console)
+        header = console.export_text().splitlines()[0]
+        assert (expected in header) if expected else ("tensor parallel" not in header)
