@@ -66,7 +66,7 @@ ATTENTION_NAMES = frozenset({
 NORM_NAMES = ("norm", "ln", "layernorm", "layer_norm", "rmsnorm")
 """Substrings of a norm's class or attribute name (sequence parallelism shards norms)."""
 HEAD_ATTRIBUTES = ("num_heads", "n_heads", "num_attention_heads", "n_head", "num_key_value_heads", "n_kv_heads",
-                   "num_kv_heads", "n_kv_head", "num_key_value_groups_total")
+                   "num_kv_heads", "n_kv_head")
 """Attributes through which a model or its config declares head counts."""
 
 

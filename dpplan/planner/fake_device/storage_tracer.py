@@ -298,10 +298,11 @@ class StorageTracer(TorchDispatchMode):
             steps = self._cpu_kernel_steps(func, args, kwargs, key)
         elif self.target_device_type == "cpu" and func in cpu_kernels.RULED_OPS:
             steps = cpu_kernels.RULED_OPS[func](args)
-        elif self.target_device_type == "cpu" and collectives.is_collective(func):
+        gloo_collective = self.target_device_type == "cpu" and collectives.is_collective(func)
+        if gloo_collective and steps is None:
             steps = collectives.gloo_steps(func, args)
         wrapped = self._replay_kernel(steps, result) if steps else self._wrap(result)
-        if self.target_device_type == "cpu" and collectives.is_collective(func) and collectives.waits_with_buffer(func):
+        if gloo_collective and collectives.waits_with_buffer(func):
             self._collective_buffers[wrapped.untyped_storage()._cdata] = self._wrap(collectives.buffer_until_wait(args))
         if func is _ADD_TENSOR:
             self._note_accumulation(args, kwargs, wrapped)
