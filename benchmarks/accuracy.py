@@ -10,6 +10,7 @@ the estimate's ``peak_bytes``.
     python benchmarks/accuracy.py --suite third-party   # 35 transformers architectures (needs transformers)
     python benchmarks/accuracy.py --suite deepspeed     # zero1/2/3 through DeepSpeed (needs deepspeed)
     python benchmarks/accuracy.py --suite tensor-parallel   # --tp / --sp (DTensor) with single and fsdp2
+    python benchmarks/accuracy.py --suite expert-parallel   # --ep with fsdp2 on Hugging Face MoE decoders
     python benchmarks/accuracy.py --quick         # a few cases
     python benchmarks/accuracy.py --filter fsdp2  # cases whose label contains "fsdp2"
     python benchmarks/accuracy.py --case benchmarks/models/gpt.py fsdp2 2 --precision bf16-mixed
@@ -59,10 +60,12 @@ class Case:
     """A DeepSpeed config file (benchmarks/deepspeed_configs/): strategy and precision as it says."""
     tp: int = 1
     sequence_parallel: bool = False
+    ep: int = 1
 
     @property
     def label(self) -> str:
-        name = Path(self.model).stem
+        path, _, factory = self.model.partition(".py:")
+        name = Path(path).stem + (f":{factory}" if factory else "")
         if Path(self.model).resolve().parent == THIRD_PARTY:
             name = f"hf/{name}"
         parts = [name, self.strategy, f"{self.ranks}r", f"b{self.batch_size}", self.precision, self.optimizer]
@@ -74,6 +77,8 @@ class Case:
             parts.append(f"{self.nodes}nodes")
         if self.tp > 1:
             parts.append(f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""))
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
         if self.deepspeed_config:
@@ -107,6 +112,13 @@ class Result:
         if self.estimate_bytes is None or not self.measured_bytes:
             return None
         return 100.0 * (self.estimate_bytes - self.measured_bytes) / self.measured_bytes
+
+    @property
+    def rank_errors_pct(self) -> list[float]:
+        """The estimate against every rank's own peak (ranks of a plan need not be alike)."""
+        if self.estimate_bytes is None:
+            return []
+        return [100.0 * (self.estimate_bytes - m) / m for m in self.measured_per_rank if m]
 
 
 def _m(name: str) -> str:
@@ -274,6 +286,37 @@ def tensor_parallel_suite() -> list[Case]:
     return cases
 
 
+BALANCED_ROUTER = MODELS / "moe_balanced_router.py"
+
+
+def expert_parallel_suite() -> list[Case]:
+    """Expert parallelism (--ep) beside FSDP2 on Hugging Face MoE decoders (Mixtral, OLMoE,
+    Qwen3-MoE; 4 experts, top-2): the experts split over 2 and 4 ranks, each experts module an
+    FSDP2 unit over the ranks that hold the same experts (1 or 2 of them); fp32 and bf16-mixed,
+    checkpointing and gradient accumulation. Every case runs twice: with a router balanced by
+    construction (benchmarks/models/moe_balanced_router.py: the planner's own error), and with
+    the model's own router at random init (that plus the router's imbalance, which no plan can
+    know: the plan assumes a balanced router)."""
+    settings = [
+        dict(ranks=2, ep=2), dict(ranks=2, ep=2, precision="bf16-mixed"),
+        dict(ranks=4, ep=2), dict(ranks=4, ep=4, precision="bf16-mixed"),
+    ]
+    extra = [
+        ("mixtral", dict(ranks=4, ep=2, precision="bf16-mixed")),
+        ("mixtral", dict(ranks=2, ep=2, grad_accum=2)),
+        ("mixtral", dict(ranks=4, ep=2, grad_accum=2, precision="bf16-mixed")),
+        ("mixtral", dict(ranks=2, ep=2, activation_checkpointing=True)),
+        ("qwen3_moe", dict(ranks=4, ep=4, activation_checkpointing=True)),
+    ]
+    chosen = [(name, s) for name in ("mixtral", "olmoe", "qwen3_moe") for s in settings] + extra
+    cases = []
+    for balanced in (True, False):
+        for name, options in chosen:
+            model = f"{BALANCED_ROUTER}:{name}" if balanced else str(THIRD_PARTY / f"{name}.py")
+            cases.append(Case(model=model, strategy="fsdp2", **options))  # type: ignore[arg-type]
+    return cases
+
+
 def quick_suite() -> list[Case]:
     return [
         Case(model=_m("gpt.py"), strategy="single", ranks=1),
@@ -290,7 +333,7 @@ def case_run(case: Case) -> tuple[RunSpec, str]:
     settings = case.settings()
     strategy = settings.pop("strategies")[0]
     run = RunSpec(model=case.model, activation_checkpointing=case.activation_checkpointing, wrap=case.wrap,
-                  tp=case.tp, sequence_parallel=case.sequence_parallel, **settings)
+                  tp=case.tp, sequence_parallel=case.sequence_parallel, ep=case.ep, **settings)
     return run, strategy
 
 
@@ -343,6 +386,7 @@ REFUSALS = ("doesn't support scalar parameters",)
 
 def summarize(results: list[Result]) -> dict:
     errors = [abs(r.error_pct) for r in results if r.error_pct is not None]
+    rank_errors = [abs(e) for r in results for e in r.rank_errors_pct]
     return {
         "cases": len(results),
         "answered": len(errors) + sum(r.refused is not None for r in results),
@@ -350,6 +394,8 @@ def summarize(results: list[Result]) -> dict:
         "median_abs_error_pct": statistics.median(errors) if errors else None,
         "max_abs_error_pct": max(errors) if errors else None,
         "within_2pct": sum(e <= 2.0 for e in errors),
+        "median_abs_rank_error_pct": statistics.median(rank_errors) if rank_errors else None,
+        "max_abs_rank_error_pct": max(rank_errors) if rank_errors else None,
     }
 
 
@@ -358,10 +404,14 @@ SUITES = {
     "third-party": "third-party architectures (transformers, benchmarks/models/hf)",
     "deepspeed": "DeepSpeed's ZeRO stages (deepspeed.initialize, both zoos)",
     "tensor-parallel": "tensor and sequence parallelism (DTensor, --tp / --sp)",
+    "expert-parallel": "expert parallelism beside FSDP2 (--ep), routers balanced by construction",
+    "expert-parallel-routed": "expert parallelism beside FSDP2 (--ep), the models' own routers at random init",
 }
 
 
 def suite_of(case: Case) -> str:
+    if case.ep > 1:
+        return "expert-parallel" if case.model.startswith(str(BALANCED_ROUTER)) else "expert-parallel-routed"
     if case.tp > 1:
         return "tensor-parallel"
     if case.strategy in DEEPSPEED_STAGES:
@@ -379,6 +429,9 @@ def _summary_line(summary: dict) -> str:
     if summary["median_abs_error_pct"] is not None:
         line += (f"; within 2%: {summary['within_2pct']}, median |error|: {summary['median_abs_error_pct']:.3f}%, "
                  f"max |error|: {summary['max_abs_error_pct']:.3f}%")
+    if summary.get("max_abs_rank_error_pct") is not None:
+        line += (f"; every rank against its own peak: median |error| {summary['median_abs_rank_error_pct']:.3f}%, "
+                 f"max {summary['max_abs_rank_error_pct']:.3f}%")
     return line + "."
 
 
@@ -422,7 +475,8 @@ def markdown(results: list[Result], command: str) -> str:
         if not chosen:
             continue
         lines += ["", f"## {title}", "", _summary_line(summarize(chosen)), "",
-                  "| case | estimate (bytes) | measured max rank (bytes) | error |", "|---|---:|---:|---:|"]
+                  "| case | estimate (bytes) | measured max rank (bytes) | error | every rank's error |",
+                  "|---|---:|---:|---:|---:|"]
         for r in chosen:
             if r.error_pct is not None:
                 err = f"{r.error_pct:+.3f}%"
@@ -430,7 +484,9 @@ def markdown(results: list[Result], command: str) -> str:
                 err = "refused, as the wrapper refuses it"
             else:
                 err = r.error or ""
-            lines.append(f"| {r.case.label} | {r.estimate_bytes or ''} | {r.measured_bytes or ''} | {err} |")
+            ranks = r.rank_errors_pct
+            spread = f"{min(ranks):+.3f}% .. {max(ranks):+.3f}%" if len(ranks) > 1 else ""
+            lines.append(f"| {r.case.label} | {r.estimate_bytes or ''} | {r.measured_bytes or ''} | {err} | {spread} |")
     return "\n".join(lines) + "\n"
 
 
@@ -442,6 +498,7 @@ def _write(results: list[Result], command: str, json_path: Path | None, markdown
              "results": [{**asdict(r.case), "label": r.case.label, "suite": suite_of(r.case),
                           "estimate_bytes": r.estimate_bytes, "measured_bytes": r.measured_bytes,
                           "measured_per_rank": r.measured_per_rank, "error_pct": r.error_pct,
+                          "rank_errors_pct": r.rank_errors_pct,
                           "error": r.error, "refused": r.refused} for r in results]},
             indent=1))
     if markdown_path:
@@ -462,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--json", type=Path, help="written after every case, so an interrupted run keeps its results")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
@@ -472,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.case[0], strategy=args.case[1], ranks=int(args.case[2]),
                 batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
                 activation_checkpointing=args.activation_checkpointing, grad_accum=args.grad_accum,
-                nodes=args.nodes, tp=args.tp, sequence_parallel=args.sp,
+                nodes=args.nodes, tp=args.tp, sequence_parallel=args.sp, ep=args.ep,
             )
         ]
     elif args.quick:
@@ -481,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = (suite() if args.suite in ("all", "own") else []) + (
             third_party_suite() if args.suite in ("all", "third-party") else []) + (
             deepspeed_suite() if args.suite in ("all", "deepspeed") else []) + (
-            tensor_parallel_suite() if args.suite in ("all", "tensor-parallel") else [])
+            tensor_parallel_suite() if args.suite in ("all", "tensor-parallel") else []) + (
+            # (--suite expert-parallel runs both halves: balanced routers and the models' own)
+            [c for c in expert_parallel_suite() if args.suite == "all" or suite_of(c).startswith(args.suite)])
     if args.filter:
         cases = [c for c in cases if args.filter in c.label]
 

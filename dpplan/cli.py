@@ -44,7 +44,7 @@ from dpplan.errors import FAILURE_EXIT, INTERRUPTED_EXIT, DpplanError, Interrupt
 from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
 from dpplan.planner.cpu_isa import apply as apply_cpu_isa
 from dpplan.planner.hardware import DEFAULT_GPU
-from dpplan.planner.strategies.registry import STRATEGIES, TENSOR_PARALLEL_STRATEGIES
+from dpplan.planner.strategies.registry import EXPERT_PARALLEL_STRATEGIES, STRATEGIES, TENSOR_PARALLEL_STRATEGIES
 from dpplan.reports.html_settings import PLOTLYJS_MODES
 from dpplan.training.optimizers import OPTIMIZERS
 
@@ -153,6 +153,9 @@ def run_options(command):
                           "over gpus / tp data-parallel ranks."),
         click.option("--sp", "sequence_parallel", is_flag=True, default=RUN_DEFAULTS.sequence_parallel,
                      help="With --tp: sequence parallelism (norms and the residual stream split along the sequence)."),
+        click.option("--ep", type=click.IntRange(min=1), default=RUN_DEFAULTS.ep, show_default=True,
+                     help="Expert-parallel degree: each MoE layer's experts split over this many of the "
+                          "data-parallel ranks (with --strategy fsdp2)."),
         click.option("--seq-len", type=click.IntRange(min=1), default=RUN_DEFAULTS.seq_len,
                      help="Tokens per sample, passed to the model file's example_batch(batch_size, seq_len=...) "
                           "[default: the file's own]."),
@@ -235,6 +238,9 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
             # --tp without --strategy or --gpus: what combines with it, on multiples of it
             strategies = _tensor_parallel_default("strategies", strategies, TENSOR_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * g for g in DEFAULT_GPU_COUNTS))
+        if run.ep > 1:  # likewise for --ep: fsdp2 on multiples of it
+            strategies = _tensor_parallel_default("strategies", strategies, EXPERT_PARALLEL_STRATEGIES)
+            plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.ep * g for g in DEFAULT_GPU_COUNTS))
         config = PlanConfig(run=run, strategies=strategies, gpus=plan_gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
                             gpu=gpu, device=device, cpu_isa=cpu_isa)
         if html_path:
@@ -322,7 +328,7 @@ def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, step
         from dpplan.reports.profile_table import ProfileProgress, render_profile
 
         run, strategies = run_spec(model, run_flags, deepspeed_config, (gpus,) if gpus else ())
-        if run.tp > 1:  # --tp without --strategy: what runs over it
+        if run.tp > 1 or run.ep > 1:  # --tp or --ep without --strategy: what runs over it
             strategies = _tensor_parallel_default("strategies", strategies, ("fsdp2",))
         config = ProfileConfig(
             run=run, strategies=strategies, gpus=gpus, nodes=nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,

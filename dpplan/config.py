@@ -20,7 +20,12 @@ from dataclasses import asdict, dataclass, field, fields
 from dpplan.errors import UsageError
 from dpplan.planner.cpu_isa import ISAS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
-from dpplan.planner.strategies.registry import DEEPSPEED_STAGES, STRATEGIES, TENSOR_PARALLEL_STRATEGIES
+from dpplan.planner.strategies.registry import (
+    DEEPSPEED_STAGES,
+    EXPERT_PARALLEL_STRATEGIES,
+    STRATEGIES,
+    TENSOR_PARALLEL_STRATEGIES,
+)
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.training.optimizers import OPTIMIZERS
 
@@ -82,14 +87,19 @@ class RunSpec:
     the data-parallel strategy then runs over gpus / tp ranks."""
     sequence_parallel: bool = False
     """With tp > 1: norms and the residual stream split along the sequence too."""
+    ep: int = 1
+    """Expert-parallel degree: each MoE layer's experts split over this many of the data-parallel
+    ranks (training/expert_parallel.py); it divides dp and adds no ranks."""
     seq_len: int | None = None
     """Tokens per sample, handed to ``example_batch(batch_size, seq_len=...)``; None: the
     model file's own."""
 
     def __post_init__(self):
-        _at_least(self, ("batch_size", "grad_accum", "tp", "seq_len"), 1)
+        _at_least(self, ("batch_size", "grad_accum", "tp", "ep", "seq_len"), 1)
         if self.sequence_parallel and self.tp == 1:
             raise UsageError("sequence parallelism (--sp) needs tensor parallelism (--tp N, N > 1)")
+        if self.ep > 1 and self.tp > 1:
+            raise UsageError("--ep with --tp is not planned yet: expert parallelism runs over data-parallel ranks only")
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("offload", self.offload, OFFLOADS)
@@ -113,6 +123,22 @@ class RunSpec:
                     "tensor-parallel modules, DDP over tensor parallelism is not supported by torchtitan "
                     "or sound in torch 2.13, nn.DataParallel is one process)"
                 )
+        if self.ep > 1:
+            refused = [s for s in strategies if s not in EXPERT_PARALLEL_STRATEGIES]
+            if refused:
+                raise UsageError(
+                    f"--ep runs beside {', '.join(EXPERT_PARALLEL_STRATEGIES)} over the data-parallel ranks, not "
+                    f"{', '.join(refused)} (each experts module is an FSDP2 unit of its own over the ranks that "
+                    "hold the same experts, as torchtitan wraps them)"
+                )
+
+    def check_world(self, gpus: int) -> None:
+        """That ``gpus`` ranks split into tp groups and the data-parallel ranks into ep groups."""
+        if gpus % self.tp:
+            raise UsageError(f"--tp {self.tp} does not divide gpus={gpus} (gpus = data-parallel ranks x tp)")
+        if (gpus // self.tp) % self.ep:
+            raise UsageError(f"--ep {self.ep} does not divide the {gpus // self.tp} data-parallel ranks of "
+                             f"gpus={gpus} (expert parallelism takes its ranks from data parallelism)")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -171,8 +197,7 @@ class PlanConfig:
         for gpus in self.gpus:
             if gpus % self.nodes_for(gpus):
                 raise UsageError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
-            if gpus % self.run.tp:
-                raise UsageError(f"--tp {self.run.tp} does not divide gpus={gpus} (gpus = data-parallel ranks x tp)")
+            self.run.check_world(gpus)
         _choice("device", self.device, PLAN_DEVICES)
         _choice("cpu_isa", self.cpu_isa, tuple(ISAS))
         if self.cpu_isa != "native" and self.device != "cpu":
@@ -241,8 +266,8 @@ class ProfileConfig:
         _at_least(self, ("warmup_steps",), 0)
         if self.gpus is not None and self.gpus % self.nodes:
             raise UsageError(f"gpus={self.gpus} (total over all nodes) does not split evenly into nodes={self.nodes}")
-        if self.gpus is not None and self.gpus % self.run.tp:
-            raise UsageError(f"--tp {self.run.tp} does not divide gpus={self.gpus} (gpus = data-parallel ranks x tp)")
+        if self.gpus is not None:
+            self.run.check_world(self.gpus)
         if not 0 <= self.node_rank < self.nodes:
             raise UsageError(f"node_rank must be in 0..{self.nodes - 1} (got {self.node_rank})")
         if self.nodes > 1 and not self.rdzv_endpoint:

@@ -80,6 +80,7 @@ def trace_settings_for(
         wrap=config.run.wrap,
         tp=config.run.tp,
         sequence_parallel=config.run.sequence_parallel,
+        ep=config.run.ep,
         seq_len=config.run.seq_len,
         device_type=config.device,
         # only CPU kernels are measured (at the plan's batch): GPU traces stay batch-free
@@ -249,6 +250,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         gpus,
         nodes,
         tp=config.run.tp,
+        ep=config.run.ep,
         precision=config.run.precision,
         grad_accum=config.run.grad_accum,
         offload=config.run.offload,
@@ -336,7 +338,7 @@ def runtime_terms(plan: RankPlan, peak: Peak, gpu: GpuSpec | None, layout: Layou
 def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace_seconds: float) -> ModelSummary:
     num_params = sum(p.numel for p in trace.params)
     trainable = sum(p.numel for p in trace.params if p.grad_storage >= 0)
-    if config.run.tp > 1:  # the trace holds one rank's shards: count the whole model
+    if config.run.tp > 1 or config.run.ep > 1:  # the trace holds one rank's shards: count the whole model
         unique = {id(p): p for p in untraced_model(spec).parameters()}.values()
         num_params = sum(p.numel() for p in unique)
         trainable = sum(p.numel() for p in unique if p.requires_grad)

@@ -17,6 +17,8 @@ dimension, training/tensor_parallel.py) the wrapper runs over the data-parallel 
 ``dp_mesh`` only, as torchtitan composes them: fsdp2 ``fully_shard(..., mesh=dp_mesh)`` (FSDP2
 shards DTensor parameters along dp, a 2-D layout), single no wrapper (dp = 1). DDP is refused
 with tensor parallelism (strategies/registry.py ``TENSOR_PARALLEL_STRATEGIES`` says why).
+With expert parallelism (``--ep``) each experts module is first an FSDP2 unit of its own over
+the ranks that hold the same experts (profiler/expert_parallel_run.py).
 
 Offload (``--offload optimizer`` or ``optimizer+params``) on cuda, as the planner plans it:
 FSDP1 CPUOffload(offload_params=True), FSDP2 CPUOffloadPolicy(); torch has no optimizer-only
@@ -36,7 +38,13 @@ import torch
 from torch import nn
 
 from dpplan.errors import UsageError
-from dpplan.planner.strategies.registry import TENSOR_PARALLEL_STRATEGIES, DataAxes, Wrapper, strategy_info
+from dpplan.planner.strategies.registry import (
+    EXPERT_PARALLEL_STRATEGIES,
+    TENSOR_PARALLEL_STRATEGIES,
+    DataAxes,
+    Wrapper,
+    strategy_info,
+)
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.profiler.deepspeed_run import cast_inputs, engine_no_sync, initialize_engine
 from dpplan.training.optimizers import build_optimizer, optimizer_class_and_kwargs
@@ -84,13 +92,17 @@ def parallelize(
     grad_accum: int = 1,
     zero: ZeroSettings = DEFAULT_ZERO,
     dp_mesh: Any = None,
+    experts: Any = None,
 ) -> PreparedRun:
     """Wrap ``model`` (already on ``device``, checkpointing already applied). ``dp_mesh``: the
-    data-parallel dimension of a tensor-parallel run's mesh (module docstring); None without
-    tensor parallelism, where the wrapper spans the whole world."""
+    data-parallel dimension of a tensor- or expert-parallel run's mesh (module docstring); None
+    without, where the wrapper spans the whole world. ``experts``: an expert-parallel run's
+    ``ExpertUnits`` (profiler/expert_parallel_run.py), each experts module a unit of its own."""
     info = strategy_info(strategy)
     if dp_mesh is not None and strategy not in TENSOR_PARALLEL_STRATEGIES:
         raise UsageError(f"{strategy} does not run over a tensor-parallel mesh ({', '.join(TENSOR_PARALLEL_STRATEGIES)} do)")
+    if experts is not None and strategy not in EXPERT_PARALLEL_STRATEGIES:
+        raise UsageError(f"{strategy} does not run beside expert parallelism ({', '.join(EXPERT_PARALLEL_STRATEGIES)} does)")
     device_type = device.type
     low_dtype = LOW_PRECISION_DTYPE.get(precision)
     mixed = precision in ("bf16-mixed", "fp16-mixed")
@@ -182,6 +194,14 @@ def parallelize(
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         extra["offload_policy"] = CPUOffloadPolicy()
+    if experts is not None:  # inner units first: each owns its experts' weights
+        for module in experts.modules:
+            fully_shard(module, mp_policy=mp_policy, mesh=experts.mesh, **extra)
+            module.set_gradient_divide_factor(experts.gradient_divide_factor)
+            if device_type == "cpu" and experts.mesh.size() > 1:
+                # a custom factor reduces with NCCL's PREMUL_SUM, which gloo lacks: divide in place
+                # before and after a sum instead (_fsdp_collectives.py _get_gradient_divide_factors)
+                module.set_force_sum_reduction_for_comms(True)
     if dp_mesh is not None:
         extra["mesh"] = dp_mesh
     for unit in units:

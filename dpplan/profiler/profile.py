@@ -116,7 +116,7 @@ def resolve_target(config: ProfileConfig) -> Target:
     if config.device == "cuda" and not num_visible:
         raise UsageError("--device cuda: no GPU is visible to torch here")
     if config.device == "cpu" or not num_visible:
-        gpus = config.gpus or max(DEFAULT_CPU_RANKS, config.run.tp) * config.nodes  # one tp group at least
+        gpus = config.gpus or max(DEFAULT_CPU_RANKS, config.run.tp * config.run.ep) * config.nodes  # a tp or ep group at least
         notices = [] if config.device == "cpu" else [
             f"no GPU found: running each strategy on {gpus} CPU process{'es' if gpus > 1 else ''} with gloo "
             "(tensor bytes and host RSS, no GPU memory)"
@@ -306,7 +306,7 @@ def run_settings(config: ProfileConfig, strategy: str, target: Target) -> result
         strategy=strategy, gpus=target.gpus, nodes=config.nodes, batch_size=run.batch_size,
         grad_accum=run.grad_accum, precision=run.precision, optimizer=run.optimizer,
         activation_checkpointing=run.activation_checkpointing, offload=run.offload, device=target.device,
-        tp=run.tp, sequence_parallel=run.sequence_parallel,
+        tp=run.tp, sequence_parallel=run.sequence_parallel, ep=run.ep,
     )
 
 

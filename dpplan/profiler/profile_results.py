@@ -47,6 +47,7 @@ PER_RANK_KEYS = (
     "nvml", "nvml_notice", "nvml_device", "nvml_process_used_bytes", "gpu_name", "gpu_total_bytes",
     "memory_series",
     "tensor_parallel",  # tp runs: the rank's coordinates, split/replicated bytes, losses (profiler/tensor_parallel_run.py)
+    "expert_parallel",  # ep runs: the rank's coordinates and expert bytes (profiler/expert_parallel_run.py)
 )
 
 
@@ -82,6 +83,8 @@ class RunSettings:
     tp: int = 1
     """Tensor-parallel degree (the data-parallel strategy runs over gpus / tp ranks)."""
     sequence_parallel: bool = False
+    ep: int = 1
+    """Expert-parallel degree (of the data-parallel ranks)."""
 
     @classmethod
     def from_json(cls, data: dict) -> RunSettings:

@@ -148,8 +148,15 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             dist.init_process_group("gloo" if cpu else "nccl")
             if cpu:
                 _settle_gloo_collectives(dist)
-        mesh = split_bytes = None
-        if config.run.tp > 1:
+        mesh = split_bytes = expert_meshes = experts = None
+        if config.run.ep > 1:
+            from dpplan.profiler import expert_parallel_run
+
+            if cpu:
+                _settle_functional_collectives()
+            expert_meshes = expert_parallel_run.expert_meshes(config, world, device.type)
+            torch.manual_seed(config.seed + rank)
+        elif config.run.tp > 1:
             from dpplan.profiler import tensor_parallel_run
 
             if cpu:
@@ -168,6 +175,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             model = model.to(device)
             if mesh is not None:  # tensor parallelism first, then checkpointing and the wrapper
                 split_bytes = tensor_parallel_run.split_model(model, spec, config, mesh)
+            if expert_meshes is not None:  # likewise expert parallelism
+                experts = expert_parallel_run.split_experts(model, expert_meshes)
             units = find_units(model, config.run.wrap)
             if config.run.activation_checkpointing:
                 checkpoint_units(model, units)
@@ -175,7 +184,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
                 model, config.strategy, units=units, precision=config.run.precision, optimizer_name=config.run.optimizer,
                 device=device, num_nodes=config.nodes, offload=config.run.offload,
                 batch_size=config.run.batch_size, grad_accum=config.run.grad_accum, zero=config.run.zero,
-                dp_mesh=mesh["dp"] if mesh is not None else None,
+                dp_mesh=mesh["dp"] if mesh is not None else expert_meshes.dp if expert_meshes is not None else None,
+                experts=experts,
             )
         batch = _to_device(example_batch_for(spec, config.run.batch_size, config.run.seq_len), device)
         batch = prepared.cast_batch(batch)
@@ -233,6 +243,8 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
         }
         if mesh is not None and split_bytes is not None:
             measured["tensor_parallel"] = tensor_parallel_run.rank_record(config, mesh, split_bytes, losses, batch)
+        if expert_meshes is not None and experts is not None:
+            measured["expert_parallel"] = expert_parallel_run.rank_record(config, expert_meshes, experts)
         if recorder:
             measured.update(_cpu_memory(recorder, config))
             import psutil

@@ -76,7 +76,10 @@ def _params(trace: StepTrace, layout: Layout) -> list[ShardedParam]:
     mixed = trace.settings.family == PARAM_CAST and layout.precision in MIXED
     result = []
     for i, info in enumerate(trace.params):
-        padded, local = shard_numels(info.shape, info.numel, layout.dp_shard_size, layout.dp_shard_rank)
+        if info.unit in trace.expert_units:  # over the ranks holding the same experts
+            padded, local = shard_numels(info.shape, info.numel, layout.expert_shard_size, layout.expert_shard_rank)
+        else:
+            padded, local = shard_numels(info.shape, info.numel, layout.dp_shard_size, layout.dp_shard_rank)
         # Under bf16/fp16-mixed the trace holds the parameters in the low dtype; FSDP2 keeps
         # them (and reduces gradients) in fp32 and casts only the all-gather input
         # (FSDPParam.init_dtype_attrs, _get_param_all_gather_inputs).
@@ -164,7 +167,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     params = _params(trace, layout)
     owned = storages_by_param(trace)
     _shard_resident(timeline, params, offload=False)
-    if layout.device_type == "cpu" and layout.mesh.tp == 1:
+    if layout.device_type == "cpu" and layout.mesh.tp == 1 and layout.mesh.ep == 1:
         # fully_shard without a mesh builds its own (FSDP_SRC/_fsdp_init.py
         # ``_init_default_mesh``) at each call: one per unit and one for the root, each holding
         # a world-size rank map in host memory, which on a CPU run is the memory measured.
@@ -176,7 +179,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     run = Replay(
         trace=trace,
         sched=Schedule(timeline=timeline),
-        groups=param_groups(trace, params, layout.dp_shard_size),
+        groups=param_groups(trace, params, layout.dp_shard_size, layout.expert_shard_size),
         grads=[ps.gradient for ps in owned],
         birth=birth,
         death=death,

@@ -50,6 +50,9 @@ class ParamGroup:
     unit: int
     params: list[ShardedParam]
     world_size: int
+    divide_factor: bool = False
+    """A custom gradient divide factor is set (an experts unit under expert parallelism:
+    ``set_gradient_divide_factor(dp)``)."""
 
     def unsharded_bytes(self, p: ShardedParam) -> int:
         # init_all_gather_outputs: numel * world_size of the padded shard (_fsdp_param.py).
@@ -86,13 +89,18 @@ class ParamGroup:
         return sum(p.padded * p.orig_size for p in self.with_grad)
 
 
-def param_groups(trace: StepTrace, params: list[ShardedParam], world_size: int) -> dict[int, ParamGroup]:
+def param_groups(trace: StepTrace, params: list[ShardedParam], world_size: int,
+                 expert_world_size: int = 1) -> dict[int, ParamGroup]:
     """Units that own parameters; a unit without any gets no FSDPParamGroup and does nothing
-    (FSDPState._fsdp_param_groups is empty, _fully_shard.py ``fully_shard``)."""
+    (FSDPState._fsdp_param_groups is empty, _fully_shard.py ``fully_shard``). Experts units
+    (``trace.expert_units``) shard over ``expert_world_size`` ranks."""
     groups: dict[int, ParamGroup] = {}
     for p in params:
         unit = trace.params[p.index].unit
-        groups.setdefault(unit, ParamGroup(unit=unit, params=[], world_size=world_size)).params.append(p)
+        expert = unit in trace.expert_units
+        group = ParamGroup(unit=unit, params=[], world_size=expert_world_size if expert else world_size,
+                           divide_factor=expert)
+        groups.setdefault(unit, group).params.append(p)
     return groups
 
 
@@ -193,7 +201,7 @@ def all_gather(run: Replay, g: ParamGroup, pos: int, stage: int) -> None:
         run.sched.alloc(pos, stage, g.copy_in_bytes, PARAMETER)
         inputs.append(g.copy_in_bytes)
     run.sched.alloc(pos, stage, g.all_gather_bytes, PARAMETER)
-    if run.gloo:
+    if run.gloo:  # (world_size > 1 here)
         _gloo_all_gather(run, g, pos, stage)
     for nbytes in inputs:  # freed when foreach_all_gather returns
         run.sched.free(pos, stage, nbytes, PARAMETER)
@@ -271,7 +279,11 @@ def foreach_reduce(run: Replay, g: ParamGroup, pos: int) -> None:
     for nbytes, storages in frees:
         _free_grad(run, pos, nbytes, storages)
     sched.alloc(pos, POST, g.reduce_output_bytes, GRADIENT)
-    if run.gloo:
+    if g.world_size == 1 and g.divide_factor:
+        # one rank: no reduce-scatter, the input divided into a new tensor and copied out
+        sched.alloc(pos, POST, g.reduce_input_bytes, TEMPORARY)
+        sched.free(pos, POST, g.reduce_input_bytes, TEMPORARY)
+    if run.gloo and g.world_size > 1:
         _gloo_reduce_scatter(run, g, pos)
     kept = g.reduce_output_bytes
     if g.sharded_grad_bytes != g.reduce_output_bytes:

@@ -11,8 +11,9 @@ from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
 PLANNED_AXES = ("dp_replicate", "dp_shard", "tp")
 """The mesh axes the planner plans today: the data axes by the strategies' state transforms,
-tp by tracing one rank of the tensor-parallel program (planner/trace/fake_mesh.py); cp, ep and
-pp wait for their program transforms (strategies/protocol.py ``ProgramTransform``)."""
+tp (and ep, which takes its ranks from dp_shard) by tracing one rank of the parallel program
+(planner/trace/fake_mesh.py); cp and pp wait for their program transforms
+(strategies/protocol.py ``ProgramTransform``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,17 +33,18 @@ class Layout:
     """DeepSpeed's settings (zero1/2/3 only)."""
 
     def __post_init__(self):
-        unplanned = [a.name for a in self.mesh.axes() if a.name not in PLANNED_AXES] + ["ep"] * (self.mesh.ep > 1)
+        unplanned = [a.name for a in self.mesh.axes() if a.name not in PLANNED_AXES]
         if unplanned:
             raise UsageError(f"{', '.join(unplanned)} parallelism is not planned yet (mesh {self.mesh.describe()})")
         if not 0 <= self.rank < self.mesh.world_size:
             raise UsageError(f"rank {self.rank} is outside a mesh of {self.mesh.world_size} ranks")
 
     @classmethod
-    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, *, tp: int = 1, **settings) -> Layout:
+    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1, **settings) -> Layout:
         """The layout of ``strategy`` on ``world_size`` ranks over ``num_nodes`` nodes, in
-        groups of ``tp`` (its registry entry decides the data axes)."""
-        return cls(strategy=strategy, mesh=strategy_info(strategy).mesh(world_size, num_nodes, tp=tp), **settings)
+        groups of ``tp``, ``ep`` of its shard ranks splitting the experts (its registry entry
+        decides the data axes)."""
+        return cls(strategy=strategy, mesh=strategy_info(strategy).mesh(world_size, num_nodes, tp=tp, ep=ep), **settings)
 
     @property
     def info(self) -> StrategyInfo:
@@ -62,6 +64,18 @@ class Layout:
     def dp_shard_rank(self) -> int:
         """This rank's index in its shard group."""
         return self.mesh.coordinate(self.rank, "dp_shard")
+
+    @property
+    def expert_shard_size(self) -> int:
+        """Ranks that hold the same experts and shard them (dp_shard / ep): the mesh of an
+        experts module's FSDP unit."""
+        return self.mesh.dp_shard // self.mesh.ep
+
+    @property
+    def expert_shard_rank(self) -> int:
+        """This rank's index among them: ep is the inner part of dp_shard (the ranks of an
+        expert group are neighbours), so it is the outer coordinate."""
+        return self.dp_shard_rank // self.mesh.ep
 
     @property
     def num_nodes(self) -> int:

@@ -65,10 +65,10 @@ class StrategyInfo:
     not_runnable: str | None = None
     """Why ``dpplan profile`` cannot launch it (None: it can)."""
 
-    def mesh(self, world_size: int, num_nodes: int = 1, *, tp: int = 1) -> Mesh:
+    def mesh(self, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1) -> Mesh:
         """The mesh this strategy puts ``world_size`` ranks on (``num_nodes`` nodes): its data
         axes over ``world_size / tp`` ranks, each a ``tp`` group of neighbours (torchtitan's
-        layout: tp innermost, inside a node)."""
+        layout: tp innermost, inside a node); ``ep`` of its shard ranks split the experts."""
         if world_size % tp:
             raise UsageError(f"--tp {tp} does not divide {world_size} GPUs")
         dp = world_size // tp
@@ -81,7 +81,7 @@ class StrategyInfo:
         if self.data_axes is DataAxes.REPLICATE:
             return Mesh(dp_replicate=dp, tp=tp, num_nodes=num_nodes)
         if self.data_axes is DataAxes.SHARD:
-            return Mesh(dp_shard=dp, tp=tp, num_nodes=num_nodes)
+            return Mesh(dp_shard=dp, tp=tp, ep=ep, num_nodes=num_nodes)
         if dp % num_nodes:
             raise UsageError(f"{self.name}: {dp} data-parallel ranks do not split into {num_nodes} nodes")
         return Mesh(dp_replicate=num_nodes, dp_shard=dp // num_nodes, tp=tp, num_nodes=num_nodes)
@@ -124,6 +124,13 @@ parallelize.py), and torch 2.13's DDP-over-TP hooks (torch/distributed/tensor/pa
 ``_pre_dp_module_transform``) leave the module with no parameters after the first forward
 (measured: ``named_parameters()`` empty on 4 gloo ranks), which breaks gradient
 accumulation's memory and every tool that walks the parameters."""
+
+EXPERT_PARALLEL_STRATEGIES = ("fsdp2",)
+"""The data-parallel strategies that run beside expert parallelism: FSDP2, with each experts
+module a unit of its own over the ranks that hold the same experts (dp / ep) and the rest over
+all dp ranks, as torchtitan composes them (torchtitan/models/deepseek_v3/infra/parallelize.py
+``apply_fsdp``). Expert parallelism takes its ranks from dp, so dp > 1: no ``single``."""
+
 
 DEEPSPEED_STAGES = {name: info.deepspeed_stage for name, info in REGISTRY.items() if info.deepspeed_stage}
 """DeepSpeed's ZeRO strategies and their stage numbers."""

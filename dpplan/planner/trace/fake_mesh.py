@@ -1,4 +1,4 @@
-"""A device mesh without devices or peers, for tracing one rank of a tensor-parallel plan.
+"""A device mesh without devices or peers, for tracing one rank of a tensor- or expert-parallel plan.
 
 torch's fake process group (torch/testing/_internal/distributed/fake_pg.py, the backend
 torchtitan's and torch's own fake-tensor tests shard models with) lets ``init_device_mesh``
@@ -17,9 +17,14 @@ from collections.abc import Iterator
 from dpplan.planner.trace.errors import TracerBug
 
 
-@contextlib.contextmanager
-def fake_tp_mesh(tp: int, rank: int = 0) -> Iterator:
+def fake_tp_mesh(tp: int, rank: int = 0) -> contextlib.AbstractContextManager:
     """A 1-D ``tp`` mesh of ``tp`` fake ranks, as rank ``rank`` sees it, for the duration."""
+    return fake_mesh(tp, "tp", rank)
+
+
+@contextlib.contextmanager
+def fake_mesh(size: int, name: str, rank: int = 0) -> Iterator:
+    """A 1-D mesh named ``name`` of ``size`` fake ranks, as rank ``rank`` sees it."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -32,9 +37,9 @@ def fake_tp_mesh(tp: int, rank: int = 0) -> Iterator:
     fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_tensor_log.level
     fake_tensor_log.setLevel(logging.CRITICAL)
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=size)
     try:
-        yield init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
+        yield init_device_mesh("cpu", (size,), mesh_dim_names=(name,))
     finally:
         dist.destroy_process_group()
         fake_tensor_log.setLevel(level)

@@ -7,6 +7,7 @@ decided in planner/trace/full_or_built.py."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from dpplan.planner import fake_device, torch_apis
 from dpplan.planner.fake_device.fake_tensor import local_tensor
 from dpplan.planner.trace.errors import TraceError, TracerBug, as_trace_failure
-from dpplan.planner.trace.fake_mesh import fake_tp_mesh
+from dpplan.planner.trace.fake_mesh import fake_mesh, fake_tp_mesh
 from dpplan.planner.trace.precision import grad_scaler, prepare_precision
 from dpplan.planner.trace.recorder import Recorder, move_births_to_baseline, tensors_in
 from dpplan.planner.trace.step_trace import (
@@ -47,6 +48,8 @@ def trace_model(
     gives its example batch and loss; ``units``, when given, replaces the units that
     ``settings.wrap`` would pick."""
     torch_apis.check(settings.device_type)
+    if settings.ep > 1:
+        return _trace_expert_parallel(spec, model, settings, batch_size, units)
     if settings.tp == 1:
         return _trace_model(spec, model, settings, batch_size, units)
     from dpplan.training.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
@@ -64,8 +67,21 @@ def trace_model(
                              "view(batch, seq, -1, head_dim); or define tp_plan(model, sequence_parallel))") from None
 
 
-def _trace_model(
+def _trace_expert_parallel(
     spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int, units: list[nn.Module] | None
+) -> StepTrace:
+    """One rank of an expert group: its experts, and the routed pairs a balanced router sends
+    it (training/expert_parallel.py says why the counts are assumed)."""
+    from dpplan.training.expert_parallel import apply_expert_parallel, balanced_counts
+
+    with fake_mesh(settings.ep, "ep") as mesh:
+        experts = apply_expert_parallel(model, mesh, balanced_counts)
+        return _trace_model(spec, model, settings, batch_size, units, expert_units=experts)
+
+
+def _trace_model(
+    spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int, units: list[nn.Module] | None,
+    expert_units: list[nn.Module] = (),  # type: ignore[assignment]
 ) -> StepTrace:
     with torch.device("meta"), fake_device.skip_weight_init():
         batch = example_batch_for(spec, batch_size, settings.seq_len)
@@ -75,6 +91,9 @@ def _trace_model(
     checkpointing = "none"
     if settings.activation_checkpointing:
         checkpointing = checkpoint_units(model, units, observe=lambda u, fwd: observe_recompute(recorder, u, fwd))
+    # Experts modules are FSDP units of their own inside their layers' (never checkpointed
+    # twice); listed first, each owns its parameters (_unit_of_params: the first unit holding one).
+    units = [*expert_units, *units]
     batch = prepare_precision(model, batch, settings)
 
     def location() -> str:
@@ -111,10 +130,11 @@ def _trace_model(
             batch = fake_device.tree_to_fake_device(batch)
             optimizer = build_optimizer(settings.optimizer, model.parameters(), device_type=settings.device_type)
             scaler = grad_scaler(settings)
-            return _trace_steady_step(
+            trace = _trace_steady_step(
                 spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
                 module_index, module_names, module_classes, checkpointing, batch_size,
             )
+            return replace(trace, expert_units=tuple(range(len(expert_units)))) if expert_units else trace
     except Exception as exc:
         failure = as_trace_failure(exc, spec)
         if failure is exc:

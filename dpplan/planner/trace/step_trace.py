@@ -56,6 +56,9 @@ class TraceSettings:
     tp: int = 1
     """Tensor-parallel degree: the step of one rank of a ``tp`` group (its DTensor shards)."""
     sequence_parallel: bool = False
+    ep: int = 1
+    """Expert-parallel degree: the step of one rank of an ``ep`` group (its experts, the routed
+    tokens it receives under a balanced router)."""
     seq_len: int | None = None
     """Tokens per sample of the example batch (None: the model file's own)."""
     device_type: str = "cpu"
@@ -130,6 +133,9 @@ class StepTrace:
     repeated_layers: int = 0
     """0: every layer was traced; else the number of alike layers in the stack that was traced
     at three and four layers and built to this depth (planner/trace/repeated_layers.py)."""
+    expert_units: tuple[int, ...] = ()
+    """Units that are experts modules (expert parallelism): FSDP2 shards each over the ranks that
+    hold the same experts, not over every data-parallel rank."""
     notes: tuple[str, ...] = ()
     """What the trace assumed where it could not be exact (an op planned at an upper bound, a
     CPU kernel whose buffers could not be measured); shown with every estimate."""
