@@ -76,6 +76,15 @@ PLOTLYJS_OPTION = click.option(
 )
 
 
+HEADROOM_OPTION = click.option(
+    "--headroom", "headroom_pct", type=click.FloatRange(min=0, max=100, max_open=True), default=DEFAULT_HEADROOM_PCT,
+    show_default=True, metavar="PCT",
+    help="Memory kept free: a plan fits, and a micro-batch is recommended, only if its peak is <= (100 - PCT)% "
+         "of the memory.",
+)
+"""--headroom, the same for estimate and profile."""
+
+
 def html_options(command):
     """--html and --plotlyjs, the same for estimate and profile."""
     command = PLOTLYJS_OPTION(command)
@@ -192,23 +201,27 @@ def main() -> None:
 @click.option("--gpus", type=POSITIVE_INT_LIST, default="1,2,4,8", show_default=True,
               help="Total GPUs (ranks); a comma list plans each.")
 @click.option("--nodes", "--nnodes", "nodes", type=click.IntRange(min=1), default=None,
-              help="Nodes the GPUs span (--nnodes as in torchrun)  [default: 1]")
+              help="Nodes every GPU count spans (--nnodes as in torchrun)  [default: gpus / --gpus-per-node]")
 @click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
-              help="For sweeps over --gpus: nodes = gpus / this (instead of --nodes).")
+              help="Nodes = gpus / this (one node below it), instead of --nodes  [default: the GPU's usual node "
+                   "(`dpplan gpus`): 8 for h100-80gb; --device cpu: one node]")
 @run_options
 @click.option("--gpu", type=GPU_NAME, default=DEFAULT_GPU, show_default=True, help="GPU model (see `dpplan gpus`).")
 @click.option("--device", type=click.Choice(PLAN_DEVICES), default="cuda", show_default=True,
               help="cuda: GPU memory; cpu: the tensor bytes of a CPU (gloo) run, for validation without GPUs.")
 @click.option("--cpu-isa", type=click.Choice(tuple(CPU_ISAS)), default="native", show_default=True,
               help="--device cpu: plan the CPU kernels of this instruction set (this CPU's or a lower one).")
+@HEADROOM_OPTION
 @click.option("--json", "json_path", metavar="PATH|-", default=None, help="Also write the plan as JSON ('-': stdout only).")
 @html_options
-def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, cpu_isa, json_path, html_path,
-             plotlyjs, **run_flags):
+def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, cpu_isa, headroom_pct, json_path,
+             html_path, plotlyjs, **run_flags):
     """Plan per-GPU memory of MODEL (path.py or path.py:factory) for each strategy.
 
     Without MODEL, plans dpplan's bundled GPT model. Nothing is allocated: the model is
-    built and run on a fake device.
+    built and run on a fake device. GPU counts span nodes of the GPU's usual size (8 H100s
+    per node: --gpus 16 is 2 nodes) unless --nodes or --gpus-per-node says otherwise. The
+    output ends with one line saying what to run.
 
     \b
     Examples:
@@ -241,8 +254,8 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
         if run.ep > 1:  # likewise for --ep: fsdp2 on multiples of it
             strategies = _tensor_parallel_default("strategies", strategies, EXPERT_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.ep * g for g in DEFAULT_GPU_COUNTS))
-        config = PlanConfig(run=run, strategies=strategies, gpus=plan_gpus, nodes=nodes or 1, gpus_per_node=gpus_per_node,
-                            gpu=gpu, device=device, cpu_isa=cpu_isa)
+        config = PlanConfig(run=run, strategies=strategies, gpus=plan_gpus, nodes=nodes, gpus_per_node=gpus_per_node,
+                            gpu=gpu, device=device, cpu_isa=cpu_isa, headroom_pct=headroom_pct)
         if html_path:
             _check_html_destination(html_path)
         document = plan_document(plan_memory(config), command=_command_line())
@@ -284,9 +297,7 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
               help="Memory per rank to plan and test against, e.g. 24GiB (2^30), 24GB (10^9), 24000MiB. On GPUs each "
                    "rank is capped to it (torch.cuda.set_per_process_memory_fraction); on CPU ranks it is a planning "
                    "capacity only  [default: the GPU's memory; host RAM per rank]")
-@click.option("--headroom", "headroom_pct", type=click.FloatRange(min=0, max=100, max_open=True),
-              default=DEFAULT_HEADROOM_PCT, show_default=True, metavar="PCT",
-              help="Recommend a micro-batch only if its peak is <= (100 - PCT)% of the memory.")
+@HEADROOM_OPTION
 @click.option("--find-batch-size", is_flag=True,
               help="Confirm the largest micro-batch per strategy with trial runs (each a fresh torchrun job); "
                    "without it the recommendation is predicted from the runs and the estimate.")
@@ -429,13 +440,14 @@ def report(json_file, html_path, plotlyjs):
 
 @main.command()
 def gpus():
-    """List the GPU catalog (names for --gpu)."""
+    """List the GPU catalog (names for --gpu), each with its memory and its usual node size."""
     from dpplan.planner.hardware import GPU_CATALOG
     from dpplan.reports.units import format_bytes
 
     for spec in GPU_CATALOG.values():
         default = "  (default)" if spec.name == DEFAULT_GPU else ""
-        click.echo(f"{spec.name:<20} {format_bytes(spec.memory_bytes):>11}  {spec.description}{default}")
+        node = f"{spec.gpus_per_node}/node"
+        click.echo(f"{spec.name:<20} {format_bytes(spec.memory_bytes):>11}  {node:>6}  {spec.description}{default}")
 
 
 _EXIT_WITHOUT_TEARDOWN: list[bool] = []

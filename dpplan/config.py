@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from dpplan.errors import UsageError
 from dpplan.planner.cpu_isa import ISAS
-from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG
+from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, lookup_gpu
 from dpplan.planner.strategies.registry import (
     DEEPSPEED_STAGES,
     EXPERT_PARALLEL_STRATEGIES,
@@ -41,7 +41,8 @@ MIN_SAMPLE_HZ = 50.0
 """GpuSampler's MIN_RATE_HZ, checked here so that a bad rate is a usage error before any launch
 (gpu_sampler.py is imported only on CUDA runs)."""
 DEFAULT_HEADROOM_PCT = 10.0
-"""A micro-batch is recommended only if its peak is <= (1 - headroom) x capacity."""
+"""Memory kept free: a plan fits, and a micro-batch is recommended, only if its peak is
+<= (1 - headroom) x capacity (estimate and profile)."""
 DEFAULT_MAX_TRIALS = 4
 DEFAULT_TRIAL_STEPS = 2
 
@@ -56,6 +57,18 @@ def _at_least(config, names: tuple[str, ...], low: int) -> None:
         value = getattr(config, name)
         if value is not None and value < low:
             raise UsageError(f"{name} must be >= {low} (got {value})")
+
+
+def usable_bytes(capacity_bytes: int, headroom_pct: float) -> int:
+    """What a rank may use of ``capacity_bytes`` with ``headroom_pct`` kept free: what a plan's
+    ``fits`` and ``max_batch_size`` are judged against (profiler/recommend.py ``Limits`` is the
+    same rule for a profile's calibrated peaks)."""
+    return int(capacity_bytes * (1 - headroom_pct / 100))
+
+
+def _check_headroom(headroom_pct: float) -> None:
+    if not 0 <= headroom_pct < 100:
+        raise UsageError(f"headroom_pct must be in [0, 100) (got {headroom_pct})")
 
 
 def _check_gpu_name(gpu: str | None) -> None:
@@ -169,9 +182,12 @@ class PlanConfig:
     strategies: tuple[str, ...] = STRATEGIES
     gpus: tuple[int, ...] = DEFAULT_GPU_COUNTS
     """Total ranks (GPUs) to plan for, one estimate per count."""
-    nodes: int = 1
+    nodes: int | None = None
+    """Nodes every GPU count spans (``--nodes``); None: gpus / gpus_per_node."""
     gpus_per_node: int | None = None
-    """When set, each GPU count spans gpus / gpus_per_node nodes (a sweep); else ``nodes``."""
+    """GPUs per node: each GPU count spans gpus / gpus_per_node nodes, one node below that (a
+    sweep). None with ``nodes`` None: the GPU's usual node size (hardware.py ``gpus_per_node``,
+    8 for an H100) on cuda, and one node for any count on cpu (the CPU ranks of one machine)."""
     gpu: str = DEFAULT_GPU
     device: str = "cuda"
     """cuda: plan GPU memory on ``gpu``; cpu: plan the tensor bytes of a CPU (gloo) run."""
@@ -180,35 +196,50 @@ class PlanConfig:
     or a lower one (avx2, avx512, avx512-bf16, amx), set before torch starts."""
     capacity_bytes: int | None = None
     """Memory one rank may use, overriding the GPU's (cuda) or host RAM per rank (cpu); what
-    ``fits`` and ``max_batch_size`` are judged against. ``dpplan profile --gpu-memory`` sets
-    it, and its batch-size search sets it to a calibrated limit."""
+    ``fits`` and ``max_batch_size`` are judged against, less the headroom. ``dpplan profile
+    --gpu-memory`` sets it, and its batch-size search sets it to a calibrated limit."""
+    headroom_pct: float = DEFAULT_HEADROOM_PCT
+    """Percent of the capacity kept free: an estimate fits when its peak is <= (1 - headroom) x
+    capacity, and ``max_batch_size`` is the largest micro-batch that does (``--headroom``)."""
 
     def __post_init__(self):
         self.run.check_strategies(self.strategies)
         if not self.gpus or any(g < 1 for g in self.gpus):
             raise UsageError(f"gpus must be positive integers (got {self.gpus})")
         _at_least(self, ("nodes", "gpus_per_node", "capacity_bytes"), 1)
-        if self.gpus_per_node is not None:
-            if self.nodes != 1:
-                raise UsageError("give either nodes or gpus_per_node, not both")
-            for gpus in self.gpus:
-                if gpus > self.gpus_per_node and gpus % self.gpus_per_node:
-                    raise UsageError(f"gpus={gpus} is not a multiple of gpus_per_node={self.gpus_per_node}")
+        _check_headroom(self.headroom_pct)
+        _choice("device", self.device, PLAN_DEVICES)
+        _check_gpu_name(self.gpu)
+        if self.nodes is not None and self.gpus_per_node is not None:
+            raise UsageError("give either nodes or gpus_per_node, not both")
+        node_size = self.node_size()
         for gpus in self.gpus:
+            if node_size is not None and gpus > node_size and gpus % node_size:
+                if self.gpus_per_node is None:  # the catalog's node size, not the user's
+                    raise UsageError(
+                        f"gpus={gpus} does not fill whole nodes of {node_size} GPUs ({self.gpu}'s usual node, "
+                        "dpplan gpus): give --gpus-per-node or --nodes")
+                raise UsageError(f"gpus={gpus} is not a multiple of gpus_per_node={node_size}")
             if gpus % self.nodes_for(gpus):
                 raise UsageError(f"gpus={gpus} does not split evenly into nodes={self.nodes}")
             self.run.check_world(gpus)
-        _choice("device", self.device, PLAN_DEVICES)
         _choice("cpu_isa", self.cpu_isa, tuple(ISAS))
         if self.cpu_isa != "native" and self.device != "cpu":
             raise UsageError("cpu_isa applies to the cpu device only (the GPU's kernels are planned for the GPU)")
-        _check_gpu_name(self.gpu)
+
+    def node_size(self) -> int | None:
+        """GPUs per node of a sweep: ``gpus_per_node``, else the GPU's usual node (cuda); None
+        when ``nodes`` is given, and on cpu (one node)."""
+        if self.gpus_per_node is not None or self.nodes is not None:
+            return self.gpus_per_node
+        return lookup_gpu(self.gpu).gpus_per_node if self.device == "cuda" else None
 
     def nodes_for(self, gpus: int) -> int:
         """Nodes that ``gpus`` ranks span."""
-        if self.gpus_per_node is not None:
-            return max(1, gpus // self.gpus_per_node)
-        return self.nodes
+        if self.nodes is not None:
+            return self.nodes
+        node_size = self.node_size()
+        return 1 if node_size is None else max(1, gpus // node_size)
 
     def to_json(self) -> dict:
         return {**_flat_json(self), "strategies": list(self.strategies), "gpus": list(self.gpus)}
@@ -219,7 +250,10 @@ class PlanConfig:
         run = RunSpec.from_json({k: v for k, v in data.items() if k in RUN_FIELDS})
         rest = {k: v for k, v in data.items() if k not in RUN_FIELDS}
         tuples = {k: tuple(rest[k]) for k in ("strategies", "gpus") if k in rest}
-        return cls(run=run, **{**rest, **tuples})
+        if rest.get("gpus_per_node") is not None:
+            rest["nodes"] = None  # plans saved before nodes could be None wrote 1 beside gpus_per_node
+        # a plan saved before the headroom was planned judged fits against the whole capacity
+        return cls(run=run, **{"headroom_pct": 0.0, **rest, **tuples})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,8 +311,7 @@ class ProfileConfig:
         if self.timeout_s <= 0:
             raise UsageError(f"timeout_s must be > 0 (got {self.timeout_s})")
         _check_gpu_name(self.gpu)
-        if not 0 <= self.headroom_pct < 100:
-            raise UsageError(f"headroom_pct must be in [0, 100) (got {self.headroom_pct})")
+        _check_headroom(self.headroom_pct)
         if self.find_batch_size and self.nodes > 1:
             # A trial is launched from this node only; the other nodes would never join it.
             raise UsageError("find_batch_size runs on one node only (nodes=1)")

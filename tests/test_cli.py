@@ -122,6 +122,8 @@ def test_gpus_command_lists_the_catalog():
         (["--tp", "2", "--gpus", "3"], "--tp 2 does not divide gpus=3"),
         (["--tp", "0"], "0 is not in the range"),
         (["--seq-len", "0"], "0 is not in the range"),
+        (["--headroom", "100"], "100.0 is not in the range"),
+        (["--headroom", "-1"], "is not in the range"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(tiny_gpt, args, message):
@@ -248,6 +250,46 @@ def test_seq_len_needs_a_model_file_that_takes_it(tiny_mlp):
 def test_gpus_per_node_sweeps_nodes(tiny_gpt):
     data = estimate_json(tiny_gpt, "--strategy", "ddp", "--gpus", "4,16,32", "--gpus-per-node", "8")
     assert [(e["gpus"], e["nodes"]) for e in data["estimates"]] == [(4, 1), (16, 2), (32, 4)]
+
+
+def test_sixteen_gpus_are_two_nodes_where_hybrid_sharding_differs_from_full(tiny_gpt):
+    """The GPU's usual node (8 H100s): fsdp-hybrid shards inside each node and replicates across
+    the two, so it keeps twice fsdp-full's parameter shard; on one node (4 GPUs, or --nodes 1)
+    the two are the same plan."""
+    flags = (tiny_gpt, "--strategy", "fsdp-full,fsdp-hybrid", "--gpus", "4,16")
+    plans = {(e["strategy"], e["gpus"]): e for e in estimate_json(*flags)["estimates"]}
+    assert {(gpus, e["nodes"]) for (_, gpus), e in plans.items()} == {(4, 1), (16, 2)}
+    full, hybrid = plans["fsdp-full", 16], plans["fsdp-hybrid", 16]
+    assert hybrid["breakdown"]["params"] > full["breakdown"]["params"] and hybrid["peak_bytes"] > full["peak_bytes"]
+    assert plans["fsdp-full", 4]["peak_bytes"] == plans["fsdp-hybrid", 4]["peak_bytes"]
+    one_node = {e["strategy"]: e for e in estimate_json(*flags, "--nodes", "1")["estimates"] if e["gpus"] == 16}
+    assert one_node["fsdp-full"]["nodes"] == one_node["fsdp-hybrid"]["nodes"] == 1
+    assert one_node["fsdp-full"]["peak_bytes"] == one_node["fsdp-hybrid"]["peak_bytes"]
+    assert one_node["fsdp-full"]["breakdown"]["params"] == full["breakdown"]["params"]
+
+
+def test_a_cpu_target_is_one_node_whatever_the_count(tiny_gpt):
+    data = estimate_json(tiny_gpt, "--strategy", "ddp", "--gpus", "16", "--device", "cpu")
+    assert [e["nodes"] for e in data["estimates"]] == [1]
+    assert (data["config"]["nodes"], data["config"]["gpus_per_node"]) == (None, None)
+
+
+def test_a_gpu_count_off_the_node_size_is_one_line(tiny_gpt):
+    line = one_line_error(run("estimate", tiny_gpt, "--gpus", "12"))
+    assert "gpus=12 does not fill whole nodes of 8 GPUs" in line and "--gpus-per-node or --nodes" in line
+    assert [e["nodes"] for e in estimate_json(tiny_gpt, "--strategy", "ddp", "--gpus", "12", "--gpus-per-node", "4")
+            ["estimates"]] == [3]
+
+
+def test_headroom_decides_fits_and_the_largest_micro_batch(tiny_gpt):
+    flags = (tiny_gpt, "--strategy", "ddp", "--gpus", "2")
+    none, half = (estimate_json(*flags, "--headroom", pct) for pct in ("0", "50"))
+    assert (none["config"]["headroom_pct"], half["config"]["headroom_pct"]) == (0.0, 50.0)
+    assert half["estimates"][0]["headroom_pct"] == 50.0
+    assert half["estimates"][0]["peak_bytes"] == none["estimates"][0]["peak_bytes"]
+    assert half["estimates"][0]["max_batch_size"] < none["estimates"][0]["max_batch_size"]
+    assert half["recommendation"]["usable_bytes"] == none["recommendation"]["usable_bytes"] // 2
+    assert estimate_json(*flags)["config"]["headroom_pct"] == 10.0
 
 
 def test_nodes_and_gpus_per_node_together(tiny_gpt):

@@ -77,3 +77,44 @@ def test_a_plan_config_reads_back_from_its_flat_json():
     assert list(back.to_json()) == list(plan.to_json())
     with pytest.raises(ValueError, match="strategy must be one of"):
         PlanConfig.from_json({**data, "strategies": ["nope"]})
+
+
+def test_gpu_counts_span_the_gpus_usual_nodes_unless_told():
+    """--gpus 16 on H100s is 2 nodes of 8 (hardware.py gpus_per_node); --nodes and --gpus-per-node
+    say otherwise; a CPU target is the ranks of one machine."""
+    sweep = (1, 4, 8, 16, 32)
+    assert [PlanConfig(gpus=sweep).nodes_for(g) for g in sweep] == [1, 1, 1, 2, 4]
+    assert [PlanConfig(gpus=sweep, gpu="t4-16gb").nodes_for(g) for g in sweep] == [1, 1, 2, 4, 8]
+    assert [PlanConfig(gpus=sweep, gpus_per_node=4).nodes_for(g) for g in sweep] == [1, 1, 2, 4, 8]
+    assert [PlanConfig(gpus=(16,), nodes=1).nodes_for(16)] == [1]
+    assert [PlanConfig(gpus=sweep, device="cpu").nodes_for(g) for g in sweep] == [1] * 5
+
+
+def test_a_gpu_count_that_fills_no_whole_nodes_names_the_flags():
+    with pytest.raises(ValueError, match=r"gpus=12 does not fill whole nodes of 8 GPUs \(h100-80gb's usual node"):
+        PlanConfig(gpus=(4, 12))
+    assert PlanConfig(gpus=(12,), nodes=1).nodes_for(12) == 1
+    assert PlanConfig(gpus=(12,), gpus_per_node=4).nodes_for(12) == 3
+    assert PlanConfig(gpus=(12,), device="cpu").nodes_for(12) == 1
+    with pytest.raises(ValueError, match="gpus=12 is not a multiple of gpus_per_node=8"):
+        PlanConfig(gpus=(12,), gpus_per_node=8)
+    with pytest.raises(ValueError, match="not both"):
+        PlanConfig(gpus=(8,), nodes=1, gpus_per_node=8)
+    with pytest.raises(ValueError, match=r"headroom_pct must be in \[0, 100\)"):
+        PlanConfig(headroom_pct=100)
+
+
+def test_a_plan_config_saved_before_nodes_and_headroom_reads_back_as_it_was_planned():
+    """Before: nodes 1 beside gpus_per_node, and fits against the whole capacity (no headroom)."""
+    old = {k: v for k, v in PlanConfig(gpus_per_node=8).to_json().items() if k != "headroom_pct"}
+    back = PlanConfig.from_json({**old, "nodes": 1, "gpus": [8, 16]})
+    assert (back.nodes, back.gpus_per_node, back.nodes_for(16), back.headroom_pct) == (None, 8, 2, 0.0)
+    assert PlanConfig.from_json({**old, "nodes": 1, "gpus_per_node": None}).nodes_for(16) == 1
+
+
+def test_headroom_is_one_option_in_estimate_and_profile():
+    (estimate,) = [p for p in main.commands["estimate"].params if p.name == "headroom_pct"]
+    (profile,) = [p for p in main.commands["profile"].params if p.name == "headroom_pct"]
+    assert estimate.opts == profile.opts == ["--headroom"]
+    assert estimate.default == profile.default == PlanConfig().headroom_pct == ProfileConfig().headroom_pct == 10.0
+    assert estimate.help == profile.help and estimate.type == profile.type

@@ -11,12 +11,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from dpplan.config import PlanConfig
+from dpplan.config import PlanConfig, usable_bytes
 from dpplan.errors import UsageError
 from dpplan.planner import cpu_isa, forked, gpu_overheads
 from dpplan.planner.deepspeed_config import resolve_for_model
 from dpplan.planner.hardware import GpuSpec, lookup_gpu
 from dpplan.planner.plan import ModelSummary, ModuleActivation, Plan, StrategyEstimate
+from dpplan.planner.recommendation import recommend
 from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.strategies.registry import Wrapper, planner_of, strategy_info
@@ -166,7 +167,8 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     order = {s: i for i, s in enumerate(config.strategies)}
     estimates.sort(key=lambda e: (e.gpus, order[e.strategy]))
     summary = summarize_model(spec, traces[first], config, first_seconds + trace_seconds)
-    return Plan(config=config, model=summary, estimates=estimates, unsupported=unsupported)
+    return Plan(config=config, model=summary, estimates=estimates, unsupported=unsupported,
+                recommendation=recommend(estimates))
 
 
 def refused_strategies(strategies, model) -> dict[str, str]:
@@ -258,6 +260,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         zero=config.run.zero,
     )
     capacity = capacity_for(config, gpus)
+    usable = usable_bytes(capacity, config.headroom_pct)
     gpu = lookup_gpu(config.gpu) if config.device == "cuda" else None
     best: tuple[int, int, Peak, RankPlan, dict] | None = None
     max_batch = None
@@ -271,9 +274,9 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         total = runtime["device_bytes"]
         if best is None or total > best[0]:
             best = (total, rank, peak, plan, runtime)
-        # The largest batch that fits on every rank.
+        # The largest batch that fits on every rank, with the headroom kept free.
         fixed = runtime["device_bytes"] - peak.peak_bytes
-        rank_max = timeline.max_batch_size(capacity - fixed)
+        rank_max = timeline.max_batch_size(usable - fixed)
         max_batch = rank_max if max_batch is None else min(max_batch, rank_max)
     assert best is not None
     total, rank, peak, plan, runtime = best
@@ -305,12 +308,13 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         peak_rank=rank,
         peak_phase=peak.phase,
         capacity_bytes=capacity,
-        fits=total <= capacity,
+        fits=total <= usable,
         max_batch_size=int(max_batch or 0),
         host_bytes=plan.host_bytes,
         notes=notes,
         **layout.mesh.degrees(),
         sp=config.run.sequence_parallel,
+        headroom_pct=config.headroom_pct,
     )
 
 

@@ -29,6 +29,9 @@ class GpuSpec:
     """Driver and CUDA context memory outside PyTorch's allocator, measured on this card with
     CUDA lazy module loading where a source gives it, otherwise the 0.5 GiB middle of the
     0.3-0.6 GiB range reported in pytorch#107667 / #109888."""
+    gpus_per_node: int = 8
+    """GPUs in the server this card usually comes in: the node size ``dpplan estimate`` plans
+    by default (``--gpus 16`` on 8-GPU nodes is 2 nodes); the sources are above the catalog."""
 
 
 # Sources for capacities: NVIDIA and AMD datasheets; totals as reported by nvidia-smi where
@@ -36,27 +39,35 @@ class GpuSpec:
 # lazy loading), unsloth-zoo#1053 (426 MiB on RTX 6000 Ada), llama.cpp#23604 (larger on
 # GPUs with more SMs). dpplan's own GPU validation replaces these when it has measured one.
 _DEFAULT_CONTEXT = 512 * MiB
+# Node sizes (gpus_per_node), the usual server of each card: 8 for the SXM/OAM baseboards,
+# NVIDIA DGX/HGX H100, H200, B200, A100 and DGX-1 (V100), and AMD's MI300X platform (8 OAM), as
+# in the clouds' largest instances (AWS p5/p5e/p6-b200/p4d/p4de/p3dn 8 GPUs, Azure ND MI300X v5
+# 8); 8 for PCIe data-centre cards in 8-slot servers (AWS g6e.48xlarge: 8 L40S, g6.48xlarge and
+# GCP g2-standard-96: 8 L4, g5.48xlarge: 8 A10G; H100 PCIe and NVL: four NVLink-bridged pairs);
+# 4 for GB200 (one NVL72 compute tray hosts two GB200 superchips, four B200 GPUs), T4 (AWS
+# g4dn.12xlarge and GCP N1: up to 4), and workstation cards (RTX 4090, RTX 6000 Ada: towers such
+# as Lambda Vector hold up to four). ``--gpus-per-node`` or ``--nodes`` says otherwise.
 
 GPU_CATALOG: dict[str, GpuSpec] = {
     spec.name: spec
     for spec in (
-        GpuSpec(name="h100-80gb", description="NVIDIA H100 SXM 80GB", memory_bytes=81559 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="h100-pcie-80gb", description="NVIDIA H100 PCIe 80GB", memory_bytes=81559 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="h100-nvl-94gb", description="NVIDIA H100 NVL 94GB", memory_bytes=95830 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="h200-141gb", description="NVIDIA H200 141GB", memory_bytes=143771 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="b200-180gb", description="NVIDIA B200 180GB", memory_bytes=183359 * MiB, compute_capability=(10, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="gb200-186gb", description="NVIDIA GB200 (per GPU) 186GB", memory_bytes=189471 * MiB, compute_capability=(10, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="a100-80gb", description="NVIDIA A100 SXM 80GB", memory_bytes=81920 * MiB, compute_capability=(8, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="a100-40gb", description="NVIDIA A100 SXM 40GB", memory_bytes=40960 * MiB, compute_capability=(8, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="l40s-48gb", description="NVIDIA L40S 48GB", memory_bytes=46068 * MiB, compute_capability=(8, 9), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="l4-24gb", description="NVIDIA L4 24GB", memory_bytes=23034 * MiB, compute_capability=(8, 9), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="a10g-24gb", description="NVIDIA A10G 24GB", memory_bytes=23028 * MiB, compute_capability=(8, 6), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="rtx-4090-24gb", description="NVIDIA GeForce RTX 4090 24GB", memory_bytes=24564 * MiB, compute_capability=(8, 9), cuda_context_bytes=426 * MiB),
-        GpuSpec(name="rtx-6000-ada-48gb", description="NVIDIA RTX 6000 Ada 48GB", memory_bytes=49140 * MiB, compute_capability=(8, 9), cuda_context_bytes=426 * MiB),
-        GpuSpec(name="v100-32gb", description="NVIDIA V100 SXM2 32GB", memory_bytes=32768 * MiB, compute_capability=(7, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="v100-16gb", description="NVIDIA V100 SXM2 16GB", memory_bytes=16384 * MiB, compute_capability=(7, 0), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="t4-16gb", description="NVIDIA T4 16GB", memory_bytes=15360 * MiB, compute_capability=(7, 5), cuda_context_bytes=_DEFAULT_CONTEXT),
-        GpuSpec(name="mi300x-192gb", description="AMD Instinct MI300X 192GB (ROCm)", memory_bytes=192 * GiB, compute_capability=(9, 4), cuda_context_bytes=_DEFAULT_CONTEXT),
+        GpuSpec(name="h100-80gb", description="NVIDIA H100 SXM 80GB", memory_bytes=81559 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="h100-pcie-80gb", description="NVIDIA H100 PCIe 80GB", memory_bytes=81559 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="h100-nvl-94gb", description="NVIDIA H100 NVL 94GB", memory_bytes=95830 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="h200-141gb", description="NVIDIA H200 141GB", memory_bytes=143771 * MiB, compute_capability=(9, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="b200-180gb", description="NVIDIA B200 180GB", memory_bytes=183359 * MiB, compute_capability=(10, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="gb200-186gb", description="NVIDIA GB200 (per GPU) 186GB", memory_bytes=189471 * MiB, compute_capability=(10, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=4),
+        GpuSpec(name="a100-80gb", description="NVIDIA A100 SXM 80GB", memory_bytes=81920 * MiB, compute_capability=(8, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="a100-40gb", description="NVIDIA A100 SXM 40GB", memory_bytes=40960 * MiB, compute_capability=(8, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="l40s-48gb", description="NVIDIA L40S 48GB", memory_bytes=46068 * MiB, compute_capability=(8, 9), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="l4-24gb", description="NVIDIA L4 24GB", memory_bytes=23034 * MiB, compute_capability=(8, 9), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="a10g-24gb", description="NVIDIA A10G 24GB", memory_bytes=23028 * MiB, compute_capability=(8, 6), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="rtx-4090-24gb", description="NVIDIA GeForce RTX 4090 24GB", memory_bytes=24564 * MiB, compute_capability=(8, 9), cuda_context_bytes=426 * MiB, gpus_per_node=4),
+        GpuSpec(name="rtx-6000-ada-48gb", description="NVIDIA RTX 6000 Ada 48GB", memory_bytes=49140 * MiB, compute_capability=(8, 9), cuda_context_bytes=426 * MiB, gpus_per_node=4),
+        GpuSpec(name="v100-32gb", description="NVIDIA V100 SXM2 32GB", memory_bytes=32768 * MiB, compute_capability=(7, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="v100-16gb", description="NVIDIA V100 SXM2 16GB", memory_bytes=16384 * MiB, compute_capability=(7, 0), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
+        GpuSpec(name="t4-16gb", description="NVIDIA T4 16GB", memory_bytes=15360 * MiB, compute_capability=(7, 5), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=4),
+        GpuSpec(name="mi300x-192gb", description="AMD Instinct MI300X 192GB (ROCm)", memory_bytes=192 * GiB, compute_capability=(9, 4), cuda_context_bytes=_DEFAULT_CONTEXT, gpus_per_node=8),
     )
 }
 DEFAULT_GPU = "h100-80gb"

@@ -8,12 +8,14 @@ Schema of plan.json (``schema_version`` 1; scripts depend on these names: add fi
 rename or remove only with a new version), ``PlanDocument.to_json()``:
   {schema_version, kind: "estimate", tool {name, version}, created, command, config (the
    PlanConfig, RunSpec fields at the top level), model (ModelSummary), estimates: [StrategyEstimate...],
-   unsupported {strategy: reason}, cpu_kernels (cpu target; else null)}
+   unsupported {strategy: reason}, recommendation (PlanRecommendation; null: nothing planned, or
+   a plan saved before it was recorded), cpu_kernels (cpu target; else null)}
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
 from dpplan.config import PlanConfig
 from dpplan.json_file import SCHEMA_VERSION, TOOL_NAME, known_fields
@@ -84,8 +86,9 @@ class StrategyEstimate:
     peak_phase: str
     capacity_bytes: int
     fits: bool
+    """peak_bytes <= capacity_bytes x (1 - headroom_pct / 100) (config.usable_bytes)."""
     max_batch_size: int
-    """Largest micro-batch per rank whose peak fits ``capacity_bytes`` (0: none)."""
+    """Largest micro-batch per rank whose peak fits the same usable bytes (0: none)."""
     host_bytes: int | None = None
     """Host RAM per node that offload needs (None without offload)."""
     notes: list[str] = field(default_factory=list)
@@ -101,6 +104,9 @@ class StrategyEstimate:
     """... and expert-parallel degree (taken from dp x cp, torchtitan's rule)."""
     sp: bool = False
     """Sequence parallelism inside the tensor-parallel groups."""
+    headroom_pct: float = 0.0
+    """Percent of ``capacity_bytes`` kept free in ``fits`` and ``max_batch_size`` (0 in plans
+    saved before the headroom was planned: they were judged against the whole capacity)."""
 
     @property
     def layout(self) -> str:
@@ -117,6 +123,72 @@ class StrategyEstimate:
         return cls(**known)
 
 
+class ChangeKind(StrEnum):
+    """What a change to a plan that does not fit acts on."""
+
+    SMALLER_BATCH = "smaller_batch"
+    CHECKPOINTING = "checkpointing"
+    MORE_GPUS = "more_gpus"
+    SHARDING = "sharding"
+    OFFLOAD_OPTIMIZER = "offload_optimizer"
+    OFFLOAD_PARAMS = "offload_params"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitChange:
+    """One thing to try when no estimate fits, with the plan's number behind it."""
+
+    kind: ChangeKind
+    flags: str
+    """The command-line change: ``--batch-size 6``, ``--activation-checkpointing``, ``--gpus 16``,
+    ``--strategy fsdp2,zero3``, ``--offload optimizer``, ``--offload optimizer+params --strategy zero3``."""
+    strategy: str
+    """The estimate it is read off (smaller_batch: the one that fits it; else the closest)."""
+    gpus: int
+    nbytes: int
+    """What it acts on, per GPU at the closest estimate's peak: activations (checkpointing);
+    parameters + gradients + optimizer state (more_gpus, sharding); optimizer state
+    (offload_optimizer); parameters (offload_params); 0 for smaller_batch."""
+
+    @classmethod
+    def from_json(cls, data: dict) -> FitChange:
+        known = known_fields(cls, data)
+        return cls(**{**known, "kind": ChangeKind(known["kind"])})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRecommendation:
+    """What to run, picked from a plan's estimates by planner/recommendation.py's rule; when
+    nothing fits, the closest estimate and what to change."""
+
+    fits: bool
+    """False: no estimate fits; the fields below describe the closest one."""
+    strategy: str
+    gpus: int
+    nodes: int
+    layout: str
+    """The estimate's layout (``dp8``, ``dp4 x tp2 +sp``)."""
+    batch_size: int
+    """The micro-batch planned (the plan's)."""
+    max_batch_size: int
+    """The largest micro-batch that fits with this strategy on these GPUs (0: none)."""
+    offload: str
+    """The offload this run plans: the plan's, or none for a strategy without offload."""
+    peak_bytes: int
+    usable_bytes: int
+    """capacity_bytes x (1 - headroom_pct / 100): what the peak must stay within."""
+    capacity_bytes: int
+    headroom_pct: float
+    changes: list[FitChange] = field(default_factory=list)
+    """When nothing fits: what to try, roughly cheapest first (planner/recommendation.py)."""
+
+    @classmethod
+    def from_json(cls, data: dict) -> PlanRecommendation:
+        """Back from JSON; keys this version does not know (a newer dpplan's) are left out."""
+        changes = [FitChange.from_json(c) for c in data.get("changes") or ()]
+        return cls(**{**known_fields(cls, data), "changes": changes})
+
+
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     config: PlanConfig
@@ -124,6 +196,8 @@ class Plan:
     estimates: list[StrategyEstimate]
     unsupported: dict[str, str] = field(default_factory=dict)
     """Strategies asked for that the real wrapper refuses for this model, with what it says."""
+    recommendation: PlanRecommendation | None = None
+    """What to run (None: no estimate, or a plan saved before recommendations were recorded)."""
 
     def to_json(self) -> dict:
         """The plan's keys of plan.json, in their order there."""
@@ -132,16 +206,19 @@ class Plan:
             "model": asdict(self.model),
             "estimates": [asdict(e) for e in self.estimates],
             "unsupported": dict(self.unsupported),
+            "recommendation": asdict(self.recommendation) if self.recommendation else None,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Plan:
         """Back from ``to_json()`` (or from the whole plan.json, whose other keys it leaves)."""
+        recommendation = data.get("recommendation")
         return cls(
             config=PlanConfig.from_json(data["config"]),
             model=ModelSummary.from_json(data["model"]),
             estimates=[StrategyEstimate.from_json(e) for e in data["estimates"]],
             unsupported=dict(data.get("unsupported") or {}),
+            recommendation=PlanRecommendation.from_json(recommendation) if recommendation else None,
         )
 
 

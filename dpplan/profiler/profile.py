@@ -213,9 +213,12 @@ def plan_config(config: ProfileConfig, target: Target, strategies: tuple[str, ..
     """The estimate request matching the runs, at another micro-batch, offload or capacity when given."""
     changes: dict[str, Any] = {k: v for k, v in (("batch_size", batch_size), ("offload", offload)) if v is not None}
     run = replace(config.run, **changes)
+    # headroom 0: recommend.py keeps the profile's headroom off the calibrated peaks itself, and
+    # asks for max_batch_size against the limit it has computed (capacity_bytes)
     return PlanConfig(
         run=run, strategies=strategies, gpus=(target.gpus,), nodes=config.nodes, gpu=target.gpu or DEFAULT_GPU,
         device=target.device, capacity_bytes=capacity_override(config, target) if capacity_bytes is None else capacity_bytes,
+        headroom_pct=0.0,
     )
 
 

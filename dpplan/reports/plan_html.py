@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from dpplan.config import usable_bytes
 from dpplan.planner.hardware import GPU_CATALOG
 from dpplan.planner.plan import ModelSummary, PlanDocument, StrategyEstimate
 from dpplan.reports.html_page import (
@@ -24,6 +25,7 @@ from dpplan.reports.html_page import (
     figure_text,
     style_figure,
 )
+from dpplan.reports.plan_recommendation import headroom_text, nodes_text, recommendation_line
 from dpplan.reports.plan_table import merged_notes
 from dpplan.reports.units import GiB, format_bytes, format_count
 
@@ -71,18 +73,25 @@ def _memory_bars(estimates: list[StrategyEstimate], capacity_name: str) -> Figur
             marker_color=CATEGORY_COLORS[key],
             hovertemplate="%{x}<br>" + figure_text(label) + ": %{y:.2f} GiB<extra></extra>",
         )
-    capacities = {e.capacity_bytes for e in estimates if e.capacity_bytes}
+    capacities = {(e.capacity_bytes, e.headroom_pct) for e in estimates if e.capacity_bytes}
     if len(capacities) == 1:
-        capacity = capacities.pop() / GiB
+        capacity_bytes, headroom_pct = capacities.pop()
+        capacity = capacity_bytes / GiB
         figure.add_hline(y=capacity, line_dash="dash", line_color="#b42318",
                          annotation_text=f"{capacity_name} {capacity:.1f} GiB", annotation_position="top left")
+        if headroom_pct:
+            usable = usable_bytes(capacity_bytes, headroom_pct) / GiB
+            figure.add_hline(y=usable, line_dash="dot", line_color="#b42318",
+                             annotation_text=f"usable {usable:.1f} GiB ({headroom_pct:g}% headroom)",
+                             annotation_position="bottom left")
     figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
                          legend_traceorder="normal")
     return Figure(
         name="memory-by-strategy",
         figure=style_figure(figure, height=480),
         caption="Per-GPU memory at the peak of the most loaded rank, split by what holds it. "
-        f"The dashed line is the {capacity_name}. GiB = 2^30 bytes.",
+        f"The dashed line is the {capacity_name}, the dotted one what a plan may use of it (less the headroom). "
+        "GiB = 2^30 bytes.",
     )
 
 
@@ -127,7 +136,8 @@ def _fit_map(estimates: list[StrategyEstimate], strategies: list[str], gpu_count
         name="fit-map",
         figure=style_figure(figure, height=max(260, 36 * len(strategies) + 90)),
         caption="Peak GiB per GPU of each strategy (rows) at each GPU count (columns); the colour is the "
-        f"share of the {capacity_name}, red from 100%. ✗ marks a plan that does not fit.",
+        f"share of the {capacity_name}, red from 100%. ✗ marks a plan that does not fit: its peak is above "
+        "the memory less the headroom.",
     )
 
 
@@ -180,7 +190,6 @@ def _assumptions(document: PlanDocument) -> Table:
     config, model = document.plan.config, document.plan.model
     run = config.run
     checkpointing = CHECKPOINTING.get(model.checkpointing, model.checkpointing) if run.activation_checkpointing else "off"
-    nodes = f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes}"
     units = model.unit_names
     rows = [
         ["model", f"{model.name} ({model.path})"],
@@ -192,7 +201,8 @@ def _assumptions(document: PlanDocument) -> Table:
         ["gradient accumulation", str(run.grad_accum)],
         ["activation checkpointing", checkpointing],
         ["offload", run.offload],
-        ["nodes", nodes],
+        ["nodes", nodes_text(config)],
+        ["headroom", headroom_text(config)],
         ["FSDP / checkpoint units", f"{len(units)}: {', '.join(units[:4])}{' …' if len(units) > 4 else ''}"
          if units else "none (root only)"],
         ["trace", _trace_text(model)],
@@ -259,6 +269,8 @@ def plan_page(document: PlanDocument) -> Page:
     strategies = [s for s in config.strategies if any(e.strategy == s for e in estimates)]
     sections = [
         Section(title="What fits", anchor="fits", blocks=[
+            *([Callout(lines=[recommendation_line(plan.recommendation)], css="" if plan.recommendation.fits else "bad")]
+              if plan.recommendation else []),
             _verdict(estimates, gpu_counts),
             _fit_map(estimates, strategies, gpu_counts, _capacity_name(document)),
         ]),

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from dpplan.planner.hardware import lookup_gpu
 from dpplan.planner.plan import Plan, PlanDocument
+from dpplan.reports.plan_recommendation import headroom_text, nodes_text, render_recommendation
 from dpplan.reports.units import format_bytes, format_count, format_gib
 
 TABLE_WIDTH = 120
@@ -44,8 +45,8 @@ def _header(document: PlanDocument) -> list[str]:
         f"{config.run.optimizer} · {checkpointing} · offload {config.run.offload} · "
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
-        + (f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes} node(s)"),
-        f"target: {target}",
+        + nodes_text(config),
+        f"target: {target} · {headroom_text(config)}",
     ]
 
 
@@ -123,6 +124,7 @@ def render_plan(document: PlanDocument, console: Console | None = None) -> None:
         by_reason.setdefault(reason, []).append(strategy)
     for reason, strategies in by_reason.items():
         console.print(f"not planned: {', '.join(strategies)}: {escape(reason)}", style="yellow", highlight=False)
+    render_recommendation(document, console)
 
 
 def merged_notes(plan: Plan) -> list[str]:

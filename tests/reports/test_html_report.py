@@ -8,11 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from dpplan.cli import main
+from dpplan.config import usable_bytes
 from dpplan.planner.plan import PlanDocument
 from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.reports.html_page import byte_unit, figure_text
 from dpplan.reports.html_report import read_document, render_report
 from dpplan.reports.plan_html import plan_page
+from dpplan.reports.plan_recommendation import recommendation_line
 from dpplan.reports.profile_html import profile_page
 from dpplan.reports.units import GiB
 
@@ -41,8 +43,19 @@ def test_memory_bars_stack_to_each_estimates_peak(plan_document):
         assert stacked == pytest.approx(estimate["peak_bytes"] / GiB, rel=1e-12)
         assert bars.data[0].x[0][index] == f"{estimate['gpus']} GPU" + ("s" if estimate["gpus"] > 1 else "")
         assert bars.data[0].x[1][index] == estimate["strategy"]
-    capacity = [shape for shape in bars.layout.shapes if shape.y0 == shape.y1]
-    assert len(capacity) == 1 and capacity[0].y0 == pytest.approx(estimates[0]["capacity_bytes"] / GiB)
+    lines = [shape for shape in bars.layout.shapes if shape.y0 == shape.y1]
+    capacity, usable = estimates[0]["capacity_bytes"], usable_bytes(estimates[0]["capacity_bytes"], 10.0)
+    assert [line.y0 for line in lines] == [pytest.approx(capacity / GiB), pytest.approx(usable / GiB)]
+    assert plan_document["recommendation"]["usable_bytes"] == usable
+
+
+def test_what_fits_starts_with_the_recommendation_and_the_assumptions_say_the_headroom(plan_document):
+    page = plan_page(PlanDocument.from_json(plan_document))
+    first = page.sections[0].blocks[0]
+    assert first.lines == [recommendation_line(PlanDocument.from_json(plan_document).plan.recommendation)]
+    assumptions = dict(next(b for b in page.sections[-2].blocks if getattr(b, "rows", None)).rows)
+    assert assumptions["headroom"] == "fits: peak <= 90% of the memory (10% headroom)"
+    assert assumptions["nodes"] == "8 GPUs per node (h100-80gb's usual node)"
 
 
 def test_fit_map_colours_by_share_of_the_gpu_and_marks_what_does_not_fit(plan_document):

@@ -38,8 +38,32 @@ def test_the_cli_writes_what_the_document_reads_back(tiny_gpt, tmp_path):
     assert result.exit_code == 0, result.output
     written = path.read_text()
     assert list(json.loads(written)) == ["schema_version", "kind", "tool", "created", "command", "config", "model",
-                                         "estimates", "unsupported", "cpu_kernels"]
+                                         "estimates", "unsupported", "recommendation", "cpu_kernels"]
     assert _text(PlanDocument.from_json(json.loads(written)).to_json()) == written
+
+
+def test_a_plan_that_does_not_fit_reads_back_with_its_changes(tiny_mlp):
+    plan = estimate(PlanConfig(run=RunSpec(model=tiny_mlp), strategies=("ddp", "zero3"), gpus=(2,), capacity_bytes=1))
+    assert plan.recommendation is not None and not plan.recommendation.fits and plan.recommendation.changes
+    written = _text(plan_document(plan).to_json())
+    back = PlanDocument.from_json(json.loads(written))
+    assert back.plan.recommendation == plan.recommendation and _text(back.to_json()) == written
+
+
+def test_a_plan_saved_before_headroom_and_recommendations_reads_back_as_planned(tiny_mlp):
+    """Without headroom_pct and recommendation keys, and with nodes 1 beside gpus_per_node, as
+    dpplan wrote them before: fits was judged against the whole capacity, nodes came from gpus_per_node."""
+    plan = estimate(PlanConfig(run=RunSpec(model=tiny_mlp), strategies=("ddp",), gpus=(2, 16), gpus_per_node=2))
+    data = json.loads(_text(plan_document(plan).to_json()))
+    del data["recommendation"], data["config"]["headroom_pct"]
+    data["config"]["nodes"] = 1
+    for e in data["estimates"]:
+        del e["headroom_pct"]
+    back = PlanDocument.from_json(data)
+    assert back.plan.recommendation is None and back.plan.config.headroom_pct == 0.0
+    assert [e.headroom_pct for e in back.plan.estimates] == [0.0, 0.0]
+    assert [back.plan.config.nodes_for(e.gpus) for e in back.plan.estimates] == [e.nodes for e in plan.estimates] == [1, 8]
+    assert "recommended:" not in render_report(data, plotlyjs="cdn")
 
 
 def test_a_json_and_its_document_draw_the_same_page(tiny_mlp):
