@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dpplan.training.hub_config import HF_EXTRA, find_config
-from dpplan.training.model_file import ModelFileError, ModelSpec, split_model_argument
+from dpplan.training.model_file import MAX_MESSAGE_CHARS, ModelFileError, ModelSpec, split_model_argument
 
 TIMM_PREFIX = "timm:"
 TORCHVISION_PREFIX = "torchvision:"
@@ -106,7 +106,7 @@ class TransformersModel:
         except Exception as exc:  # an inconsistent config: heads that do not divide the width, ...
             raise ModelFileError(
                 f"{self.display_name}: transformers cannot build {self.model_class.__name__} from this config: "
-                f"{type(exc).__name__}: {_first_line(exc)}"
+                f"{type(exc).__name__}: {_one_line(exc)}"
             ) from None
         return model.train()
 
@@ -211,7 +211,7 @@ def read_config(transformers: Any, config_path: Path, model: str) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(str(config_path))
     except Exception as exc:  # a value the config class rejects
-        raise ModelFileError(f"{model}: transformers cannot read this config: {_first_line(exc)}") from None
+        raise ModelFileError(f"{model}: transformers cannot read this config: {_one_line(exc)}") from None
 
 
 def model_class_for(transformers: Any, config: Any) -> type[Any] | None:
@@ -273,10 +273,10 @@ def head_loss(output: Any, batch: Any) -> Any:
     return first.float().mean()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 160 else text[:157].rstrip() + "..."
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line: transformers' config validation puts the reason on its second."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3].rstrip() + "..."
 
 
 # ---- timm and torchvision image classifiers ---------------------------------------------------
@@ -287,7 +287,7 @@ def _timm_model(name: str) -> tuple[Callable[[], Any], tuple[int, int, int]]:
     try:
         import timm
     except ImportError as exc:
-        raise ModelFileError(f"timm:{name} needs timm (pip install timm): {_first_line(exc)}") from None
+        raise ModelFileError(f"timm:{name} needs timm (pip install timm): {_one_line(exc)}") from None
     if not timm.is_model(name.partition(".")[0]):
         raise ModelFileError(f"timm has no model {name!r} (timm.list_models() lists them)")
     input_size = timm.get_pretrained_cfg_value(name, "input_size") or (IMAGE_CHANNELS, IMAGENET_IMAGE_SIZE, IMAGENET_IMAGE_SIZE)
@@ -299,7 +299,7 @@ def _torchvision_model(name: str) -> tuple[Callable[[], Any], tuple[int, int, in
     try:
         import torchvision
     except (ImportError, RuntimeError) as exc:  # PyPI's torchvision fails beside a CPU torch build (RuntimeError)
-        raise ModelFileError(f"torchvision:{name} needs torchvision matching torch: {_first_line(exc)}") from None
+        raise ModelFileError(f"torchvision:{name} needs torchvision matching torch: {_one_line(exc)}") from None
     classifiers = torchvision.models.list_models(module=torchvision.models)
     if name not in classifiers:
         raise ModelFileError(f"torchvision has no classification model {name!r} (torchvision.models.list_models())")
