@@ -170,15 +170,15 @@ def load_transformers_model(model: str) -> ModelSpec:
     # A KV cache serves generation, not training: training recipes turn it off (HF's Trainer
     # with gradient checkpointing does), and a cache would keep each layer's keys and values.
     config.use_cache = False
-    described = TransformersModel(display_name=model, config=config, model_class=model_class,
-                                  labels=labels_of(model_class))
+    name = model.rstrip("/") or model  # a directory typed with its trailing slash
+    described = TransformersModel(display_name=name, config=config, model_class=model_class, labels=labels_of(model_class))
     return ModelSpec(
         path=config_path,
         factory_name=model_class.__name__,
         build_model=described.build,
         example_batch=described.example_batch,
         loss_fn=head_loss,
-        display_name=model.rstrip("/"),
+        display_name=name,
     )
 
 
