@@ -4,6 +4,7 @@ Examples:
 
     dpplan estimate                                   # the bundled model, all strategies, 1/2/4/8 GPUs
     dpplan estimate model.py                          # your model (see README: the model-file contract)
+    dpplan estimate Qwen/Qwen2.5-7B                   # a Hugging Face model by name (also config.json, a dir)
     dpplan estimate model.py --strategy fsdp-full,zero2 --gpus 64 --nodes 8 --batch-size 4 \\
         --precision bf16-mixed --activation-checkpointing --gpu a100-80gb
     dpplan estimate model.py --json plan.json         # the same, machine-readable (- for stdout)
@@ -167,7 +168,8 @@ def run_options(command):
                           "data-parallel ranks (with --strategy fsdp2)."),
         click.option("--seq-len", type=click.IntRange(min=1), default=RUN_DEFAULTS.seq_len,
                      help="Tokens per sample, passed to the model file's example_batch(batch_size, seq_len=...) "
-                          "[default: the file's own]."),
+                          "[default: the file's own; for a model by name a power of two up to 2048 and its "
+                          "position limit]."),
         click.option("--deepspeed-config", "deepspeed_config", metavar="JSON", default=None,
                      help="A DeepSpeed config file: its ZeRO stage, precision, offload, batch, accumulation and "
                           'ZeRO settings are planned ("auto" as HF\'s Trainer fills it, from these flags).'),
@@ -186,6 +188,7 @@ def main() -> None:
     Examples:
       dpplan estimate                                   # the bundled GPT, every strategy, 1-8 H100s
       dpplan estimate model.py --gpus 64 --gpus-per-node 8 --strategy fsdp2 --tp 8 --sp
+      dpplan estimate Qwen/Qwen2.5-7B                   # a Hugging Face model by name: its config.json only
       dpplan estimate model.py --device cpu --gpus 2    # what a CPU (gloo) run allocates
       dpplan profile model.py --gpus 4                  # short real runs, measured beside the estimates
       dpplan report plan.json -o plan.html              # a saved plan or profile as HTML
@@ -216,17 +219,22 @@ def main() -> None:
 @html_options
 def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, cpu_isa, headroom_pct, json_path,
              html_path, plotlyjs, **run_flags):
-    """Plan per-GPU memory of MODEL (path.py or path.py:factory) for each strategy.
+    """Plan per-GPU memory of MODEL for each strategy.
 
-    Without MODEL, plans dpplan's bundled GPT model. Nothing is allocated: the model is
-    built and run on a fake device. GPU counts span nodes of the GPU's usual size (8 H100s
-    per node: --gpus 16 is 2 nodes) unless --nodes or --gpus-per-node says otherwise. The
-    output ends with one line saying what to run.
+    MODEL is a model file (path.py or path.py:factory) or a model by name: a Hugging Face
+    config.json, a directory holding one, a Hub id (org/name: from the local cache, else its
+    config.json downloaded unless HF_HUB_OFFLINE=1; pip install "dpplan[hf]"), timm:NAME or
+    torchvision:NAME. Without MODEL, plans dpplan's bundled GPT model. Nothing is allocated:
+    the model is built and run on a fake device. GPU counts span nodes of the GPU's usual
+    size (8 H100s per node: --gpus 16 is 2 nodes) unless --nodes or --gpus-per-node says
+    otherwise. The output ends with one line saying what to run.
 
     \b
     Examples:
       dpplan estimate
       dpplan estimate model.py --strategy ddp,fsdp-full --gpus 8,16 --batch-size 4
+      dpplan estimate Qwen/Qwen2.5-7B --strategy fsdp2 --gpus 8 --seq-len 4096
+      dpplan estimate path/to/config.json --gpus 8
       dpplan estimate model.py --gpus 64 --nodes 8 --gpu a100-80gb --activation-checkpointing
       dpplan estimate model.py --json plan.json --html plan.html
       dpplan estimate model.py --deepspeed-config ds_config.json --gpus 8
@@ -314,6 +322,9 @@ def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, step
             device, gpu, gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path,
             html_path, plotlyjs, **run_flags):
     """Run MODEL for a few steps per strategy on real GPUs and measure its memory and speed.
+
+    MODEL is what estimate takes: a model file (path.py[:factory]) or a model by name (a
+    Hugging Face config.json, model directory or Hub id, timm:NAME, torchvision:NAME).
 
     One process per GPU through torch.distributed.run (NCCL); without GPUs the same
     strategies run as CPU processes with gloo. Each run is compared with the matching

@@ -13,6 +13,10 @@ A model file defines
 Without ``loss_fn`` the loss is ``output.loss`` when the output has one (Hugging Face),
 else ``output.float().mean()``. The planner calls ``build_model`` and ``example_batch``
 under ``torch.device("meta")``, so files must not force a device.
+
+A MODEL that is not a ``.py`` file names a model instead (a Hugging Face config.json, a model
+directory, a Hub id, ``timm:NAME``, ``torchvision:NAME``): training/model_by_name.py makes the
+same ModelSpec for it.
 """
 
 from __future__ import annotations
@@ -39,20 +43,25 @@ class ModelFileError(UsageError):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """The callables of a loaded model file."""
+    """The callables of a loaded model file (or of a model by name)."""
 
     path: Path
-    """Absolute path of the model file."""
+    """Absolute path of the model file (of the config.json for a Hugging Face model by name;
+    ``timm:NAME`` / ``torchvision:NAME`` as given)."""
     factory_name: str
     build_model: Callable[[], Any]
     example_batch: Callable[..., Any]
     """``example_batch(batch_size)``, or ``(batch_size, seq_len=None)``."""
     loss_fn: Callable[[Any, Any], Any] | None
     tp_plan: Callable[[Any, bool], Any] | None = None
+    display_name: str | None = None
+    """The name a model by name is shown as (MODEL as typed); None for model files."""
 
     @property
     def name(self) -> str:
-        """A short display name: ``file.py`` or ``file.py:factory``."""
+        """A short display name: ``file.py`` or ``file.py:factory``, or a model's name."""
+        if self.display_name:
+            return self.display_name
         if self.factory_name == DEFAULT_FACTORY:
             return self.path.name
         return f"{self.path.name}:{self.factory_name}"
@@ -83,11 +92,16 @@ def describe_user_exception(exc: BaseException, path: Path) -> str:
 
 
 def load_model_file(model: str | None) -> ModelSpec:
-    """Import the model file and check the contract. Raises ModelFileError with one line."""
+    """Import the model file and check the contract. Raises ModelFileError with one line.
+    A MODEL that is not a ``.py`` file is a model by name (training/model_by_name.py)."""
+    from dpplan.training import model_by_name  # imports this module: loaded on first use
+
+    if model and model_by_name.is_model_name(model):
+        return model_by_name.load_model_by_name(model)
     path, factory_name = split_model_argument(model)
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
-    if path.is_dir() or path.suffix != ".py":
+    if path.is_dir():
         raise ModelFileError(f"model file must be a .py file: {path}")
     path = path.resolve()
 
