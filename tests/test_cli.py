@@ -234,6 +234,8 @@ def test_expert_parallel_defaults_and_a_model_without_experts(tiny_gpt):
     data = estimate_json(moe, "--ep", "2", "--gpus", "2,4")
     assert [(e["strategy"], e["gpus"], e["dp"], e["ep"]) for e in data["estimates"]] == [("fsdp2", 2, 2, 2), ("fsdp2", 4, 4, 2)]
     assert data["config"]["ep"] == 2
+    table = run("estimate", moe, "--ep", "2", "--gpus", "4")
+    assert table.exit_code == 0 and "dp4 ep2" in table.output and "expert parallel 2" in table.output
     result = run("estimate", tiny_gpt, "--ep", "2", "--gpus", "2")
     assert result.exit_code == 2 and "no experts module dpplan can split" in result.output
 

@@ -44,6 +44,7 @@ def _header(document: PlanDocument) -> list[str]:
         f"{config.run.optimizer} · {checkpointing} · offload {config.run.offload} · "
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
+        + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
         + (f"{config.gpus_per_node} GPUs per node" if config.gpus_per_node else f"{config.nodes} node(s)"),
         f"target: {target}",
     ]
