@@ -228,6 +228,20 @@ def test_tensor_parallel_defaults_and_layout():
     assert table.exit_code == 0 and "dp2 x tp2" in table.output and "tensor parallel 2" in table.output
 
 
+def test_expert_parallel_defaults_and_a_model_without_experts(tiny_gpt):
+    """--ep without --strategy and --gpus plans fsdp2 on multiples of it; a model with no
+    experts module is one line, exit 2."""
+    moe = str(Path(__file__).parents[1] / "benchmarks" / "models" / "moe_balanced_router.py") + ":mixtral"
+    pytest.importorskip("transformers")
+    data = estimate_json(moe, "--ep", "2", "--gpus", "2,4")
+    assert [(e["strategy"], e["gpus"], e["dp"], e["ep"]) for e in data["estimates"]] == [("fsdp2", 2, 2, 2), ("fsdp2", 4, 4, 2)]
+    assert data["config"]["ep"] == 2
+    table = run("estimate", moe, "--ep", "2", "--gpus", "4")
+    assert table.exit_code == 0 and "dp4 ep2" in table.output and "expert parallel 2" in table.output
+    result = run("estimate", tiny_gpt, "--ep", "2", "--gpus", "2")
+    assert result.exit_code == 2 and "no experts module dpplan can split" in result.output
+
+
 def test_seq_len_reaches_the_example_batch():
     """--seq-len is handed to example_batch(batch_size, seq_len=...); the plan states the
     sequence and its tokens, and half the sequence fits larger micro-batches."""

@@ -55,6 +55,10 @@ def test_the_json_is_one_flat_object_and_reads_back():
     (lambda: PlanConfig(strategies=("nope",)), "strategy must be one of"),
     (lambda: ProfileConfig(strategies=("ddp",), run=RunSpec(zero=ZeroSettings(reduce_bucket_size=1))), "zero1, zero2 and zero3"),
     (lambda: RunConfig(run=RunSpec(), strategy="ddp", device="tpu"), "device must be one of"),
+    (lambda: PlanConfig(run=RunSpec(ep=2), strategies=("ddp",)), "--ep runs beside fsdp2 .* not ddp"),
+    (lambda: RunSpec(ep=2, tp=2), "--ep with --tp is not planned yet"),
+    (lambda: PlanConfig(run=RunSpec(ep=4), strategies=("fsdp2",), gpus=(2,)), "--ep 4 does not divide the 2 data-parallel"),
+    (lambda: ProfileConfig(run=RunSpec(ep=2), strategies=("fsdp2",), gpus=3), "--ep 2 does not divide the 3 data-parallel"),
 ])
 def test_each_field_is_checked_once_with_its_name(make, message):
     with pytest.raises(ValueError, match=message):

@@ -110,9 +110,11 @@ class StrategyEstimate:
 
     @property
     def layout(self) -> str:
-        """``dp4 x tp2 +sp``: the parallel degrees above 1 (``dp1`` for one rank)."""
-        parts = [f"{name}{getattr(self, name)}" for name in ("dp", "tp", "pp", "cp", "ep") if getattr(self, name) > 1]
-        return " x ".join(parts or ["dp1"]) + (" +sp" if self.sp else "")
+        """``dp4 x tp2 +sp``: the parallel degrees above 1 (``dp1`` for one rank) whose product
+        is the GPUs; expert parallelism, which takes its ranks from dp, after them (``dp8 ep8``)."""
+        parts = [f"{name}{getattr(self, name)}" for name in ("dp", "tp", "pp", "cp") if getattr(self, name) > 1]
+        return (" x ".join(parts or ["dp1"]) + (f" ep{self.ep}" if self.ep > 1 else "")
+                + (" +sp" if self.sp else ""))
 
     @classmethod
     def from_json(cls, data: dict) -> StrategyEstimate:

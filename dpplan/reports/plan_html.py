@@ -300,6 +300,7 @@ def plan_page(document: PlanDocument) -> Page:
            if model.tokens_per_micro_batch is not None else "")
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
+        + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
         + _target(document),
         header_rows=[
             ("created", document.created or "-"),

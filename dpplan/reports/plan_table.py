@@ -45,6 +45,7 @@ def _header(document: PlanDocument) -> list[str]:
         f"{config.run.optimizer} · {checkpointing} · offload {config.run.offload} · "
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
+        + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
         + nodes_text(config),
         f"target: {target} · {headroom_text(config)}",
     ]

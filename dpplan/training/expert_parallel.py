@@ -69,8 +69,9 @@ def check_expert_parallel(model: nn.Module, ep: int) -> list[tuple[str, nn.Modul
             "weights stacked by expert on dim 0 and forward(hidden_states, top_k_index, top_k_weights), "
             "as Hugging Face MoE models have)")
     for name, module in modules:
-        if module.num_experts % ep:
-            raise ExpertParallelError(f"--ep {ep} does not divide the {module.num_experts} experts of {name}")
+        experts = int(module.num_experts)  # type: ignore[arg-type]  # an int: experts_modules checked it
+        if experts % ep:
+            raise ExpertParallelError(f"--ep {ep} does not divide the {experts} experts of {name}")
     return modules
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpplan.planner.gpu_overheads import ProcessGroup
 from dpplan.planner.strategies.common import (
     mesh_process_groups,
     owned_storages,
@@ -199,7 +200,17 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
     return RankPlan(timeline=timeline, notes=tuple(notes), host_bytes=host)
 
 
-process_groups = mesh_process_groups
+def process_groups(layout: Layout) -> list[ProcessGroup]:
+    """The mesh's communicators; with expert parallelism also the (edp, ep) mesh's two: the
+    token exchange over ep (neighbouring ranks) and the experts units' over edp
+    (profiler/expert_parallel_run.py builds them)."""
+    groups = mesh_process_groups(layout)
+    if layout.mesh.ep > 1:
+        per_node = layout.ranks_per_node
+        groups += [ProcessGroup(num_ranks=layout.mesh.ep, spans_nodes=layout.mesh.ep * layout.mesh.tp > per_node),
+                   ProcessGroup(num_ranks=layout.expert_shard_size,
+                                spans_nodes=layout.mesh.dp_shard * layout.mesh.tp > per_node)]
+    return groups
 
 
 def ranks_to_evaluate(trace: StepTrace, layout: Layout) -> list[int]:

@@ -57,8 +57,9 @@ class StrategyPlanner(Protocol):
 
 class ProgramTransform(Protocol):
     """Changes the traced program for one rank of a mesh axis (tensor/sequence/expert
-    parallelism, pipeline stage selection). None is implemented yet: a mesh with tp, cp, ep or
-    pp > 1 is refused by ``Layout`` until one is."""
+    parallelism, pipeline stage selection). Not used yet: tensor and expert parallelism are
+    applied to the model before the trace (planner/trace/steady_step.py); a mesh with cp or
+    pp > 1 is refused by ``Layout``."""
 
     axis: str
     """The mesh axis it acts on (``tp``, ``cp``, ``ep``, ``pp``)."""

@@ -76,7 +76,10 @@ def _trace_expert_parallel(
 
     with fake_mesh(settings.ep, "ep") as mesh:
         experts = apply_expert_parallel(model, mesh, balanced_counts)
-        return _trace_model(spec, model, settings, batch_size, units, expert_units=experts)
+        trace = _trace_model(spec, model, settings, batch_size, units, expert_units=experts)
+    note = (f"expert parallelism: planned for a balanced router (each of the {settings.ep} ranks of an expert group "
+            "receives tokens x top-k / ep routed pairs per MoE layer); a rank its router sends more holds more")
+    return replace(trace, notes=(*trace.notes, note))
 
 
 def _trace_model(
