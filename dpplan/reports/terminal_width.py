@@ -9,7 +9,6 @@ printed; no cell is ever shortened.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -18,18 +17,19 @@ from rich.measure import Measurement
 from rich.text import Text
 
 TABLE_WIDTH = 120
-"""Columns fit in this width; used when the output is not a terminal and COLUMNS is not set
-(rich would assume 80)."""
+"""The least width of the tables when the output is not a terminal (a pipe, a file, a test's
+CliRunner), where rich would assume 80 or take an exported COLUMNS: such output stays as it
+was, whatever the environment exports."""
 UNBOUNDED_WIDTH = 10_000
 """A width no table reaches: measuring at it gives a table's natural (unwrapped) width."""
 PART_SEPARATOR = " · "
 
 
 def report_console() -> Console:
-    """The console the tables print to: the terminal's width; COLUMNS where it is set (rich
-    reads it); else, for a pipe or a file, TABLE_WIDTH."""
+    """The console the tables print to: a terminal's width (rich reads COLUMNS, else asks the
+    terminal); at least TABLE_WIDTH for a pipe or a file."""
     console = Console()
-    if not console.is_terminal and not os.environ.get("COLUMNS") and console.width < TABLE_WIDTH:
+    if not console.is_terminal and console.width < TABLE_WIDTH:
         console = Console(width=TABLE_WIDTH)
     return console
 
