@@ -102,7 +102,7 @@ def activation_trace_owner(plan: Plan) -> str:
     strategy = next(s for s in plan.config.strategies if s not in plan.unsupported)
     counts = sorted({e.gpus for e in plan.estimates if e.strategy == strategy})
     if not counts:
-        return f"{strategy} (as traced; not planned at these GPU counts)"
+        return f"{strategy}, traced though not planned at these GPU counts"
     listed = str(counts[0]) if len(counts) == 1 else f"{', '.join(map(str, counts[:-1]))} or {counts[-1]}"
     owner = f"{strategy} on {listed} GPU{'s' if counts != [1] else ''}"
     tp = plan.config.run.tp

@@ -119,3 +119,7 @@ def test_the_activation_list_names_the_strategy_it_was_traced_for(tiny_gpt):
     assert fsdp2_first.model.top_activation_modules == plan("fsdp2").model.top_activation_modules
     assert "(per micro-batch, one rank of fsdp2 on 1 or 2 GPUs):" in _render(fsdp2_first, 200)
     assert "(per micro-batch, one rank of single on 1 GPU):" in _render(single_first, 200)
+    # single runs on one GPU only: planning 2, its trace is still the one read, and that is said
+    on_two = estimate(PlanConfig(run=RunSpec(model=tiny_gpt), strategies=("single", "ddp"), gpus=(2,)))
+    assert on_two.model.top_activation_modules == single_first.model.top_activation_modules
+    assert "one rank of single, traced though not planned at these GPU counts):" in _render(on_two, 200)
