@@ -195,6 +195,30 @@ def main() -> None:
       dpplan gpus                                       # the GPU catalog
 
     Each command's --help lists its flags; the model-file contract is in the README."""
+    _quiet_third_party_warnings()
+
+
+THIRD_PARTY_MODULES = (r"(torch|torchvision|torchaudio|transformers|deepspeed|accelerate|huggingface_hub|safetensors"
+                       r"|tokenizers)(\.|$)")
+"""Libraries whose own warnings dpplan's commands do not show (a regex of module names, as
+warnings.filterwarnings matches them)."""
+QUIETED_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, UserWarning)
+
+
+def _quiet_third_party_warnings() -> None:
+    """Deprecation and usage warnings that torch, transformers or DeepSpeed raise from their own
+    code (transformers' FutureWarning on gradient_checkpointing_enable, torch's on its private
+    APIs) are not the user's to act on and would sit between dpplan's lines. dpplan's own
+    messages are its output and errors, not Python warnings, and a warning raised by the user's
+    model file is still shown. transformers' logger (e.g. "`loss_type=None` was set in the
+    config but it is unrecognized") is set to errors only, unless TRANSFORMERS_VERBOSITY says
+    otherwise; it reads the variable when it is first imported, which is after this. Profile
+    workers inherit it; what else they print goes to their rank logs, not the terminal."""
+    import warnings
+
+    for category in QUIETED_WARNINGS:
+        warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @main.command()

@@ -412,3 +412,40 @@ def test_deepspeed_config_errors_are_one_line(tiny_gpt, tmp_path):
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
     line = one_line_error(run("estimate", tiny_gpt, "--deepspeed-config", str(config), "--precision", "fp32"))
     assert "--precision fp32 contradicts" in line
+
+
+HF_MODEL_WITH_A_WARNING = '''
+import warnings
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def build_model():
+    warnings.warn("the model file's own warning", UserWarning)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=32))
+
+
+def example_batch(batch_size, seq_len=16):
+    ids = torch.randint(0, 128, (batch_size, seq_len))
+    return {"input_ids": ids, "labels": ids}
+'''
+
+
+def test_third_party_warnings_do_not_reach_the_terminal(write_model):
+    """A Hugging Face model with checkpointing: transformers' FutureWarning (its
+    gradient_checkpointing_enable is deprecated) and its logger's notices are not shown; the
+    model file's own warning is, and so is dpplan's output."""
+    pytest.importorskip("transformers")
+    model = write_model(HF_MODEL_WITH_A_WARNING)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")}
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "dpplan.cli", "estimate", model, "--gpus", "2", "--strategy", "ddp",
+         "--activation-checkpointing"],
+        env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ddp" in done.stdout and "checkpointing (model's own)" in done.stdout
+    assert "UserWarning: the model file's own warning" in done.stderr
+    assert "FutureWarning" not in done.stderr and "[transformers]" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 2, done.stderr  # the warning and its source line

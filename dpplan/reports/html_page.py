@@ -126,17 +126,57 @@ class Page:
     footer: str = ""
 
 
+LEGEND_BELOW = {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom", "xanchor": "left", "x": 0}
+"""The legend along the figure's bottom edge, under the axis labels: plotly.js reserves the
+legend's height below the margins the axes push (its doAutoMargin adds a container-anchored
+legend's ``_reservedMargin`` to them), so it meets neither the tick labels nor the modebar,
+which plotly draws at the top right. A legend above the plot, as before, ran into the modebar
+once its entries wrapped."""
+
+
+RIGHT_MARGIN = 20
+LEVEL_LABEL_MARGIN = 130
+"""Pixels right of the plot for a level line's label ("host RAM per rank" over "11.8 GiB")."""
+
+
 def style_figure(figure: go.Figure, *, height: int = 420) -> go.Figure:
-    """The look shared by every figure: white, compact margins, legend on top."""
+    """The look shared by every figure: white, compact margins (wider on the right for a level
+    line's label), legend at the bottom."""
+    labelled = any(annotation.name == LEVEL_LABEL for annotation in figure.layout.annotations)
     figure.update_layout(
         template="plotly_white",
         height=height,
-        margin={"l": 60, "r": 20, "t": 40, "b": 50},
+        margin={"l": 60, "r": LEVEL_LABEL_MARGIN if labelled else RIGHT_MARGIN, "t": 40, "b": 50},
         font={"family": FONT, "size": 12},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0},
+        legend=LEGEND_BELOW,
         hoverlabel={"font": {"family": FONT}},
     )
     return figure
+
+
+LEVEL_LABEL = "level-label"
+
+
+def add_level(figure: go.Figure, y: float, label: str, *, color: str = "#b42318", dash: str = "dash") -> None:
+    """A dashed line across the plot at ``y`` (the GPU's memory, a limit), labelled in the right
+    margin beside its end: inside the plot the label sat on the bars or markers near it."""
+    figure.add_hline(y=y, line_dash=dash, line_color=color)
+    figure.add_annotation(text=label, name=LEVEL_LABEL, xref="paper", x=1, xanchor="left", xshift=6, y=y, yref="y",
+                          yanchor="middle", align="left", showarrow=False, font={"color": color})
+
+
+LINE_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+MARKER_SYMBOLS = ("circle", "square-open", "diamond", "triangle-up-open", "x", "star-open", "triangle-down",
+                  "pentagon-open", "cross", "hexagon-open", "star-diamond", "hourglass-open")
+"""Per line of a figure, with its colour: lines that coincide stay told apart by their dashes
+(the gaps show the line beneath) and markers (filled and open in turn, so one drawn over
+another leaves both visible)."""
+
+
+def line_style(index: int) -> dict:
+    """The dash and marker of a figure's ``index``-th line (distinct for the first 12)."""
+    return {"line": {"dash": LINE_DASHES[index % len(LINE_DASHES)]},
+            "marker": {"symbol": MARKER_SYMBOLS[index % len(MARKER_SYMBOLS)], "size": 9}}
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 
 from dpplan.config import usable_bytes
 from dpplan.planner.hardware import GPU_CATALOG
-from dpplan.planner.plan import ModelSummary, PlanDocument, StrategyEstimate
+from dpplan.planner.plan import ModelSummary, Plan, PlanDocument, StrategyEstimate
 from dpplan.reports.html_page import (
     CATEGORY_COLORS,
     BulletList,
@@ -21,12 +21,14 @@ from dpplan.reports.html_page import (
     Section,
     Table,
     Text,
+    add_level,
     byte_unit,
     figure_text,
+    line_style,
     style_figure,
 )
 from dpplan.reports.plan_recommendation import headroom_text, nodes_text, recommendation_line
-from dpplan.reports.plan_table import merged_notes
+from dpplan.reports.plan_table import activation_trace_owner, merged_notes
 from dpplan.reports.units import GiB, format_bytes, format_count
 
 CATEGORY_LABELS = {
@@ -77,13 +79,10 @@ def _memory_bars(estimates: list[StrategyEstimate], capacity_name: str) -> Figur
     if len(capacities) == 1:
         capacity_bytes, headroom_pct = capacities.pop()
         capacity = capacity_bytes / GiB
-        figure.add_hline(y=capacity, line_dash="dash", line_color="#b42318",
-                         annotation_text=f"{capacity_name} {capacity:.1f} GiB", annotation_position="top left")
+        add_level(figure, capacity, f"{capacity_name}<br>{capacity:.1f} GiB")
         if headroom_pct:
             usable = usable_bytes(capacity_bytes, headroom_pct) / GiB
-            figure.add_hline(y=usable, line_dash="dot", line_color="#b42318",
-                             annotation_text=f"usable {usable:.1f} GiB ({headroom_pct:g}% headroom)",
-                             annotation_position="bottom left")
+            add_level(figure, usable, f"usable {usable:.1f} GiB<br>({headroom_pct:g}% headroom)", dash="dot")
     figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
                          legend_traceorder="normal")
     return Figure(
@@ -147,26 +146,32 @@ def _max_batch_lines(estimates: list[StrategyEstimate], strategies: list[str],
     never = [s for s in strategies if not any(e.max_batch_size for e in estimates if e.strategy == s)]
     if len(never) == len(strategies):
         return Callout(lines=["No strategy fits even micro-batch 1 at any GPU count planned."], css="bad")
-    figure = go.Figure()
+    # Strategies whose lines are the same at every GPU count (fsdp-full and fsdp-hybrid on one
+    # node) are one line, named for all of them: drawn apart, the last would hide the others.
+    lines: dict[tuple, list[str]] = {}
     for strategy in [s for s in strategies if s not in never]:
-        points = [e for e in estimates if e.strategy == strategy]
+        points = tuple((_gpu_label(e.gpus), e.max_batch_size) for e in estimates if e.strategy == strategy)
+        lines.setdefault(points, []).append(strategy)
+    figure = go.Figure()
+    for index, (points, named) in enumerate(lines.items()):
+        name = " = ".join(named)
         figure.add_scatter(
-            x=[_gpu_label(e.gpus) for e in points], y=[e.max_batch_size for e in points],
-            mode="lines+markers", name=strategy,
-            hovertemplate=strategy + " on %{x}: micro-batch %{y}<extra></extra>",
+            x=[gpus for gpus, _ in points], y=[batch for _, batch in points],
+            mode="lines+markers", name=name, **line_style(index),
+            hovertemplate=figure_text(name) + " on %{x}: micro-batch %{y}<extra></extra>",
         )
     figure.update_layout(yaxis_title="largest micro-batch per GPU", xaxis_title="GPUs")
     figure.update_xaxes(type="category", categoryorder="array", categoryarray=[_gpu_label(g) for g in gpu_counts])
     figure.update_yaxes(rangemode="tozero")
     caption = ("The largest micro-batch per GPU (rank) that fits, per strategy, as the GPU count grows "
-               "(0: not even micro-batch 1 fits).")
+               "(0: not even micro-batch 1 fits); strategies with the same line are one entry (a = b).")
     if never:
         caption += f" Not drawn, since micro-batch 1 fits at no GPU count planned: {', '.join(never)}."
     return Figure(name="max-batch", figure=style_figure(figure), caption=caption)
 
 
-def _activation_modules(model: ModelSummary) -> Figure | None:
-    modules = model.top_activation_modules
+def _activation_modules(plan: Plan) -> Figure | None:
+    modules = plan.model.top_activation_modules
     if not modules:
         return None
     labels = [f"{figure_text(m.name)} ({figure_text(m.class_name)})" for m in modules]
@@ -181,15 +186,17 @@ def _activation_modules(model: ModelSummary) -> Figure | None:
     return Figure(
         name="activation-modules",
         figure=style_figure(figure, height=max(240, 28 * len(modules) + 110)),
-        caption="Bytes each module's forward keeps for backward, per micro-batch, from the traced step; "
-        "a parent's bytes are those its own operations keep (children are listed apart).",
+        caption=f"Bytes each module's forward keeps for backward, per micro-batch, on one rank of "
+        f"{activation_trace_owner(plan)}: the step traced for the first strategy planned (under mixed precision "
+        "strategies that cast parameters, FSDP and ZeRO, keep other bytes than autocast's single, dp and ddp). "
+        "A parent's bytes are those its own operations keep (children are listed apart).",
     )
 
 
 def _assumptions(document: PlanDocument) -> Table:
     config, model = document.plan.config, document.plan.model
     run = config.run
-    checkpointing = CHECKPOINTING.get(model.checkpointing, model.checkpointing) if run.activation_checkpointing else "off"
+    checkpointing = _checkpointing(document)
     units = model.unit_names
     rows = [
         ["model", f"{model.name} ({model.path})"],
@@ -208,6 +215,14 @@ def _assumptions(document: PlanDocument) -> Table:
         ["trace", _trace_text(model)],
     ]
     return Table(headers=["assumption", "value"], rows=rows)
+
+
+def _checkpointing(document: PlanDocument) -> str:
+    """``off``, ``on (per unit)`` or ``on (the model's own)``."""
+    model = document.plan.model
+    if not document.plan.config.run.activation_checkpointing:
+        return "off"
+    return CHECKPOINTING.get(model.checkpointing, model.checkpointing)
 
 
 def _trace_text(model: ModelSummary) -> str:
@@ -277,9 +292,10 @@ def plan_page(document: PlanDocument) -> Page:
         Section(title="Where the memory goes", anchor="breakdown", blocks=[_memory_bars(estimates, _capacity_name(document))]),
         Section(title="Largest micro-batch", anchor="max-batch", blocks=[_max_batch_lines(estimates, strategies, gpu_counts)]),
     ]
-    activations = _activation_modules(model)
+    activations = _activation_modules(plan)
     if activations:
-        sections.append(Section(title="Activation memory by module", anchor="activations", blocks=[activations]))
+        sections.append(Section(title=f"Activation memory by module: {activation_trace_owner(plan)}",
+                                anchor="activations", blocks=[activations]))
     notes = merged_notes(plan)
     notes += [f"not planned: {strategy}: {reason}" for strategy, reason in plan.unsupported.items()]
     sections.append(Section(title="Assumptions", anchor="assumptions", blocks=[
@@ -298,6 +314,7 @@ def plan_page(document: PlanDocument) -> Page:
         f"micro-batch {config.run.batch_size} · "
         + (f"sequence {model.seq_len} ({model.tokens_per_micro_batch} tokens per micro-batch) · "
            if model.tokens_per_micro_batch is not None else "")
+        + f"activation checkpointing {_checkpointing(document)} · "
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
         + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")

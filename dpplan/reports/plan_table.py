@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from dpplan.planner.hardware import lookup_gpu
-from dpplan.planner.plan import Plan, PlanDocument
+from dpplan.planner.plan import Plan, PlanDocument, StrategyEstimate
 from dpplan.reports.plan_recommendation import headroom_text, nodes_text, render_recommendation
+from dpplan.reports.terminal_width import (
+    TableLayout,
+    first_that_fits,
+    natural_width,
+    print_layout,
+    print_parts,
+    report_console,
+)
 from dpplan.reports.units import format_bytes, format_count, format_gib
-
-TABLE_WIDTH = 120
-"""Columns fit in this width; used when the output is not a terminal (rich would assume 80)."""
 
 
 def _header(document: PlanDocument) -> list[str]:
@@ -61,51 +67,10 @@ def _tokens(model) -> str:
 def render_plan(document: PlanDocument, console: Console | None = None) -> None:
     plan = document.plan
     if console is None:
-        console = Console()
-        if not console.is_terminal and console.width < TABLE_WIDTH:
-            console = Console(width=TABLE_WIDTH)
+        console = report_console()
     for line in _header(document):
-        console.print(line, highlight=False)
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
-    table.add_column("GPUs", justify="right")
-    # the layout column only where a plan goes beyond data parallelism (dp4 x tp2 +sp)
-    show_layout = any(e.tp > 1 or e.pp > 1 or e.cp > 1 or e.ep > 1 for e in plan.estimates)
-    if show_layout:
-        table.add_column("layout")
-    table.add_column("strategy")
-    table.add_column("peak GiB", justify="right")
-    for name in ("params", "grads", "optim", "activ", "other"):
-        table.add_column(name, justify="right")
-    table.add_column("fits", justify="center")
-    table.add_column("max batch", justify="right")
-    table.add_column("peak in")
-    show_host = any(e.host_bytes is not None for e in plan.estimates)
-    if show_host:
-        table.add_column("host GiB/node", justify="right")
-    previous_gpus = None
-    for e in plan.estimates:
-        if previous_gpus is not None and e.gpus != previous_gpus:
-            table.add_section()
-        previous_gpus = e.gpus
-        b = e.breakdown
-        fits = Text("yes", style="green") if e.fits else Text("no", style="bold red")
-        host = [format_gib(e.host_bytes) if e.host_bytes is not None else "-"] if show_host else []
-        table.add_row(
-            str(e.gpus),
-            *([e.layout] if show_layout else []),
-            e.strategy,
-            Text(format_gib(e.peak_bytes), style="bold"),
-            format_gib(b["params"]),
-            format_gib(b["grads"]),
-            format_gib(b["optimizer"]),
-            format_gib(b["activations"]),
-            format_gib(b["other"]),
-            fits,
-            str(e.max_batch_size),
-            e.peak_phase,
-            *host,
-        )
-    console.print(table)
+        print_parts(console, line)
+    print_layout(console, first_that_fits(console, estimate_layouts(plan.estimates, console)))
     if plan.config.device == "cuda":
         console.print(
             "peak = tensors (allocator-rounded) + allocator slack + CUDA context + NCCL buffers, "
@@ -115,7 +80,8 @@ def render_plan(document: PlanDocument, console: Console | None = None) -> None:
         )
     modules = plan.model.top_activation_modules
     if modules:
-        console.print("[bold]Activation memory kept for backward, by module[/bold] (per micro-batch):")
+        console.print(f"[bold]Activation memory kept for backward, by module[/bold] (per micro-batch, one rank of "
+                      f"{escape(activation_trace_owner(plan))}):", highlight=False)
         for m in modules[:5]:
             console.print(f"  {format_bytes(m.activation_bytes):>11}  {escape(m.name)} ({escape(m.class_name)})", highlight=False)
     for note in merged_notes(plan):
@@ -126,6 +92,100 @@ def render_plan(document: PlanDocument, console: Console | None = None) -> None:
     for reason, strategies in by_reason.items():
         console.print(f"not planned: {', '.join(strategies)}: {escape(reason)}", style="yellow", highlight=False)
     render_recommendation(document, console)
+
+
+def activation_trace_owner(plan: Plan) -> str:
+    """Whose step the top activation modules were read from: ``fsdp2 on 2, 4 or 8 GPUs``.
+
+    planner/estimate.py summarizes the model from its first trace, the one made for the first
+    strategy planned (the order asked, less what the wrapper refused); strategies traced apart
+    (autocast for single/ddp, cast parameters for FSDP and ZeRO under bf16-mixed) keep other
+    bytes. The trace is one rank's step, so its modules' bytes hold at each of the strategy's
+    GPU counts (with --tp: one tensor-parallel rank's)."""
+    strategy = next(s for s in plan.config.strategies if s not in plan.unsupported)
+    counts = sorted({e.gpus for e in plan.estimates if e.strategy == strategy})
+    if not counts:
+        return f"{strategy}, traced though not planned at these GPU counts"
+    listed = str(counts[0]) if len(counts) == 1 else f"{', '.join(map(str, counts[:-1]))} or {counts[-1]}"
+    owner = f"{strategy} on {listed} GPU{'s' if counts != [1] else ''}"
+    tp = plan.config.run.tp
+    return owner + (f", tp {tp}" if tp > 1 else "")
+
+
+class EstimateColumn(NamedTuple):
+    """A column of the estimate table: its header in a wide and a narrow terminal, and its cell."""
+
+    header: str
+    narrow_header: str
+    cell: Callable[[StrategyEstimate], str | Text]
+    justify: JustifyMethod = "right"
+
+
+def _fits(e: StrategyEstimate) -> Text:
+    return Text("yes", style="green") if e.fits else Text("no", style="bold red")
+
+
+def _breakdown(key: str) -> Callable[[StrategyEstimate], str]:
+    return lambda e: format_gib(e.breakdown[key])
+
+
+GPUS = EstimateColumn("GPUs", "GPUs", lambda e: str(e.gpus))
+LAYOUT = EstimateColumn("layout", "layout", lambda e: e.layout, "left")
+STRATEGY = EstimateColumn("strategy", "strategy", lambda e: e.strategy, "left")
+PEAK = EstimateColumn("peak GiB", "peak\nGiB", lambda e: Text(format_gib(e.peak_bytes), style="bold"))
+BREAKDOWN = [
+    EstimateColumn(name, name, _breakdown(key))
+    for name, key in (("params", "params"), ("grads", "grads"), ("optim", "optimizer"), ("activ", "activations"),
+                      ("other", "other"))
+]
+FITS = EstimateColumn("fits", "fits", _fits, "center")
+MAX_BATCH = EstimateColumn("max batch", "max\nbatch", lambda e: str(e.max_batch_size))
+PEAK_IN = EstimateColumn("peak in", "peak\nin", lambda e: e.peak_phase, "left")
+HOST = EstimateColumn("host GiB/node", "host GiB\nper node",
+                      lambda e: format_gib(e.host_bytes) if e.host_bytes is not None else "-")
+
+
+def estimate_layouts(estimates: list[StrategyEstimate], console: Console) -> list[TableLayout]:
+    """The estimate table's layouts, widest first (terminal_width.first_that_fits picks one):
+    today's full table; the same with two-line headers and two spaces between columns; without
+    the phase of the peak; then split in two, what fits (GPUs, strategy, peak, fits, largest
+    micro-batch) above where the memory goes. The last also folds a cell too wide for a very
+    narrow terminal instead of cutting it."""
+    # the layout column only where a plan goes beyond data parallelism (dp4 x tp2 +sp)
+    show_layout = any(e.tp > 1 or e.pp > 1 or e.cp > 1 or e.ep > 1 for e in estimates)
+    rows = [GPUS, *([LAYOUT] if show_layout else []), STRATEGY]
+    host = [HOST] if any(e.host_bytes is not None for e in estimates) else []
+    every = [*rows, PEAK, *BREAKDOWN, FITS, MAX_BATCH, PEAK_IN, *host]
+    narrow = _table(estimates, every, narrow=True)
+    return [
+        TableLayout((_table(estimates, every, narrow=False),)),
+        TableLayout((narrow,)),
+        TableLayout((_table(estimates, [c for c in every if c is not PEAK_IN], narrow=True),),
+                    note=f"peak in (the phase of each peak) needs {natural_width(console, narrow)} columns; "
+                         "--json and --html have it"),
+        TableLayout((_table(estimates, [*rows, PEAK, FITS, MAX_BATCH], narrow=True),
+                     _table(estimates, [*rows, *BREAKDOWN, PEAK_IN, *host], narrow=True))),
+        TableLayout((_table(estimates, [*rows, PEAK, FITS, MAX_BATCH], narrow=True, fold=True),
+                     _table(estimates, [*rows, *BREAKDOWN, PEAK_IN, *host], narrow=True, fold=True))),
+    ]
+
+
+def _table(estimates: list[StrategyEstimate], columns: list[EstimateColumn], *, narrow: bool,
+           fold: bool = False) -> Table:
+    """One table of ``columns``, a section per GPU count. ``narrow``: two-line headers and two
+    spaces between columns instead of three; ``fold``: a cell wider than its column continues
+    on the next line (rich would end it with an ellipsis)."""
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=narrow)
+    for column in columns:
+        table.add_column(column.narrow_header if narrow else column.header, justify=column.justify,
+                         overflow="fold" if fold else "ellipsis")
+    previous_gpus = None
+    for e in estimates:
+        if previous_gpus is not None and e.gpus != previous_gpus:
+            table.add_section()
+        previous_gpus = e.gpus
+        table.add_row(*(column.cell(e) for column in columns))
+    return table
 
 
 def merged_notes(plan: Plan) -> list[str]:

@@ -14,6 +14,7 @@ from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.profiler.profile_results import Measured, RunResult
 from dpplan.profiler.recommendation_results import Recommendations
 from dpplan.reports.html_page import (
+    MARKER_SYMBOLS,
     BulletList,
     Callout,
     Figure,
@@ -22,6 +23,7 @@ from dpplan.reports.html_page import (
     Section,
     Table,
     Text,
+    add_level,
     byte_unit,
     figure_text,
     style_figure,
@@ -40,6 +42,12 @@ RANK_COLORS = ("#3b6fb6", "#e08a2c", "#5a9e4b", "#c4473a", "#8c7bb8", "#7a5c3e",
 LINE_DASH = {"allocated": "solid", "reserved": "dot", "nvml_used": "dash"}
 MAX_RANKS_DRAWN = 8
 """Ranks drawn per run in the memory-over-time figure; the rest are in the JSON."""
+FIRST_RANK_LINE_WIDTH, RANK_LINE_WIDTH_STEP, MIN_LINE_WIDTH = 4.0, 1.25, 1.0
+"""Line widths in pixels: rank 0's widest, each next rank's thinner, so coinciding ranks show as
+one line of several colours."""
+MARKERS_PER_LINE = 24
+"""Markers drawn per line (plotly's marker.maxdisplayed): enough to tell the ranks apart, few
+enough not to hide the line."""
 
 
 NOT_MEASURED = Measured(summarized=False)
@@ -145,14 +153,19 @@ def _memory_over_time(document: ProfileDocument, run: RunResult, index: int) -> 
     largest = max([estimated or 0, device_peak or 0] + [
         max(line["bytes"], default=0) for r in per_rank for line in r["memory_series"]["lines"].values()])
     unit, size = byte_unit(largest)
-    for rank_detail in per_rank[:MAX_RANKS_DRAWN]:
+    for position, rank_detail in enumerate(per_rank[:MAX_RANKS_DRAWN]):
         series = rank_detail["memory_series"]
         color = RANK_COLORS[rank_detail["rank"] % len(RANK_COLORS)]
+        # Ranks of a data-parallel run often allocate alike, to the byte: each later rank is
+        # drawn thinner over the one before, with a marker of its own, so that all stay visible.
+        width = max(MIN_LINE_WIDTH, FIRST_RANK_LINE_WIDTH - RANK_LINE_WIDTH_STEP * position)
         for name, line in series["lines"].items():
             figure.add_scatter(
-                x=line["time_s"], y=[b / size for b in line["bytes"]], mode="lines",
+                x=line["time_s"], y=[b / size for b in line["bytes"]], mode="lines+markers",
                 name=f"rank {rank_detail['rank']} {figure_text(line['label'])}",
-                line={"color": color, "dash": LINE_DASH.get(name, "solid"), "width": 1.5},
+                line={"color": color, "dash": LINE_DASH.get(name, "solid"), "width": width},
+                marker={"symbol": MARKER_SYMBOLS[position % len(MARKER_SYMBOLS)], "size": 7, "color": color,
+                        "maxdisplayed": MARKERS_PER_LINE},
                 hovertemplate="%{x:.3f} s: %{y:.2f} " + unit + "<extra>rank " + str(rank_detail["rank"]) + "</extra>",
             )
     warmup = first["warmup_steps"]
@@ -235,9 +248,7 @@ def _batch_search(section: Recommendations) -> Figure | None:
             marker={"symbol": "circle-open", "size": 22, "line": {"width": 2, "color": "#1f2933"}},
             name="recommended", hoverinfo="skip",
         )
-    figure.add_hline(y=limit / size, line_dash="dash", line_color="#b42318",
-                     annotation_text=f"limit {format_bytes(limit)} ({section.headroom_pct:g}% headroom)",
-                     annotation_position="top left")
+    add_level(figure, limit / size, f"limit {format_bytes(limit)}<br>({section.headroom_pct:g}% headroom)")
     figure.update_layout(xaxis_title="micro-batch per rank", yaxis_title=f"peak per rank ({unit})")
     figure.update_xaxes(type="log", dtick=0.30102999566)  # log2 spacing: ticks at 1, 2, 4, 8, ...
     figure.update_yaxes(rangemode="tozero")
@@ -323,7 +334,9 @@ def profile_page(document: ProfileDocument) -> Page:
         title="dpplan profile",
         model_name=name,
         subtitle=f"{document.device.description} · {config['precision']} · {config['optimizer']} · "
-        f"micro-batch {config['batch_size']} per rank",
+        f"micro-batch {config['batch_size']} per rank · "
+        + (f"sequence {model.seq_len} · " if model and model.seq_len else "")
+        + f"activation checkpointing {'on' if config['activation_checkpointing'] else 'off'}",
         header_rows=[
             ("created", document.created or "-"),
             ("command", document.command or "-"),

@@ -6,8 +6,11 @@ Draws only what a ProfileDocument holds; every number is computed by the profile
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 from rich import box
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
@@ -16,7 +19,6 @@ from rich.text import Text
 from dpplan.profiler.profile_document import ProfileDocument
 from dpplan.profiler.profile_results import Measured, RunResult
 from dpplan.profiler.recommendation_results import Recommendations
-from dpplan.reports.plan_table import TABLE_WIDTH
 from dpplan.reports.recommendation_text import (
     fastest_line,
     format_pct,
@@ -24,20 +26,102 @@ from dpplan.reports.recommendation_text import (
     offload_line,
     recommendation_line,
 )
+from dpplan.reports.terminal_width import TableLayout, first_that_fits, print_layout, print_parts, report_console
 from dpplan.reports.units import format_bytes
 
 STATUS_STYLE = {"ok": "green", "oom": "bold red", "failed": "bold red", "skipped": "dim"}
 
 
-def _pair(measured: int | None, estimated: int | None) -> str:
-    """'measured / estimated' in binary units."""
-    if measured is None and estimated is None:
-        return "-"
-    return f"{format_bytes(measured)} / {format_bytes(estimated)}"
-
-
 NOT_MEASURED = Measured(summarized=False)
 """What a table row reads for a run that measured nothing (skipped)."""
+
+
+class Pair(NamedTuple):
+    """A measured peak and its estimate, in binary units; one cell of the table."""
+
+    measured: int | None
+    estimated: int | None
+
+    def text(self, *, stacked: bool) -> str:
+        """'measured / estimated'; ``stacked``: one above the other (the narrow table)."""
+        if self.measured is None and self.estimated is None:
+            return "-"
+        return ("\n" if stacked else " / ").join((format_bytes(self.measured), format_bytes(self.estimated)))
+
+
+class RunColumn(NamedTuple):
+    """A column of the profile table: its header in a wide and a narrow terminal, and its cell."""
+
+    header: str
+    narrow_header: str
+    cell: Callable[[RunResult], str | Text | Pair]
+    justify: JustifyMethod = "right"
+
+
+def _allocated(cuda: bool) -> RunColumn:
+    def cell(run: RunResult) -> Pair:
+        estimate = run.estimate
+        estimated = (estimate.peak_allocated_bytes if cuda else estimate.peak_bytes) if estimate else None
+        return Pair((run.measured or NOT_MEASURED).peak_allocated_bytes, estimated)
+
+    return RunColumn("allocated meas / est", "allocated", cell) if cuda else (
+        RunColumn("tensor bytes meas / est", "tensor bytes", cell))
+
+
+def _step_ms(run: RunResult) -> str:
+    step = (run.measured or NOT_MEASURED).step_time_s
+    return "-" if step is None else f"{1000 * step:.1f}"
+
+
+STRATEGY = RunColumn("strategy", "strategy", lambda run: run.settings.strategy, "left")
+STATUS = RunColumn("status", "status", lambda run: Text(str(run.status), style=STATUS_STYLE.get(run.status, "")),
+                   "left")
+MEAS_EST = RunColumn("", "", lambda run: "meas\nest" if run.measured or run.estimate else "", "left")
+"""The narrow table's labels of its stacked cells."""
+ERROR = RunColumn("error", "error", lambda run: format_pct(run.error_pct))
+RESERVED = RunColumn("reserved meas / est", "reserved", lambda run: Pair(
+    (run.measured or NOT_MEASURED).peak_reserved_bytes, run.estimate.peak_reserved_bytes if run.estimate else None))
+NVML_USED = RunColumn("NVML used meas / est", "NVML used", lambda run: Pair(
+    (run.measured or NOT_MEASURED).peak_nvml_bytes, run.estimate.peak_bytes if run.estimate else None))
+PEAK_RSS = RunColumn("peak RSS", "peak RSS", lambda run: format_bytes((run.measured or NOT_MEASURED).peak_rss_bytes))
+SPEED = [
+    RunColumn("step ms", "step ms", _step_ms),
+    RunColumn("samples/s", "samples/s", lambda run: format_rate((run.measured or NOT_MEASURED).samples_per_s)),
+    RunColumn("tokens/s", "tokens/s", lambda run: format_rate((run.measured or NOT_MEASURED).tokens_per_s)),
+]
+
+
+def run_layouts(runs: tuple[RunResult, ...], *, cuda: bool) -> list[TableLayout]:
+    """The runs table's layouts, widest first (terminal_width.first_that_fits picks one): the
+    full table, "measured / estimated" side by side; measured above estimated in each cell
+    (two-line rows), two spaces between columns; the same with the speed in a table of its
+    own; and that again folding a cell too wide for a very narrow terminal."""
+    memory = [_allocated(cuda), ERROR, RESERVED, NVML_USED] if cuda else [_allocated(cuda), ERROR, PEAK_RSS]
+    stacked = [STRATEGY, STATUS, MEAS_EST, *memory]
+    return [
+        TableLayout((_table(runs, [STRATEGY, STATUS, *memory, *SPEED], narrow=False),)),
+        TableLayout((_table(runs, [*stacked, *SPEED], narrow=True),)),
+        TableLayout((_table(runs, stacked, narrow=True), _table(runs, [STRATEGY, STATUS, *SPEED], narrow=True))),
+        TableLayout((_table(runs, stacked, narrow=True, fold=True),
+                     _table(runs, [STRATEGY, STATUS, *SPEED], narrow=True, fold=True))),
+    ]
+
+
+def _table(runs: tuple[RunResult, ...], columns: list[RunColumn], *, narrow: bool, fold: bool = False) -> Table:
+    """One table of ``columns``, a row per run. ``narrow``: two spaces between columns (with
+    MEAS_EST among them, measured above estimated in each cell); ``fold``: a cell wider than its column continues on the next line
+    (rich would end it with an ellipsis)."""
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=narrow)
+    for column in columns:
+        table.add_column(column.narrow_header if narrow else column.header, justify=column.justify,
+                         overflow="fold" if fold else "ellipsis")
+    stacked = any(column is MEAS_EST for column in columns)  # measured above estimated, labelled
+    for index, run in enumerate(runs):
+        if stacked and index:
+            table.add_section()  # a blank line between runs of two lines each
+        cells = (column.cell(run) for column in columns)
+        table.add_row(*(cell.text(stacked=stacked) if isinstance(cell, Pair) else cell for cell in cells))
+    return table
 
 
 def _tensor_parallel(config: dict) -> str:
@@ -51,55 +135,19 @@ def _tensor_parallel(config: dict) -> str:
 
 def render_profile(document: ProfileDocument, console: Console | None = None) -> None:
     if console is None:
-        console = Console()
-        if not console.is_terminal and console.width < TABLE_WIDTH:
-            console = Console(width=TABLE_WIDTH)
+        console = report_console()
     cuda = document.device.type == "cuda"
     config = document.config
-    console.print(
+    print_parts(
+        console,
         f"[bold]{escape(document.model.name if document.model else 'model')}[/bold] on "
         f"{escape(document.device.description)} · "
         f"micro-batch {config['batch_size']} per rank · grad accum {config['grad_accum']} · {config['precision']} · "
         f"{config['optimizer']} · {_tensor_parallel(config)}{config['warmup_steps']} warm-up + {config['steps']} timed steps",
-        highlight=False,
     )
     if document.recommendations:
         render_recommendations(document.recommendations, console)
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
-    table.add_column("strategy")
-    table.add_column("status")
-    table.add_column("allocated meas / est" if cuda else "tensor bytes meas / est", justify="right")
-    table.add_column("error", justify="right")
-    if cuda:
-        table.add_column("reserved meas / est", justify="right")
-        table.add_column("NVML used meas / est", justify="right")
-    else:
-        table.add_column("peak RSS", justify="right")
-    table.add_column("step ms", justify="right")
-    table.add_column("samples/s", justify="right")
-    table.add_column("tokens/s", justify="right")
-    for run in document.runs:
-        measured = run.measured or NOT_MEASURED
-        estimate = run.estimate
-        status = Text(str(run.status), style=STATUS_STYLE.get(run.status, ""))
-        allocated_estimate = (estimate.peak_allocated_bytes if cuda else estimate.peak_bytes) if estimate else None
-        row: list[str | Text] = [run.settings.strategy, status, _pair(measured.peak_allocated_bytes, allocated_estimate),
-               format_pct(run.error_pct)]
-        if cuda:
-            row += [
-                _pair(measured.peak_reserved_bytes, estimate.peak_reserved_bytes if estimate else None),
-                _pair(measured.peak_nvml_bytes, estimate.peak_bytes if estimate else None),
-            ]
-        else:
-            row.append(format_bytes(measured.peak_rss_bytes))
-        step = measured.step_time_s
-        row += [
-            "-" if step is None else f"{1000 * step:.1f}",
-            format_rate(measured.samples_per_s),
-            format_rate(measured.tokens_per_s),
-        ]
-        table.add_row(*row)
-    console.print(table)
+    print_layout(console, first_that_fits(console, run_layouts(document.runs, cuda=cuda)))
     if cuda:
         console.print(
             "meas = largest per-rank peak over the timed steps; est = `dpplan estimate` for the same run; "

@@ -148,3 +148,91 @@ def test_hostile_names_are_shown_as_text_never_run(write_model, open_report, tmp
     labels = page.evaluate("[...document.querySelectorAll('#fig-activation-modules .ytick text')].map(t => t.textContent)")
     assert f"{EVIL_MODULE} ({EVIL_CLASS})" in labels
     assert all(url.startswith("file:") for url in opened.requests), opened.requests  # no <img src=x> fetched
+
+
+# Boxes in page pixels of what a figure draws: its legend, its modebar, its axis labels, its bars,
+# the labels of its level lines.
+GEOMETRY = """
+(id) => {
+    const plot = document.getElementById(id);
+    const box = element => {
+        const r = element.getBoundingClientRect();
+        return {left: r.left, top: r.top, right: r.right, bottom: r.bottom, width: r.width, height: r.height};
+    };
+    const legend = plot.querySelector('.legend');
+    return {
+        figure: box(plot),
+        legend: legend ? box(legend) : null,
+        modebar: box(plot.querySelector('.modebar')),
+        axis_labels: [...plot.querySelectorAll('.xtick text, .g-xtitle text, .ytick text, .g-ytitle text')].map(box),
+        bars: [...plot.querySelectorAll('.barlayer .point path')].map(box).filter(b => b.width > 0 && b.height > 0),
+        levels: [...plot.querySelectorAll('.annotation')].filter(a => /GPU memory|RAM per rank|limit/.test(a.textContent))
+            .map(a => box(a.querySelector('.annotation-text-g') || a)),
+    };
+}
+"""
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+
+def _geometry(page, name: str) -> dict:
+    page.hover(f"#fig-{name} .main-svg")  # the modebar shows on hover
+    return page.evaluate(GEOMETRY, f"fig-{name}")
+
+
+def _inside(inner: dict, outer: dict) -> bool:
+    return (inner["left"] >= outer["left"] - 0.5 and inner["right"] <= outer["right"] + 0.5
+            and inner["top"] >= outer["top"] - 0.5 and inner["bottom"] <= outer["bottom"] + 0.5)
+
+
+def _check_legends(opened, names: list[str]) -> None:
+    for name in names:
+        geometry = _geometry(opened.page, name)
+        legend = geometry["legend"]
+        assert legend and legend["width"] > 0, name
+        assert not _overlap(legend, geometry["modebar"]), (name, legend, geometry["modebar"])
+        assert not any(_overlap(legend, label) for label in geometry["axis_labels"]), name
+        assert _inside(legend, geometry["figure"]), (name, legend, geometry["figure"])
+
+
+def test_legends_meet_neither_the_modebar_nor_the_axis_labels(tiny_gpt, open_report, tmp_path):
+    html = tmp_path / "plan.html"
+    result = _estimate(tiny_gpt, "--gpus", "1,2,4", "--html", str(html))
+    assert result.exit_code == 0, result.output
+    opened = open_report(html)
+    opened.page.wait_for_function(ALL_DRAWN, timeout=30_000)
+    _check_legends(opened, ["memory-by-strategy", "max-batch"])
+    opened.page.screenshot(path=str(tmp_path / "legends.png"), full_page=True)
+
+
+def test_profile_legends_meet_neither_the_modebar_nor_the_axis_labels(gpu_profile_document, open_report, tmp_path):
+    from dpplan.reports.html_report import write_report
+
+    opened = open_report(write_report(gpu_profile_document, str(tmp_path / "gpu-profile.html")))
+    opened.page.wait_for_function(ALL_DRAWN, timeout=30_000)
+    _check_legends(opened, ["estimate-vs-measured", "memory-over-time-0", "batch-search"])
+
+
+def test_the_capacity_label_sits_on_no_bar(tiny_gpt, open_report, tmp_path):
+    """A capacity under every peak, so that every bar crosses the line: its label is beside
+    the line, right of the plot, on no bar, and whole inside the figure."""
+    import json
+
+    from dpplan.reports.html_report import write_report
+
+    path = tmp_path / "plan.json"
+    result = _estimate(tiny_gpt, "--gpus", "1,2", "--json", str(path))
+    assert result.exit_code == 0, result.output
+    document = json.loads(path.read_text())
+    capacity = min(e["peak_bytes"] for e in document["estimates"]) // 2
+    for e in document["estimates"]:
+        e["capacity_bytes"], e["fits"] = capacity, False
+    opened = open_report(write_report(document, str(tmp_path / "over.html")))
+    opened.page.wait_for_function(ALL_DRAWN, timeout=30_000)
+    geometry = _geometry(opened.page, "memory-by-strategy")
+    (label,) = geometry["levels"]
+    assert len(geometry["bars"]) >= len(document["estimates"])  # the stacked bars are drawn (zero-high ones not)
+    assert not any(_overlap(label, bar) for bar in geometry["bars"])
+    assert _inside(label, geometry["figure"]) and not _overlap(label, geometry["modebar"])

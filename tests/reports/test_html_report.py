@@ -75,11 +75,63 @@ def test_fit_map_colours_by_share_of_the_gpu_and_marks_what_does_not_fit(plan_do
 
 
 def test_largest_micro_batch_lines_follow_the_estimates(plan_document):
-    lines = {trace.name: trace for trace in _figures(plan_page(PlanDocument.from_json(plan_document)))["max-batch"].data}
+    traces = _figures(plan_page(PlanDocument.from_json(plan_document)))["max-batch"].data
+    lines = {strategy: trace for trace in traces for strategy in trace.name.split(" = ")}
+    assert len(lines) == sum(len(trace.name.split(" = ")) for trace in traces)  # each strategy on one line
     for estimate in plan_document["estimates"]:
         line = lines[estimate["strategy"]]
         label = f"{estimate['gpus']} GPU" + ("s" if estimate["gpus"] > 1 else "")
         assert line.y[list(line.x).index(label)] == estimate["max_batch_size"]
+
+
+def test_lines_that_coincide_stay_visible(plan_document):
+    """Strategies with the same largest micro-batch at every GPU count are one line named for all
+    (fsdp-full and fsdp-hybrid on one node); the other lines differ in dash and marker."""
+    traces = _figures(plan_page(PlanDocument.from_json(plan_document)))["max-batch"].data
+    points = [tuple(zip(trace.x, trace.y)) for trace in traces]
+    assert len(set(points)) == len(points)
+    assert "fsdp-full = fsdp-hybrid" in [trace.name for trace in traces]
+    styles = [(trace.line.dash, trace.marker.symbol) for trace in traces]
+    assert len(set(styles)) == len(styles) and len({symbol for _, symbol in styles}) == len(styles)
+
+
+def test_legends_sit_below_the_plots_and_level_labels_in_the_margin(plan_document, gpu_profile_document):
+    """Legends along the bottom edge (the modebar is at the top right), and the labels of the
+    capacity and limit lines right of the plot, beside the line, never on a bar or a marker."""
+    plan_figures = _figures(plan_page(PlanDocument.from_json(plan_document)))
+    profile_figures = _figures(profile_page(ProfileDocument.from_json(gpu_profile_document)))
+    for name, figure in {**plan_figures, **profile_figures}.items():
+        legend = figure.layout.legend
+        assert (legend.yref, legend.y, legend.yanchor, legend.orientation) == ("container", 0, "bottom", "h"), name
+    capacity = plan_document["estimates"][0]["capacity_bytes"] / GiB
+    limit = gpu_profile_document["recommendations"]["limit_bytes"]
+    for figure, level, text in ((plan_figures["memory-by-strategy"], capacity, "GPU memory<br>"),
+                                (profile_figures["batch-search"], limit / byte_unit(limit)[1], "limit ")):
+        (label,) = [a for a in figure.layout.annotations if a.text.startswith(text)]
+        assert (label.xref, label.x, label.xanchor, label.yref) == ("paper", 1, "left", "y")  # right of the plot
+        assert label.y == pytest.approx(level)
+        assert figure.layout.margin.r >= 120
+
+
+def test_subtitles_name_checkpointing_and_the_sequence(plan_document, cpu_profile):
+    page = plan_page(PlanDocument.from_json(plan_document))
+    model = plan_document["model"]
+    assert f"sequence {model['seq_len']} ({model['tokens_per_micro_batch']} tokens per micro-batch)" in page.subtitle
+    assert "activation checkpointing off" in page.subtitle
+    checkpointed = copy.deepcopy(plan_document)
+    checkpointed["config"]["activation_checkpointing"] = True
+    checkpointed["model"]["checkpointing"] = "units"
+    assert "activation checkpointing on (per unit)" in plan_page(PlanDocument.from_json(checkpointed)).subtitle
+    profile = cpu_profile.document
+    subtitle = profile_page(ProfileDocument.from_json(profile)).subtitle
+    assert f"sequence {profile['model']['seq_len']} · activation checkpointing off" in subtitle
+
+
+def test_the_activation_section_names_the_strategy_it_was_traced_for(plan_document):
+    page = plan_page(PlanDocument.from_json(plan_document))
+    section = next(s for s in page.sections if s.anchor == "activations")
+    assert section.title == "Activation memory by module: single on 1 GPU"  # the first strategy asked (all)
+    assert "on one rank of single on 1 GPU" in section.blocks[0].caption
 
 
 def test_activation_modules_in_a_readable_unit(plan_document):
@@ -208,6 +260,18 @@ def test_gpu_profile_page_draws_nvml_and_torch_lines_with_both_estimates(gpu_pro
     assert comparison.data[2].name == "measured NVML used (whole device)"
     html = render_report(document)
     assert "NVML used" in html and "reserved" in html
+
+
+def test_ranks_that_allocate_alike_stay_visible(gpu_profile_document):
+    """Each rank's lines have a width and a marker of their own, each rank thinner than the one
+    before, so a rank drawn over an identical one leaves its edges showing."""
+    over_time = _figures(profile_page(ProfileDocument.from_json(gpu_profile_document)))["memory-over-time-0"]
+    styles: dict[int, set] = {}
+    for trace in over_time.data:
+        styles.setdefault(int(trace.name.split()[1]), set()).add((trace.line.width, trace.marker.symbol))
+    assert sorted(styles) == [0, 1] and all(len(style) == 1 for style in styles.values())
+    (width_0, symbol_0), (width_1, symbol_1) = styles[0].pop(), styles[1].pop()
+    assert width_0 > width_1 and symbol_0 != symbol_1
 
 
 def test_batch_search_trials_are_drawn_against_the_limit(gpu_profile_document):

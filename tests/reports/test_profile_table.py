@@ -1,7 +1,10 @@
+import re
+
+import pytest
 from rich.console import Console
 
 from dpplan.profiler.batch_search import Trial
-from dpplan.profiler.profile_document import DeviceInfo
+from dpplan.profiler.profile_document import DeviceInfo, ProfileDocument
 from dpplan.profiler.profile_results import Comparison, Measured, RunResult
 from dpplan.profiler.recommendation_results import (
     BatchSearch,
@@ -13,6 +16,8 @@ from dpplan.profiler.recommendation_results import (
     Recommendations,
 )
 from dpplan.reports.profile_table import render_profile
+from dpplan.reports.recommendation_text import format_pct, format_rate
+from dpplan.reports.units import format_bytes
 from tests.records import profile_document, run_settings, strategy_estimate
 
 MiB = 1 << 20
@@ -92,3 +97,63 @@ def test_header_names_tensor_parallelism():
         render_profile(profile_document(config={**config, **extra}, runs=()), console)
         header = console.export_text().splitlines()[0]
         assert (expected in header) if expected else ("tensor parallel" not in header)
+
+
+def _strategies_document(cuda: bool):
+    """Every strategy (the longest names), peaks of tens of GiB, and one run skipped."""
+    from dpplan.planner.strategies import STRATEGIES
+
+    GiB = 1 << 30
+    runs = []
+    for index, strategy in enumerate(STRATEGIES):
+        measured = Measured(peak_allocated_bytes=(40 + index) * GiB + 12345, peak_reserved_bytes=(42 + index) * GiB,
+                            peak_nvml_bytes=(43 + index) * GiB if cuda else None,
+                            peak_rss_bytes=None if cuda else (50 + index) * GiB,
+                            step_time_s=1.5 + index, samples_per_s=123.4, tokens_per_s=505_000.0, per_rank=())
+        estimate = strategy_estimate(strategy=strategy, peak_allocated_bytes=(41 + index) * GiB,
+                                     peak_reserved_bytes=(42 + index) * GiB + 7 * MiB, peak_bytes=(44 + index) * GiB)
+        status = "skipped" if strategy == "dp" else "ok"
+        runs.append(RunResult(settings=run_settings(strategy=strategy), status=status,
+                              measured=None if status == "skipped" else measured, estimate=estimate,
+                              error="estimate only" if status == "skipped" else None,
+                              comparison=Comparison(device="cuda" if cuda else "cpu", allocated_pct=-2.5)))
+    device = (DeviceInfo(type="cuda", gpus=8, gpu="h100-80gb", description="8 x NVIDIA H100 80GB HBM3 (1 node, nccl)")
+              if cuda else DeviceInfo(type="cpu", gpus=2, gpu=None, description="2 CPU ranks (gloo)"))
+    return profile_document(device=device, runs=tuple(runs))
+
+
+@pytest.mark.parametrize("width", (80, 100, 120))
+@pytest.mark.parametrize("source", ["every strategy, cuda", "every strategy, cpu", "profile run, as cuda"])
+def test_strategies_and_peaks_are_never_cut(source, width, request):
+    """Each run's strategy, status, measured and estimated peaks and error are whole at 80,
+    100 and 120 columns, no line is wider, nothing is ellipsised."""
+    if source == "profile run, as cuda":  # a real 2-rank run recast as a GPU one (conftest)
+        document = ProfileDocument.from_json(request.getfixturevalue("gpu_profile_document"))
+    else:
+        document = _strategies_document(cuda=source.endswith("cuda"))
+    cuda = document.device.type == "cuda"
+    console = Console(width=width, record=True)
+    render_profile(document, console)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert "…" not in text
+    for run in document.runs:
+        rows = [line for line in lines if line.split()[:2] == [run.settings.strategy, run.status]]
+        assert rows, run.settings.strategy
+        if run.measured is None:
+            continue
+        measured, estimate = run.measured, run.estimate
+        allocated_estimate = estimate.peak_allocated_bytes if cuda else estimate.peak_bytes
+        figures = [format_bytes(measured.peak_allocated_bytes), format_bytes(allocated_estimate),
+                   format_pct(run.error_pct), format_rate(measured.samples_per_s)]
+        if cuda:
+            figures += [format_bytes(v) for v in (measured.peak_reserved_bytes, estimate.peak_reserved_bytes,
+                                                  measured.peak_nvml_bytes, estimate.peak_bytes)]
+        for figure in figures:
+            assert re.search(rf"(^|\s){re.escape(figure)}(\s|$)", text), (figure, text)
+        row, below = rows[0].split(), lines[lines.index(rows[0]) + 1].split()
+        if "meas" in row:  # the narrow table: measured above estimated, labelled
+            assert below[0] == "est" and format_bytes(allocated_estimate) == " ".join(below[1:3])
+        else:
+            assert f"{format_bytes(measured.peak_allocated_bytes)} / {format_bytes(allocated_estimate)}" in rows[0]
