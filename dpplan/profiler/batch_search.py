@@ -29,7 +29,7 @@ from 0.5 to 0.9 (PR #3684) because halving wasted capacity; a gentle step up is 
 MAX_BATCH_SIZE = 8192
 """Never try more than this per rank (Lightning's ``max_val``: huge batches exhaust host memory
 through data loading before the GPU fills)."""
-TRIAL_STATUSES = ("ok", "over_limit", "oom", "failed")
+TRIAL_STATUSES = ("ok", "over_limit", "oom", "failed", "not_run")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,16 +113,22 @@ def search_batch_size(
     good, bad = known_good, known_bad
     trials: list[Trial] = []
     candidate = next_batch_size(good, bad, max(1, first), max_batch_size=max_batch_size)
+    not_run = None
     while candidate is not None and len(trials) < max_trials:
         trial = run_trial(candidate)
         trials.append(trial)
+        if trial.status == "not_run":
+            not_run = trial
+            break
         if trial.accepted:
             good = max(good or 0, candidate)
         else:
             bad = candidate if bad is None else min(bad, candidate)
         candidate = next_batch_size(good, bad, predict(trial), max_batch_size=max_batch_size)
     converged = bad is not None and bad == (good or 0) + 1
-    if converged:
+    if not_run is not None:
+        reason = f"batch {not_run.batch_size} {not_run.error}"  # "batch 64 not launched: ddp on ... needs ..."
+    elif converged:
         reason = "batch 1 was rejected" if good is None else f"batch {good} fits and {bad} does not"
     elif candidate is None:
         reason = f"reached the {max_batch_size} cap"

@@ -35,6 +35,8 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from dpplan.planner.plan import StrategyEstimate
+from dpplan.profiler.rank_exits import RankExit, kill_cause, killed_root_cause, last_meaningful_line, out_of_memory
+from dpplan.profiler.rank_watch import MemoryEvidence
 
 PER_RANK_KEYS = (
     "rank", "local_rank", "hostname", "status", "error",
@@ -232,18 +234,31 @@ def outcome(
     timed_out: str | None,
     stderr_tail: dict[int, str],
     launcher_tail: str,
+    exits: dict[int, RankExit] | None = None,
+    evidence: MemoryEvidence | None = None,
 ) -> Outcome:
-    """How a run ended, from what its ranks wrote and how the launcher ended.
+    """How a run ended, from what its ranks wrote, how torchrun says they exited (``exits``,
+    profiler/rank_exits.py) and what the watch saw of memory (``evidence``).
 
     The root cause is the earliest failure: when one rank dies, its peers fail afterwards
-    in a collective (gloo: "Connection closed by peer"), or are stopped by torchrun."""
+    in a collective (gloo: "Connection closed by peer"), or are stopped by torchrun. A rank
+    killed by a signal wrote nothing; torchrun names it, and it comes before its peers'
+    failures: a SIGKILL with a kernel OOM record (or while the machine ran out of memory) is an
+    out-of-memory."""
+    exits = exits or {}
     failures = [r for r in results.values() if r.get("status") != "ok"]
     where = f"{gpus} GPU{'s' if gpus > 1 else ''}" if device == "cuda" else f"{gpus} CPU rank{'s' if gpus > 1 else ''}"
+    does_not_fit = f"batch {batch_size} does not fit with {strategy} on {where}"
     oom = [r for r in failures if r.get("status") == "oom"]
     if oom:
         first = min(oom, key=lambda r: r.get("failed_at", 0))
-        return Outcome(RunStatus.OOM, f"batch {batch_size} does not fit with {strategy} on {where} "
-                                      f"(rank {first['rank']}: {first['error']})", first["rank"])
+        return Outcome(RunStatus.OOM, f"{does_not_fit} (rank {first['rank']}: {first['error']})", first["rank"])
+    killed = None if timed_out else killed_root_cause(exits, results)
+    if killed is not None:
+        is_oom, cause = kill_cause(killed, evidence)
+        if is_oom:
+            return Outcome(RunStatus.OOM, f"{does_not_fit} ({cause})", killed.rank)
+        return Outcome(RunStatus.FAILED, cause, killed.rank)
     if failures:
         first = min(failures, key=lambda r: r.get("failed_at", 0))
         return Outcome(RunStatus.FAILED, f"rank {first['rank']} failed: {first['error']}", first["rank"])
@@ -252,12 +267,20 @@ def outcome(
         return Outcome(RunStatus.FAILED, timed_out + (f" (no result from rank {missing[0]})" if missing else ""),
                        missing[0] if missing else None)
     if missing:
+        if out_of_memory(evidence) == "kernel":
+            # The launcher itself may have been the victim: no summary of its ranks then.
+            return Outcome(RunStatus.OOM, f"{does_not_fit} (no result from rank {missing[0]}; the kernel's OOM "
+                                          "killer killed a process of the run)", missing[0])
         for rank in missing:
-            lines = [line for line in stderr_tail.get(rank, "").splitlines() if line.strip()]
-            if lines:
-                return Outcome(RunStatus.FAILED, f"rank {rank} exited without a result: {lines[-1].strip()}", rank)
-        last = [line for line in launcher_tail.splitlines() if line.strip()]
-        detail = f": {last[-1].strip()}" if last else ""
+            line, exit = last_meaningful_line(stderr_tail.get(rank, "")), exits.get(rank)
+            if line is None and exit is None:
+                continue
+            how = "exited" if exit is None else (
+                f"was killed by {exit.signal_name}" if exit.signal_name else f"exited with code {exit.exitcode}")
+            return Outcome(RunStatus.FAILED, f"rank {rank} {how} without a result" + (f": {line}" if line else ""),
+                           rank)
+        last = last_meaningful_line(launcher_tail)
+        detail = f": {last}" if last else ""
         return Outcome(RunStatus.FAILED, f"rank {missing[0]} wrote no result (launcher exit {returncode}){detail}",
                        missing[0])
     if returncode:
