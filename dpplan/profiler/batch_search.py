@@ -39,11 +39,16 @@ class Trial:
     batch_size: int
     status: str
     """ok (accepted) | over_limit (ran, but its peak is above the headroom limit) | oom | failed
-    (a rank failed, timed out or wrote no result)."""
+    (a rank failed, timed out or wrote no result) | not_run (its estimate does not fit this
+    machine, profiler/launch_fit.py: not launched, and the search stops, since what the batch
+    would do is not known)."""
     peak_bytes: int | None
     """The measured bytes judged against the limit (None when the job did not finish)."""
     limit_bytes: int
     samples_per_s: float | None = None
+    step_time_s: float | None = None
+    step_time_spread_s: float | None = None
+    """The median timed step and the spread of the steps (profile_results.step_time_spread)."""
     seconds: float = 0.0
     error: str | None = None
     dir: str | None = None

@@ -360,6 +360,8 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
         peak, _ = recommendations.fit_bytes(measured, estimate_at(strategy, batch_size=batch_size), target.device)
         trial = judge(batch_size, str(status), peak if measured else None, limit_bytes,
                       samples_per_s=measured.samples_per_s if measured else None,
+                      step_time_s=measured.step_time_s if measured else None,
+                      step_time_spread_s=measured.step_time_spread_s if measured else None,
                       seconds=time.perf_counter() - start, error=error, dir=str(trial_dir))
         if on_trial:
             on_trial(strategy, trial)

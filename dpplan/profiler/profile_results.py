@@ -11,7 +11,7 @@ A run's JSON (one entry of profile.json's ``runs``, see profile_document.py) is
   per_rank memory_series: memory over time, see profiler/memory_series.py.
   measured: {peak_allocated_bytes, peak_reserved_bytes, peak_nvml_bytes (null on cpu),
         allocator_cache_bytes, non_pytorch_bytes, peak_rss_bytes (cpu), step_time_s,
-        samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}; a launched run
+        step_time_spread_s, samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}; a launched run
         that did not finish has only {per_rank} (the ranks that wrote a result).
 
 Definitions. peak_allocated_bytes: the largest per-rank peak of allocated tensor bytes over
@@ -21,8 +21,10 @@ largest NVML "used" (memory v2) sampled on a rank's device during the timed step
 device as NVML sees it. The gaps are named per rank: allocator cache = reserved - allocated,
 CUDA context + NCCL + other = NVML used - reserved (peaks of different instants, so a gap is
 "at most", not exact). step_time_s: the median timed step of the slowest rank (ranks wait for
-each other in every collective). samples/s = batch * grad_accum * world size / step time;
-tokens/s likewise with training/batch_tokens.py's token rule.
+each other in every collective); step_time_spread_s: the largest range (slowest - fastest
+timed step) of any rank, what two runs' step times must differ by before one is faster
+(profiler/recommend.py). samples/s = batch * grad_accum * world size / step time; tokens/s
+likewise with training/batch_tokens.py's token rule.
 error_pct = 100 * (estimate - measured) / measured, of peak_allocated_bytes on cuda (against
 the estimate's peak_allocated_bytes) and on cpu (against its peak_bytes, the same thing
 there); errors_pct adds reserved and NVML vs the estimate's peak_reserved_bytes and peak_bytes.
@@ -106,6 +108,7 @@ class Measured:
     non_pytorch_bytes: int | None = None
     peak_rss_bytes: int | None = None
     step_time_s: float | None = None
+    step_time_spread_s: float | None = None
     samples_per_s: float | None = None
     tokens_per_s: float | None = None
     num_ranks_measured: int | None = None
@@ -144,6 +147,13 @@ def _largest(details: list[dict], key: str) -> int | None:
     return max(values) if values else None
 
 
+def step_time_spread(results: list[dict]) -> float | None:
+    """How much a run's timed steps differ: the largest range (slowest - fastest step) of any
+    rank's step times; None with fewer than two timed steps (no spread is measured)."""
+    ranges = [max(times) - min(times) for r in results if len(times := r.get("step_times_s") or ()) >= 2]
+    return max(ranges) if ranges else None
+
+
 def measured_summary(results: list[dict], *, world_size: int) -> Measured:
     """The run's numbers from its ranks' results (all of them status ok)."""
     details = [rank_detail(r) for r in results]
@@ -158,6 +168,7 @@ def measured_summary(results: list[dict], *, world_size: int) -> Measured:
         non_pytorch_bytes=_largest(details, "non_pytorch_bytes"),
         peak_rss_bytes=_largest(details, "peak_rss_bytes"),
         step_time_s=step_time,
+        step_time_spread_s=step_time_spread(results),
         samples_per_s=samples * world_size / step_time if samples and step_time else None,
         tokens_per_s=tokens * world_size / step_time if tokens and step_time else None,
         num_ranks_measured=len(results),

@@ -149,3 +149,4 @@ def test_of_several_strategies_those_that_cannot_fit_are_skipped_and_the_rest_ru
     assert ddp["status"] == "skipped" and re.fullmatch(f"not run: {NEEDS}; pass --force to run it", ddp["error"])
     assert ddp["estimate"]["peak_bytes"] > 0 and not (out / "1-ddp").exists()
     assert fsdp2["status"] == "ok", fsdp2["error"]
+    assert "ddp (not run: estimate only)" in result.output  # its recommendation says it was not run
