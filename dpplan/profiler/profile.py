@@ -19,7 +19,9 @@ torch.cuda.set_per_process_memory_fraction, so a smaller card is tested for real
 Strategies that cannot run are recorded as ``skipped`` with the reason and their estimate:
 zero1/zero2/zero3 without DeepSpeed installed (they run through deepspeed.initialize,
 profiler/deepspeed_run.py), dp, one process driving every GPU (nn.DataParallel), not one
-process per GPU, and single on more than one GPU.
+process per GPU, and single on more than one GPU; and, unless ``force``, a run whose estimate
+does not fit this machine's memory (profiler/launch_fit.py; when no run fits, the profile is
+refused before anything is launched).
 """
 
 from __future__ import annotations

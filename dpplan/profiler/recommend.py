@@ -1,5 +1,6 @@
 """Recommendations from a profile: per strategy the largest micro-batch that fits with a stated
-headroom, whether offload is needed, and the fastest strategy that fits.
+headroom, whether offload is needed, and the fastest strategy that fits, or the strategies that
+tie for it when they differ by less than their measured step-time spread (``fastest``).
 
 The limit is ``capacity x (1 - headroom)``: found-then-OOM-later is the most common complaint
 about batch-size finders (Lightning#8028, #9625, #20231; Lightning shaves 5%, accelerate backs
