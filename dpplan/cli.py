@@ -337,14 +337,17 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
               help="Trial runs per strategy at most (--find-batch-size).")
 @click.option("--trial-steps", type=click.IntRange(min=1), default=DEFAULT_TRIAL_STEPS, show_default=True,
               help="Timed steps of each trial, after the warm-up (at least one).")
+@click.option("--force", is_flag=True,
+              help="Launch runs whose estimate does not fit this machine's memory (host RAM of CPU ranks, "
+                   "GPU memory) instead of refusing or skipping them.")
 @click.option("--out", "out_dir", metavar="DIR", default=None,
               help="Results folder  [default: a new dpplan-runs/<timestamp>/]")
 @click.option("--json", "json_path", metavar="PATH|-", default=None,
               help="Also write the merged profile JSON here ('-': stdout only).")
 @html_options
 def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, steps, warmup_steps, sample_hz, timeout_s,
-            device, gpu, gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, out_dir, json_path,
-            html_path, plotlyjs, **run_flags):
+            device, gpu, gpu_memory_bytes, headroom_pct, find_batch_size, max_trials, trial_steps, force, out_dir,
+            json_path, html_path, plotlyjs, **run_flags):
     """Run MODEL for a few steps per strategy on real GPUs and measure its memory and speed.
 
     MODEL is what estimate takes: a model file (path.py[:factory]) or a model by name (a
@@ -394,7 +397,7 @@ def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, step
             _check_html_destination(html_path)
         try:
             document = run_profile(config, command=_command_line(), on_notice=progress.notice, on_start=on_start,
-                                   on_done=progress.done, on_trial=progress.trial)
+                                   on_done=progress.done, on_trial=progress.trial, force=force)
         except Interrupted as exc:
             progress.close()
             partial = exc.document

@@ -29,7 +29,7 @@ from 0.5 to 0.9 (PR #3684) because halving wasted capacity; a gentle step up is 
 MAX_BATCH_SIZE = 8192
 """Never try more than this per rank (Lightning's ``max_val``: huge batches exhaust host memory
 through data loading before the GPU fills)."""
-TRIAL_STATUSES = ("ok", "over_limit", "oom", "failed")
+TRIAL_STATUSES = ("ok", "over_limit", "oom", "failed", "not_run")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,11 +39,16 @@ class Trial:
     batch_size: int
     status: str
     """ok (accepted) | over_limit (ran, but its peak is above the headroom limit) | oom | failed
-    (a rank failed, timed out or wrote no result)."""
+    (a rank failed, timed out or wrote no result) | not_run (its estimate does not fit this
+    machine, profiler/launch_fit.py: not launched, and the search stops, since what the batch
+    would do is not known)."""
     peak_bytes: int | None
     """The measured bytes judged against the limit (None when the job did not finish)."""
     limit_bytes: int
     samples_per_s: float | None = None
+    step_time_s: float | None = None
+    step_time_spread_s: float | None = None
+    """The median timed step and the spread of the steps (profile_results.step_time_spread)."""
     seconds: float = 0.0
     error: str | None = None
     dir: str | None = None
@@ -113,16 +118,22 @@ def search_batch_size(
     good, bad = known_good, known_bad
     trials: list[Trial] = []
     candidate = next_batch_size(good, bad, max(1, first), max_batch_size=max_batch_size)
+    not_run = None
     while candidate is not None and len(trials) < max_trials:
         trial = run_trial(candidate)
         trials.append(trial)
+        if trial.status == "not_run":
+            not_run = trial
+            break
         if trial.accepted:
             good = max(good or 0, candidate)
         else:
             bad = candidate if bad is None else min(bad, candidate)
         candidate = next_batch_size(good, bad, predict(trial), max_batch_size=max_batch_size)
     converged = bad is not None and bad == (good or 0) + 1
-    if converged:
+    if not_run is not None:
+        reason = f"batch {not_run.batch_size} {not_run.error}"  # "batch 64 not launched: ddp on ... needs ..."
+    elif converged:
         reason = "batch 1 was rejected" if good is None else f"batch {good} fits and {bad} does not"
     elif candidate is None:
         reason = f"reached the {max_batch_size} cap"

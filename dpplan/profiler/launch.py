@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,10 +118,12 @@ def tail(path: Path | None, num_lines: int = 15) -> str:
 
 
 def run_process_tree(
-    command: list[str], *, env: dict, timeout_s: float, output: Path | None = None
+    command: list[str], *, env: dict, timeout_s: float, output: Path | None = None,
+    on_start: Callable[[int], object] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``command`` in a session of its own and wait. Output goes to ``output`` (a file,
     so that no rank can hold a pipe of ours open) or, without one, is captured.
+    ``on_start(pid)`` is called once the process exists (profiler/rank_watch.py watches it).
     Raises RunTimedOut after ``timeout_s``; the tree is killed then, and on any exception."""
     handle = open(output, "w") if output is not None else None
     try:
@@ -131,6 +134,8 @@ def run_process_tree(
             text=True, env=env, start_new_session=True,
         )
         try:
+            if on_start is not None:
+                on_start(process.pid)
             stdout, stderr = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             kill_tree(process)

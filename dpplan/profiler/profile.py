@@ -19,7 +19,9 @@ torch.cuda.set_per_process_memory_fraction, so a smaller card is tested for real
 Strategies that cannot run are recorded as ``skipped`` with the reason and their estimate:
 zero1/zero2/zero3 without DeepSpeed installed (they run through deepspeed.initialize,
 profiler/deepspeed_run.py), dp, one process driving every GPU (nn.DataParallel), not one
-process per GPU, and single on more than one GPU.
+process per GPU, and single on more than one GPU; and, unless ``force``, a run whose estimate
+does not fit this machine's memory (profiler/launch_fit.py; when no run fits, the profile is
+refused before anything is launched).
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ from dpplan.errors import Interrupted, RunFailed, RunTimedOut, UsageError
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, match_gpu
 from dpplan.planner.plan import ModelSummary, StrategyEstimate
 from dpplan.planner.strategies.registry import Wrapper, strategy_info
+from dpplan.profiler import launch_fit
 from dpplan.profiler import profile_results as results
 from dpplan.profiler import recommend as recommendations
 from dpplan.profiler.batch_search import Trial, judge
+from dpplan.profiler.host_memory import MemoryCeiling, available_memory
 from dpplan.profiler.launch import (
     LaunchSpec,
     rank_log,
@@ -55,6 +59,8 @@ from dpplan.profiler.launch import (
     worker_command,
 )
 from dpplan.profiler.profile_document import DeviceInfo, ProfileDocument, write_profile
+from dpplan.profiler.rank_exits import rank_exits
+from dpplan.profiler.rank_watch import RankMemoryWatch
 from dpplan.profiler.recommendation_results import Recommendations
 
 DEFAULT_CPU_RANKS = 2
@@ -242,6 +248,19 @@ def estimate_function(config: ProfileConfig, target: Target) -> recommendations.
     return estimate_at
 
 
+def misfit(config: ProfileConfig, target: Target, estimate: StrategyEstimate, host: MemoryCeiling) -> str | None:
+    """Why the run of ``estimate`` cannot fit this machine (profiler/launch_fit.py), or None."""
+    ranks_on_node = target.gpus // config.nodes
+    unit = "GPU" if target.device == "cuda" else "CPU rank"
+    where = f"{target.gpus} {unit}{'s' if target.gpus > 1 else ''}"
+    if config.nodes > 1:
+        where += f" ({ranks_on_node} on this node)"
+    cap = memory_limit_bytes(config, target)
+    return launch_fit.misfit(estimate, device=target.device, where=where, ranks_on_node=ranks_on_node, host=host,
+                             gpu_bytes=cap or target.total_bytes,
+                             gpu_source="each rank is capped to" if cap else "the GPU has")
+
+
 def run_config(config: ProfileConfig, strategy: str, target: Target) -> RunConfig:
     assert config.steps is not None, "profile() sets the device's default number of steps first"
     return RunConfig(
@@ -276,14 +295,17 @@ def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: P
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     returncode, timed_out = None, None
+    watch = RankMemoryWatch(num_ranks=spec.nproc_per_node)
     try:
         completed = run_process_tree(
             worker_command(spec, config_json, run_dir), env=env, timeout_s=config.timeout_s,
-            output=run_dir / "launcher.log",
+            output=run_dir / "launcher.log", on_start=watch.start,
         )
         returncode = completed.returncode
     except RunTimedOut as exc:
         timed_out = str(exc)
+    finally:
+        evidence = watch.stop()
     first = config.node_rank * spec.nproc_per_node
     expected = list(range(first, first + spec.nproc_per_node))
     rank_results = {}
@@ -293,10 +315,12 @@ def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: P
             rank_results[rank] = json.loads(path.read_text())
     assert spec.log_dir is not None  # launch_spec always gives the ranks a log folder
     stderr_tail = {rank: tail(rank_log(spec.log_dir, rank - first)) for rank in expected}
+    launcher_log = run_dir / "launcher.log"
     outcome = results.outcome(
         strategy=strategy, batch_size=config.run.batch_size, gpus=target.gpus, device=target.device,
         expected_ranks=expected, results=rank_results, returncode=returncode, timed_out=timed_out,
-        stderr_tail=stderr_tail, launcher_tail=tail(run_dir / "launcher.log"),
+        stderr_tail=stderr_tail, launcher_tail=tail(launcher_log),
+        exits=rank_exits(launcher_log.read_text(errors="replace")) if launcher_log.exists() else {}, evidence=evidence,
     )
     return results.launched_run(outcome=outcome, results=rank_results, expected_ranks=expected,
                                 world_size=target.gpus, stderr_tail=stderr_tail,
@@ -314,11 +338,22 @@ def run_settings(config: ProfileConfig, strategy: str, target: Target) -> result
 
 
 def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimate_at,
-                   limit_bytes: int, on_trial: Callable[[str, Trial], None] | None) -> recommendations.RunTrial:
+                   limit_bytes: int, on_trial: Callable[[str, Trial], None] | None,
+                   force: bool = False) -> recommendations.RunTrial:
     """``run_trial(strategy, batch)``: one fresh torchrun job, as the profile runs are, with at
-    least one warm-up step and ``trial_steps`` timed steps, judged against ``limit_bytes``."""
+    least one warm-up step and ``trial_steps`` timed steps, judged against ``limit_bytes``. A
+    trial whose estimate does not fit this machine is not launched (unless ``force``): it is
+    ``not_run``, and the search stops there."""
 
     def run_trial(strategy: str, batch_size: int) -> Trial:
+        line = None if force else misfit(config, target, estimate_at(strategy, batch_size=batch_size),
+                                         available_memory())
+        if line is not None:
+            trial = Trial(batch_size=batch_size, status="not_run", peak_bytes=None, limit_bytes=limit_bytes,
+                          error=f"not launched: {line}")
+            if on_trial:
+                on_trial(strategy, trial)
+            return trial
         trial_config = replace(config, run=replace(config.run, batch_size=batch_size), steps=config.trial_steps,
                                warmup_steps=max(1, config.warmup_steps))
         index = config.strategies.index(strategy)
@@ -330,6 +365,8 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
         peak, _ = recommendations.fit_bytes(measured, estimate_at(strategy, batch_size=batch_size), target.device)
         trial = judge(batch_size, str(status), peak if measured else None, limit_bytes,
                       samples_per_s=measured.samples_per_s if measured else None,
+                      step_time_s=measured.step_time_s if measured else None,
+                      step_time_spread_s=measured.step_time_spread_s if measured else None,
                       seconds=time.perf_counter() - start, error=error, dir=str(trial_dir))
         if on_trial:
             on_trial(strategy, trial)
@@ -339,7 +376,7 @@ def trial_function(config: ProfileConfig, target: Target, out_dir: Path, estimat
 
 
 def recommend_runs(config: ProfileConfig, target: Target, runs: tuple[results.RunResult, ...], out_dir: Path,
-                   on_trial: Callable[[str, Trial], None] | None = None) -> Recommendations | None:
+                   on_trial: Callable[[str, Trial], None] | None = None, force: bool = False) -> Recommendations | None:
     """The recommendations section: predicted from the runs, confirmed by trials when asked.
     Only for the runs the planner has an estimate of (not one of a single-device strategy on
     more ranks than one replica spans); None when there is none."""
@@ -352,7 +389,7 @@ def recommend_runs(config: ProfileConfig, target: Target, runs: tuple[results.Ru
                                     capacity_source=capacity_source(config, target))
     notes = []
     if config.find_batch_size:
-        run_trial = trial_function(config, target, out_dir, estimate_at, limits.limit_bytes, on_trial)
+        run_trial = trial_function(config, target, out_dir, estimate_at, limits.limit_bytes, on_trial, force)
     else:
         run_trial = None
         notes.append("micro-batches are predicted, not confirmed: add --find-batch-size to confirm them with trial runs")
@@ -375,8 +412,13 @@ def profile(
     on_start: Callable[[str, int, int, dict[str, str]], None] | None = None,
     on_done: Callable[[results.RunResult], None] | None = None,
     on_trial: Callable[[str, Trial], None] | None = None,
+    force: bool = False,
 ) -> ProfileDocument:
     """Profile every strategy of ``config``; returns the profile document (also in out_dir/profile.json).
+
+    Before anything is launched, each run's estimate is compared with this machine's memory
+    (profiler/launch_fit.py): when none fits the profile is refused (UsageError), else the runs
+    that do not fit are skipped; ``force`` launches them anyway, said in a notice.
 
     ``on_notice(line)`` says how the runs are made (no GPU: CPU ranks); ``on_start(strategy,
     index, count, commands)`` (commands: the same run as torchrun and srun lines) and
@@ -394,13 +436,20 @@ def profile(
         if on_notice:
             on_notice(notice)
     model, estimates, unsupported = estimate_entries(config, target)  # a broken model file fails here, before any launch
+    launchable = [s for s in config.strategies if s not in unsupported and not skip_reason(s, target.gpus, config.run.tp)]
+    host = available_memory()
+    misfits = {s: line for s in launchable if s in estimates and (line := misfit(config, target, estimates[s], host))}
+    not_run, forced = launch_fit.decide(misfits, num_launchable=len(launchable), force=force)
+    for notice in forced:
+        if on_notice:
+            on_notice(notice)
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     document = ProfileDocument(
         dpplan_version=__version__, created=datetime.now(UTC).isoformat(timespec="seconds"),
         command=command, config=config.to_json(), model=model,
         device=DeviceInfo(type=target.device, gpus=target.gpus, gpu=target.gpu, description=target.description),
-        notices=target.notices, out_dir=str(out_dir),
+        notices=target.notices + forced, out_dir=str(out_dir),
     )
     write_profile(document, out_dir)
     # A cancelled job (scancel, kill) cleans up like Ctrl-C. SIGINT is set explicitly too: a
@@ -418,6 +467,7 @@ def profile(
             reason = skip_reason(strategy, target.gpus, config.run.tp)
             if strategy in unsupported:
                 reason = f"{strategy} cannot wrap this model: {unsupported[strategy]}"
+            reason = reason or not_run.get(strategy)
             if reason:
                 run = results.skipped_run(settings, reason=reason, estimate=estimate, notes=notes)
             else:
@@ -432,7 +482,8 @@ def profile(
             write_profile(document, out_dir)
             if on_done:
                 on_done(run)
-        document = replace(document, recommendations=recommend_runs(config, target, document.runs, out_dir, on_trial))
+        document = replace(document, recommendations=recommend_runs(config, target, document.runs, out_dir, on_trial,
+                                                                          force))
         write_profile(document, out_dir)
     except KeyboardInterrupt:
         document = replace(document, interrupted=True)

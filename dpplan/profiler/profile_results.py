@@ -11,7 +11,7 @@ A run's JSON (one entry of profile.json's ``runs``, see profile_document.py) is
   per_rank memory_series: memory over time, see profiler/memory_series.py.
   measured: {peak_allocated_bytes, peak_reserved_bytes, peak_nvml_bytes (null on cpu),
         allocator_cache_bytes, non_pytorch_bytes, peak_rss_bytes (cpu), step_time_s,
-        samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}; a launched run
+        step_time_spread_s, samples_per_s, tokens_per_s, num_ranks_measured, per_rank: [...]}; a launched run
         that did not finish has only {per_rank} (the ranks that wrote a result).
 
 Definitions. peak_allocated_bytes: the largest per-rank peak of allocated tensor bytes over
@@ -21,8 +21,10 @@ largest NVML "used" (memory v2) sampled on a rank's device during the timed step
 device as NVML sees it. The gaps are named per rank: allocator cache = reserved - allocated,
 CUDA context + NCCL + other = NVML used - reserved (peaks of different instants, so a gap is
 "at most", not exact). step_time_s: the median timed step of the slowest rank (ranks wait for
-each other in every collective). samples/s = batch * grad_accum * world size / step time;
-tokens/s likewise with training/batch_tokens.py's token rule.
+each other in every collective); step_time_spread_s: the largest range (slowest - fastest
+timed step) of any rank, what two runs' step times must differ by before one is faster
+(profiler/recommend.py). samples/s = batch * grad_accum * world size / step time; tokens/s
+likewise with training/batch_tokens.py's token rule.
 error_pct = 100 * (estimate - measured) / measured, of peak_allocated_bytes on cuda (against
 the estimate's peak_allocated_bytes) and on cpu (against its peak_bytes, the same thing
 there); errors_pct adds reserved and NVML vs the estimate's peak_reserved_bytes and peak_bytes.
@@ -35,6 +37,8 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from dpplan.planner.plan import StrategyEstimate
+from dpplan.profiler.rank_exits import RankExit, kill_cause, killed_root_cause, last_meaningful_line, out_of_memory
+from dpplan.profiler.rank_watch import MemoryEvidence
 
 PER_RANK_KEYS = (
     "rank", "local_rank", "hostname", "status", "error",
@@ -107,6 +111,7 @@ class Measured:
     non_pytorch_bytes: int | None = None
     peak_rss_bytes: int | None = None
     step_time_s: float | None = None
+    step_time_spread_s: float | None = None
     samples_per_s: float | None = None
     tokens_per_s: float | None = None
     num_ranks_measured: int | None = None
@@ -145,6 +150,13 @@ def _largest(details: list[dict], key: str) -> int | None:
     return max(values) if values else None
 
 
+def step_time_spread(results: list[dict]) -> float | None:
+    """How much a run's timed steps differ: the largest range (slowest - fastest step) of any
+    rank's step times; None with fewer than two timed steps (no spread is measured)."""
+    ranges = [max(times) - min(times) for r in results if len(times := r.get("step_times_s") or ()) >= 2]
+    return max(ranges) if ranges else None
+
+
 def measured_summary(results: list[dict], *, world_size: int) -> Measured:
     """The run's numbers from its ranks' results (all of them status ok)."""
     details = [rank_detail(r) for r in results]
@@ -159,6 +171,7 @@ def measured_summary(results: list[dict], *, world_size: int) -> Measured:
         non_pytorch_bytes=_largest(details, "non_pytorch_bytes"),
         peak_rss_bytes=_largest(details, "peak_rss_bytes"),
         step_time_s=step_time,
+        step_time_spread_s=step_time_spread(results),
         samples_per_s=samples * world_size / step_time if samples and step_time else None,
         tokens_per_s=tokens * world_size / step_time if tokens and step_time else None,
         num_ranks_measured=len(results),
@@ -235,18 +248,31 @@ def outcome(
     timed_out: str | None,
     stderr_tail: dict[int, str],
     launcher_tail: str,
+    exits: dict[int, RankExit] | None = None,
+    evidence: MemoryEvidence | None = None,
 ) -> Outcome:
-    """How a run ended, from what its ranks wrote and how the launcher ended.
+    """How a run ended, from what its ranks wrote, how torchrun says they exited (``exits``,
+    profiler/rank_exits.py) and what the watch saw of memory (``evidence``).
 
     The root cause is the earliest failure: when one rank dies, its peers fail afterwards
-    in a collective (gloo: "Connection closed by peer"), or are stopped by torchrun."""
+    in a collective (gloo: "Connection closed by peer"), or are stopped by torchrun. A rank
+    killed by a signal wrote nothing; torchrun names it, and it comes before its peers'
+    failures: a SIGKILL with a kernel OOM record (or while the machine ran out of memory) is an
+    out-of-memory."""
+    exits = exits or {}
     failures = [r for r in results.values() if r.get("status") != "ok"]
     where = f"{gpus} GPU{'s' if gpus > 1 else ''}" if device == "cuda" else f"{gpus} CPU rank{'s' if gpus > 1 else ''}"
+    does_not_fit = f"batch {batch_size} does not fit with {strategy} on {where}"
     oom = [r for r in failures if r.get("status") == "oom"]
     if oom:
         first = min(oom, key=lambda r: r.get("failed_at", 0))
-        return Outcome(RunStatus.OOM, f"batch {batch_size} does not fit with {strategy} on {where} "
-                                      f"(rank {first['rank']}: {first['error']})", first["rank"])
+        return Outcome(RunStatus.OOM, f"{does_not_fit} (rank {first['rank']}: {first['error']})", first["rank"])
+    killed = None if timed_out else killed_root_cause(exits, results)
+    if killed is not None:
+        is_oom, cause = kill_cause(killed, evidence)
+        if is_oom:
+            return Outcome(RunStatus.OOM, f"{does_not_fit} ({cause})", killed.rank)
+        return Outcome(RunStatus.FAILED, cause, killed.rank)
     if failures:
         first = min(failures, key=lambda r: r.get("failed_at", 0))
         return Outcome(RunStatus.FAILED, f"rank {first['rank']} failed: {first['error']}", first["rank"])
@@ -255,12 +281,20 @@ def outcome(
         return Outcome(RunStatus.FAILED, timed_out + (f" (no result from rank {missing[0]})" if missing else ""),
                        missing[0] if missing else None)
     if missing:
+        if out_of_memory(evidence) == "kernel":
+            # The launcher itself may have been the victim: no summary of its ranks then.
+            return Outcome(RunStatus.OOM, f"{does_not_fit} (no result from rank {missing[0]}; the kernel's OOM "
+                                          "killer killed a process of the run)", missing[0])
         for rank in missing:
-            lines = [line for line in stderr_tail.get(rank, "").splitlines() if line.strip()]
-            if lines:
-                return Outcome(RunStatus.FAILED, f"rank {rank} exited without a result: {lines[-1].strip()}", rank)
-        last = [line for line in launcher_tail.splitlines() if line.strip()]
-        detail = f": {last[-1].strip()}" if last else ""
+            line, exit = last_meaningful_line(stderr_tail.get(rank, "")), exits.get(rank)
+            if line is None and exit is None:
+                continue
+            how = "exited" if exit is None else (
+                f"was killed by {exit.signal_name}" if exit.signal_name else f"exited with code {exit.exitcode}")
+            return Outcome(RunStatus.FAILED, f"rank {rank} {how} without a result" + (f": {line}" if line else ""),
+                           rank)
+        last = last_meaningful_line(launcher_tail)
+        detail = f": {last}" if last else ""
         return Outcome(RunStatus.FAILED, f"rank {missing[0]} wrote no result (launcher exit {returncode}){detail}",
                        missing[0])
     if returncode:

@@ -1,5 +1,6 @@
 """Recommendations from a profile: per strategy the largest micro-batch that fits with a stated
-headroom, whether offload is needed, and the fastest strategy that fits.
+headroom, whether offload is needed, and the fastest strategy that fits, or the strategies that
+tie for it when they differ by less than their measured step-time spread (``fastest``).
 
 The limit is ``capacity x (1 - headroom)``: found-then-OOM-later is the most common complaint
 about batch-size finders (Lightning#8028, #9625, #20231; Lightning shaves 5%, accelerate backs
@@ -132,6 +133,8 @@ class Verdict(NamedTuple):
     peak_bytes: int | None = None
     peak_source: PeakSource | None = None
     samples_per_s: float | None = None
+    step_time_s: float | None = None
+    step_time_spread_s: float | None = None
 
 
 def recommend_strategy(
@@ -167,8 +170,11 @@ def recommend_strategy(
         prediction = min(prediction, known_bad - 1)  # an uncalibrated estimate may predict a batch that OOMed
     offload = offload_advice(strategy, estimate_at=estimate_at, ratio=ratio, limits=limits, device=device,
                              configured=run.settings.offload)
+    measured = run.measured if status == RunStatus.OK else None
     profiled = Profiled(batch_size=batch_size, status=status, fit_bytes=run_fit,
-                        samples_per_s=run.measured.samples_per_s if status == RunStatus.OK and run.measured else None)
+                        samples_per_s=measured.samples_per_s if measured else None,
+                        step_time_s=measured.step_time_s if measured else None,
+                        step_time_spread_s=measured.step_time_spread_s if measured else None)
     search = verdict = None
     searchable = status in (RunStatus.OK, RunStatus.OOM) and (prediction >= 1 or known_good)
     if run_trial is not None and searchable:
@@ -191,7 +197,8 @@ def recommend_strategy(
         notes.append(f"the estimate at batch 1 needed more offload, but a measured run fits with offload {offload.configured}")
     return Recommendation(
         strategy=strategy, status=verdict.status, batch_size=verdict.batch_size, peak_bytes=verdict.peak_bytes,
-        peak_source=verdict.peak_source, samples_per_s=verdict.samples_per_s, predicted_batch_size=prediction,
+        peak_source=verdict.peak_source, samples_per_s=verdict.samples_per_s, step_time_s=verdict.step_time_s,
+        step_time_spread_s=verdict.step_time_spread_s, predicted_batch_size=prediction,
         calibration=calib, search=search, offload=offload, profiled=profiled, notes=tuple(notes),
     )
 
@@ -208,11 +215,15 @@ def _searched(result: SearchResult, run_fit: int | None, profiled: Profiled) -> 
         return Verdict(RecommendationStatus.DOES_NOT_FIT if result.smallest_rejected == 1 else RecommendationStatus.UNKNOWN)
     accepted = [t for t in result.trials if t.accepted and t.batch_size == result.batch_size]
     if accepted:
-        peak_bytes, samples_per_s = accepted[-1].peak_bytes, accepted[-1].samples_per_s
+        trial = accepted[-1]
+        peak_bytes, samples_per_s, step, spread = (trial.peak_bytes, trial.samples_per_s, trial.step_time_s,
+                                                   trial.step_time_spread_s)
     else:  # the profile run itself is the largest accepted batch
-        peak_bytes, samples_per_s = run_fit, profiled.samples_per_s
+        peak_bytes, samples_per_s, step, spread = (run_fit, profiled.samples_per_s, profiled.step_time_s,
+                                                   profiled.step_time_spread_s)
     return Verdict(RecommendationStatus.CONFIRMED, batch_size=result.batch_size, peak_bytes=peak_bytes,
-                   peak_source=PeakSource.MEASURED, samples_per_s=samples_per_s)
+                   peak_source=PeakSource.MEASURED, samples_per_s=samples_per_s, step_time_s=step,
+                   step_time_spread_s=spread)
 
 
 def _predicted(prediction: int, ratio: float, estimate_at: EstimateAt, strategy: str) -> Verdict:
@@ -223,28 +234,79 @@ def _predicted(prediction: int, ratio: float, estimate_at: EstimateAt, strategy:
                    peak_source=PeakSource.PREDICTED)
 
 
+class Timing(NamedTuple):
+    """One candidate's measured speed, where fastest() compares it."""
+
+    strategy: str
+    samples_per_s: float
+    batch_size: int
+    step_time_s: float | None
+    step_time_spread_s: float | None
+
+    @property
+    def seconds_per_sample(self) -> float:
+        return 1.0 / self.samples_per_s
+
+    @property
+    def spread_per_sample(self) -> float | None:
+        """The step-time spread as seconds per sample: comparable across micro-batches."""
+        if self.step_time_spread_s is None or not self.step_time_s:
+            return None
+        return self.seconds_per_sample * self.step_time_spread_s / self.step_time_s
+
+
+def allowed_spread(best: Timing, other: Timing) -> float | None:
+    """The larger of two candidates' step-time spreads, in seconds per sample; None when
+    either is unknown (one timed step)."""
+    spreads = [s for s in (best.spread_per_sample, other.spread_per_sample) if s is not None]
+    return max(spreads) if len(spreads) == 2 else None
+
+
+def ties(best: Timing, other: Timing) -> bool:
+    """Whether ``other`` is as fast as ``best`` within what was measured: their time per sample
+    differs by no more than the larger of their step-time spreads. Unknown spreads never tie:
+    nothing says the difference is noise."""
+    allowed = allowed_spread(best, other)
+    return allowed is not None and other.seconds_per_sample - best.seconds_per_sample <= allowed
+
+
 def fastest(recommendations: Sequence[Recommendation]) -> Fastest | None:
-    """The highest samples/s among strategies that fit without more offload than was profiled.
+    """The highest samples/s among strategies that fit without more offload than was profiled,
+    and the strategies that tie with it.
 
     Throughput at each strategy's own recommended batch when a trial (or the profile run)
     measured every candidate there; else the profile runs', all at the profiled batch (same
-    batch for every strategy: a fair comparison, though not at the recommended batch)."""
+    batch for every strategy: a fair comparison, though not at the recommended batch). Time per
+    sample is what is compared, so that runs at different micro-batches compare too; at one
+    micro-batch that is the step times. A strategy ties with the best when the difference is
+    within the measured spread (``ties``): then none is named the fastest."""
     # confirmed / predicted means it fits with the profiled offload: trials and predictions use it.
     fits = (RecommendationStatus.CONFIRMED, RecommendationStatus.PREDICTED)
     candidates = [r for r in recommendations if r.status in fits and r.profiled.samples_per_s]
     if not candidates:
         return None
     if all(r.samples_per_s for r in candidates):
-        best = max(candidates, key=lambda r: r.samples_per_s or 0.0)
-        assert best.samples_per_s is not None and best.batch_size is not None  # measured means both are known
-        return Fastest(strategy=best.strategy, samples_per_s=best.samples_per_s, batch_size=best.batch_size,
-                       basis="measured at each strategy's recommended micro-batch", num_candidates=len(candidates))
-    best = max(candidates, key=lambda r: r.profiled.samples_per_s or 0.0)
-    assert best.profiled.samples_per_s is not None  # candidates were profiled (filtered above)
-    return Fastest(strategy=best.strategy, samples_per_s=best.profiled.samples_per_s,
-                   batch_size=best.profiled.batch_size,
-                   basis="measured in the profile runs, all at the profiled micro-batch",
-                   num_candidates=len(candidates))
+        basis = "measured at each strategy's recommended micro-batch"
+        timings = [Timing(r.strategy, r.samples_per_s or 0.0, r.batch_size or 0, r.step_time_s, r.step_time_spread_s)
+                   for r in candidates]
+    else:
+        basis = "measured in the profile runs, all at the profiled micro-batch"
+        timings = [Timing(r.strategy, r.profiled.samples_per_s or 0.0, r.profiled.batch_size, r.profiled.step_time_s,
+                          r.profiled.step_time_spread_s) for r in candidates]
+    timings.sort(key=lambda t: t.samples_per_s, reverse=True)
+    best, others = timings[0], timings[1:]
+    tied = [t for t in others if ties(best, t)]
+    # The spread the comparison allowed, said at the best's step: with the tied ones, else the runner-up.
+    compared = [allowed_spread(best, t) for t in (tied or others[:1])]
+    spread_s = None
+    if best.step_time_s and compared and None not in compared:
+        samples_per_step = best.step_time_s * best.samples_per_s
+        spread_s = max(c for c in compared if c is not None) * samples_per_step
+    elif not others:
+        spread_s = best.step_time_spread_s
+    return Fastest(strategy=best.strategy, samples_per_s=best.samples_per_s, batch_size=best.batch_size,
+                   basis=basis, num_candidates=len(candidates), tied_with=tuple(t.strategy for t in tied),
+                   step_time_s=best.step_time_s, step_time_spread_s=spread_s)
 
 
 def recommend(

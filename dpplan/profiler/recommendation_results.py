@@ -5,16 +5,19 @@ Schema, each record's ``to_json()``:
         (1 - headroom)), find_batch_size, max_trials, strategies: [recommendation...], fastest,
         notes[]}
   recommendation: {strategy, status (confirmed | predicted | does_not_fit | unknown),
-        batch_size (per rank), peak_bytes, peak_source (measured | predicted), samples_per_s (at
-        batch_size, when measured there), predicted_batch_size (the calibrated prediction, the
-        first trial), calibration {batch_size, measured_bytes, estimated_bytes, ratio, quantity},
-        search {num_trials, converged, stop_reason, smallest_rejected, trials: [{batch_size,
-        status (ok | over_limit | oom | failed), peak_bytes, limit_bytes, samples_per_s,
+        batch_size (per rank), peak_bytes, peak_source (measured | predicted), samples_per_s,
+        step_time_s, step_time_spread_s (at batch_size, when measured there), predicted_batch_size
+        (the calibrated prediction, the first trial), calibration {batch_size, measured_bytes,
+        estimated_bytes, ratio, quantity}, search {num_trials, converged, stop_reason,
+        smallest_rejected, trials: [{batch_size, status (ok | over_limit | oom | failed |
+        not_run), peak_bytes, limit_bytes, samples_per_s, step_time_s, step_time_spread_s,
         seconds, error, dir, accepted}]} (null without --find-batch-size), offload {needed (none |
         optimizer | optimizer+params | null: none fits), configured, supported, levels:
         [{offload, predicted_peak_bytes (batch 1, calibrated), host_bytes}]}, profiled
-        {batch_size, status, fit_bytes, samples_per_s}, notes[]}
-  fastest: {strategy, samples_per_s, batch_size, basis, num_candidates} or null.
+        {batch_size, status, fit_bytes, samples_per_s, step_time_s, step_time_spread_s}, notes[]}
+  fastest: {strategy, samples_per_s, batch_size, basis, num_candidates, tied_with[],
+        step_time_s, step_time_spread_s} or null: the fastest strategy that fits, and those that
+        tie with it (their difference within the measured step-time spread, recommend.py).
   The bytes judged against the limit (fit_bytes, peak_bytes, trials' peak_bytes) are NVML used
   on cuda (the whole device, context and NCCL included) and tensor bytes on cpu.
 """
@@ -133,13 +136,17 @@ class Profiled:
     fit_bytes: int | None
     """Its measured bytes judged against the limit; None when it did not finish."""
     samples_per_s: float | None
+    step_time_s: float | None = None
+    step_time_spread_s: float | None = None
+    """Its median timed step and the spread of its steps (profile_results.step_time_spread)."""
 
     def __post_init__(self):
         object.__setattr__(self, "status", RunStatus(self.status))
 
     def to_json(self) -> dict:
         return {"batch_size": self.batch_size, "status": str(self.status), "fit_bytes": self.fit_bytes,
-                "samples_per_s": self.samples_per_s}
+                "samples_per_s": self.samples_per_s, "step_time_s": self.step_time_s,
+                "step_time_spread_s": self.step_time_spread_s}
 
     @classmethod
     def from_json(cls, data: dict) -> Profiled:
@@ -161,7 +168,9 @@ class Recommendation:
     peak_bytes: int | None = None
     peak_source: PeakSource | None = None
     samples_per_s: float | None = None
-    """At batch_size, when a run measured it there."""
+    """At batch_size, when a run measured it there (and its step time and spread)."""
+    step_time_s: float | None = None
+    step_time_spread_s: float | None = None
     calibration: Calibration | None = None
     search: BatchSearch | None = None
     """None without --find-batch-size (or when the profile run did not finish)."""
@@ -176,7 +185,8 @@ class Recommendation:
         return {
             "strategy": self.strategy, "status": str(self.status), "batch_size": self.batch_size,
             "peak_bytes": self.peak_bytes, "peak_source": None if self.peak_source is None else str(self.peak_source),
-            "samples_per_s": self.samples_per_s, "predicted_batch_size": self.predicted_batch_size,
+            "samples_per_s": self.samples_per_s, "step_time_s": self.step_time_s,
+            "step_time_spread_s": self.step_time_spread_s, "predicted_batch_size": self.predicted_batch_size,
             "calibration": self.calibration.to_json() if self.calibration else None,
             "search": self.search.to_json() if self.search else None,
             "offload": self.offload.to_json(), "profiled": self.profiled.to_json(), "notes": list(self.notes),
@@ -188,7 +198,8 @@ class Recommendation:
             strategy=data["strategy"], status=data["status"], predicted_batch_size=data["predicted_batch_size"],
             offload=OffloadAdvice.from_json(data["offload"]), profiled=Profiled.from_json(data["profiled"]),
             batch_size=data.get("batch_size"), peak_bytes=data.get("peak_bytes"), peak_source=data.get("peak_source"),
-            samples_per_s=data.get("samples_per_s"), calibration=Calibration.from_json(data.get("calibration")),
+            samples_per_s=data.get("samples_per_s"), step_time_s=data.get("step_time_s"),
+            step_time_spread_s=data.get("step_time_spread_s"), calibration=Calibration.from_json(data.get("calibration")),
             search=BatchSearch.from_json(data.get("search")), notes=tuple(data.get("notes") or ()),
         )
 
@@ -202,9 +213,22 @@ class Fastest:
     """Where samples_per_s were measured, in words."""
     num_candidates: int
     """Strategies that fit and were measured."""
+    tied_with: tuple[str, ...] = ()
+    """Strategies as fast within the measured spread: then no strategy is the fastest."""
+    step_time_s: float | None = None
+    """``strategy``'s median timed step, where samples_per_s was measured."""
+    step_time_spread_s: float | None = None
+    """The step-time spread the comparison allowed, said at ``strategy``'s step: two runs whose
+    time per sample differs by less tie (the larger of the two runs' spreads; with the tied
+    strategies, else with the runner-up; the own spread when there is no other candidate).
+    None when a spread is unknown (one timed step, or a profile written before spreads were
+    recorded)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "tied_with", tuple(self.tied_with))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "tied_with": list(self.tied_with)}
 
     @classmethod
     def from_json(cls, data: dict | None) -> Fastest | None:

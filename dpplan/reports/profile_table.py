@@ -184,7 +184,7 @@ def render_profile(document: ProfileDocument, console: Console | None = None) ->
     console.print(f"results: {escape(document.out_dir)}/profile.json", highlight=False)
 
 
-TRIAL_STYLE = {"ok": "green", "over_limit": "yellow", "oom": "red", "failed": "red"}
+TRIAL_STYLE = {"ok": "green", "over_limit": "yellow", "oom": "red", "failed": "red", "not_run": "dim"}
 
 
 def render_recommendations(section: Recommendations, console: Console) -> None:
@@ -248,7 +248,7 @@ class ProfileProgress:
             return
         style = TRIAL_STYLE.get(trial.status, "")
         detail = f"peak {format_bytes(trial.peak_bytes)}, limit {format_bytes(trial.limit_bytes)}"
-        if trial.error and trial.status in ("oom", "failed"):
+        if trial.error and trial.status in ("oom", "failed", "not_run"):
             detail = trial.error
         self.console.print(
             f"{strategy}: trial batch {trial.batch_size} [{style}]{trial.status.replace('_', ' ')}[/{style}] "

@@ -27,9 +27,20 @@ def _trials(count: int) -> str:
     return f"{count} trial{'s' if count != 1 else ''}"
 
 
+NOT_MEASURED = {"skipped": "not run: estimate only", "failed": "its run failed: estimate only"}
+"""What a strategy's verdict rests on when its profile run measured nothing."""
+
+
+def subject(rec: Recommendation) -> str:
+    """The strategy, and "(not run: estimate only)" when no run of it measured anything: a
+    verdict from the estimate alone never reads as if a run had shown it."""
+    basis = NOT_MEASURED.get(str(rec.profiled.status))
+    return f"{rec.strategy} ({basis})" if basis else rec.strategy
+
+
 def recommendation_line(rec: Recommendation, section: Recommendations) -> str:
     """One strategy's micro-batch verdict with its reason."""
-    strategy, headroom = rec.strategy, f"{section.headroom_pct:g}%"
+    strategy, headroom = subject(rec), f"{section.headroom_pct:g}%"
     capacity = format_bytes(section.capacity_bytes)
     search = rec.search
     if rec.status == "confirmed":
@@ -51,7 +62,7 @@ def recommendation_line(rec: Recommendation, section: Recommendations) -> str:
 
 def offload_line(rec: Recommendation, section: Recommendations) -> str | None:
     """Whether offload is needed, with the batch-1 peaks that say so; None when it is not a question."""
-    offload, strategy = rec.offload, rec.strategy
+    offload, strategy = rec.offload, subject(rec)
     needed, configured, levels = offload.needed, offload.configured, offload.levels
     limit = format_bytes(section.limit_bytes)
     by_level = {level.offload: level.predicted_peak_bytes for level in levels}
@@ -76,6 +87,27 @@ def offload_line(rec: Recommendation, section: Recommendations) -> str | None:
     return None
 
 
+def format_step(seconds: float, unit_of: float | None = None) -> str:
+    """A step time in ms below a second, else in s; ``unit_of``: use that value's unit."""
+    if (unit_of if unit_of is not None else seconds) < 1:
+        return f"{1000 * seconds:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _names(strategies: list[str]) -> str:
+    return strategies[0] if len(strategies) == 1 else ", ".join(strategies[:-1]) + " and " + strategies[-1]
+
+
 def fastest_line(fastest: Fastest) -> str:
-    return (f"{fastest.strategy}: fastest that fits ({format_rate(fastest.samples_per_s)} samples/s at batch "
-            f"{fastest.batch_size}; {fastest.basis})")
+    """The fastest strategy that fits, or the ones that tie (recommend.fastest decides)."""
+    rate = f"{format_rate(fastest.samples_per_s)} samples/s at batch {fastest.batch_size}"
+    step, spread = fastest.step_time_s, fastest.step_time_spread_s
+    if fastest.tied_with and step is not None and spread is not None:
+        return (f"{_names([fastest.strategy, *fastest.tied_with])} tie at {format_step(step)} ± "
+                f"{format_step(spread, step)} per step ({fastest.strategy}: {rate}; the difference is within the "
+                f"measured step-time spread; {fastest.basis})")
+    margin = ""
+    if fastest.num_candidates > 1 and step is not None:
+        margin = (f"; more than the measured step-time spread ({format_step(spread, step)}) ahead of the next"
+                  if spread is not None else "; no step-time spread measured (one timed step), a tie cannot be told")
+    return f"{fastest.strategy}: fastest that fits ({rate}; {fastest.basis}{margin})"

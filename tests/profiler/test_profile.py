@@ -155,6 +155,9 @@ def test_skipped_strategies_keep_their_estimate(tiny_gpt, tmp_path):
     if not DEEPSPEED_INSTALLED:
         assert "DeepSpeed is not installed" in runs[0]["error"]
     assert all(r["estimate"]["peak_bytes"] > 0 for r in runs)
+    # Their recommendations come from the estimate alone, and say so.
+    assert "dp (not run: estimate only): " in result.output
+    assert "fastest" not in result.output and " tie " not in result.output
 
 
 def test_a_single_device_strategy_on_more_ranks_than_a_replica_is_skipped_without_an_estimate(tiny_gpt, tmp_path):

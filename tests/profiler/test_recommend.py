@@ -12,7 +12,8 @@ from dpplan.config import ProfileConfig, RunSpec
 from dpplan.profiler import recommend as rec
 from dpplan.profiler.batch_search import judge
 from dpplan.profiler.profile import Target, estimate_function
-from dpplan.profiler.profile_results import Measured, RunResult
+from dpplan.profiler.profile_results import Measured, RunResult, measured_summary
+from dpplan.reports.recommendation_text import fastest_line, offload_line, recommendation_line
 from tests.records import run_settings, strategy_estimate
 
 MiB = 1 << 20
@@ -147,3 +148,57 @@ def test_find_batch_size_end_to_end_on_cpu_ranks(tiny_gpt, tmp_path, cpu_estimat
     assert "ddp: micro-batch 3 fits with 10% headroom" in result.output
     assert "confirmed in 2 trials" in result.output
     assert "planning capacity only" in result.output
+
+
+def _measured_run(strategy, estimate, step_times, batch_size=1):
+    """A finished run whose one rank timed ``step_times``, summarized as profile_results does."""
+    rank = {"rank": 0, "status": "ok", "peak_allocated_bytes": estimate.peak_bytes, "step_times_s": list(step_times),
+            "step_time_s": sorted(step_times)[len(step_times) // 2], "samples_per_step": batch_size}
+    measured = measured_summary([rank], world_size=2)
+    return RunResult(settings=run_settings(strategy=strategy, batch_size=batch_size, device="cpu"), status="ok",
+                     estimate=estimate, measured=measured)
+
+
+def _fastest(cpu_estimates, runs):
+    limits = rec.Limits(capacity_bytes=64 << 30, headroom_pct=10.0, capacity_source="test")
+    return rec.recommend(runs, device="cpu", limits=limits, estimate_at=cpu_estimates).fastest
+
+
+def test_strategies_within_the_measured_step_time_spread_tie(cpu_estimates):
+    ddp, fsdp2 = cpu_estimates("ddp", batch_size=1), cpu_estimates("fsdp2", batch_size=1)
+    # medians 0.40 s and 0.41 s, each run's steps spread over 0.04 s: a difference of 0.01 s is noise
+    runs = [_measured_run("fsdp2", fsdp2, [0.38, 0.41, 0.42]), _measured_run("ddp", ddp, [0.37, 0.40, 0.41])]
+    fastest = _fastest(cpu_estimates, runs)
+    assert (fastest.strategy, fastest.tied_with) == ("ddp", ("fsdp2",))
+    # the larger of the two spreads, 0.04 s per step (both runs at batch 1: per-sample times compare as step times)
+    assert fastest.step_time_s == 0.40 and fastest.step_time_spread_s == pytest.approx(0.04)
+    assert fastest_line(fastest) == (
+        "ddp and fsdp2 tie at 400.0 ms ± 40.0 ms per step (ddp: 5.00 samples/s at batch 1; the difference is within "
+        "the measured step-time spread; measured in the profile runs, all at the profiled micro-batch)")
+
+
+def test_a_strategy_faster_than_the_spread_is_the_fastest(cpu_estimates):
+    ddp, fsdp2 = cpu_estimates("ddp", batch_size=1), cpu_estimates("fsdp2", batch_size=1)
+    # 0.21 s apart, spreads of 0.03 s: ddp is the fastest
+    runs = [_measured_run("fsdp2", fsdp2, [0.60, 0.61, 0.63]), _measured_run("ddp", ddp, [0.38, 0.40, 0.41])]
+    fastest = _fastest(cpu_estimates, runs)
+    assert (fastest.strategy, fastest.tied_with) == ("ddp", ())
+    assert fastest_line(fastest).startswith("ddp: fastest that fits (5.00 samples/s at batch 1; measured in the profile")
+    assert "more than the measured step-time spread (30.0 ms) ahead of the next" in fastest_line(fastest)
+    # One timed step measures no spread: the fastest is named, and the line says a tie cannot be told.
+    one_step = [_measured_run("fsdp2", fsdp2, [0.41]), _measured_run("ddp", ddp, [0.40])]
+    fastest = _fastest(cpu_estimates, one_step)
+    assert fastest.strategy == "ddp" and fastest.tied_with == () and fastest.step_time_spread_s is None
+    assert "no step-time spread measured (one timed step), a tie cannot be told" in fastest_line(fastest)
+
+
+def test_a_strategy_that_was_not_run_never_reads_as_measured(cpu_estimates):
+    ddp = cpu_estimates("ddp", batch_size=1)
+    run = _run("ddp", 1, "skipped", ddp)
+    limits = rec.Limits(capacity_bytes=64 << 30, headroom_pct=10.0, capacity_source="test")
+    section = rec.recommend([run], device="cpu", limits=limits, estimate_at=cpu_estimates)
+    (ddp_rec,) = section.strategies
+    assert ddp_rec.status == "predicted" and section.fastest is None
+    line = recommendation_line(ddp_rec, section)
+    assert line.startswith("ddp (not run: estimate only): micro-batch ") and "should fit" in line
+    assert offload_line(ddp_rec, section) == "ddp (not run: estimate only): no offload needed"
