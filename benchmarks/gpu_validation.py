@@ -28,6 +28,7 @@ its context would sit on the GPU beside every case's (profiler/profile.py's rule
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -40,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -250,7 +252,7 @@ def skip_reason(case: kit.Case, dry_run: bool, budget: Budget, expected_s: float
 def run_case(case: kit.Case, *, dry_run: bool, runs_dir: Path, budget: Budget, info: dict, expected_s: float) -> dict:
     """Run one case and read its result into quantities."""
     case_dir = runs_dir / case.id
-    argv = case.argv(dry_run=dry_run, out_dir=case_dir / "profile")
+    argv = case.argv(dry_run=dry_run, out_dir=Path(_shown(case_dir / "profile")))
     log = case_dir / "output.log"
     load = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), _children_cpu_s()
@@ -260,9 +262,10 @@ def run_case(case: kit.Case, *, dry_run: bool, runs_dir: Path, budget: Budget, i
         budget.record(expected_s, duration)
     # CPU seconds of the case's whole process tree beside its wall time: on a shared machine
     # the gap is the load (the load average when it started is recorded too).
-    details = {"command": kit.command_line(argv), "returncode": returncode, "duration_s": round(duration, 2),
-               "cpu_s": round(_children_cpu_s() - cpu_start, 2), "load_average_at_start": round(load, 2),
-               "dir": _shown(case_dir)}
+    details: dict[str, Any] = {
+        "command": kit.command_line(argv), "returncode": returncode, "duration_s": round(duration, 2),
+        "cpu_s": round(_children_cpu_s() - cpu_start, 2), "load_average_at_start": round(load, 2), "dir": _shown(case_dir),
+    }
     quantities: list[kit.Quantity] = []
     extra: dict = {}
     status, reason = "ok", None
@@ -310,18 +313,27 @@ def _raise_interrupt(signum, frame):
 
 def validate(selected: list[kit.Case], *, dry_run: bool, budget_s: float, out_dir: Path, runs_dir: Path,
              command: str, on_case=None) -> tuple[dict, Path, bool]:
-    """Run ``selected`` within ``budget_s``; returns (document, its path, interrupted)."""
+    """Run ``selected`` within ``budget_s``; returns (document, its path, interrupted). The cases
+    run from the repository root, which their commands' paths are relative to."""
     budget = Budget(budget_s=budget_s)
+    out_dir, runs_dir = out_dir.resolve(), runs_dir.resolve()
+    with contextlib.chdir(ROOT):
+        return _validate(selected, dry_run=dry_run, budget=budget, out_dir=out_dir, runs_dir=runs_dir, command=command,
+                         on_case=on_case)
+
+
+def _validate(selected: list[kit.Case], *, dry_run: bool, budget: Budget, out_dir: Path, runs_dir: Path,
+              command: str, on_case) -> tuple[dict, Path, bool]:
     now = datetime.now(UTC)
     info = machine_info(dry_run)
     if not dry_run and info["gpu_name"] is None:
         raise UsageError("no CUDA GPU visible to torch here; run with --dry-run to check the kit on CPU ranks")
     path = output_path(out_dir, info, now)
     runs_dir = runs_dir / f"gpu-validation-{now:%Y%m%d-%H%M%S}"
-    document = {
+    document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "kind": "cpu-dry-run" if dry_run else "gpu",
         "created": now.isoformat(timespec="seconds"),
-        "command": command, "python": sys.executable, "cwd": "repository root", "budget_s": budget_s,
+        "command": command, "python": sys.executable, "cwd": "repository root", "budget_s": budget.budget_s,
         "machine": info, "targets": report.TARGETS, "runs_dir": _shown(runs_dir), "cases": [],
     }
     measured_before = previous_durations(out_dir, document["kind"])
@@ -337,7 +349,7 @@ def validate(selected: list[kit.Case], *, dry_run: bool, budget_s: float, out_di
                     if dry_run and case.kind == "runtime" else []
                 record = case_record(case, dry_run=dry_run, expected_s=expected_s, status="skipped", reason=reason,
                                      quantities=quantities, command=kit.command_line(
-                                         case.argv(dry_run=dry_run, out_dir=runs_dir / case.id / "profile")))
+                                         case.argv(dry_run=dry_run, out_dir=Path(_shown(runs_dir / case.id / "profile")))))
             else:
                 record = run_case(case, dry_run=dry_run, runs_dir=runs_dir, budget=budget, info=info,
                                   expected_s=expected_s)
