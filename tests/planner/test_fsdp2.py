@@ -1,6 +1,8 @@
 """fully_shard (FSDP2): sharding, resharding after forward, offload. Byte-exact checks against
 real runs are in tests/profiler/test_cpu_accuracy.py and benchmarks/accuracy.py."""
 
+from pathlib import Path
+
 import pytest
 
 from dpplan.config import PlanConfig, RunSpec
@@ -56,3 +58,18 @@ def test_a_model_with_a_scalar_parameter_is_refused_as_fsdp_refuses_it(write_mod
     assert "fully_shard doesn't support scalar parameters: scale" in plan.unsupported["fsdp2"]
     with pytest.raises(ValueError, match="fully_shard doesn't support scalar parameters"):
         estimate(PlanConfig(run=RunSpec(model=path), strategies=("fsdp2",), gpus=(2,), device="cpu"))
+
+
+def test_dim_0_padding_of_stacked_experts_is_named(tiny_gpt):
+    """FSDP2 shards dim 0: the zoo Mixtral's experts (4 stacked rows) on 8 ranks are one row on
+    every rank; the plan says so. The bundled-size GPT's parameters have rows to spare."""
+    pytest.importorskip("transformers")
+    mixtral = str(Path(__file__).parents[2] / "benchmarks" / "models" / "hf" / "mixtral.py")
+
+    def notes(model):
+        config = PlanConfig(run=RunSpec(model=model), strategies=("fsdp2",), gpus=(8,))
+        return [n for n in estimate(config).estimates[0].notes if "shards dim 0" in n]
+
+    (note,) = notes(mixtral)
+    assert "experts.gate_up_proj [4, 256, 64] has fewer rows than its 8 shard ranks" in note
+    assert notes(tiny_gpt) == []

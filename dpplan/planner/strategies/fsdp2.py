@@ -100,6 +100,32 @@ def _params(trace: StepTrace, layout: Layout) -> list[ShardedParam]:
     return result
 
 
+PADDING_NOTE_SHARE = 0.05
+"""Name the padding when it adds this share of the parameters' bytes or more."""
+
+
+def _padding_notes(trace: StepTrace, layout: Layout, params: list[ShardedParam]) -> list[str]:
+    """Where dim-0 sharding pads a lot: a parameter with fewer rows than its ranks (stacked
+    experts, small tables) is stored as one row per rank on every rank."""
+    total = sum(p.numel * p.orig_size for p in params)
+    padded = sum(p.padded * p.orig_size for p in params)
+    ideal = sum(ceil_div(p.numel, _shard_ranks(trace, layout, p)) * p.orig_size for p in params)
+    if not total or padded - ideal < PADDING_NOTE_SHARE * ideal:
+        return []
+    worst = max(params, key=lambda p: (p.padded - ceil_div(p.numel, _shard_ranks(trace, layout, p))) * p.orig_size)
+    info = trace.params[worst.index]
+    ranks = _shard_ranks(trace, layout, worst)
+    return [f"fsdp2 shards dim 0: {info.name} {list(info.shape)} has fewer rows than its {ranks} shard ranks, so each "
+            f"rank stores a whole row; padding adds {100 * (padded - ideal) / ideal:.0f}% to the sharded parameters "
+            "(and to their gradients and the most loaded rank's optimizer state; torchtitan shards such expert "
+            "weights on dim 1 with fully_shard's shard_placement_fn, not planned yet)"]
+
+
+def _shard_ranks(trace: StepTrace, layout: Layout, p: ShardedParam) -> int:
+    unit = trace.params[p.index].unit
+    return layout.expert_shard_size if unit in trace.expert_units else layout.dp_shard_size
+
+
 def _offload(layout: Layout) -> tuple[bool, list[str]]:
     if layout.offload == "none":
         return False, []
@@ -166,6 +192,7 @@ def plan_rank(trace: StepTrace, layout: Layout) -> RankPlan:
         # 2.13 raises "in-place operations that require placement changes are not supported").
         notes.append("adafactor: torch's Adafactor fails on FSDP2's sharded (DTensor) parameters")
     params = _params(trace, layout)
+    notes += _padding_notes(trace, layout, params)
     owned = storages_by_param(trace)
     _shard_resident(timeline, params, offload=False)
     if layout.device_type == "cpu" and layout.mesh.tp == 1 and layout.mesh.ep == 1:
