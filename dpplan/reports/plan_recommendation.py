@@ -77,4 +77,4 @@ def render_recommendation(document: PlanDocument, console: Console) -> None:
     rec = document.plan.recommendation
     if rec is not None:
         console.print(escape(recommendation_line(rec)), style="bold" if rec.fits else "bold yellow",
-                      highlight=False, soft_wrap=True)
+                      highlight=False)
