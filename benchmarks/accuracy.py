@@ -293,7 +293,8 @@ def expert_parallel_suite() -> list[Case]:
     """Expert parallelism (--ep) beside FSDP2 on Hugging Face MoE decoders (Mixtral, OLMoE,
     Qwen3-MoE; 4 experts, top-2): the experts split over 2 and 4 ranks, each experts module an
     FSDP2 unit over the ranks that hold the same experts (1 or 2 of them); fp32 and bf16-mixed,
-    checkpointing and gradient accumulation. Every case runs twice: with a router balanced by
+    checkpointing and gradient accumulation; a two-expert Mixtral whose one expert per rank is
+    split on dim 1 over the ranks holding it. Every case runs twice: with a router balanced by
     construction (benchmarks/models/moe_balanced_router.py: the planner's own error), and with
     the model's own router at random init (that plus the router's imbalance, which no plan can
     know: the plan assumes a balanced router)."""
@@ -314,6 +315,14 @@ def expert_parallel_suite() -> list[Case]:
         for name, options in chosen:
             model = f"{BALANCED_ROUTER}:{name}" if balanced else str(THIRD_PARTY / f"{name}.py")
             cases.append(Case(model=model, strategy="fsdp2", **options))  # type: ignore[arg-type]
+    # one expert per rank, split on dim 1 over the 2 ranks holding it (expert_shard_dim)
+    two_experts = f"{BALANCED_ROUTER}:mixtral_2_experts"
+    cases += [
+        Case(model=two_experts, strategy="fsdp2", ranks=4, ep=2),
+        Case(model=two_experts, strategy="fsdp2", ranks=4, ep=2, precision="bf16-mixed"),
+        Case(model=two_experts, strategy="fsdp2", ranks=4, ep=2, precision="bf16-mixed", grad_accum=2),
+        Case(model=two_experts, strategy="fsdp2", ranks=4, ep=2, activation_checkpointing=True),
+    ]
     return cases
 
 

@@ -71,6 +71,12 @@ def _check_headroom(headroom_pct: float) -> None:
         raise UsageError(f"headroom_pct must be in [0, 100) (got {headroom_pct})")
 
 
+def _only_with(strategies: tuple[str, ...], allowed: tuple[str, ...], flag: str, why: str) -> None:
+    refused = [s for s in strategies if s not in allowed]
+    if refused:
+        raise UsageError(f"{flag} {', '.join(allowed)} over the data-parallel ranks, not {', '.join(refused)} ({why})")
+
+
 def _check_gpu_name(gpu: str | None) -> None:
     if gpu is not None and gpu.lower() not in GPU_CATALOG:
         raise UsageError(f"gpu must be one of {', '.join(GPU_CATALOG)} (got {gpu!r})")
@@ -128,22 +134,14 @@ class RunSpec:
         if not self.zero.is_default() and any(s not in DEEPSPEED_STAGES for s in strategies):
             raise UsageError("DeepSpeed settings (--deepspeed-config) apply to zero1, zero2 and zero3 only")
         if self.tp > 1:
-            refused = [s for s in strategies if s not in TENSOR_PARALLEL_STRATEGIES]
-            if refused:
-                raise UsageError(
-                    f"--tp combines with {', '.join(TENSOR_PARALLEL_STRATEGIES)} over the data-parallel ranks, "
-                    f"not {', '.join(refused)} (DeepSpeed ZeRO and FSDP1 do not take torch's DTensor "
-                    "tensor-parallel modules, DDP over tensor parallelism is not supported by torchtitan "
-                    "or sound in torch 2.13, nn.DataParallel is one process)"
-                )
+            _only_with(strategies, TENSOR_PARALLEL_STRATEGIES, "--tp combines with",
+                       "DeepSpeed ZeRO and FSDP1 do not take torch's DTensor tensor-parallel modules, DDP over "
+                       "tensor parallelism is not supported by torchtitan or sound in torch 2.13, nn.DataParallel "
+                       "is one process")
         if self.ep > 1:
-            refused = [s for s in strategies if s not in EXPERT_PARALLEL_STRATEGIES]
-            if refused:
-                raise UsageError(
-                    f"--ep runs beside {', '.join(EXPERT_PARALLEL_STRATEGIES)} over the data-parallel ranks, not "
-                    f"{', '.join(refused)} (each experts module is an FSDP2 unit of its own over the ranks that "
-                    "hold the same experts, as torchtitan wraps them)"
-                )
+            _only_with(strategies, EXPERT_PARALLEL_STRATEGIES, "--ep runs beside",
+                       "each experts module is an FSDP2 unit of its own over the ranks that hold the same experts, "
+                       "as torchtitan wraps them")
 
     def check_world(self, gpus: int) -> None:
         """That ``gpus`` ranks split into tp groups and the data-parallel ranks into ep groups."""

@@ -9,10 +9,11 @@ goes to expert ``(t * k + j) mod E``, so every expert, and every rank of an expe
 the same number of pairs. The gap between the plan and these runs is the planner's own; the
 gap on the unmodified models adds the router's imbalance.
 
-    mixtral  olmoe  qwen3_moe    (factories: benchmarks/models/moe_balanced_router.py:mixtral)
+    mixtral  olmoe  qwen3_moe  mixtral_2_experts   (factories: benchmarks/models/moe_balanced_router.py:mixtral)
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,8 +30,9 @@ def _balanced_choice(router, args, output):
     return logits, scores, pairs % logits.shape[-1]
 
 
-def _build(name: str):
-    model = ZOO[name].build_model()
+def _build(name: str, **config):
+    entry = ZOO[name]
+    model = replace(entry, config={**entry.config, **config}).build_model()
     for layer in model.model.layers:
         layer.mlp.gate.register_forward_hook(_balanced_choice)
     return model
@@ -48,8 +50,14 @@ def qwen3_moe():
     return _build("qwen3_moe")
 
 
+def mixtral_2_experts():
+    """Two experts: with --ep 2 on 4 ranks each rank holds one, split over its 2 expert-shard
+    ranks on dim 1 (training/expert_parallel.py ``expert_shard_dim``)."""
+    return _build("mixtral", num_local_experts=2)
+
+
 def example_batch(batch_size):
     return ZOO["mixtral"].batch(batch_size)  # the three share VOCAB and SEQ: token ids and labels
 
 
-__all__ = ["mixtral", "olmoe", "qwen3_moe", "example_batch", "loss_fn"]
+__all__ = ["mixtral", "olmoe", "qwen3_moe", "mixtral_2_experts", "example_batch", "loss_fn"]

@@ -195,8 +195,14 @@ def parallelize(
 
         extra["offload_policy"] = CPUOffloadPolicy()
     if experts is not None:  # inner units first: each owns its experts' weights
+        from torch.distributed.tensor import Shard
+
+        from dpplan.training.expert_parallel import expert_shard_dim
+
+        ranks = experts.mesh.size()
         for module in experts.modules:
-            fully_shard(module, mp_policy=mp_policy, mesh=experts.mesh, **extra)
+            fully_shard(module, mp_policy=mp_policy, mesh=experts.mesh,
+                        shard_placement_fn=lambda p: Shard(expert_shard_dim(tuple(p.shape), ranks)), **extra)
             module.set_gradient_divide_factor(experts.gradient_divide_factor)
             if device_type == "cpu" and experts.mesh.size() > 1:
                 # a custom factor reduces with NCCL's PREMUL_SUM, which gloo lacks: divide in place

@@ -156,3 +156,15 @@ def _dispatching_forward(local_forward: Callable, local: int, ep: int, group: An
         return torch.zeros_like(hidden_states).index_add_(0, token, returned.to(hidden_states.dtype))
 
     return forward
+
+
+def expert_shard_dim(shape: tuple[int, ...], shard_ranks: int) -> int:
+    """The dim an experts unit's FSDP2 shards a stacked weight of ``shape`` on over
+    ``shard_ranks`` ranks. Dim 0 (FSDP2's default) unless the rank holds fewer experts than
+    there are ranks to shard them: dim 0 would then leave every rank a whole expert (one row
+    each, padded), so dim 1 splits each expert, as torchtitan's ``shard_placement_fn`` does
+    (torchtitan/models/llama4/infra/parallelize.py ``apply_fsdp``); FSDP2 shards dims other
+    than 0 only evenly, so an uneven dim 1 stays on dim 0."""
+    if len(shape) >= 2 and shape[0] < shard_ranks and shape[1] % shard_ranks == 0:
+        return 1
+    return 0

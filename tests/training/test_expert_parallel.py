@@ -48,6 +48,15 @@ def test_a_model_without_experts_or_with_experts_ep_does_not_divide_is_refused()
         check_expert_parallel(moe, 3)
 
 
+def test_experts_shard_on_dim_1_only_where_dim_0_cannot_split_them():
+    from dpplan.training.expert_parallel import expert_shard_dim
+
+    assert expert_shard_dim((4, 256, 64), 2) == 0  # 2 experts each
+    assert expert_shard_dim((1, 256, 64), 2) == 1  # one expert: split it
+    assert expert_shard_dim((1, 255, 64), 2) == 0  # FSDP2 shards other dims only evenly
+    assert expert_shard_dim((1, 256, 64), 1) == 0
+
+
 def test_the_planners_router_sends_every_rank_an_equal_share():
     destination = torch.zeros(10, dtype=torch.long)  # the values do not matter: the shares do
     assert balanced_counts(destination, 4, None) == ([3, 3, 2, 2], [3, 3, 2, 2])

@@ -47,6 +47,7 @@ from dpplan.planner.strategies.layout import Layout
 from dpplan.planner.strategies.protocol import RankPlan
 from dpplan.planner.timeline import RankTimeline, ceil_div
 from dpplan.planner.trace import OTHER, PARAM_CAST, StepTrace, trace_index
+from dpplan.training.expert_parallel import expert_shard_dim
 
 MIXED = ("bf16-mixed", "fp16-mixed")
 RANK_MAP_ITEMSIZE = 4
@@ -77,8 +78,13 @@ def _params(trace: StepTrace, layout: Layout) -> list[ShardedParam]:
     mixed = trace.settings.family == PARAM_CAST and layout.precision in MIXED
     result = []
     for i, info in enumerate(trace.params):
+        shard_dim = 0
         if info.unit in trace.expert_units:  # over the ranks holding the same experts
-            padded, local = shard_numels(info.shape, info.numel, layout.expert_shard_size, layout.expert_shard_rank)
+            shard_dim = expert_shard_dim(info.shape, layout.expert_shard_size)
+            if shard_dim:  # even (expert_shard_dim checked): no padding
+                padded = local = info.numel // layout.expert_shard_size
+            else:
+                padded, local = shard_numels(info.shape, info.numel, layout.expert_shard_size, layout.expert_shard_rank)
         else:
             padded, local = shard_numels(info.shape, info.numel, layout.dp_shard_size, layout.dp_shard_rank)
         # Under bf16/fp16-mixed the trace holds the parameters in the low dtype; FSDP2 keeps
@@ -95,6 +101,7 @@ def _params(trace: StepTrace, layout: Layout) -> list[ShardedParam]:
                 orig_size=4 if low else info.itemsize,
                 reduce_size=REDUCE_ITEMSIZE_MIXED if low else info.itemsize,
                 trainable=info.grad_storage >= 0,
+                shard_dim=shard_dim,
             )
         )
     return result
@@ -117,8 +124,8 @@ def _padding_notes(trace: StepTrace, layout: Layout, params: list[ShardedParam])
     ranks = _shard_ranks(trace, layout, worst)
     return [f"fsdp2 shards dim 0: {info.name} {list(info.shape)} has fewer rows than its {ranks} shard ranks, so each "
             f"rank stores a whole row; padding adds {100 * (padded - ideal) / ideal:.0f}% to the sharded parameters "
-            "(and to their gradients and the most loaded rank's optimizer state; torchtitan shards such expert "
-            "weights on dim 1 with fully_shard's shard_placement_fn, not planned yet)"]
+            "(and to their gradients and the most loaded rank's optimizer state; --ep splits stacked experts "
+            "over ranks, and shards them on dim 1 where a rank holds fewer than its shard ranks, as torchtitan does)"]
 
 
 def _shard_ranks(trace: StepTrace, layout: Layout, p: ShardedParam) -> int:

@@ -40,6 +40,8 @@ class ShardedParam:
     """Bytes per element of the sharded parameter, its gradient and optimizer state."""
     reduce_size: int
     trainable: bool
+    shard_dim: int = 0
+    """The dim FSDP2 shards it on (1: an experts unit's weights, training/expert_parallel.py)."""
 
 
 @dataclass(kw_only=True)
@@ -237,7 +239,11 @@ def copy_out(run: Replay, g: ParamGroup, pos: int, stage: int) -> None:
             run.sched.free(pos, stage, previous_input, PARAMETER)
             previous_input = p.padded * p.compute_size
         run.sched.alloc(pos, stage, g.unsharded_bytes(p), PARAMETER)
+        if p.shard_dim and g.world_size > 1:
+            # Shard(i != 0): copied out into a temporary, then chunk-cat into its output
+            run.sched.alloc(pos, stage, g.unsharded_bytes(p), TEMPORARY)
     run.sched.free(pos, stage, previous_input, PARAMETER)
+    run.sched.free(pos, stage, sum(g.unsharded_bytes(p) for p in g.params if p.shard_dim and g.world_size > 1), TEMPORARY)
     run.unsharded.add(g.unit)
 
 
@@ -263,14 +269,16 @@ def foreach_reduce(run: Replay, g: ParamGroup, pos: int) -> None:
     run.reduce_scatter_pending = 0
     if not g.with_grad:
         return
-    sched.alloc(pos, POST, g.reduce_input_bytes, GRADIENT)
     frees: list[tuple[int, list[int]]] = []  # the unsharded gradients (bytes, storages), in the group's parameter order
     for p in g.with_grad:
         if p.index in run.accumulated:
             frees.append((run.accumulated.pop(p.index), []))
         else:
             frees.append((0, run.alive_grads(p, pos)))
-        if run.cpu and not frees[-1][0] and p.compute_size != p.reduce_size:
+    doubled = _cat_chunks_on_dim_0(run, g, pos, frees)
+    sched.alloc(pos, POST, g.reduce_input_bytes, GRADIENT)
+    for p, (nbytes, _) in zip(g.with_grad, frees):
+        if run.cpu and not nbytes and p.compute_size != p.reduce_size:
             _cpu_chunk_cat_cast(run, p, pos)
     # unsharded_grads.clear() frees them, except the last one: foreach_reduce's loop variable
     # ``unsharded_grad`` (the Shard(i != 0) loop, run whenever world_size > 1) still refers
@@ -278,6 +286,7 @@ def foreach_reduce(run: Replay, g: ParamGroup, pos: int) -> None:
     last = frees.pop() if g.world_size > 1 else None
     for nbytes, storages in frees:
         _free_grad(run, pos, nbytes, storages)
+    sched.free(pos, POST, doubled, GRADIENT)
     sched.alloc(pos, POST, g.reduce_output_bytes, GRADIENT)
     if g.world_size == 1 and g.divide_factor:
         # one rank: no reduce-scatter, the input divided into a new tensor and copied out
@@ -299,6 +308,23 @@ def foreach_reduce(run: Replay, g: ParamGroup, pos: int) -> None:
     else:
         run.sharded_grads[g.unit] = run.sharded_grads.get(g.unit, 0) + kept
     run.reduce_scatter_pending = g.reduce_input_bytes
+
+
+def _cat_chunks_on_dim_0(run: Replay, g: ParamGroup, pos: int, frees: list[tuple[int, list[int]]]) -> int:
+    """foreach_reduce's Shard(i != 0) loop (world_size > 1): such a gradient is replaced in
+    ``unsharded_grads`` by a dim-0 cat of its chunks, a copy as large, while the loop variable
+    holds the original until the next iteration. Returns the bytes still doubled after the
+    loop (the last gradient's, when it is one), freed with the others by unsharded_grads.clear()."""
+    if g.world_size == 1:
+        return 0
+    doubled = 0
+    for p, (nbytes, storages) in zip(g.with_grad, frees):
+        run.sched.free(pos, POST, doubled, GRADIENT)  # the loop variable moves on: the original dies
+        doubled = 0
+        if p.shard_dim:
+            doubled = nbytes or sum(int(run.trace.storage_bytes[s]) for s in storages)
+            run.sched.alloc(pos, POST, doubled, GRADIENT)
+    return doubled
 
 
 def _free_grad(run: Replay, pos: int, nbytes: int, storages: list[int]) -> None:
