@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_validation_cases as kit  # noqa: E402
 import gpu_validation_report as report  # noqa: E402
+from gpu_runtime_probe import driver_version  # noqa: E402  (NVML's, which makes no CUDA context)
 
 from dpplan import __version__  # noqa: E402
 from dpplan.errors import INTERRUPTED_EXIT, USAGE_EXIT, DpplanError, RunTimedOut, UsageError  # noqa: E402
@@ -119,20 +120,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _nvml_driver() -> str | None:
-    """The driver version from NVML, which makes no CUDA context."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return str(pynvml.nvmlSystemGetDriverVersion())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
-
-
 def machine_info(dry_run: bool) -> dict:
     """What ran the cases. On a GPU the device is asked in a child process (profile.detect_gpus)."""
     import torch
@@ -164,7 +151,7 @@ def machine_info(dry_run: bool) -> dict:
         return info
     key = match_gpu(found["name"], found["total_bytes"])
     info.update(gpu_name=found["name"], gpu_total_bytes=found["total_bytes"], gpu_count=found["count"],
-                gpu_catalog_key=key or DEFAULT_GPU, gpu_in_catalog=key is not None, driver_version=_nvml_driver())
+                gpu_catalog_key=key or DEFAULT_GPU, gpu_in_catalog=key is not None, driver_version=driver_version())
     return info
 
 
