@@ -128,7 +128,7 @@ accumulation's memory and every tool that walks the parameters."""
 EXPERT_PARALLEL_STRATEGIES = ("fsdp2",)
 """The data-parallel strategies that run beside expert parallelism: FSDP2, with each experts
 module a unit of its own over the ranks that hold the same experts (dp / ep) and the rest over
-all dp ranks, as torchtitan composes them (torchtitan/models/deepseek_v3/infra/parallelize.py
+all dp ranks, as torchtitan composes them (torchtitan/models/llama4/infra/parallelize.py
 ``apply_fsdp``). Expert parallelism takes its ranks from dp, so dp > 1: no ``single``."""
 
 
