@@ -124,13 +124,13 @@ def _table(runs: tuple[RunResult, ...], columns: list[RunColumn], *, narrow: boo
     return table
 
 
-def _tensor_parallel(config: dict) -> str:
-    """``tensor parallel 2 + sequence parallel · `` for a tensor-parallel profile, else nothing
-    (a profile written before tensor parallelism has no tp)."""
-    tp = config.get("tp") or 1
-    if tp == 1:
-        return ""
-    return f"tensor parallel {tp}{' + sequence parallel' if config.get('sequence_parallel') else ''} · "
+def _model_parallel(config: dict) -> str:
+    """``tensor parallel 2 + sequence parallel · `` for a tensor-parallel profile, ``expert
+    parallel 2 · `` for an expert-parallel one, else nothing (a profile written before either
+    has no tp or ep)."""
+    tp, ep = config.get("tp") or 1, config.get("ep") or 1
+    text = f"tensor parallel {tp}{' + sequence parallel' if config.get('sequence_parallel') else ''} · " if tp > 1 else ""
+    return text + (f"expert parallel {ep} · " if ep > 1 else "")
 
 
 def render_profile(document: ProfileDocument, console: Console | None = None) -> None:
@@ -143,7 +143,7 @@ def render_profile(document: ProfileDocument, console: Console | None = None) ->
         f"[bold]{escape(document.model.name if document.model else 'model')}[/bold] on "
         f"{escape(document.device.description)} · "
         f"micro-batch {config['batch_size']} per rank · grad accum {config['grad_accum']} · {config['precision']} · "
-        f"{config['optimizer']} · {_tensor_parallel(config)}{config['warmup_steps']} warm-up + {config['steps']} timed steps",
+        f"{config['optimizer']} · {_model_parallel(config)}{config['warmup_steps']} warm-up + {config['steps']} timed steps",
     )
     if document.recommendations:
         render_recommendations(document.recommendations, console)

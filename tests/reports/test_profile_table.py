@@ -90,13 +90,14 @@ def test_recommendations_come_first_with_their_reasons():
     assert "note: a note" in text
 
 
-def test_header_names_tensor_parallelism():
+def test_header_names_tensor_and_expert_parallelism():
     config = {"batch_size": 4, "grad_accum": 1, "precision": "fp32", "optimizer": "adamw", "warmup_steps": 1, "steps": 2}
-    for extra, expected in (({}, None), ({"tp": 2, "sequence_parallel": True}, "tensor parallel 2 + sequence parallel")):
+    for extra, expected in (({}, None), ({"tp": 2, "sequence_parallel": True}, "tensor parallel 2 + sequence parallel"),
+                            ({"ep": 2}, "expert parallel 2")):
         console = Console(width=300, record=True)
         render_profile(profile_document(config={**config, **extra}, runs=()), console)
         header = console.export_text().splitlines()[0]
-        assert (expected in header) if expected else ("tensor parallel" not in header)
+        assert (expected in header) if expected else ("parallel" not in header)
 
 
 def _strategies_document(cuda: bool):
