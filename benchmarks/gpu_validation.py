@@ -121,7 +121,7 @@ def _version(package: str) -> str | None:
 
 
 def machine_info(dry_run: bool) -> dict:
-    """What ran the cases. On a GPU the device is asked in a child process (profile.detect_gpus)."""
+    """What ran the cases. On a GPU the device is asked in a child process (profiler/target.py detect_gpus)."""
     import torch
 
     status = _git("status", "--porcelain")
@@ -144,7 +144,7 @@ def machine_info(dry_run: bool) -> dict:
 
         info["cpu"] = cpu_description()
         return info
-    from dpplan.profiler.profile import detect_gpus
+    from dpplan.profiler.target import detect_gpus
 
     found = detect_gpus()
     if not found["count"]:

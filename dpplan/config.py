@@ -262,7 +262,7 @@ class ProfileConfig:
     strategies: tuple[str, ...] = DEFAULT_PROFILE_STRATEGIES
     gpus: int | None = None
     """Total ranks over all nodes (as ``estimate --gpus``); None: every visible GPU on each
-    node, or profile.DEFAULT_CPU_RANKS CPU ranks without GPUs."""
+    node, or target.DEFAULT_CPU_RANKS CPU ranks without GPUs (profiler/target.py)."""
     nodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None

@@ -148,18 +148,18 @@ def test_cuda_phase_meter_reads_each_phase(monkeypatch):
 
 
 def test_gpus_found_pick_the_estimates_gpu(monkeypatch):
-    from dpplan.profiler import profile
+    from dpplan.profiler import target as targets
 
     found = {"count": 4, "name": "NVIDIA H100 80GB HBM3", "total_bytes": 85520809984}
-    monkeypatch.setattr(profile, "detect_gpus", lambda: found)
-    target = profile.resolve_target(ProfileConfig())
+    monkeypatch.setattr(targets, "detect_gpus", lambda: found)
+    target = targets.resolve_target(ProfileConfig())
     assert (target.device, target.gpus, target.gpu, target.notices) == ("cuda", 4, "h100-80gb", ())
-    assert profile.resolve_target(ProfileConfig(gpus=8, nodes=2, rdzv_endpoint="node0:29400")).gpus == 8
+    assert targets.resolve_target(ProfileConfig(gpus=8, nodes=2, rdzv_endpoint="node0:29400")).gpus == 8
     with pytest.raises(ValueError, match="needs 8 GPUs per node; 4 visible"):
-        profile.resolve_target(ProfileConfig(gpus=16, nodes=2, rdzv_endpoint="node0:29400"))
-    assert profile.resolve_target(ProfileConfig(device="cpu")).device == "cpu"
+        targets.resolve_target(ProfileConfig(gpus=16, nodes=2, rdzv_endpoint="node0:29400"))
+    assert targets.resolve_target(ProfileConfig(device="cpu")).device == "cpu"
     found["name"] = "NVIDIA GeForce GTX 1080"
-    target = profile.resolve_target(ProfileConfig())
+    target = targets.resolve_target(ProfileConfig())
     assert target.gpu == "h100-80gb" and "not in dpplan's GPU catalog" in target.notices[0]
 
 
