@@ -88,3 +88,39 @@ def example_batch(batch_size, seq_len=None):
 
 def loss_fn(output, batch):
     return output
+
+
+class GPTStage(nn.Module):
+    """One pipeline stage of the GPT (``--pp``): the embeddings on the first, a slice of the
+    blocks, the final norm and head on the last; takes the input ids or the hidden states,
+    returns the hidden states or the logits."""
+
+    def __init__(self, model: GPT, stage_index: int, num_stages: int):
+        super().__init__()
+        from dpplan.training.pipeline_parallel import split_layers
+
+        blocks = split_layers(len(model.blocks), num_stages)[stage_index]
+        first, last = stage_index == 0, stage_index == num_stages - 1
+        self.tok_emb = model.tok_emb if first else None
+        self.pos_emb = model.pos_emb if first else None
+        self.blocks = nn.ModuleList(model.blocks[i] for i in blocks)
+        self.ln_f = model.ln_f if last else None
+        self.head = model.head if last else None
+
+    def forward(self, x):
+        if self.tok_emb is not None:
+            positions = torch.arange(x.shape[1], device=x.device)
+            x = self.tok_emb(x) + self.pos_emb(positions)
+        for block in self.blocks:
+            x = block(x)
+        if self.head is not None:
+            x = self.head(self.ln_f(x))
+        return x
+
+
+def pipeline_stage(model, stage_index, num_stages):
+    return GPTStage(model, stage_index, num_stages)
+
+
+def pipeline_loss(logits, labels):
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())

@@ -9,6 +9,10 @@ A model file defines
     tp_plan(model, sequence_parallel) -> dict[str, ParallelStyle]
                                           (optional: the plan torch's parallelize_module takes
                                           for --tp; training/tensor_parallel.py otherwise)
+    pipeline_stage(model, stage_index, num_stages) -> nn.Module
+    pipeline_loss(logits, labels) -> Tensor
+                                          (optional: how --pp cuts the model into stages;
+                                          training/pipeline_parallel.py)
 
 Without ``loss_fn`` the loss is ``output.loss`` when the output has one (Hugging Face),
 else ``output.float().mean()``. The planner calls ``build_model`` and ``example_batch``
@@ -54,6 +58,8 @@ class ModelSpec:
     """``example_batch(batch_size)``, or ``(batch_size, seq_len=None)``."""
     loss_fn: Callable[[Any, Any], Any] | None
     tp_plan: Callable[[Any, bool], Any] | None = None
+    pipeline_stage: Callable[[Any, int, int], Any] | None = None
+    pipeline_loss: Callable[[Any, Any], Any] | None = None
     display_name: str | None = None
     """The name a model by name is shown as (MODEL as typed); None for model files."""
 
@@ -141,6 +147,11 @@ def load_model_file(model: str | None) -> ModelSpec:
     tp_plan = getattr(module, "tp_plan", None)
     if tp_plan is not None and not callable(tp_plan):
         raise ModelFileError(f"{path.name}: tp_plan must be a function tp_plan(model, sequence_parallel)")
+    hooks = {}
+    for name, signature in (("pipeline_stage", "(model, stage_index, num_stages)"), ("pipeline_loss", "(logits, labels)")):
+        hooks[name] = getattr(module, name, None)
+        if hooks[name] is not None and not callable(hooks[name]):
+            raise ModelFileError(f"{path.name}: {name} must be a function {name}{signature}")
     return ModelSpec(
         path=path,
         factory_name=factory_name,
@@ -148,6 +159,7 @@ def load_model_file(model: str | None) -> ModelSpec:
         example_batch=example_batch,
         loss_fn=loss_fn,
         tp_plan=tp_plan,
+        **hooks,
     )
 
 
