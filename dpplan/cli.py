@@ -34,6 +34,7 @@ from dpplan.config import (
     MIN_SAMPLE_HZ,
     OFFLOADS,
     PLAN_DEVICES,
+    PP_SCHEDULES,
     PRECISIONS,
     PROFILE_DEVICES,
     RUN_FIELDS,
@@ -45,7 +46,12 @@ from dpplan.errors import FAILURE_EXIT, INTERRUPTED_EXIT, DpplanError, Interrupt
 from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
 from dpplan.planner.cpu_isa import apply as apply_cpu_isa
 from dpplan.planner.hardware import DEFAULT_GPU
-from dpplan.planner.strategies.registry import EXPERT_PARALLEL_STRATEGIES, STRATEGIES, TENSOR_PARALLEL_STRATEGIES
+from dpplan.planner.strategies.registry import (
+    EXPERT_PARALLEL_STRATEGIES,
+    PIPELINE_PARALLEL_STRATEGIES,
+    STRATEGIES,
+    TENSOR_PARALLEL_STRATEGIES,
+)
 from dpplan.reports.html_settings import PLOTLYJS_MODES
 from dpplan.training.optimizers import OPTIMIZERS
 
@@ -166,6 +172,12 @@ def run_options(command):
         click.option("--ep", type=click.IntRange(min=1), default=RUN_DEFAULTS.ep, show_default=True,
                      help="Expert-parallel degree: each MoE layer's experts split over this many of the "
                           "data-parallel ranks (with --strategy fsdp2)."),
+        click.option("--pp", type=click.IntRange(min=1), default=RUN_DEFAULTS.pp, show_default=True,
+                     help="Pipeline-parallel degree: the layers split in order over this many GPUs (the model "
+                          "file's pipeline_stage, or dpplan's cut of a Hugging Face decoder); --grad-accum is "
+                          "then the micro-batches per step; --strategy single or ddp over gpus / (tp x pp)."),
+        click.option("--pp-schedule", type=click.Choice(PP_SCHEDULES), default=RUN_DEFAULTS.pp_schedule,
+                     show_default=True, help="With --pp: torch's pipeline schedule."),
         click.option("--seq-len", type=click.IntRange(min=1), default=RUN_DEFAULTS.seq_len,
                      help="Tokens per sample, passed to the model file's example_batch(batch_size, seq_len=...) "
                           "[default: the file's own; for a model by name a power of two up to 2048 and its "
@@ -279,10 +291,14 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
 
         run, strategies = run_spec(model, run_flags, deepspeed_config, gpus)
         plan_gpus = gpus
-        if run.tp > 1:
+        if run.tp > 1 and run.pp == 1:
             # --tp without --strategy or --gpus: what combines with it, on multiples of it
             strategies = _tensor_parallel_default("strategies", strategies, TENSOR_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * g for g in DEFAULT_GPU_COUNTS))
+        if run.pp > 1:  # likewise for --pp: one pipeline, and DDP over pipelines, on multiples of it
+            strategies = _tensor_parallel_default(
+                "strategies", strategies, ("single",) if run.tp > 1 else PIPELINE_PARALLEL_STRATEGIES)
+            plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * run.pp * g for g in DEFAULT_GPU_COUNTS))
         if run.ep > 1:  # likewise for --ep: fsdp2 on multiples of it
             strategies = _tensor_parallel_default("strategies", strategies, EXPERT_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.ep * g for g in DEFAULT_GPU_COUNTS))

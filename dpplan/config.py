@@ -23,11 +23,14 @@ from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, lookup_gpu
 from dpplan.planner.strategies.registry import (
     DEEPSPEED_STAGES,
     EXPERT_PARALLEL_STRATEGIES,
+    PIPELINE_PARALLEL_STRATEGIES,
     STRATEGIES,
     TENSOR_PARALLEL_STRATEGIES,
 )
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 from dpplan.training.optimizers import OPTIMIZERS
+from dpplan.training.pipeline_layout import SCHEDULES as PP_SCHEDULES
+from dpplan.training.pipeline_layout import PipelineLayout, check_layout
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
@@ -109,16 +112,29 @@ class RunSpec:
     ep: int = 1
     """Expert-parallel degree: each MoE layer's experts split over this many of the data-parallel
     ranks (training/expert_parallel.py); it divides dp and adds no ranks."""
+    pp: int = 1
+    """Pipeline stages' ranks: the layers split in order over this many ranks
+    (training/pipeline_parallel.py); with pp > 1 ``grad_accum`` is the micro-batches of the
+    schedule. gpus = dp x tp x pp."""
+    pp_schedule: str = "1f1b"
+    """torch's pipeline schedule (training/pipeline_parallel.py ``SCHEDULES``)."""
     seq_len: int | None = None
     """Tokens per sample, handed to ``example_batch(batch_size, seq_len=...)``; None: the
     model file's own."""
 
     def __post_init__(self):
-        _at_least(self, ("batch_size", "grad_accum", "tp", "ep", "seq_len"), 1)
+        _at_least(self, ("batch_size", "grad_accum", "tp", "ep", "pp", "seq_len"), 1)
         if self.sequence_parallel and self.tp == 1:
             raise UsageError("sequence parallelism (--sp) needs tensor parallelism (--tp N, N > 1)")
         if self.ep > 1 and self.tp > 1:
             raise UsageError("--ep with --tp is not planned yet: expert parallelism runs over data-parallel ranks only")
+        _choice("pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        if self.pp > 1:
+            if self.ep > 1:
+                raise UsageError("--pp with --ep is not planned yet")
+            if self.offload != "none":
+                raise UsageError("--pp with --offload is not planned yet (offload is DeepSpeed's and FSDP's)")
+            check_layout(PipelineLayout(pp=self.pp, schedule=self.pp_schedule, num_micro_batches=self.grad_accum))
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("offload", self.offload, OFFLOADS)
@@ -138,6 +154,10 @@ class RunSpec:
                        "DeepSpeed ZeRO and FSDP1 do not take torch's DTensor tensor-parallel modules, DDP over "
                        "tensor parallelism is not supported by torchtitan or sound in torch 2.13, nn.DataParallel "
                        "is one process")
+        if self.pp > 1:
+            _only_with(strategies, PIPELINE_PARALLEL_STRATEGIES, "--pp combines with",
+                       "torch's PipelineStage drives DDP itself; FSDP and DeepSpeed under a pipeline are not "
+                       "planned yet")
         if self.ep > 1:
             _only_with(strategies, EXPERT_PARALLEL_STRATEGIES, "--ep runs beside",
                        "each experts module is an FSDP2 unit of its own over the ranks that hold the same experts, "
@@ -145,9 +165,11 @@ class RunSpec:
 
     def check_world(self, gpus: int) -> None:
         """That ``gpus`` ranks split into tp groups and the data-parallel ranks into ep groups."""
-        if gpus % self.tp:
-            raise UsageError(f"--tp {self.tp} does not divide gpus={gpus} (gpus = data-parallel ranks x tp)")
-        if (gpus // self.tp) % self.ep:
+        if gpus % (self.tp * self.pp):
+            what = "--tp" if self.pp == 1 else ("--pp" if self.tp == 1 else "--tp x --pp")
+            raise UsageError(f"{what} {self.tp * self.pp} does not divide gpus={gpus} "
+                             "(gpus = data-parallel ranks x tp x pp)")
+        if (gpus // (self.tp * self.pp)) % self.ep:
             raise UsageError(f"--ep {self.ep} does not divide the {gpus // self.tp} data-parallel ranks of "
                              f"gpus={gpus} (expert parallelism takes its ranks from data parallelism)")
 

@@ -97,7 +97,7 @@ class GPTStage(nn.Module):
 
     def __init__(self, model: GPT, stage_index: int, num_stages: int):
         super().__init__()
-        from dpplan.training.pipeline_parallel import split_layers
+        from dpplan.training.pipeline_layout import split_layers
 
         blocks = split_layers(len(model.blocks), num_stages)[stage_index]
         first, last = stage_index == 0, stage_index == num_stages - 1

@@ -9,11 +9,11 @@ from dpplan.planner.strategies.mesh import Mesh
 from dpplan.planner.strategies.registry import StrategyInfo, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
-PLANNED_AXES = ("dp_replicate", "dp_shard", "tp")
+PLANNED_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 """The mesh axes the planner plans today: the data axes by the strategies' state transforms,
-tp (and ep, which takes its ranks from dp_shard) by tracing one rank of the parallel program
-(planner/trace/fake_mesh.py); cp and pp wait for their program transforms
-(strategies/protocol.py ``ProgramTransform``)."""
+tp (and ep, which takes its ranks from dp_shard) and pp by tracing one rank of the parallel
+program (planner/trace/fake_mesh.py, planner/trace/pipeline_rank.py); cp waits for its
+program transform (strategies/protocol.py ``ProgramTransform``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,11 +40,14 @@ class Layout:
             raise UsageError(f"rank {self.rank} is outside a mesh of {self.mesh.world_size} ranks")
 
     @classmethod
-    def of(cls, strategy: str, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1, **settings) -> Layout:
+    def of(
+        cls, strategy: str, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1, pp: int = 1, **settings
+    ) -> Layout:
         """The layout of ``strategy`` on ``world_size`` ranks over ``num_nodes`` nodes, in
-        groups of ``tp``, ``ep`` of its shard ranks splitting the experts (its registry entry
-        decides the data axes)."""
-        return cls(strategy=strategy, mesh=strategy_info(strategy).mesh(world_size, num_nodes, tp=tp, ep=ep), **settings)
+        ``pp`` stages of groups of ``tp``, ``ep`` of its shard ranks splitting the experts (its
+        registry entry decides the data axes)."""
+        mesh = strategy_info(strategy).mesh(world_size, num_nodes, tp=tp, ep=ep, pp=pp)
+        return cls(strategy=strategy, mesh=mesh, **settings)
 
     @property
     def info(self) -> StrategyInfo:
