@@ -60,6 +60,32 @@ class ModelSummary:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StageEstimate:
+    """One pipeline rank of a plan with pipeline parallelism (every rank of that pipeline
+    position holds the same): what it owns and its peak."""
+
+    pp_rank: int
+    stages: list[int]
+    """Stage indices this rank holds (two with the interleaved and V schedules)."""
+    owns: list[str]
+    """What those stages hold, in order: ``embedding``, ``layers 0-7``, ``head``, ..."""
+    num_params: int
+    """Parameters this rank holds (of one tensor-parallel shard with --tp)."""
+    in_flight: int
+    """Most micro-batches whose activations this rank holds at once (the schedule's)."""
+    peak_bytes: int
+    """The rank's peak, as ``StrategyEstimate.peak_bytes``."""
+    breakdown: dict[str, int]
+    peak_phase: str
+    fits: bool
+    max_batch_size: int
+
+    @classmethod
+    def from_json(cls, data: dict) -> StageEstimate:
+        return cls(**known_fields(cls, data))
+
+
+@dataclass(frozen=True, kw_only=True)
 class StrategyEstimate:
     """One strategy at one GPU count: the memory of its most loaded rank."""
 
@@ -107,6 +133,11 @@ class StrategyEstimate:
     headroom_pct: float = 0.0
     """Percent of ``capacity_bytes`` kept free in ``fits`` and ``max_batch_size`` (0 in plans
     saved before the headroom was planned: they were judged against the whole capacity)."""
+    pp_schedule: str | None = None
+    """With pp > 1: torch's schedule (training/pipeline_layout.py); None without a pipeline."""
+    stages: list[StageEstimate] = field(default_factory=list)
+    """With pp > 1: every pipeline rank, in pipeline order; ``peak_bytes`` is the largest of
+    theirs and ``peak_rank`` names its first global rank. Empty without a pipeline."""
 
     @property
     def layout(self) -> str:
@@ -121,6 +152,7 @@ class StrategyEstimate:
         """Back from JSON; keys this version does not know (a newer dpplan's) are left out. A
         plan written before layouts were recorded was data-parallel over every GPU."""
         known = known_fields(cls, data)
+        known["stages"] = [StageEstimate.from_json(s) for s in known.get("stages") or ()]
         known.setdefault("dp", known["gpus"] // max(1, known.get("tp", 1)))
         return cls(**known)
 
