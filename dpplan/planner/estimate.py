@@ -82,6 +82,8 @@ def trace_settings_for(
         tp=config.run.tp,
         sequence_parallel=config.run.sequence_parallel,
         ep=config.run.ep,
+        pp=config.run.pp,
+        pp_schedule=config.run.pp_schedule,
         seq_len=config.run.seq_len,
         device_type=config.device,
         # only CPU kernels are measured (at the plan's batch): GPU traces stay batch-free
@@ -117,7 +119,7 @@ def capacity_for(config: PlanConfig, gpus: int) -> int:
 
 def applicable(strategy: str, gpus: int, config: PlanConfig) -> bool:
     """Whether ``strategy`` plans at ``gpus``: a one-rank strategy only without data parallelism."""
-    return gpus == config.run.tp or not strategy_info(strategy).single_device
+    return gpus == config.run.tp * config.run.pp or not strategy_info(strategy).single_device
 
 
 def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: int | None = None) -> Plan:
@@ -156,10 +158,15 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
         for settings, strategies in families.items()
     }
     num_estimates = sum(len(family) for family in items.values())
-    if processes is None:
+    if config.run.pp > 1:  # one trace per pipeline rank, planned here
+        estimates, trace_seconds = _plan_pipelines(spec, config, items, traces)
+        processes = 0
+    elif processes is None:
         size = len(traces[first].event_storage) * num_estimates
         processes = 2 if size >= forked.MIN_WORK else 1
-    if processes == 1 or not forked.can_fork() or num_estimates > forked.WorkQueue.MAX_COUNT:
+    if processes == 0:
+        pass
+    elif processes == 1 or not forked.can_fork() or num_estimates > forked.WorkQueue.MAX_COUNT:
         everything = [item for family in items.values() for item in family]
         estimates, trace_seconds = _plan_items(spec, config, everything, traces)
     else:
@@ -169,6 +176,22 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     summary = summarize_model(spec, traces[first], config, first_seconds + trace_seconds)
     return Plan(config=config, model=summary, estimates=estimates, unsupported=unsupported,
                 recommendation=recommend(estimates))
+
+
+def _plan_pipelines(
+    spec: ModelSpec, config: PlanConfig, items: dict[TraceSettings, list], traces: dict
+) -> tuple[list[StrategyEstimate], float]:
+    """Estimates with pipeline parallelism: every pipeline rank traced once per family
+    (planner/pipeline_estimate.py)."""
+    from dpplan.planner.pipeline_estimate import estimate_pipeline, pipeline_traces
+
+    start = time.perf_counter()
+    estimates = []
+    for settings, family in items.items():
+        ranks = pipeline_traces(settings, config.run.pp,
+                                lambda s: trace_at_planning_batch(spec, s, config.run.batch_size), traces)
+        estimates += [estimate_pipeline(ranks, strategy, gpus, config, estimate_strategy) for _, strategy, gpus in family]
+    return estimates, time.perf_counter() - start
 
 
 def refused_strategies(strategies, model) -> dict[str, str]:
@@ -253,6 +276,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         nodes,
         tp=config.run.tp,
         ep=config.run.ep,
+        pp=config.run.pp,
         precision=config.run.precision,
         grad_accum=config.run.grad_accum,
         offload=config.run.offload,
@@ -342,7 +366,7 @@ def runtime_terms(plan: RankPlan, peak: Peak, gpu: GpuSpec | None, layout: Layou
 def summarize_model(spec: ModelSpec, trace: StepTrace, config: PlanConfig, trace_seconds: float) -> ModelSummary:
     num_params = sum(p.numel for p in trace.params)
     trainable = sum(p.numel for p in trace.params if p.grad_storage >= 0)
-    if config.run.tp > 1 or config.run.ep > 1:  # the trace holds one rank's shards: count the whole model
+    if config.run.tp > 1 or config.run.ep > 1 or config.run.pp > 1:  # one rank's shards or stages: count the whole model
         unique = {id(p): p for p in untraced_model(spec).parameters()}.values()
         num_params = sum(p.numel() for p in unique)
         trainable = sum(p.numel() for p in unique if p.requires_grad)

@@ -304,7 +304,7 @@ class RankTimeline:
         for marker in self.trace.markers:
             if marker.event > trace_event:
                 break
-            if marker.kind == "micro_batch":
+            if marker.kind in ("micro_batch", "pipeline_forward"):
                 phase = "forward"
             elif marker.kind == "backward":
                 phase = "backward"

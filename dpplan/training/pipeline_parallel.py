@@ -188,6 +188,41 @@ def build_schedule(
     return pipe.ScheduleZBVZeroBubble(stages, n, loss_fn=loss_fn)
 
 
+SCHEDULE_CLASSES = {
+    "gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B",
+    "zero-bubble": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
+}
+
+
+def in_flight_micro_batches(layout: PipelineLayout) -> list[int]:
+    """Per pipeline rank, the most micro-batches whose activations it holds at once, from the
+    schedule's own action lists (torch/distributed/pipelining/_schedule_visualizer.py
+    ``get_schedule_ops``): a forward adds one, its backward (full, or the zero-bubble schedules'
+    input-gradient step, after which only the weight-gradient inputs wait for W) removes one.
+    Ranks holding two stages count each stage's micro-batches."""
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+    from torch.distributed.pipelining.schedules import _ComputationType as Kind
+
+    schedule_class = getattr(pipelining, SCHEDULE_CLASSES[layout.schedule])
+    ops = get_schedule_ops(schedule_class, layout.pp, layout.num_micro_batches,
+                           num_stages_per_rank=layout.stages_per_rank)
+    result = []
+    for actions in ops:
+        held = most = 0
+        for action in actions:
+            if action is None:
+                continue
+            kind = action.computation_type
+            if kind == Kind.FORWARD:
+                held += 1
+                most = max(most, held)
+            elif kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
+                held -= 1
+        result.append(most)
+    return result
+
+
 def run_pipeline_step(
     schedule: Any, layout: PipelineLayout, stage_indices: tuple[int, ...], inputs: torch.Tensor,
     target: torch.Tensor, *, autocast: contextlib.AbstractContextManager,

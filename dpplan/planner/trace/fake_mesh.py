@@ -25,8 +25,16 @@ def fake_tp_mesh(tp: int, rank: int = 0) -> contextlib.AbstractContextManager:
 @contextlib.contextmanager
 def fake_mesh(size: int, name: str, rank: int = 0) -> Iterator:
     """A 1-D mesh named ``name`` of ``size`` fake ranks, as rank ``rank`` sees it."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+
+    with fake_process_group(size, rank):
+        yield init_device_mesh("cpu", (size,), mesh_dim_names=(name,))
+
+
+@contextlib.contextmanager
+def fake_process_group(size: int, rank: int) -> Iterator:
+    """The default process group: ``size`` fake ranks, this process rank ``rank``."""
+    import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
@@ -39,7 +47,7 @@ def fake_mesh(size: int, name: str, rank: int = 0) -> Iterator:
     fake_tensor_log.setLevel(logging.CRITICAL)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=size)
     try:
-        yield init_device_mesh("cpu", (size,), mesh_dim_names=(name,))
+        yield
     finally:
         dist.destroy_process_group()
         fake_tensor_log.setLevel(level)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from dpplan.planner import fake_device, torch_apis
 from dpplan.planner.fake_device.fake_tensor import local_tensor
 from dpplan.planner.trace.errors import TraceError, TracerBug, as_trace_failure
+from dpplan.planner.trace.pipeline_rank import PipelineStep, trace_pipeline_rank
 from dpplan.planner.trace.fake_mesh import fake_mesh, fake_tp_mesh
 from dpplan.planner.trace.precision import grad_scaler, prepare_precision
 from dpplan.planner.trace.recorder import Recorder, move_births_to_baseline, tensors_in
@@ -48,6 +50,12 @@ def trace_model(
     gives its example batch and loss; ``units``, when given, replaces the units that
     ``settings.wrap`` would pick."""
     torch_apis.check(settings.device_type)
+    if settings.pp > 1:
+        return trace_pipeline_rank(
+            spec, model, settings, batch_size,
+            lambda container, stage_units, pipeline, batch: _trace_model(
+                spec, container, settings, batch_size, stage_units, pipeline=pipeline, batch=batch),
+        )
     if settings.ep > 1:
         return _trace_expert_parallel(spec, model, settings, batch_size, units)
     if settings.tp == 1:
@@ -85,9 +93,13 @@ def _trace_expert_parallel(
 def _trace_model(
     spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int, units: list[nn.Module] | None,
     expert_units: list[nn.Module] = (),  # type: ignore[assignment]
+    pipeline: PipelineStep | None = None, batch: Any = None,
 ) -> StepTrace:
-    with torch.device("meta"), fake_device.skip_weight_init():
-        batch = example_batch_for(spec, batch_size, settings.seq_len)
+    """The trace of ``model``'s step; with ``pipeline``, ``model`` holds a pipeline rank's stages
+    and ``batch`` is the step's (every micro-batch's) batch."""
+    if batch is None:
+        with torch.device("meta"), fake_device.skip_weight_init():
+            batch = example_batch_for(spec, batch_size, settings.seq_len)
     if units is None:
         units = find_units(model, settings.wrap)
     recorder = Recorder()
@@ -133,9 +145,14 @@ def _trace_model(
             batch = fake_device.tree_to_fake_device(batch)
             optimizer = build_optimizer(settings.optimizer, model.parameters(), device_type=settings.device_type)
             scaler = grad_scaler(settings)
+            if pipeline is not None:
+                # the first step makes the receive buffers and the optimizer state; the second is traced
+                pipeline.build()
+                pipeline.run(batch, _pipeline_autocast(settings))
+                run_optimizer_step(optimizer, scaler)
             trace = _trace_steady_step(
                 spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
-                module_index, module_names, module_classes, checkpointing, batch_size,
+                module_index, module_names, module_classes, checkpointing, batch_size, pipeline,
             )
             return replace(trace, expert_units=tuple(range(len(expert_units)))) if expert_units else trace
     except Exception as exc:
@@ -145,9 +162,13 @@ def _trace_model(
         raise failure from (exc if isinstance(failure, TracerBug) else None)
 
 
+def _pipeline_autocast(settings: TraceSettings):
+    return autocast_context(settings.precision, "cpu", settings.family == AUTOCAST)
+
+
 def _trace_steady_step(
     spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
-    module_index, module_names, module_classes, checkpointing, batch_size,
+    module_index, module_names, module_classes, checkpointing, batch_size, pipeline=None,
 ) -> StepTrace:
     # -- what exists when the step starts ---------------------------------------------------
     seen: set[int] = set()
@@ -193,12 +214,16 @@ def _trace_steady_step(
                 adopt(value, OPTIMIZER_STATE)
     for leaf in tensors_in(batch):
         adopt(leaf, INPUT)
+    if pipeline is not None:
+        # what the stages keep from the first step (receive buffers, the gradients sent back)
+        for held in pipeline.held_tensors():
+            adopt(held, ACTIVATION)
     num_baseline = len(recorder.event_storage)
 
     # -- markers ----------------------------------------------------------------------------
     root_unit = len(units)
     unit_names = [_qualified(module_names, module_index, u) for u in units] + ["(root)"]
-    handles = mark_units(recorder, model, units, module_index)
+    handles = mark_units(recorder, model, units, module_index, leaf_inputs=pipeline is None)
 
     param_index = {id(p): i for i, p in enumerate(params)}
     grad_storage = [-1] * len(params)
@@ -217,7 +242,18 @@ def _trace_steady_step(
 
     # -- the step ---------------------------------------------------------------------------
     try:
-        for micro in range(settings.num_micro_batches):
+        if pipeline is not None:
+            recorder.mark("micro_batch", 0)
+            recorder.mark("fwd_start", root_unit)
+            recorder.phase = ACTIVATION
+
+            def on_forward():
+                recorder.mark("pipeline_forward")
+                recorder.phase = ACTIVATION
+
+            pipeline.run(batch, _pipeline_autocast(settings), on_forward, lambda: enter_backward(recorder))
+            recorder.mark("bwd_end", root_unit)
+        for micro in range(settings.num_micro_batches if pipeline is None else 0):
             recorder.mark("micro_batch", micro)
             recorder.mark("fwd_start", root_unit)
             recorder.phase = ACTIVATION

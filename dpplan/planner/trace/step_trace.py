@@ -59,6 +59,11 @@ class TraceSettings:
     ep: int = 1
     """Expert-parallel degree: the step of one rank of an ``ep`` group (its experts, the routed
     tokens it receives under a balanced router)."""
+    pp: int = 1
+    """Pipeline ranks: the step of pipeline rank ``pp_rank`` (its stages, run by
+    ``pp_schedule`` over ``grad_accum`` micro-batches; planner/trace/pipeline_rank.py)."""
+    pp_schedule: str = "1f1b"
+    pp_rank: int = 0
     seq_len: int | None = None
     """Tokens per sample of the example batch (None: the model file's own)."""
     device_type: str = "cpu"
@@ -136,6 +141,10 @@ class StepTrace:
     expert_units: tuple[int, ...] = ()
     """Units that are experts modules (expert parallelism): FSDP2 shards each over the ranks that
     hold the same experts, not over every data-parallel rank."""
+    pipeline_stages: tuple[int, ...] = ()
+    """With pipeline parallelism: the stage indices the traced rank holds."""
+    pipeline_owns: tuple[str, ...] = ()
+    """... and what they hold (``embedding``, ``layers 0-2``, ``head``)."""
     notes: tuple[str, ...] = ()
     """What the trace assumed where it could not be exact (an op planned at an upper bound, a
     CPU kernel whose buffers could not be measured); shown with every estimate."""
