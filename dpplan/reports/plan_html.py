@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from dpplan.config import usable_bytes
 from dpplan.planner.hardware import GPU_CATALOG
 from dpplan.planner.plan import ModelSummary, Plan, PlanDocument, StrategyEstimate
 from dpplan.reports.html_page import (
     CATEGORY_COLORS,
+    CATEGORY_LABELS,
     BulletList,
     Callout,
     Figure,
@@ -21,7 +21,7 @@ from dpplan.reports.html_page import (
     Section,
     Table,
     Text,
-    add_level,
+    add_capacity,
     byte_unit,
     figure_text,
     line_style,
@@ -31,13 +31,6 @@ from dpplan.reports.plan_recommendation import headroom_text, nodes_text, recomm
 from dpplan.reports.plan_table import activation_trace_owner, merged_notes
 from dpplan.reports.units import GiB, format_bytes, format_count
 
-CATEGORY_LABELS = {
-    "params": "parameters",
-    "grads": "gradients",
-    "optimizer": "optimizer state",
-    "activations": "activations",
-    "other": "other (buffers, comm. buffers, CUDA context, allocator)",
-}
 CHECKPOINTING = {"none": "off", "model": "on (the model's own)", "units": "on (per unit)"}
 # Fill of the "what fits" map: share of the GPU's memory. Past 100% the cell turns red.
 FIT_COLORSCALE = [[0.0, "#e8f5ec"], [0.45, "#9fd4b0"], [0.66, "#f3d27a"], [0.6667, "#e4574b"], [1.0, "#8e1b12"]]
@@ -77,12 +70,7 @@ def _memory_bars(estimates: list[StrategyEstimate], capacity_name: str) -> Figur
         )
     capacities = {(e.capacity_bytes, e.headroom_pct) for e in estimates if e.capacity_bytes}
     if len(capacities) == 1:
-        capacity_bytes, headroom_pct = capacities.pop()
-        capacity = capacity_bytes / GiB
-        add_level(figure, capacity, f"{capacity_name}<br>{capacity:.1f} GiB")
-        if headroom_pct:
-            usable = usable_bytes(capacity_bytes, headroom_pct) / GiB
-            add_level(figure, usable, f"usable {usable:.1f} GiB<br>({headroom_pct:g}% headroom)", dash="dot")
+        add_capacity(figure, *capacities.pop(), capacity_name)
     figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
                          legend_traceorder="normal")
     return Figure(
