@@ -29,6 +29,8 @@ from dpplan.reports.html_page import (
 )
 from dpplan.reports.plan_recommendation import headroom_text, nodes_text, recommendation_line
 from dpplan.reports.plan_table import activation_trace_owner, merged_notes
+from dpplan.reports.stage_html import stage_section
+from dpplan.reports.stage_text import pipeline_text
 from dpplan.reports.units import GiB, format_bytes, format_count
 
 CHECKPOINTING = {"none": "off", "model": "on (the model's own)", "units": "on (per unit)"}
@@ -196,6 +198,7 @@ def _assumptions(document: PlanDocument) -> Table:
         ["gradient accumulation", str(run.grad_accum)],
         ["activation checkpointing", checkpointing],
         ["offload", run.offload],
+        *([["pipeline", pipeline_text(run)]] if run.pp > 1 else []),
         ["nodes", nodes_text(config)],
         ["headroom", headroom_text(config)],
         ["FSDP / checkpoint units", f"{len(units)}: {', '.join(units[:4])}{' …' if len(units) > 4 else ''}"
@@ -270,6 +273,7 @@ def plan_page(document: PlanDocument) -> Page:
     estimates, config, model = plan.estimates, plan.config, plan.model
     gpu_counts = sorted({e.gpus for e in estimates})
     strategies = [s for s in config.strategies if any(e.strategy == s for e in estimates)]
+    stages = stage_section(estimates, _capacity_name(document))  # None without a pipeline
     sections = [
         Section(title="What fits", anchor="fits", blocks=[
             *([Callout(lines=[recommendation_line(plan.recommendation)], css="" if plan.recommendation.fits else "bad")]
@@ -278,6 +282,7 @@ def plan_page(document: PlanDocument) -> Page:
             _fit_map(estimates, strategies, gpu_counts, _capacity_name(document)),
         ]),
         Section(title="Where the memory goes", anchor="breakdown", blocks=[_memory_bars(estimates, _capacity_name(document))]),
+        *([stages] if stages else []),
         Section(title="Largest micro-batch", anchor="max-batch", blocks=[_max_batch_lines(estimates, strategies, gpu_counts)]),
     ]
     activations = _activation_modules(plan)
@@ -306,6 +311,7 @@ def plan_page(document: PlanDocument) -> Page:
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
         + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
+        + (f"{pipeline_text(config.run)} · " if config.run.pp > 1 else "")
         + _target(document),
         header_rows=[
             ("created", document.created or "-"),
