@@ -23,8 +23,10 @@ import plotly.io as pio
 from markupsafe import Markup
 
 from dpplan import __version__
+from dpplan.config import usable_bytes
 from dpplan.errors import UsageError
 from dpplan.reports.html_settings import PLOTLYJS_MODES
+from dpplan.reports.units import GiB
 
 FIGURE_CONFIG = {
     "displaylogo": False,
@@ -39,6 +41,14 @@ CATEGORY_COLORS = {
     "optimizer": "#5a9e4b",
     "activations": "#c4473a",
     "other": "#8c7bb8",
+}
+# ... and its name in legends and tables.
+CATEGORY_LABELS = {
+    "params": "parameters",
+    "grads": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations",
+    "other": "other (buffers, comm. buffers, CUDA context, allocator)",
 }
 
 
@@ -163,6 +173,16 @@ def add_level(figure: go.Figure, y: float, label: str, *, color: str = "#b42318"
     figure.add_hline(y=y, line_dash=dash, line_color=color)
     figure.add_annotation(text=label, name=LEVEL_LABEL, xref="paper", x=1, xanchor="left", xshift=6, y=y, yref="y",
                           yanchor="middle", align="left", showarrow=False, font={"color": color})
+
+
+def add_capacity(figure: go.Figure, capacity_bytes: int, headroom_pct: float, capacity_name: str) -> None:
+    """The capacity as a dashed level (GiB axis) and, with a headroom, what a plan may use of it
+    as a dotted one: the two limits a per-GPU peak is judged against (config.usable_bytes)."""
+    capacity = capacity_bytes / GiB
+    add_level(figure, capacity, f"{capacity_name}<br>{capacity:.1f} GiB")
+    if headroom_pct:
+        usable = usable_bytes(capacity_bytes, headroom_pct) / GiB
+        add_level(figure, usable, f"usable {usable:.1f} GiB<br>({headroom_pct:g}% headroom)", dash="dot")
 
 
 LINE_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")

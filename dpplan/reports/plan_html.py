@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from dpplan.config import usable_bytes
 from dpplan.planner.hardware import GPU_CATALOG
 from dpplan.planner.plan import ModelSummary, Plan, PlanDocument, StrategyEstimate
 from dpplan.reports.html_page import (
     CATEGORY_COLORS,
+    CATEGORY_LABELS,
     BulletList,
     Callout,
     Figure,
@@ -21,7 +21,7 @@ from dpplan.reports.html_page import (
     Section,
     Table,
     Text,
-    add_level,
+    add_capacity,
     byte_unit,
     figure_text,
     line_style,
@@ -29,15 +29,10 @@ from dpplan.reports.html_page import (
 )
 from dpplan.reports.plan_recommendation import headroom_text, nodes_text, recommendation_line
 from dpplan.reports.plan_table import activation_trace_owner, merged_notes
+from dpplan.reports.stage_html import stage_section
+from dpplan.reports.stage_text import pipeline_text
 from dpplan.reports.units import GiB, format_bytes, format_count
 
-CATEGORY_LABELS = {
-    "params": "parameters",
-    "grads": "gradients",
-    "optimizer": "optimizer state",
-    "activations": "activations",
-    "other": "other (buffers, comm. buffers, CUDA context, allocator)",
-}
 CHECKPOINTING = {"none": "off", "model": "on (the model's own)", "units": "on (per unit)"}
 # Fill of the "what fits" map: share of the GPU's memory. Past 100% the cell turns red.
 FIT_COLORSCALE = [[0.0, "#e8f5ec"], [0.45, "#9fd4b0"], [0.66, "#f3d27a"], [0.6667, "#e4574b"], [1.0, "#8e1b12"]]
@@ -77,12 +72,7 @@ def _memory_bars(estimates: list[StrategyEstimate], capacity_name: str) -> Figur
         )
     capacities = {(e.capacity_bytes, e.headroom_pct) for e in estimates if e.capacity_bytes}
     if len(capacities) == 1:
-        capacity_bytes, headroom_pct = capacities.pop()
-        capacity = capacity_bytes / GiB
-        add_level(figure, capacity, f"{capacity_name}<br>{capacity:.1f} GiB")
-        if headroom_pct:
-            usable = usable_bytes(capacity_bytes, headroom_pct) / GiB
-            add_level(figure, usable, f"usable {usable:.1f} GiB<br>({headroom_pct:g}% headroom)", dash="dot")
+        add_capacity(figure, *capacities.pop(), capacity_name)
     figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
                          legend_traceorder="normal")
     return Figure(
@@ -208,6 +198,7 @@ def _assumptions(document: PlanDocument) -> Table:
         ["gradient accumulation", str(run.grad_accum)],
         ["activation checkpointing", checkpointing],
         ["offload", run.offload],
+        *([["pipeline", pipeline_text(run)]] if run.pp > 1 else []),
         ["nodes", nodes_text(config)],
         ["headroom", headroom_text(config)],
         ["FSDP / checkpoint units", f"{len(units)}: {', '.join(units[:4])}{' …' if len(units) > 4 else ''}"
@@ -282,6 +273,7 @@ def plan_page(document: PlanDocument) -> Page:
     estimates, config, model = plan.estimates, plan.config, plan.model
     gpu_counts = sorted({e.gpus for e in estimates})
     strategies = [s for s in config.strategies if any(e.strategy == s for e in estimates)]
+    stages = stage_section(estimates, _capacity_name(document))  # None without a pipeline
     sections = [
         Section(title="What fits", anchor="fits", blocks=[
             *([Callout(lines=[recommendation_line(plan.recommendation)], css="" if plan.recommendation.fits else "bad")]
@@ -290,6 +282,7 @@ def plan_page(document: PlanDocument) -> Page:
             _fit_map(estimates, strategies, gpu_counts, _capacity_name(document)),
         ]),
         Section(title="Where the memory goes", anchor="breakdown", blocks=[_memory_bars(estimates, _capacity_name(document))]),
+        *([stages] if stages else []),
         Section(title="Largest micro-batch", anchor="max-batch", blocks=[_max_batch_lines(estimates, strategies, gpu_counts)]),
     ]
     activations = _activation_modules(plan)
@@ -318,6 +311,7 @@ def plan_page(document: PlanDocument) -> Page:
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
         + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
+        + (f"{pipeline_text(config.run)} · " if config.run.pp > 1 else "")
         + _target(document),
         header_rows=[
             ("created", document.created or "-"),

@@ -15,10 +15,13 @@ from rich.text import Text
 from dpplan.planner.hardware import lookup_gpu
 from dpplan.planner.plan import Plan, PlanDocument, StrategyEstimate
 from dpplan.reports.plan_recommendation import headroom_text, nodes_text, render_recommendation
+from dpplan.reports.stage_text import IN_FLIGHT_MEANING, pipeline_estimates, pipeline_text, stage_parts
 from dpplan.reports.terminal_width import (
+    PART_SEPARATOR,
     TableLayout,
     first_that_fits,
     natural_width,
+    pack_parts,
     print_layout,
     print_parts,
     report_console,
@@ -52,6 +55,7 @@ def _header(document: PlanDocument) -> list[str]:
         + (f"tensor parallel {config.run.tp}{' + sequence parallel' if config.run.sequence_parallel else ''} · "
            if config.run.tp > 1 else "")
         + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
+        + (f"{pipeline_text(config.run)} · " if config.run.pp > 1 else "")
         + nodes_text(config),
         f"target: {target} · {headroom_text(config)}",
     ]
@@ -78,6 +82,7 @@ def render_plan(document: PlanDocument, console: Console | None = None) -> None:
             style="dim",
             highlight=False,
         )
+    render_stages(plan.estimates, console)
     modules = plan.model.top_activation_modules
     if modules:
         console.print(f"[bold]Activation memory kept for backward, by module[/bold] (per micro-batch, one rank of "
@@ -92,6 +97,24 @@ def render_plan(document: PlanDocument, console: Console | None = None) -> None:
     for reason, strategies in by_reason.items():
         console.print(f"not planned: {', '.join(strategies)}: {escape(reason)}", style="yellow", highlight=False)
     render_recommendation(document, console)
+
+
+STAGE_INDENT = 2
+"""Spaces before a stage line; its continuation lines take twice as many."""
+
+
+def render_stages(estimates: list[StrategyEstimate], console: Console) -> None:
+    """Under the table, a line per estimate with a pipeline: its heaviest pipeline rank (whose
+    peak is the table's) with what it holds, the lightest, and each rank's micro-batches in
+    flight. Broken only between those parts to fit the console, continuations indented."""
+    pipelines = pipeline_estimates(estimates)
+    if not pipelines:
+        return
+    print_parts(console, f"[bold]Pipeline stages[/bold] per GPU{PART_SEPARATOR}{IN_FLIGHT_MEANING}:")
+    for e in pipelines:
+        line = PART_SEPARATOR.join(escape(part) for part in stage_parts(e))
+        for index, piece in enumerate(pack_parts(line, console.width - 2 * STAGE_INDENT)):
+            console.print(" " * (STAGE_INDENT if index == 0 else 2 * STAGE_INDENT) + piece, highlight=False)
 
 
 def activation_trace_owner(plan: Plan) -> str:

@@ -236,3 +236,19 @@ def test_the_capacity_label_sits_on_no_bar(tiny_gpt, open_report, tmp_path):
     assert len(geometry["bars"]) >= len(document["estimates"])  # the stacked bars are drawn (zero-high ones not)
     assert not any(_overlap(label, bar) for bar in geometry["bars"])
     assert _inside(label, geometry["figure"]) and not _overlap(label, geometry["modebar"])
+
+
+def test_a_pipeline_plan_draws_a_bar_per_pipeline_rank(open_report, tmp_path):
+    """A hand-built plan with --pp 4 (tests/records.py): the stage figure is drawn beside the
+    others, with a bar for each of the eight pipeline ranks of its two estimates."""
+    from dpplan.reports.html_report import write_report
+    from tests.records import pipeline_plan_document
+
+    opened = open_report(write_report(pipeline_plan_document(), str(tmp_path / "pipeline.html")))
+    figures = _check_drawn(opened, {"fit-map", "memory-by-strategy", "pipeline-stages", "max-batch"},
+                           tmp_path / "pipeline-report.png")
+    stages = next(f for f in figures if f["name"] == "pipeline-stages")
+    assert stages["traces"] == 5
+    bars = opened.page.evaluate(
+        "() => document.querySelectorAll('[data-figure=\"pipeline-stages\"] .trace.bars .point').length")
+    assert bars == 5 * 8
