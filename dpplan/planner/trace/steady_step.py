@@ -17,8 +17,8 @@ from torch import nn
 from dpplan.planner import fake_device, torch_apis
 from dpplan.planner.fake_device.fake_tensor import local_tensor
 from dpplan.planner.trace.errors import TraceError, TracerBug, as_trace_failure
-from dpplan.planner.trace.pipeline_rank import PipelineStep, trace_pipeline_rank
 from dpplan.planner.trace.fake_mesh import fake_mesh, fake_tp_mesh
+from dpplan.planner.trace.pipeline_rank import PipelineStep, trace_pipeline_rank
 from dpplan.planner.trace.precision import grad_scaler, prepare_precision
 from dpplan.planner.trace.recorder import Recorder, move_births_to_baseline, tensors_in
 from dpplan.planner.trace.step_trace import (
