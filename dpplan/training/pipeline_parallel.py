@@ -60,7 +60,8 @@ def is_hf_decoder(model: nn.Module) -> bool:
 
 class DecoderStage(nn.Module):
     """Stage ``stage_index`` of a Hugging Face decoder: the embedding on the first, its slice of
-    ``layers`` (named by their model indices), the final norm and head on the last. Rotary
+    ``layers`` (a ModuleList, so that its layers are the stage's units; ``layer_indices`` are
+    their indices in the model), the final norm and head on the last. Rotary
     embeddings (no parameters) run on every stage. Attention is causal through the attention
     implementation's own mask (``attention_mask=None``: sdpa's ``is_causal``)."""
 
@@ -70,7 +71,8 @@ class DecoderStage(nn.Module):
         layers = split_layers(len(inner.layers), num_stages)[stage_index]
         self.first, self.last = stage_index == 0, stage_index == num_stages - 1
         self.embed_tokens = inner.embed_tokens if self.first else None
-        self.layers = nn.ModuleDict({str(i): inner.layers[i] for i in layers})
+        self.layer_indices = tuple(layers)
+        self.layers = nn.ModuleList(inner.layers[i] for i in layers)
         self.rotary_emb = inner.rotary_emb
         self.norm = inner.norm if self.last else None
         self.lm_head = head if self.last else None
@@ -79,7 +81,7 @@ class DecoderStage(nn.Module):
         hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden, positions)
-        for layer in self.layers.values():
+        for layer in self.layers:
             out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
         if self.norm is not None:
