@@ -132,6 +132,10 @@ class RunSpec:
         if self.pp > 1:
             if self.ep > 1:
                 raise UsageError("--pp with --ep is not planned yet")
+            if self.sequence_parallel:
+                # the stage boundaries would be sequence-sharded DTensors; dpplan's stage contract
+                # passes whole hidden states
+                raise UsageError("--pp with --sp is not planned yet (--pp with --tp is)")
             if self.offload != "none":
                 raise UsageError("--pp with --offload is not planned yet (offload is DeepSpeed's and FSDP's)")
             check_layout(PipelineLayout(pp=self.pp, schedule=self.pp_schedule, num_micro_batches=self.grad_accum))

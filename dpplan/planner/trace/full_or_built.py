@@ -70,8 +70,9 @@ def _trace_step(spec: ModelSpec, settings: TraceSettings, batch_size: int) -> St
     # full depth built from those (planner/trace/repeated_layers.py); anything else in full, on a
     # model of its own (a trace changes the model it runs).
     # (not under expert parallelism: its experts units nest in the layers, which the rule's
-    # one-unit-per-layer check would refuse after two short traces)
-    repeated = None if settings.ep > 1 else repeated_layers.trace_by_repeating(
+    # one-unit-per-layer check would refuse after two short traces; not for a pipeline rank,
+    # whose layers are the model's split into stages)
+    repeated = None if settings.ep > 1 or settings.pp > 1 else repeated_layers.trace_by_repeating(
         untraced_model(spec), settings.wrap,
         lambda short, units: trace_model(spec, short, settings, batch_size, units=units),
     )

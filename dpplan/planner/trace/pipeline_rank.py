@@ -57,7 +57,7 @@ class PipelineStep:
         from dpplan.training.pipeline_parallel import build_schedule
 
         self.schedule = build_schedule(self.stages, self.stage_indices, self.layout, self.shapes, self.loss_fn,
-                                       torch.device(self.device_type), group=self.group)
+                                       torch.device("cpu"), group=self.group)
         self.schedule._warmup_p2p = _static_vote
 
     def run(self, batch: Any, autocast: contextlib.AbstractContextManager,
@@ -155,17 +155,21 @@ def _phase_hooks(schedule, on_forward, on_backward) -> list[Callable[[], None]]:
 
 
 @contextlib.contextmanager
-def fake_pipeline_mesh(pp: int, tp: int, pp_rank: int) -> Iterator:
-    """A (pp, tp) mesh of fake ranks as the first tp rank of pipeline rank ``pp_rank`` sees it."""
-    from torch.distributed.device_mesh import init_device_mesh
+def fake_pipeline_mesh(pp: int, tp: int, pp_rank: int) -> Iterator[dict]:
+    """The pp and tp meshes of the first tp rank of pipeline rank ``pp_rank`` on a (pp, tp)
+    grid of fake ranks (tp innermost, torchtitan's order). Each is made from its ranks, not
+    sliced from a 2-D mesh: torch caches a 2-D mesh's slices across process groups, so the
+    second pipeline rank traced in one process would get the first one's (destroyed) groups."""
+    from torch.distributed.device_mesh import DeviceMesh
 
     from dpplan.planner.trace.fake_mesh import fake_process_group
 
-    with fake_process_group(pp * tp, pp_rank * tp):
-        if tp == 1:
-            yield init_device_mesh("cpu", (pp,), mesh_dim_names=("pp",))
-        else:
-            yield init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
+    rank = pp_rank * tp
+    with fake_process_group(pp * tp, rank):
+        meshes = {"pp": DeviceMesh("cpu", torch.arange(pp) * tp + rank % tp, mesh_dim_names=("pp",))}
+        if tp > 1:
+            meshes["tp"] = DeviceMesh("cpu", torch.arange(tp) + rank, mesh_dim_names=("tp",))
+        yield meshes
 
 
 def stage_description(stage_index: int, num_stages: int, layers: range) -> list[str]:
