@@ -6,7 +6,9 @@
 Builds the model on its device, wraps it per strategy, runs ``warmup_steps`` optimizer steps
 (the first creates the optimizer state), then times ``steps`` more and writes DIR/rank<R>.json.
 With tensor parallelism (tp > 1) the model is split over the tp ranks of a (dp, tp) mesh
-first and the strategy wraps it over dp (profiler/tensor_parallel_run.py).
+first and the strategy wraps it over dp (profiler/tensor_parallel_run.py). With pipeline
+parallelism (pp > 1) a rank holds its stages only and steps them with torch's schedule, one
+batch of grad_accum micro-batches per step (profiler/pipeline_run.py).
 
 cpu (gloo): exact live tensor bytes (profiler/cpu_memory.py; recorder started before the
 process group and the model exist) and the process RSS. cuda (nccl, one GPU per process):

@@ -71,6 +71,17 @@ def test_ddp_over_two_pipelines_puts_pp_outermost():
     assert all(r["peak_allocated_bytes"] > 0 for r in results)
 
 
+def test_tensor_parallelism_splits_each_stage_of_a_pipeline():
+    """4 ranks (pp 2 x tp 2), ~10 s: tp innermost, each stage's layers split over its tp pair."""
+    run = RunSpec(pp=2, tp=2, grad_accum=2, seq_len=32)
+    results = run_cpu(RunConfig(run=run, strategy="single", steps=1), 4, timeout_s=180)
+    records = [r["pipeline"] for r in results]
+    assert [(r["pp_rank"], r["tp_rank"], r["stages"]) for r in records] == [
+        (0, 0, [0]), (0, 1, [0]), (1, 0, [1]), (1, 1, [1])]
+    for record in records:  # the tp plan split the stage: less than its whole fp32 parameters
+        assert record["param_bytes"] < 4 * record["num_params"]
+
+
 def test_a_pipelines_ranks_share_a_seed_its_dp_ranks_do_not():
     config = RunConfig(run=RunSpec(pp=2, grad_accum=2), strategy="ddp")
     # world 4 = pp 2 x dp 2: ranks (0, 2) are one pipeline, (1, 3) the other
