@@ -3,8 +3,8 @@
 The run's ranks form a mesh (pp, dp, tp), pp outermost and tp innermost, torchtitan's order
 (torchtitan/distributed/parallel_dims.py: ``["pp", "dp_replicate", "dp_shard", "cp", "tp"]``),
 so a tp group is neighbouring ranks and a pipeline's stages are ``dp x tp`` ranks apart.
-Dimensions of size 1 other than pp are left out of the mesh (no process group is made for
-them).
+Dimensions of size 1 other than pp (and dp under DDP) are left out of the mesh (no process
+group is made for them).
 
 A rank builds the whole model (the same on every rank of a pipeline: one seed per dp
 coordinate), cuts every stage with the model's hooks (training/pipeline_parallel.py), keeps
@@ -111,7 +111,9 @@ def pipeline_meshes(config: RunConfig, world: int, device_type: str) -> Pipeline
     if config.strategy == "single" and dp > 1:
         raise UsageError(f"--strategy single with --pp {pp} runs on {pp * tp} ranks (pp x tp), not {world}: "
                          "the other ranks need --strategy ddp")
-    dims = [(name, size) for name, size in (("pp", pp), ("dp", dp), ("tp", tp)) if size > 1 or name == "pp"]
+    # ddp keeps its dimension at size 1 too: DDP over no group would span the whole world
+    kept = {"pp", "dp"} if config.strategy == "ddp" else {"pp"}
+    dims = [(name, size) for name, size in (("pp", pp), ("dp", dp), ("tp", tp)) if size > 1 or name in kept]
     mesh = init_device_mesh(device_type, tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
     return PipelineMeshes(mesh=mesh, pp=pp, dp=dp, tp=tp)
 

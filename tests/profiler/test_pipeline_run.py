@@ -71,6 +71,16 @@ def test_ddp_over_two_pipelines_puts_pp_outermost():
     assert all(r["peak_allocated_bytes"] > 0 for r in results)
 
 
+def test_ddp_over_one_pipeline_wraps_each_stage_over_a_group_of_one(pipeline_profile):
+    """DDP over dp = 1 is DDP still (its buckets), not DDP over the whole world's stages."""
+    results = run_cpu(RunConfig(run=RunSpec(pp=2, grad_accum=2, seq_len=32), strategy="ddp", steps=1), 2,
+                      timeout_s=120)
+    single = pipeline_profile[1]["runs"][0]["measured"]["per_rank"]
+    for ddp_rank, single_rank in zip(results, single):
+        assert ddp_rank["pipeline"]["dp"] == 1
+        assert ddp_rank["peak_allocated_bytes"] > single_rank["peak_allocated_bytes"]
+
+
 def test_tensor_parallelism_splits_each_stage_of_a_pipeline():
     """4 ranks (pp 2 x tp 2), ~10 s: tp innermost, each stage's layers split over its tp pair."""
     run = RunSpec(pp=2, tp=2, grad_accum=2, seq_len=32)
