@@ -385,6 +385,9 @@ def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, step
                                                       # run the same on every node (node-rank 1 there)
       dpplan profile model.py --gpus 8 --find-batch-size --gpu a10g-24gb --headroom 10
                                                       # largest micro-batch per strategy on a 24 GB card
+      dpplan profile model.py --pp 2 --grad-accum 4   # one 2-stage pipeline (1F1B, 4 micro-batches)
+      dpplan profile model.py --pp 2 --gpus 4 --strategy ddp --pp-schedule zbv
+                                                      # 2 pipelines, DDP over them
     """
 
     def action():
@@ -393,10 +396,15 @@ def profile(model, gpus, nodes, node_rank, rdzv_endpoint, deepspeed_config, step
         from dpplan.reports.profile_table import ProfileProgress, render_profile
 
         run, strategies = run_spec(model, run_flags, deepspeed_config, (gpus,) if gpus else ())
-        if run.tp > 1 or run.ep > 1:  # --tp or --ep without --strategy: what runs over it
+        ranks = gpus
+        if run.pp > 1:  # --pp without --strategy: one pipeline, on tp x pp ranks unless --gpus says more
+            strategies = _tensor_parallel_default("strategies", strategies, ("single",))
+            if strategies == ("single",):
+                ranks = _tensor_parallel_default("gpus", gpus, run.tp * run.pp)
+        elif run.tp > 1 or run.ep > 1:  # --tp or --ep without --strategy: what runs over it
             strategies = _tensor_parallel_default("strategies", strategies, ("fsdp2",))
         config = ProfileConfig(
-            run=run, strategies=strategies, gpus=gpus, nodes=nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+            run=run, strategies=strategies, gpus=ranks, nodes=nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
             steps=steps, warmup_steps=warmup_steps, sample_hz=sample_hz, timeout_s=timeout_s, device=device,
             gpu=gpu, out_dir=out_dir, gpu_memory_bytes=gpu_memory_bytes, headroom_pct=headroom_pct,
             find_batch_size=find_batch_size, max_trials=max_trials, trial_steps=trial_steps,

@@ -202,8 +202,10 @@ def profile_one(config: ProfileConfig, strategy: str, target: Target, run_dir: P
         stderr_tail=stderr_tail, launcher_tail=tail(launcher_log),
         exits=rank_exits(launcher_log.read_text(errors="replace")) if launcher_log.exists() else {}, evidence=evidence,
     )
+    # the ranks of one tp group or one pipeline train on one batch: throughput counts replicas
+    replicas = target.gpus // (config.run.tp * config.run.pp)
     return results.launched_run(outcome=outcome, results=rank_results, expected_ranks=expected,
-                                world_size=target.gpus, stderr_tail=stderr_tail,
+                                num_replicas=replicas, stderr_tail=stderr_tail,
                                 commands=launch_commands(config, strategy, target, run_dir))
 
 
@@ -213,7 +215,8 @@ def run_settings(config: ProfileConfig, strategy: str, target: Target) -> result
         strategy=strategy, gpus=target.gpus, nodes=config.nodes, batch_size=run.batch_size,
         grad_accum=run.grad_accum, precision=run.precision, optimizer=run.optimizer,
         activation_checkpointing=run.activation_checkpointing, offload=run.offload, device=target.device,
-        tp=run.tp, sequence_parallel=run.sequence_parallel, ep=run.ep,
+        tp=run.tp, sequence_parallel=run.sequence_parallel, ep=run.ep, pp=run.pp,
+        pp_schedule=run.pp_schedule if run.pp > 1 else None,
     )
 
 
@@ -316,7 +319,8 @@ def profile(
         if on_notice:
             on_notice(notice)
     model, estimates, unsupported = estimate_entries(config, target)  # a broken model file fails here, before any launch
-    launchable = [s for s in config.strategies if s not in unsupported and not skip_reason(s, target.gpus, config.run.tp)]
+    launchable = [s for s in config.strategies
+                  if s not in unsupported and not skip_reason(s, target.gpus, config.run.tp, config.run.pp)]
     host = available_memory()
     misfits = {s: line for s in launchable if s in estimates and (line := misfit(config, target, estimates[s], host))}
     not_run, forced = launch_fit.decide(misfits, num_launchable=len(launchable), force=force)
@@ -344,7 +348,7 @@ def profile(
         for index, strategy in enumerate(config.strategies):
             settings = run_settings(config, strategy, target)
             estimate, notes = estimates.get(strategy), run_notes(strategy, target, config)
-            reason = skip_reason(strategy, target.gpus, config.run.tp)
+            reason = skip_reason(strategy, target.gpus, config.run.tp, config.run.pp)
             if strategy in unsupported:
                 reason = f"{strategy} cannot wrap this model: {unsupported[strategy]}"
             reason = reason or not_run.get(strategy)

@@ -23,8 +23,9 @@ CUDA context + NCCL + other = NVML used - reserved (peaks of different instants,
 "at most", not exact). step_time_s: the median timed step of the slowest rank (ranks wait for
 each other in every collective); step_time_spread_s: the largest range (slowest - fastest
 timed step) of any rank, what two runs' step times must differ by before one is faster
-(profiler/recommend.py). samples/s = batch * grad_accum * world size / step time; tokens/s
-likewise with training/batch_tokens.py's token rule.
+(profiler/recommend.py). samples/s = batch * grad_accum * replicas / step time (replicas:
+gpus / (tp x pp), the ranks that train on batches of their own); tokens/s likewise with
+training/batch_tokens.py's token rule.
 error_pct = 100 * (estimate - measured) / measured, of peak_allocated_bytes on cuda (against
 the estimate's peak_allocated_bytes) and on cpu (against its peak_bytes, the same thing
 there); errors_pct adds reserved and NVML vs the estimate's peak_reserved_bytes and peak_bytes.
@@ -52,6 +53,7 @@ PER_RANK_KEYS = (
     "memory_series",
     "tensor_parallel",  # tp runs: the rank's coordinates, split/replicated bytes, losses (profiler/tensor_parallel_run.py)
     "expert_parallel",  # ep runs: the rank's coordinates and expert bytes (profiler/expert_parallel_run.py)
+    "pipeline",  # pp runs: the rank's coordinates, stages and what they own (profiler/pipeline_run.py)
 )
 
 
@@ -89,10 +91,14 @@ class RunSettings:
     sequence_parallel: bool = False
     ep: int = 1
     """Expert-parallel degree (of the data-parallel ranks)."""
+    pp: int = 1
+    """Pipeline ranks (the data-parallel strategy runs over gpus / (tp x pp) ranks)."""
+    pp_schedule: str | None = None
+    """With pp > 1: torch's schedule (training/pipeline_layout.py); None without a pipeline."""
 
     @classmethod
     def from_json(cls, data: dict) -> RunSettings:
-        """Back from JSON (a profile written before tensor parallelism has no tp: 1)."""
+        """Back from JSON (a profile written before tensor or pipeline parallelism has no tp, pp: 1)."""
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -157,8 +163,9 @@ def step_time_spread(results: list[dict]) -> float | None:
     return max(ranges) if ranges else None
 
 
-def measured_summary(results: list[dict], *, world_size: int) -> Measured:
-    """The run's numbers from its ranks' results (all of them status ok)."""
+def measured_summary(results: list[dict], *, num_replicas: int) -> Measured:
+    """The run's numbers from its ranks' results (all of them status ok). ``num_replicas``: the
+    ranks that train on batches of their own (gpus / (tp x pp))."""
     details = [rank_detail(r) for r in results]
     step_time = max((r["step_time_s"] for r in results), default=None)
     samples = results[0].get("samples_per_step") if results else None
@@ -172,8 +179,8 @@ def measured_summary(results: list[dict], *, world_size: int) -> Measured:
         peak_rss_bytes=_largest(details, "peak_rss_bytes"),
         step_time_s=step_time,
         step_time_spread_s=step_time_spread(results),
-        samples_per_s=samples * world_size / step_time if samples and step_time else None,
-        tokens_per_s=tokens * world_size / step_time if tokens and step_time else None,
+        samples_per_s=samples * num_replicas / step_time if samples and step_time else None,
+        tokens_per_s=tokens * num_replicas / step_time if tokens and step_time else None,
         num_ranks_measured=len(results),
         per_rank=tuple(details),
     )
@@ -314,11 +321,11 @@ class LaunchedRun:
     """The same run as ``torchrun`` and ``srun`` command lines (launch.user_commands)."""
 
 
-def launched_run(*, outcome: Outcome, results: dict[int, dict], expected_ranks: list[int], world_size: int,
+def launched_run(*, outcome: Outcome, results: dict[int, dict], expected_ranks: list[int], num_replicas: int,
                  stderr_tail: dict[int, str], commands: dict[str, str]) -> LaunchedRun:
     """What the ranks of a finished job wrote, merged."""
     if outcome.status == RunStatus.OK:
-        measured = measured_summary([results[r] for r in expected_ranks], world_size=world_size)
+        measured = measured_summary([results[r] for r in expected_ranks], num_replicas=num_replicas)
         tail = None
     else:
         measured = Measured(summarized=False,

@@ -69,7 +69,8 @@ def resolve_target(config: ProfileConfig) -> Target:
     if config.device == "cuda" and not num_visible:
         raise UsageError("--device cuda: no GPU is visible to torch here")
     if config.device == "cpu" or not num_visible:
-        gpus = config.gpus or max(DEFAULT_CPU_RANKS, config.run.tp * config.run.ep) * config.nodes  # a tp or ep group at least
+        # a tp or ep group, or a pipeline, at least
+        gpus = config.gpus or max(DEFAULT_CPU_RANKS, config.run.tp * config.run.ep * config.run.pp) * config.nodes
         notices = [] if config.device == "cpu" else [
             f"no GPU found: running each strategy on {gpus} CPU process{'es' if gpus > 1 else ''} with gloo "
             "(tensor bytes and host RSS, no GPU memory)"
@@ -123,17 +124,18 @@ def capacity_source(config: ProfileConfig, target: Target) -> str:
     return f"{target.gpu} memory" if target.device == "cuda" else "host RAM per rank"
 
 
-def skip_reason(strategy: str, gpus: int, tp: int = 1) -> str | None:
-    """Why ``strategy`` cannot be profiled on ``gpus`` ranks at tensor-parallel degree ``tp``,
-    or None. A single-device strategy has no data parallelism: its one replica spans ``tp``
-    ranks."""
+def skip_reason(strategy: str, gpus: int, tp: int = 1, pp: int = 1) -> str | None:
+    """Why ``strategy`` cannot be profiled on ``gpus`` ranks at tensor-parallel degree ``tp``
+    and ``pp`` pipeline ranks, or None. A single-device strategy has no data parallelism: its
+    one replica spans ``tp x pp`` ranks."""
     info = strategy_info(strategy)
     if info.wrapper is Wrapper.DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
         return f"{strategy} is a DeepSpeed stage and DeepSpeed is not installed: estimate only"
     if info.not_runnable:
         return info.not_runnable
-    if info.single_device and gpus != tp:
-        if tp == 1:
+    if info.single_device and gpus != tp * pp:
+        if tp * pp == 1:
             return f"{strategy} runs on one GPU: profile it with --gpus 1"
-        return f"{strategy} has no data parallelism: profile it with --gpus {tp} (= --tp)"
+        what = "--tp" if pp == 1 else "--pp" if tp == 1 else "--tp x --pp"
+        return f"{strategy} has no data parallelism: profile it with --gpus {tp * pp} (= {what})"
     return None

@@ -6,7 +6,9 @@
 Builds the model on its device, wraps it per strategy, runs ``warmup_steps`` optimizer steps
 (the first creates the optimizer state), then times ``steps`` more and writes DIR/rank<R>.json.
 With tensor parallelism (tp > 1) the model is split over the tp ranks of a (dp, tp) mesh
-first and the strategy wraps it over dp (profiler/tensor_parallel_run.py).
+first and the strategy wraps it over dp (profiler/tensor_parallel_run.py). With pipeline
+parallelism (pp > 1) a rank holds its stages only and steps them with torch's schedule, one
+batch of grad_accum micro-batches per step (profiler/pipeline_run.py).
 
 cpu (gloo): exact live tensor bytes (profiler/cpu_memory.py; recorder started before the
 process group and the model exist) and the process RSS. cuda (nccl, one GPU per process):
@@ -120,11 +122,9 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
     import torch.distributed as dist
 
     from dpplan.profiler.memory_series import cuda_series
-    from dpplan.profiler.parallelize import parallelize
     from dpplan.training.batch_tokens import tokens_per_micro_batch
-    from dpplan.training.model_file import build_module, example_batch_for, load_model_file
+    from dpplan.training.model_file import example_batch_for, load_model_file
     from dpplan.training.training_step import autocast_context, run_training_step
-    from dpplan.training.units import checkpoint_units, find_units
 
     sampler = meter = None
     if cpu:
@@ -148,8 +148,15 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             dist.init_process_group("gloo" if cpu else "nccl")
             if cpu:
                 _settle_gloo_collectives(dist)
-        mesh = split_bytes = expert_meshes = experts = None
-        if config.run.ep > 1:
+        mesh = split_bytes = expert_meshes = experts = pipeline_meshes = pipeline = None
+        if config.run.pp > 1:
+            from dpplan.profiler import pipeline_run
+
+            if cpu and config.run.tp > 1:
+                _settle_functional_collectives()
+            pipeline_meshes = pipeline_run.pipeline_meshes(config, world, device.type)
+            torch.manual_seed(pipeline_run.data_parallel_seed(config, rank, world))
+        elif config.run.ep > 1:
             from dpplan.profiler import expert_parallel_run
 
             if cpu:
@@ -169,26 +176,16 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
         spec = load_model_file(config.run.model)
         build_mark = recorder.mark("build") if recorder else contextlib.nullcontext()
         with build_mark:
-            # On cuda the model is built on its GPU directly: a large model never sits in host memory.
-            with (torch.device(device) if not cpu else contextlib.nullcontext()):
-                model = build_module(spec)
-            model = model.to(device)
-            if mesh is not None:  # tensor parallelism first, then checkpointing and the wrapper
-                split_bytes = tensor_parallel_run.split_model(model, spec, config, mesh)
-            if expert_meshes is not None:  # likewise expert parallelism
-                experts = expert_parallel_run.split_experts(model, expert_meshes)
-            units = find_units(model, config.run.wrap)
-            if config.run.activation_checkpointing:
-                checkpoint_units(model, units)
-            prepared = parallelize(
-                model, config.strategy, units=units, precision=config.run.precision, optimizer_name=config.run.optimizer,
-                device=device, num_nodes=config.nodes, offload=config.run.offload,
-                batch_size=config.run.batch_size, grad_accum=config.run.grad_accum, zero=config.run.zero,
-                dp_mesh=mesh["dp"] if mesh is not None else expert_meshes.dp if expert_meshes is not None else None,
-                experts=experts,
-            )
-        batch = _to_device(example_batch_for(spec, config.run.batch_size, config.run.seq_len), device)
-        batch = prepared.cast_batch(batch)
+            if pipeline_meshes is not None:  # this rank's stages only (profiler/pipeline_run.py)
+                pipeline = pipeline_run.build_pipeline_rank(spec, config, pipeline_meshes, device)
+            else:
+                prepared, split_bytes, experts = _build_replica(spec, config, device, mesh, expert_meshes)
+        if pipeline is not None:  # a step's micro-batches, one batch the schedule splits
+            batch = _to_device(
+                example_batch_for(spec, config.run.batch_size * config.run.grad_accum, config.run.seq_len), device)
+        else:
+            batch = _to_device(example_batch_for(spec, config.run.batch_size, config.run.seq_len), device)
+            batch = prepared.cast_batch(batch)
 
         if recorder:
             on_phase = recorder.mark
@@ -206,6 +203,10 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             loss_fn = tensor_parallel_run.recording_loss(spec.loss_fn, losses)
 
         def step():
+            if pipeline is not None:
+                pipeline_run.run_step(pipeline, batch, precision=config.run.precision, device_type=device.type,
+                                      on_phase=on_phase, before_backward=before_backward)
+                return
             run_training_step(
                 prepared.model, prepared.optimizer, batch, loss_fn,
                 grad_accum=config.run.grad_accum,
@@ -239,8 +240,11 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
             "step_time_s": statistics.median(step_times),
             "step_times_s": step_times,
             "samples_per_step": config.run.batch_size * config.run.grad_accum,
-            "tokens_per_step": _times(tokens_per_micro_batch(batch), config.run.grad_accum),
+            "tokens_per_step": (tokens_per_micro_batch(batch) if pipeline is not None  # the batch is the step's
+                                else _times(tokens_per_micro_batch(batch), config.run.grad_accum)),
         }
+        if pipeline_meshes is not None and pipeline is not None:
+            measured["pipeline"] = pipeline_run.rank_record(config, pipeline_meshes, pipeline)
         if mesh is not None and split_bytes is not None:
             measured["tensor_parallel"] = tensor_parallel_run.rank_record(config, mesh, split_bytes, losses, batch)
         if expert_meshes is not None and experts is not None:
@@ -267,6 +271,41 @@ def _measure(config: RunConfig, rank: int, world: int, local_rank: int) -> dict:
     finally:
         if sampler is not None:
             sampler.stop()  # safe twice; a failed run must not leave the sampling thread
+
+
+def _build_replica(spec, config: RunConfig, device, mesh, expert_meshes):
+    """The whole model on ``device``, split (tp, ep), checkpointed and wrapped for the strategy:
+    (PreparedRun, the tensor-parallel split's bytes, the expert units)."""
+    import torch
+
+    from dpplan.profiler.parallelize import parallelize
+    from dpplan.training.model_file import build_module
+    from dpplan.training.units import checkpoint_units, find_units
+
+    split_bytes = experts = None
+    # On cuda the model is built on its GPU directly: a large model never sits in host memory.
+    with (torch.device(device) if device.type != "cpu" else contextlib.nullcontext()):
+        model = build_module(spec)
+    model = model.to(device)
+    if mesh is not None:  # tensor parallelism first, then checkpointing and the wrapper
+        from dpplan.profiler import tensor_parallel_run
+
+        split_bytes = tensor_parallel_run.split_model(model, spec, config, mesh)
+    if expert_meshes is not None:  # likewise expert parallelism
+        from dpplan.profiler import expert_parallel_run
+
+        experts = expert_parallel_run.split_experts(model, expert_meshes)
+    units = find_units(model, config.run.wrap)
+    if config.run.activation_checkpointing:
+        checkpoint_units(model, units)
+    prepared = parallelize(
+        model, config.strategy, units=units, precision=config.run.precision, optimizer_name=config.run.optimizer,
+        device=device, num_nodes=config.nodes, offload=config.run.offload,
+        batch_size=config.run.batch_size, grad_accum=config.run.grad_accum, zero=config.run.zero,
+        dp_mesh=mesh["dp"] if mesh is not None else expert_meshes.dp if expert_meshes is not None else None,
+        experts=experts,
+    )
+    return prepared, split_bytes, experts
 
 
 def _times(value: int | None, factor: int) -> int | None:

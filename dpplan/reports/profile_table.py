@@ -126,11 +126,12 @@ def _table(runs: tuple[RunResult, ...], columns: list[RunColumn], *, narrow: boo
 
 def _model_parallel(config: dict) -> str:
     """``tensor parallel 2 + sequence parallel · `` for a tensor-parallel profile, ``expert
-    parallel 2 · `` for an expert-parallel one, else nothing (a profile written before either
-    has no tp or ep)."""
-    tp, ep = config.get("tp") or 1, config.get("ep") or 1
+    parallel 2 · `` for an expert-parallel one, ``pipeline parallel 2 (1f1b) · `` for a
+    pipeline, else nothing (a profile written before them has no tp, ep or pp)."""
+    tp, ep, pp = config.get("tp") or 1, config.get("ep") or 1, config.get("pp") or 1
     text = f"tensor parallel {tp}{' + sequence parallel' if config.get('sequence_parallel') else ''} · " if tp > 1 else ""
-    return text + (f"expert parallel {ep} · " if ep > 1 else "")
+    text += f"expert parallel {ep} · " if ep > 1 else ""
+    return text + (f"pipeline parallel {pp} ({config.get('pp_schedule')}) · " if pp > 1 else "")
 
 
 def render_profile(document: ProfileDocument, console: Console | None = None) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from dpplan.training.pipeline_layout import PipelineError, PipelineLayout, split_layers
 
 __all__ = ["DecoderStage", "PipelineError", "PipelineLayout", "boundary_shapes", "build_schedule", "causal_lm_loss",
-           "pipeline_batch", "run_pipeline_step", "split_layers", "stage_loss", "stage_module"]
+           "pipeline_batch", "run_pipeline_step", "split_layers", "stage_loss", "stage_module", "stage_units"]
 
 IGNORE_INDEX = -100
 """Label ignored by the causal-LM loss (transformers' ``ForCausalLMLoss`` default)."""
@@ -43,7 +43,7 @@ IGNORE_INDEX = -100
 
 # -- Hugging Face decoders --------------------------------------------------------------------
 
-def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def _decoder_parts(model: nn.Module) -> tuple[Any, Any] | None:  # (model.model, lm_head): duck-typed
     inner = getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
     if inner is None or head is None:
@@ -67,7 +67,9 @@ class DecoderStage(nn.Module):
 
     def __init__(self, model: nn.Module, stage_index: int, num_stages: int):
         super().__init__()
-        inner, head = _decoder_parts(model)  # type: ignore[misc]
+        parts = _decoder_parts(model)
+        assert parts is not None, "stage_module cuts only what is_hf_decoder accepts"
+        inner, head = parts
         layers = split_layers(len(inner.layers), num_stages)[stage_index]
         self.first, self.last = stage_index == 0, stage_index == num_stages - 1
         self.embed_tokens = inner.embed_tokens if self.first else None
@@ -84,7 +86,7 @@ class DecoderStage(nn.Module):
         for layer in self.layers:
             out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
-        if self.norm is not None:
+        if self.norm is not None and self.lm_head is not None:
             hidden = self.lm_head(self.norm(hidden))
         return hidden
 
@@ -114,6 +116,16 @@ def stage_module(spec: Any, model: nn.Module, stage_index: int, num_stages: int)
     )
 
 
+def stage_units(stage: nn.Module, wrap_class: str | None = None) -> list[nn.Module]:
+    """The checkpointing (and FSDP) units of a stage: a cut decoder's layers (a ``ModuleDict``,
+    which training/units.py's default rule does not look into), else that rule on the stage."""
+    from dpplan.training.units import find_units
+
+    if isinstance(stage, DecoderStage) and wrap_class is None:
+        return list(stage.layers.values())
+    return find_units(stage, wrap_class)
+
+
 def stage_loss(spec: Any, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     hook = getattr(spec, "pipeline_loss", None)
     if hook is not None:
@@ -127,8 +139,8 @@ def pipeline_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(stage-0 input, last-stage target) of an example batch: ``input_ids`` and ``labels`` of a
     dict, or the two tensors of a pair."""
     if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
-        labels = batch.get("labels", batch["input_ids"])
-        return batch["input_ids"], labels
+        labels = batch.get("labels")
+        return batch["input_ids"], labels if isinstance(labels, torch.Tensor) else batch["input_ids"]
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
         return batch[0], batch[1]
     raise PipelineError("--pp needs example_batch() to return {'input_ids': ..., 'labels': ...} or (inputs, labels)")
@@ -137,7 +149,7 @@ def pipeline_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def boundary_shapes(stages: list[nn.Module], micro_input: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) of every stage for one micro-batch, as meta tensors: the static
     metadata ``PipelineStage`` takes, so no rank infers shapes by sending them."""
-    shapes = []
+    shapes: list[tuple[torch.Tensor, torch.Tensor]] = []
     x = micro_input.to("meta")
     with torch.no_grad():
         for stage in stages:
@@ -163,7 +175,7 @@ def build_schedule(
         return torch.empty(meta.shape, dtype=meta.dtype, device=device).requires_grad_(requires_grad)
 
     last = layout.num_stages - 1
-    stages = []
+    stages: list[Any] = []  # PipelineStage; the schedules type theirs as the private base class
     for module, index in zip(stage_modules, stage_indices):
         x, out = shapes[index]
         floating = x.is_floating_point()

@@ -27,7 +27,7 @@ def cuda_rank(rank, allocated, reserved, nvml, step_time_s):
 
 def test_cuda_gaps_throughput_and_errors_are_named():
     results = [cuda_rank(0, 100 * MiB, 120 * MiB, 700 * MiB, 0.5), cuda_rank(1, 110 * MiB, 125 * MiB, 690 * MiB, 0.4)]
-    summary = profile_results.measured_summary(results, world_size=2)
+    summary = profile_results.measured_summary(results, num_replicas=2)
     measured = summary.to_json()
     assert measured["peak_allocated_bytes"] == 110 * MiB
     assert measured["peak_reserved_bytes"] == 125 * MiB

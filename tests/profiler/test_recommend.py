@@ -154,7 +154,7 @@ def _measured_run(strategy, estimate, step_times, batch_size=1):
     """A finished run whose one rank timed ``step_times``, summarized as profile_results does."""
     rank = {"rank": 0, "status": "ok", "peak_allocated_bytes": estimate.peak_bytes, "step_times_s": list(step_times),
             "step_time_s": sorted(step_times)[len(step_times) // 2], "samples_per_step": batch_size}
-    measured = measured_summary([rank], world_size=2)
+    measured = measured_summary([rank], num_replicas=2)
     return RunResult(settings=run_settings(strategy=strategy, batch_size=batch_size, device="cpu"), status="ok",
                      estimate=estimate, measured=measured)
 

@@ -1,0 +1,121 @@
+"""Real pipeline-parallel runs (``dpplan profile --pp``, torchrun, gloo) of the bundled GPT:
+each rank holds its stages only and records them, and the profile defaults to one pipeline."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dpplan.config import RunConfig, RunSpec
+from dpplan.errors import UsageError
+from dpplan.models import default_gpt
+from dpplan.profiler.cpu_run import run_cpu
+from dpplan.profiler.pipeline_run import check_pipeline_run, data_parallel_seed, stage_contents
+from dpplan.profiler.target import skip_reason
+
+FAST = ["--grad-accum", "2", "--seq-len", "32", "--steps", "1", "--device", "cpu", "--timeout", "120"]
+"""A short run: 2 micro-batches of 1 sample of 32 tokens, 1 warm-up and 1 timed step."""
+
+
+def _whole_model_params() -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in default_gpt.build_model().parameters())
+
+
+@pytest.fixture(scope="module")
+def pipeline_profile(tmp_path_factory):
+    """``dpplan profile --pp 2`` without --strategy or --gpus: one pipeline on 2 CPU ranks (~10 s)."""
+    from dpplan.cli import main
+
+    out = tmp_path_factory.mktemp("pp_profile") / "out"
+    result = CliRunner().invoke(main, ["profile", "--pp", "2", *FAST, "--out", str(out)], catch_exceptions=False)
+    return result, json.loads((out / "profile.json").read_text())
+
+
+def test_profile_with_pp_runs_one_pipeline_of_single_on_pp_ranks(pipeline_profile):
+    result, document = pipeline_profile
+    assert result.exit_code == 0, result.output
+    assert "pipeline parallel 2 (1f1b)" in result.output
+    assert document["device"]["gpus"] == 2
+    (run,) = document["runs"]
+    assert (run["strategy"], run["status"], run["pp"], run["pp_schedule"]) == ("single", "ok", 2, "1f1b")
+    # one replica: the two ranks train on one batch of 2 micro-batches of 1 sample
+    assert run["measured"]["samples_per_s"] == pytest.approx(2 / run["measured"]["step_time_s"])
+
+
+def test_each_rank_holds_and_records_its_own_stage_only(pipeline_profile):
+    _, document = pipeline_profile
+    ranks = document["runs"][0]["measured"]["per_rank"]
+    records = [r["pipeline"] for r in ranks]
+    assert [(r["pp_rank"], r["stages"], r["owns"]) for r in records] == [
+        (0, [0], [["tok_emb", "pos_emb", "blocks 0-2"]]),
+        (1, [1], [["blocks 3-5", "ln_f", "head"]]),
+    ]
+    assert sum(r["num_params"] for r in records) == _whole_model_params()
+    for rank, record in zip(ranks, records):
+        assert record["param_bytes"] == 4 * record["num_params"]  # fp32 parameters, no tp split
+        phases = rank["phase_peak_allocated_bytes"]
+        assert rank["peak_allocated_bytes"] > record["param_bytes"]
+        assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+
+
+def test_ddp_over_two_pipelines_puts_pp_outermost():
+    """4 ranks (pp 2 x dp 2), ~30 s on 2 cores: ranks 0, 1 hold stage 0, ranks 2, 3 stage 1."""
+    run = RunSpec(pp=2, grad_accum=2, seq_len=32)
+    results = run_cpu(RunConfig(run=run, strategy="ddp", steps=1), 4, timeout_s=180)
+    records = [r["pipeline"] for r in results]
+    assert [(r["pp_rank"], r["dp_rank"], r["stages"]) for r in records] == [
+        (0, 0, [0]), (0, 1, [0]), (1, 0, [1]), (1, 1, [1])]
+    assert all(r["dp"] == 2 for r in records)
+    assert all(r["peak_allocated_bytes"] > 0 for r in results)
+
+
+def test_ddp_over_one_pipeline_wraps_each_stage_over_a_group_of_one(pipeline_profile):
+    """DDP over dp = 1 is DDP still (its buckets), not DDP over the whole world's stages."""
+    results = run_cpu(RunConfig(run=RunSpec(pp=2, grad_accum=2, seq_len=32), strategy="ddp", steps=1), 2,
+                      timeout_s=120)
+    single = pipeline_profile[1]["runs"][0]["measured"]["per_rank"]
+    for ddp_rank, single_rank in zip(results, single):
+        assert ddp_rank["pipeline"]["dp"] == 1
+        assert ddp_rank["peak_allocated_bytes"] > single_rank["peak_allocated_bytes"]
+
+
+def test_tensor_parallelism_splits_each_stage_of_a_pipeline():
+    """4 ranks (pp 2 x tp 2), ~10 s: tp innermost, each stage's layers split over its tp pair."""
+    run = RunSpec(pp=2, tp=2, grad_accum=2, seq_len=32)
+    results = run_cpu(RunConfig(run=run, strategy="single", steps=1), 4, timeout_s=180)
+    records = [r["pipeline"] for r in results]
+    assert [(r["pp_rank"], r["tp_rank"], r["stages"]) for r in records] == [
+        (0, 0, [0]), (0, 1, [0]), (1, 0, [1]), (1, 1, [1])]
+    for record in records:  # the tp plan split the stage: less than its whole fp32 parameters
+        assert record["param_bytes"] < 4 * record["num_params"]
+
+
+def test_a_pipelines_ranks_share_a_seed_its_dp_ranks_do_not():
+    config = RunConfig(run=RunSpec(pp=2, grad_accum=2), strategy="ddp")
+    # world 4 = pp 2 x dp 2: ranks (0, 2) are one pipeline, (1, 3) the other
+    assert [data_parallel_seed(config, rank, 4) for rank in range(4)] == [0, 1, 0, 1]
+    tp_config = RunConfig(run=RunSpec(pp=2, tp=2, grad_accum=2), strategy="single")
+    assert {data_parallel_seed(tp_config, rank, 4) for rank in range(4)} == {0}
+
+
+def test_what_a_stage_owns_is_named_by_the_models_paths():
+    with torch.device("meta"):
+        model = default_gpt.GPT(layers=5)
+    stages = [default_gpt.pipeline_stage(model, i, 3) for i in range(3)]
+    assert [stage_contents(model, s) for s in stages] == [
+        ["tok_emb", "pos_emb", "blocks 0-1"], ["blocks 2-3"], ["blocks 4", "ln_f", "head"]]
+
+
+def test_single_with_a_pipeline_needs_exactly_its_ranks():
+    assert skip_reason("single", 2, pp=2) is None
+    assert skip_reason("single", 4, pp=2) == "single has no data parallelism: profile it with --gpus 2 (= --pp)"
+    assert skip_reason("single", 8, tp=2, pp=2) == (
+        "single has no data parallelism: profile it with --gpus 4 (= --tp x --pp)")
+
+
+def test_fp16_mixed_pipelines_are_refused_in_one_line():
+    config = RunConfig(run=RunSpec(pp=2, grad_accum=2, precision="fp16-mixed"), strategy="single")
+    with pytest.raises(UsageError, match="not fp16-mixed"):
+        check_pipeline_run(config)
