@@ -135,6 +135,8 @@ def run_spec(model: str | None, flags: dict, deepspeed_config: str | None,
         values.update(merge_with_flags(read_deepspeed_config(deepspeed_config), {k: values[k] for k in RUN_FLAGS},
                                        given, gpus))
     strategies = values.pop("strategies")
+    if values.get("pp", 1) > 1 and _tensor_parallel_default("grad_accum", None, True):
+        values["grad_accum"] = values["pp"]  # --pp without --grad-accum: one micro-batch per stage rank
     return RunSpec(model=model, **values), strategies
 
 

@@ -336,7 +336,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         max_batch_size=int(max_batch or 0),
         host_bytes=plan.host_bytes,
         notes=notes,
-        **layout.mesh.degrees(),
+        dp=layout.mesh.dp_size, tp=layout.mesh.tp, pp=layout.mesh.pp, cp=layout.mesh.cp, ep=layout.mesh.ep,
         sp=config.run.sequence_parallel,
         headroom_pct=config.headroom_pct,
     )

@@ -117,12 +117,10 @@ def stage_module(spec: Any, model: nn.Module, stage_index: int, num_stages: int)
 
 
 def stage_units(stage: nn.Module, wrap_class: str | None = None) -> list[nn.Module]:
-    """The checkpointing (and FSDP) units of a stage: a cut decoder's layers (a ``ModuleDict``,
-    which training/units.py's default rule does not look into), else that rule on the stage."""
+    """The checkpointing (and FSDP) units of a stage, by training/units.py's rule on the stage
+    alone (a cut decoder's layers: its ModuleList), the same for the trace and real runs."""
     from dpplan.training.units import find_units
 
-    if isinstance(stage, DecoderStage) and wrap_class is None:
-        return list(stage.layers.values())
     return find_units(stage, wrap_class)
 
 

@@ -21,6 +21,7 @@ How one process plays one rank of ``pp`` (x ``tp``):
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -136,7 +137,7 @@ def _static_vote(stages, has_backward, p2p_done) -> None:
 def _phase_hooks(schedule, on_forward, on_backward) -> list[Callable[[], None]]:
     """Call ``on_forward`` / ``on_backward`` as each stage starts a micro-batch's forward or
     backward (the plan's peak phase), by wrapping the stages' methods for the step."""
-    restores = []
+    restores: list[Callable[[], None]] = []
     stages = list(getattr(schedule, "_stages", None) or [schedule._stage])
     for stage in stages:
         for name, hook in (("forward_one_chunk", on_forward), ("backward_one_chunk", on_backward),
@@ -150,7 +151,7 @@ def _phase_hooks(schedule, on_forward, on_backward) -> list[Callable[[], None]]:
                 return _original(*args, **kwargs)
 
             setattr(stage, name, wrapped)
-            restores.append(lambda stage=stage, name=name: delattr(stage, name))
+            restores.append(functools.partial(delattr, stage, name))
     return restores
 
 
@@ -212,7 +213,7 @@ def trace_pipeline_rank(
             for i in indices:
                 plan = tensor_parallel_plan(all_stages[i], settings.tp, settings.sequence_parallel, spec.tp_plan)
                 apply_tensor_parallel(all_stages[i], mesh["tp"], plan)
-        units = [u for i in indices for u in find_units(all_stages[i], settings.wrap)]
+        units = [u for i in indices for u in pipe.stage_units(all_stages[i], settings.wrap)]
         pipeline = PipelineStep(
             layout=layout, stage_indices=indices, stages=[all_stages[i] for i in indices], shapes=shapes,
             loss_fn=pipe.stage_loss(spec, model), device_type=settings.device_type,
