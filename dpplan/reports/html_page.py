@@ -175,6 +175,16 @@ def add_level(figure: go.Figure, y: float, label: str, *, color: str = "#b42318"
                           yanchor="middle", align="left", showarrow=False, font={"color": color})
 
 
+def stack_per_gpu_bars(figure: go.Figure, estimates, capacity_name: str) -> None:
+    """Lay out a figure of per-GPU breakdown bars: stacked, on a GiB axis, with the capacity
+    (and usable) lines when every estimate shares one capacity."""
+    capacities = {(e.capacity_bytes, e.headroom_pct) for e in estimates if e.capacity_bytes}
+    if len(capacities) == 1:
+        add_capacity(figure, *capacities.pop(), capacity_name)
+    figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
+                         legend_traceorder="normal")
+
+
 def add_capacity(figure: go.Figure, capacity_bytes: int, headroom_pct: float, capacity_name: str) -> None:
     """The capacity as a dashed level (GiB axis) and, with a headroom, what a plan may use of it
     as a dotted one: the two limits a per-GPU peak is judged against (config.usable_bytes)."""

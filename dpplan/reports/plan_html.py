@@ -21,10 +21,10 @@ from dpplan.reports.html_page import (
     Section,
     Table,
     Text,
-    add_capacity,
     byte_unit,
     figure_text,
     line_style,
+    stack_per_gpu_bars,
     style_figure,
 )
 from dpplan.reports.plan_recommendation import headroom_text, nodes_text, recommendation_line
@@ -70,11 +70,7 @@ def _memory_bars(estimates: list[StrategyEstimate], capacity_name: str) -> Figur
             marker_color=CATEGORY_COLORS[key],
             hovertemplate="%{x}<br>" + figure_text(label) + ": %{y:.2f} GiB<extra></extra>",
         )
-    capacities = {(e.capacity_bytes, e.headroom_pct) for e in estimates if e.capacity_bytes}
-    if len(capacities) == 1:
-        add_capacity(figure, *capacities.pop(), capacity_name)
-    figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
-                         legend_traceorder="normal")
+    stack_per_gpu_bars(figure, estimates, capacity_name)
     return Figure(
         name="memory-by-strategy",
         figure=style_figure(figure, height=480),

@@ -18,8 +18,8 @@ from dpplan.reports.html_page import (
     Figure,
     Section,
     Table,
-    add_capacity,
     figure_text,
+    stack_per_gpu_bars,
     style_figure,
 )
 from dpplan.reports.stage_text import IN_FLIGHT_MEANING, owns_text, pipeline_estimates, stage_parts
@@ -50,11 +50,7 @@ def _stage_bars(pipelines: list[StrategyEstimate], capacity_name: str) -> Figure
             hovertemplate="%{x}: %{customdata[0]}<br>" + figure_text(label)
             + ": %{y:.2f} GiB<br>%{customdata[1]} micro-batches in flight<extra></extra>",
         )
-    capacities = {(e.capacity_bytes, e.headroom_pct) for e in pipelines if e.capacity_bytes}
-    if len(capacities) == 1:
-        add_capacity(figure, *capacities.pop(), capacity_name)
-    figure.update_layout(barmode="stack", yaxis_title="per-GPU peak (GiB)", xaxis_tickangle=-45,
-                         legend_traceorder="normal")
+    stack_per_gpu_bars(figure, pipelines, capacity_name)
     return Figure(
         name="pipeline-stages",
         figure=style_figure(figure, height=480),

@@ -5,13 +5,11 @@ run of torch's schedule allocates, to the byte."""
 
 import contextlib
 import os
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dpplan.config import PlanConfig, RunSpec
 from dpplan.errors import UsageError
@@ -21,6 +19,7 @@ from dpplan.training.model_file import example_batch_for, load_model_file
 from dpplan.training.pipeline_layout import PipelineLayout
 from dpplan.training.pipeline_parallel import in_flight_micro_batches
 from tests.conftest import FIXTURES
+from tests.gloo_ranks import run_on_gloo_ranks
 
 MICRO, SEQ, MICRO_BATCHES = 2, 16, 4
 
@@ -58,7 +57,7 @@ def test_in_flight_micro_batches_follow_the_schedule():
     assert in_flight_micro_batches(PipelineLayout(pp=4, schedule="1f1b", num_micro_batches=8)) == [4, 3, 2, 1]
 
 
-def _measure(rank, world, init, schedule, results):
+def _measure(rank, world, init, results, schedule):
     os.environ["OMP_NUM_THREADS"] = "1"
     from dpplan.profiler.cpu_memory import CpuMemoryRecorder, enable_process_wide_accounting
     from dpplan.training import pipeline_parallel as pipe
@@ -93,10 +92,8 @@ def _measure(rank, world, init, schedule, results):
 def test_the_step_allocates_what_a_real_gloo_run_allocates(schedule):
     spec = load_model_file(None)
     planned = [_step_growth(trace_step(spec, _settings(schedule, r), batch_size=MICRO)) for r in range(2)]
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_measure, args=(2, os.path.join(tmp, "init"), schedule, results), nprocs=2, join=True)
-        measured = [results[r] for r in range(2)]
+    results = run_on_gloo_ranks(_measure, 2, schedule)
+    measured = [results[r] for r in range(2)]
     # the schedule's sends may finish a few bytes' bookkeeping apart; nothing of a tensor
     assert np.abs(np.array(planned) - np.array(measured)).max() <= 64, (planned, measured)
 

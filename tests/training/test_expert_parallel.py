@@ -1,13 +1,10 @@
 """Expert parallelism (training/expert_parallel.py): which modules are split, the checks, and a
 real 2-rank gloo run whose outputs and gradients equal the unsplit model's."""
 
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dpplan.training.expert_parallel import (
     ExpertParallelError,
@@ -18,6 +15,7 @@ from dpplan.training.expert_parallel import (
 )
 from dpplan.training.model_file import build_module, load_model_file
 from tests.conftest import FIXTURES
+from tests.gloo_ranks import run_on_gloo_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,12 +94,8 @@ def _rank(rank: int, world: int, init_file: str, results) -> None:
 
 def test_two_ranks_compute_the_unsplit_models_loss_and_gradients():
     world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = mp.Manager()
-        results = manager.dict()
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        mp.spawn(_rank, args=(world, os.path.join(tmp, "init"), results), nprocs=world, join=True)
-        for rank in range(world):
-            loss, reference, worst_grad_error = results[rank]
-            assert loss == pytest.approx(reference, rel=1e-5)
-            assert worst_grad_error < 1e-5
+    results = run_on_gloo_ranks(_rank, world)
+    for rank in range(world):
+        loss, reference, worst_grad_error = results[rank]
+        assert loss == pytest.approx(reference, rel=1e-5)
+        assert worst_grad_error < 1e-5

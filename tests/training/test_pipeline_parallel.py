@@ -3,19 +3,17 @@ into stages, which stages a rank holds, the schedule checks, and a real 2-rank g
 each of torch's schedules whose gradients equal the unsplit model's."""
 
 import contextlib
-import os
 import re
-import tempfile
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dpplan.models import default_gpt
 from dpplan.training import pipeline_parallel as pipeline
 from dpplan.training.pipeline_layout import SCHEDULES, PipelineError, PipelineLayout, check_layout, split_layers
+from tests.gloo_ranks import run_on_gloo_ranks
 
 SPEC = SimpleNamespace(name="gpt", pipeline_stage=default_gpt.pipeline_stage, pipeline_loss=default_gpt.pipeline_loss)
 """The bundled GPT's hooks, on a small GPT (4 layers: 4 stages for the two-stage-per-rank schedules)."""
@@ -115,12 +113,7 @@ def _rank(rank: int, world: int, init_file: str, results) -> None:
 
 def test_every_schedule_on_two_ranks_gives_the_unsplit_models_gradients():
     world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = mp.Manager()
-        results = manager.dict()
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        mp.spawn(_rank, args=(world, os.path.join(tmp, "init"), results), nprocs=world, join=True)
-        errors = dict(results)
+    errors = run_on_gloo_ranks(_rank, world)
     for schedule in SCHEDULES:
         for rank in range(world):
             assert errors[(rank, schedule)] < RTOL, (schedule, rank, errors[(rank, schedule)])
