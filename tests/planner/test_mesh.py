@@ -51,10 +51,9 @@ def test_impossible_meshes_are_refused(kwargs, message):
 
 
 def test_axes_without_their_program_transform_are_not_planned_yet():
-    with pytest.raises(ValueError, match="pp parallelism is not planned yet"):
-        Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, pp=2))
     with pytest.raises(ValueError, match="cp parallelism is not planned yet"):
         Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, cp=2))
     assert Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, tp=2)).dp_shard_size == 2  # tp is traced
+    assert Layout(strategy="ddp", mesh=Mesh(dp_replicate=2, pp=2)).world_size == 4  # pp: one trace per stage rank
     with pytest.raises(ValueError, match="rank 4 is outside a mesh of 4 ranks"):
         Layout(strategy="fsdp2", mesh=Mesh(dp_shard=4), rank=4)
