@@ -56,6 +56,9 @@ def stage_parts(estimate: StrategyEstimate) -> list[str]:
         return []
     heaviest, lightest = heaviest_stage(estimate), lightest_stage(estimate)
     gpus = f"{estimate.gpus} GPU" + ("s" if estimate.gpus != 1 else "")
+    if heaviest.peak_bytes == lightest.peak_bytes:  # no rank to name as the heaviest
+        return [f"{estimate.strategy} on {gpus}: every pp rank {format_bytes(heaviest.peak_bytes)}",
+                f"in flight {in_flight_text(estimate)}"]
     return [
         f"{estimate.strategy} on {gpus}: heaviest pp rank {heaviest.pp_rank} {format_bytes(heaviest.peak_bytes)} "
         f"({owns_text(heaviest)})",

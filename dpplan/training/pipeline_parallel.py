@@ -146,9 +146,17 @@ def pipeline_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def boundary_shapes(stages: list[nn.Module], micro_input: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) of every stage for one micro-batch, as meta tensors: the static
-    metadata ``PipelineStage`` takes, so no rank infers shapes by sending them."""
+    metadata ``PipelineStage`` takes, so no rank infers shapes by sending them. A cut Hugging
+    Face decoder's are known without running it (hidden states of the embedding's width and
+    dtype, then the head's logits): an MoE layer's routing cannot run on meta."""
     shapes: list[tuple[torch.Tensor, torch.Tensor]] = []
     x = micro_input.to("meta")
+    if stages and all(isinstance(stage, DecoderStage) for stage in stages):
+        embedding, head = stages[0].embed_tokens, stages[-1].lm_head
+        hidden = torch.empty((*x.shape, embedding.embedding_dim), dtype=embedding.weight.dtype, device="meta")
+        logits = torch.empty((*x.shape, head.out_features), dtype=head.weight.dtype, device="meta")
+        edges = [x] + [hidden] * (len(stages) - 1) + [logits]
+        return list(zip(edges[:-1], edges[1:]))
     with torch.no_grad():
         for stage in stages:
             out = stage(x)

@@ -75,13 +75,12 @@ def test_a_plan_without_stages_has_no_stage_lines_or_section(document):
     assert "stages" not in [section.anchor for section in plan_page(flat).sections]
 
 
-def test_a_rank_of_two_stages_says_which_and_ties_name_the_first_rank():
+def test_a_rank_of_two_stages_says_which_and_a_tie_names_no_rank():
     zbv = stage_estimate(stages=[0, 7], owns=["embedding", "layers 0-1", "layers 14-15", "head"])
     assert owns_text(zbv) == "stages 0, 7: embedding, layers 0-1, layers 14-15, head"
     (estimate,) = pipeline_plan_document().plan.estimates[:1]
     even = replace(estimate, stages=[replace(s, peak_bytes=GiB) for s in estimate.stages])
-    assert stage_parts(even) == ["single on 4 GPUs: heaviest pp rank 0 1.00 GiB (embedding, layers 0-1)",
-                                 "lightest pp rank 0 1.00 GiB", "in flight 4/3/2/1"]
+    assert stage_parts(even) == ["single on 4 GPUs: every pp rank 1.00 GiB", "in flight 4/3/2/1"]
 
 
 def test_plan_json_has_every_stage_in_pipeline_order_and_reads_back(document):
