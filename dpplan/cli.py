@@ -47,6 +47,7 @@ from dpplan.planner.cpu_isa import ISAS as CPU_ISAS
 from dpplan.planner.cpu_isa import apply as apply_cpu_isa
 from dpplan.planner.hardware import DEFAULT_GPU
 from dpplan.planner.strategies.registry import (
+    CONTEXT_PARALLEL_STRATEGIES,
     EXPERT_PARALLEL_STRATEGIES,
     PIPELINE_PARALLEL_STRATEGIES,
     STRATEGIES,
@@ -180,6 +181,10 @@ def run_options(command):
                           "then the micro-batches per step; --strategy single or ddp over gpus / (tp x pp)."),
         click.option("--pp-schedule", type=click.Choice(PP_SCHEDULES), default=RUN_DEFAULTS.pp_schedule,
                      show_default=True, help="With --pp: torch's pipeline schedule."),
+        click.option("--cp", type=click.IntRange(min=1), default=RUN_DEFAULTS.cp, show_default=True,
+                     help="Context-parallel degree: each sequence split over this many GPUs, attention by torch's "
+                          "ring attention (with --strategy fsdp2, --seq-len divisible by 2 x cp; GPUs only; "
+                          "planned by rule, not validated)."),
         click.option("--seq-len", type=click.IntRange(min=1), default=RUN_DEFAULTS.seq_len,
                      help="Tokens per sample, passed to the model file's example_batch(batch_size, seq_len=...) "
                           "[default: the file's own; for a model by name a power of two up to 2048 and its "
@@ -293,7 +298,7 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
 
         run, strategies = run_spec(model, run_flags, deepspeed_config, gpus)
         plan_gpus = gpus
-        if run.tp > 1 and run.pp == 1:
+        if run.tp > 1 and run.pp == 1 and run.cp == 1:
             # --tp without --strategy or --gpus: what combines with it, on multiples of it
             strategies = _tensor_parallel_default("strategies", strategies, TENSOR_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * g for g in DEFAULT_GPU_COUNTS))
@@ -301,6 +306,9 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
             strategies = _tensor_parallel_default(
                 "strategies", strategies, ("single",) if run.tp > 1 else PIPELINE_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * run.pp * g for g in DEFAULT_GPU_COUNTS))
+        if run.cp > 1:  # likewise for --cp: fsdp2 on multiples of cp x tp
+            strategies = _tensor_parallel_default("strategies", strategies, CONTEXT_PARALLEL_STRATEGIES)
+            plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * run.cp * g for g in DEFAULT_GPU_COUNTS))
         if run.ep > 1:  # likewise for --ep: fsdp2 on multiples of it
             strategies = _tensor_parallel_default("strategies", strategies, EXPERT_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.ep * g for g in DEFAULT_GPU_COUNTS))

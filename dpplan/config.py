@@ -21,6 +21,7 @@ from dpplan.errors import UsageError
 from dpplan.planner.cpu_isa import ISAS
 from dpplan.planner.hardware import DEFAULT_GPU, GPU_CATALOG, lookup_gpu
 from dpplan.planner.strategies.registry import (
+    CONTEXT_PARALLEL_STRATEGIES,
     DEEPSPEED_STAGES,
     EXPERT_PARALLEL_STRATEGIES,
     PIPELINE_PARALLEL_STRATEGIES,
@@ -117,13 +118,17 @@ class RunSpec:
     (training/pipeline_parallel.py); with pp > 1 ``grad_accum`` is the micro-batches of the
     schedule. gpus = dp x tp x pp."""
     pp_schedule: str = "1f1b"
-    """torch's pipeline schedule (training/pipeline_parallel.py ``SCHEDULES``)."""
+    """torch's pipeline schedule (training/pipeline_layout.py ``SCHEDULES``)."""
+    cp: int = 1
+    """Context-parallel degree: each sample's sequence split over this many ranks, attention
+    by torch's ring attention (planner/context_parallel.py); planned by rule, GPU targets only.
+    gpus = dp x cp x tp."""
     seq_len: int | None = None
     """Tokens per sample, handed to ``example_batch(batch_size, seq_len=...)``; None: the
     model file's own."""
 
     def __post_init__(self):
-        _at_least(self, ("batch_size", "grad_accum", "tp", "ep", "pp", "seq_len"), 1)
+        _at_least(self, ("batch_size", "grad_accum", "tp", "ep", "pp", "cp", "seq_len"), 1)
         if self.sequence_parallel and self.tp == 1:
             raise UsageError("sequence parallelism (--sp) needs tensor parallelism (--tp N, N > 1)")
         if self.ep > 1 and self.tp > 1:
@@ -139,6 +144,14 @@ class RunSpec:
             if self.offload != "none":
                 raise UsageError("--pp with --offload is not planned yet (offload is DeepSpeed's and FSDP's)")
             check_layout(PipelineLayout(pp=self.pp, schedule=self.pp_schedule, num_micro_batches=self.grad_accum))
+        if self.cp > 1:
+            if self.pp > 1 or self.ep > 1:
+                raise UsageError("--cp with --pp or --ep is not planned yet")
+            if self.seq_len is None or self.seq_len % (2 * self.cp):
+                # torch's load balancer cuts each sequence into 2 x cp chunks, two per rank
+                # (torch/distributed/tensor/experimental/_context_parallel/_load_balancer.py)
+                raise UsageError(f"--cp {self.cp} needs --seq-len divisible by 2 x cp = {2 * self.cp} "
+                                 f"(got {self.seq_len})")
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("offload", self.offload, OFFLOADS)
@@ -158,6 +171,9 @@ class RunSpec:
                        "DeepSpeed ZeRO and FSDP1 do not take torch's DTensor tensor-parallel modules, DDP over "
                        "tensor parallelism is not supported by torchtitan or sound in torch 2.13, nn.DataParallel "
                        "is one process")
+        if self.cp > 1:
+            _only_with(strategies, CONTEXT_PARALLEL_STRATEGIES, "--cp runs beside",
+                       "the cp ranks hold the same model and FSDP2 shards it over dp x cp, as torchtitan does")
         if self.pp > 1:
             _only_with(strategies, PIPELINE_PARALLEL_STRATEGIES, "--pp combines with",
                        "torch's PipelineStage drives DDP itself; FSDP and DeepSpeed under a pipeline are not "
@@ -169,11 +185,12 @@ class RunSpec:
 
     def check_world(self, gpus: int) -> None:
         """That ``gpus`` ranks split into tp groups and the data-parallel ranks into ep groups."""
-        if gpus % (self.tp * self.pp):
-            what = "--tp" if self.pp == 1 else ("--pp" if self.tp == 1 else "--tp x --pp")
-            raise UsageError(f"{what} {self.tp * self.pp} does not divide gpus={gpus} "
-                             "(gpus = data-parallel ranks x tp x pp)")
-        if (gpus // (self.tp * self.pp)) % self.ep:
+        model_parallel = self.tp * self.pp * self.cp
+        if gpus % model_parallel:
+            what = " x ".join(f"--{name}" for name in ("tp", "pp", "cp") if getattr(self, name) > 1)
+            raise UsageError(f"{what} {model_parallel} does not divide gpus={gpus} "
+                             "(gpus = data-parallel ranks x tp x pp x cp)")
+        if (gpus // model_parallel) % self.ep:
             raise UsageError(f"--ep {self.ep} does not divide the {gpus // self.tp} data-parallel ranks of "
                              f"gpus={gpus} (expert parallelism takes its ranks from data parallelism)")
 
@@ -233,6 +250,9 @@ class PlanConfig:
         _at_least(self, ("nodes", "gpus_per_node", "capacity_bytes"), 1)
         _check_headroom(self.headroom_pct)
         _choice("device", self.device, PLAN_DEVICES)
+        if self.run.cp > 1 and self.device != "cuda":
+            raise UsageError("--cp plans GPUs only: torch's ring attention has no CPU kernel (no sharding rule "
+                             "for the CPU attention op)")
         _check_gpu_name(self.gpu)
         if self.nodes is not None and self.gpus_per_node is not None:
             raise UsageError("give either nodes or gpus_per_node, not both")
@@ -320,6 +340,8 @@ class ProfileConfig:
     def __post_init__(self):
         self.run.check_strategies(self.strategies)
         _choice("device", self.device, PROFILE_DEVICES)
+        if self.run.cp > 1:
+            raise UsageError("--cp is planned (dpplan estimate), not run for real yet")
         _at_least(self, ("steps", "nodes", "gpus", "gpu_memory_bytes", "max_trials", "trial_steps"), 1)
         _at_least(self, ("warmup_steps",), 0)
         if self.gpus is not None and self.gpus % self.nodes:

@@ -84,7 +84,9 @@ def trace_settings_for(
         ep=config.run.ep,
         pp=config.run.pp,
         pp_schedule=config.run.pp_schedule,
-        seq_len=config.run.seq_len,
+        cp=config.run.cp,
+        # a context-parallel rank's share of each sequence (config checks it divides)
+        seq_len=config.run.seq_len // config.run.cp if config.run.seq_len else None,
         device_type=config.device,
         # only CPU kernels are measured (at the plan's batch): GPU traces stay batch-free
         kernel_batch_size=config.run.batch_size if config.device == "cpu" else TraceSettings.kernel_batch_size,
@@ -119,7 +121,7 @@ def capacity_for(config: PlanConfig, gpus: int) -> int:
 
 def applicable(strategy: str, gpus: int, config: PlanConfig) -> bool:
     """Whether ``strategy`` plans at ``gpus``: a one-rank strategy only without data parallelism."""
-    return gpus == config.run.tp * config.run.pp or not strategy_info(strategy).single_device
+    return gpus == config.run.tp * config.run.pp * config.run.cp or not strategy_info(strategy).single_device
 
 
 def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: int | None = None) -> Plan:
@@ -277,6 +279,7 @@ def estimate_strategy(trace: StepTrace, strategy: str, gpus: int, config: PlanCo
         tp=config.run.tp,
         ep=config.run.ep,
         pp=config.run.pp,
+        cp=config.run.cp,
         precision=config.run.precision,
         grad_accum=config.run.grad_accum,
         offload=config.run.offload,

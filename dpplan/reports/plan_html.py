@@ -308,6 +308,7 @@ def plan_page(document: PlanDocument) -> Page:
            if config.run.tp > 1 else "")
         + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
         + (f"{pipeline_text(config.run)} · " if config.run.pp > 1 else "")
+        + (f"context parallel {config.run.cp} (by rule, not validated) · " if config.run.cp > 1 else "")
         + _target(document),
         header_rows=[
             ("created", document.created or "-"),

@@ -56,6 +56,7 @@ def _header(document: PlanDocument) -> list[str]:
            if config.run.tp > 1 else "")
         + (f"expert parallel {config.run.ep} · " if config.run.ep > 1 else "")
         + (f"{pipeline_text(config.run)} · " if config.run.pp > 1 else "")
+        + (f"context parallel {config.run.cp} (by rule, not validated) · " if config.run.cp > 1 else "")
         + nodes_text(config),
         f"target: {target} · {headroom_text(config)}",
     ]

@@ -121,6 +121,10 @@ class StorageTracer(TorchDispatchMode):
         """What could not be planned exactly, for the plan's notes: text -> number of calls."""
         self.on_op_done = on_op_done
         """Called as ``on_op_done(func, args, outputs)`` after each op, when set."""
+        self.op_steps: Callable[[Any, tuple], list[tuple] | None] | None = None
+        """``op_steps(func, args)``: buffers of the op's own beyond its outputs, as
+        ``_replay_kernel``'s steps, or None (context parallelism's ring attention:
+        planner/context_parallel.py)."""
         self._on_alloc = on_alloc
         self._on_free = on_free
         self._alive: dict[int, weakref.ref] = {}
@@ -298,6 +302,8 @@ class StorageTracer(TorchDispatchMode):
             steps = self._cpu_kernel_steps(func, args, kwargs, key)
         elif self.target_device_type == "cpu" and func in cpu_kernels.RULED_OPS:
             steps = cpu_kernels.RULED_OPS[func](args)
+        if steps is None and self.op_steps is not None:
+            steps = self.op_steps(func, args)
         gloo_collective = self.target_device_type == "cpu" and collectives.is_collective(func)
         if gloo_collective and steps is None:
             steps = collectives.gloo_steps(func, args)

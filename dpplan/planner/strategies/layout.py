@@ -9,11 +9,11 @@ from dpplan.planner.strategies.mesh import Mesh
 from dpplan.planner.strategies.registry import StrategyInfo, strategy_info
 from dpplan.planner.strategies.zero_settings import DEFAULT_ZERO, ZeroSettings
 
-PLANNED_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
-"""The mesh axes the planner plans today: the data axes by the strategies' state transforms,
-tp (and ep, which takes its ranks from dp_shard) and pp by tracing one rank of the parallel
-program (planner/trace/fake_mesh.py, planner/trace/pipeline_rank.py); cp waits for its
-program transform (strategies/protocol.py ``ProgramTransform``)."""
+PLANNED_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+"""The mesh axes the planner plans: the data axes by the strategies' state transforms, tp (and
+ep, which takes its ranks from dp_shard) and pp by tracing one rank of the parallel program
+(planner/trace/fake_mesh.py, planner/trace/pipeline_rank.py), cp by tracing a rank's share of
+the sequence with ring attention's buffers by rule (planner/context_parallel.py)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,12 +41,13 @@ class Layout:
 
     @classmethod
     def of(
-        cls, strategy: str, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1, pp: int = 1, **settings
+        cls, strategy: str, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1,
+        **settings,
     ) -> Layout:
         """The layout of ``strategy`` on ``world_size`` ranks over ``num_nodes`` nodes, in
         ``pp`` stages of groups of ``tp``, ``ep`` of its shard ranks splitting the experts (its
         registry entry decides the data axes)."""
-        mesh = strategy_info(strategy).mesh(world_size, num_nodes, tp=tp, ep=ep, pp=pp)
+        mesh = strategy_info(strategy).mesh(world_size, num_nodes, tp=tp, ep=ep, pp=pp, cp=cp)
         return cls(strategy=strategy, mesh=mesh, **settings)
 
     @property
@@ -60,13 +61,14 @@ class Layout:
 
     @property
     def dp_shard_size(self) -> int:
-        """Ranks a sharding strategy splits parameters, gradients or state over."""
-        return self.mesh.dp_shard
+        """Ranks a sharding strategy splits parameters, gradients or state over: dp_shard, with
+        the cp ranks beside it (they hold the same model: torchtitan's ``dp_shard_cp``)."""
+        return self.mesh.dp_shard * self.mesh.cp
 
     @property
     def dp_shard_rank(self) -> int:
-        """This rank's index in its shard group."""
-        return self.mesh.coordinate(self.rank, "dp_shard")
+        """This rank's index in its shard group (cp is the inner part of it)."""
+        return self.mesh.coordinate(self.rank, "dp_shard") * self.mesh.cp + self.mesh.coordinate(self.rank, "cp")
 
     @property
     def expert_shard_size(self) -> int:

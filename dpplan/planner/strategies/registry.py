@@ -65,14 +65,14 @@ class StrategyInfo:
     not_runnable: str | None = None
     """Why ``dpplan profile`` cannot launch it (None: it can)."""
 
-    def mesh(self, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1, pp: int = 1) -> Mesh:
+    def mesh(self, world_size: int, num_nodes: int = 1, *, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1) -> Mesh:
         """The mesh this strategy puts ``world_size`` ranks on (``num_nodes`` nodes): ``pp``
         pipeline stages outermost, its data axes over ``world_size / (pp tp)`` ranks, each a ``tp``
         group of neighbours (torchtitan's layout: tp innermost, inside a node); ``ep`` of its
         shard ranks split the experts."""
-        if world_size % (tp * pp):
-            raise UsageError(f"--tp {tp} x --pp {pp} does not divide {world_size} GPUs")
-        dp = world_size // (tp * pp)
+        if world_size % (tp * pp * cp):
+            raise UsageError(f"--tp {tp} x --pp {pp} x --cp {cp} does not divide {world_size} GPUs")
+        dp = world_size // (tp * pp * cp)
         if self.data_axes is DataAxes.ONE:
             if dp != 1:
                 raise UsageError(f"{self.name} runs on one GPU (asked for {world_size})" if tp * pp == 1 else
@@ -82,7 +82,7 @@ class StrategyInfo:
         if self.data_axes is DataAxes.REPLICATE:
             return Mesh(dp_replicate=dp, tp=tp, pp=pp, num_nodes=num_nodes)
         if self.data_axes is DataAxes.SHARD:
-            return Mesh(dp_shard=dp, tp=tp, ep=ep, pp=pp, num_nodes=num_nodes)
+            return Mesh(dp_shard=dp, cp=cp, tp=tp, ep=ep, pp=pp, num_nodes=num_nodes)
         if dp % num_nodes:
             raise UsageError(f"{self.name}: {dp} data-parallel ranks do not split into {num_nodes} nodes")
         return Mesh(dp_replicate=num_nodes, dp_shard=dp // num_nodes, tp=tp, pp=pp, num_nodes=num_nodes)
@@ -125,6 +125,11 @@ parallelize.py), and torch 2.13's DDP-over-TP hooks (torch/distributed/tensor/pa
 ``_pre_dp_module_transform``) leave the module with no parameters after the first forward
 (measured: ``named_parameters()`` empty on 4 gloo ranks), which breaks gradient
 accumulation's memory and every tool that walks the parameters."""
+
+CONTEXT_PARALLEL_STRATEGIES = ("fsdp2",)
+"""The data-parallel strategy planned beside context parallelism: FSDP2 over the dp x cp ranks
+(torchtitan's ``dp_shard_cp`` mesh: the cp ranks hold the same model and shard it too,
+torchtitan/distributed/parallel_dims.py)."""
 
 PIPELINE_PARALLEL_STRATEGIES = ("single", "ddp")
 """The data-parallel strategies planned over the dp ranks of a pipeline: none (``single``: each

@@ -123,6 +123,10 @@ def _trace_model(
         kernel_batch_size=settings.kernel_batch_size,
     )
     tracer.location = location
+    if settings.cp > 1:
+        from dpplan.planner.context_parallel import ring_attention_steps
+
+        tracer.op_steps = ring_attention_steps(settings.cp)
     tracer.on_merge = recorder.merge
     tracer.on_sum_into = recorder.sum_into
     module_index: dict[int, int] = {}
@@ -154,6 +158,10 @@ def _trace_model(
                 spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
                 module_index, module_names, module_classes, checkpointing, batch_size, pipeline,
             )
+            if settings.cp > 1:
+                from dpplan.planner.context_parallel import NOTE
+
+                trace = replace(trace, notes=(*trace.notes, NOTE))
             return replace(trace, expert_units=tuple(range(len(expert_units)))) if expert_units else trace
     except Exception as exc:
         failure = as_trace_failure(exc, spec)

@@ -64,6 +64,9 @@ class TraceSettings:
     ``pp_schedule`` over ``grad_accum`` micro-batches; planner/trace/pipeline_rank.py)."""
     pp_schedule: str = "1f1b"
     pp_rank: int = 0
+    cp: int = 1
+    """Context-parallel degree: ``seq_len`` is then one rank's share, and attention adds ring
+    attention's buffers (planner/context_parallel.py)."""
     seq_len: int | None = None
     """Tokens per sample of the example batch (None: the model file's own)."""
     device_type: str = "cpu"
