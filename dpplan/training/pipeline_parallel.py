@@ -152,7 +152,8 @@ def boundary_shapes(stages: list[nn.Module], micro_input: torch.Tensor) -> list[
     shapes: list[tuple[torch.Tensor, torch.Tensor]] = []
     x = micro_input.to("meta")
     if stages and all(isinstance(stage, DecoderStage) for stage in stages):
-        embedding, head = stages[0].embed_tokens, stages[-1].lm_head
+        embedding: Any = stages[0].embed_tokens
+        head: Any = stages[-1].lm_head
         hidden = torch.empty((*x.shape, embedding.embedding_dim), dtype=embedding.weight.dtype, device="meta")
         logits = torch.empty((*x.shape, head.out_features), dtype=head.weight.dtype, device="meta")
         edges = [x] + [hidden] * (len(stages) - 1) + [logits]
