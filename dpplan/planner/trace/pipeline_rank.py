@@ -13,9 +13,11 @@ How one process plays one rank of ``pp`` (x ``tp``):
   - torch's warm-up vote (a P2P exchange of a flag, read with ``.item()``) is skipped: with
     static metadata on every stage its outcome is STATIC (torch/distributed/pipelining/
     schedules.py ``_warmup_p2p``);
-  - one whole step runs first unrecorded (it creates the receive buffers and the optimizer
-    state, as a real run's first step does), then the second step is the trace; everything
-    still alive from the first is the trace's baseline.
+  - the traced step is the first: what it makes that a later step finds made (the receive
+    buffers, one per micro-batch, and the optimizer state) is moved to the baseline. The one
+    difference from a later step is left out: a later step starts with the previous step's input
+    gradients still on the receive buffers, and frees them first (``clear_runtime_states``),
+    before anything is allocated, so they never add to a peak.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class PipelineStep:
             for restore in handles:
                 restore()
 
-    def held_tensors(self) -> list[torch.Tensor]:
-        """Tensors the stages keep between steps: receive buffers and their gradients."""
+    def receive_buffers(self) -> list[torch.Tensor]:
+        """The buffers the stages receive activations and gradients into: one per micro-batch,
+        made at the first step and kept (``_prepare_forward_infra``/``_prepare_backward_infra``)."""
         held = []
         for stage in self._stage_objects():
             for infos in [*stage.args_recv_info.values(), *getattr(stage, "grad_recv_info", {}).values()]:
@@ -82,8 +85,6 @@ class PipelineStep:
                     buffer = getattr(info, "buffer", None)
                     if isinstance(buffer, torch.Tensor):
                         held.append(buffer)
-                        if buffer.grad is not None:
-                            held.append(buffer.grad)
         return held
 
     def _stage_objects(self) -> list:

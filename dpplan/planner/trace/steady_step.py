@@ -150,10 +150,7 @@ def _trace_model(
             optimizer = build_optimizer(settings.optimizer, model.parameters(), device_type=settings.device_type)
             scaler = grad_scaler(settings)
             if pipeline is not None:
-                # the first step makes the receive buffers and the optimizer state; the second is traced
                 pipeline.build()
-                pipeline.run(batch, _pipeline_autocast(settings))
-                run_optimizer_step(optimizer, scaler)
             trace = _trace_steady_step(
                 spec, model, units, batch, optimizer, scaler, settings, recorder, tracer,
                 module_index, module_names, module_classes, checkpointing, batch_size, pipeline,
@@ -222,10 +219,6 @@ def _trace_steady_step(
                 adopt(value, OPTIMIZER_STATE)
     for leaf in tensors_in(batch):
         adopt(leaf, INPUT)
-    if pipeline is not None:
-        # what the stages keep from the first step (receive buffers, the gradients sent back)
-        for held in pipeline.held_tensors():
-            adopt(held, ACTIVATION)
     num_baseline = len(recorder.event_storage)
 
     # -- markers ----------------------------------------------------------------------------
@@ -291,8 +284,14 @@ def _trace_steady_step(
             handle.remove()
 
     # Optimizer state created in this step (lazily) is state, not temporary, and from the
-    # second step on it exists before the step starts.
+    # second step on it exists before the step starts; so are a pipeline stage's receive buffers
+    # (made for every micro-batch at the first step, kept: planner/trace/pipeline_rank.py).
     persistent: set[int] = set()
+    if pipeline is not None:
+        for buffer in pipeline.receive_buffers():
+            key = local_tensor(buffer).untyped_storage()._cdata
+            if key in recorder.live:
+                persistent.add(recorder.live[key])
     for i, param in enumerate(params):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, torch.Tensor) and local_tensor(value).untyped_storage()._cdata in recorder.live:
