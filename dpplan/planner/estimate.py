@@ -161,7 +161,7 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
     }
     num_estimates = sum(len(family) for family in items.values())
     if config.run.pp > 1:  # one trace per pipeline rank, planned here
-        estimates, trace_seconds = _plan_pipelines(spec, config, items, traces)
+        estimates, trace_seconds = _plan_pipelines(spec, config, items, traces, processes)
         processes = 0
     elif processes is None:
         size = len(traces[first].event_storage) * num_estimates
@@ -181,7 +181,7 @@ def estimate(config: PlanConfig, spec: ModelSpec | None = None, *, processes: in
 
 
 def _plan_pipelines(
-    spec: ModelSpec, config: PlanConfig, items: dict[TraceSettings, list], traces: dict
+    spec: ModelSpec, config: PlanConfig, items: dict[TraceSettings, list], traces: dict, processes: int | None
 ) -> tuple[list[StrategyEstimate], float]:
     """Estimates with pipeline parallelism: every pipeline rank traced once per family
     (planner/pipeline_estimate.py)."""
@@ -191,7 +191,8 @@ def _plan_pipelines(
     estimates = []
     for settings, family in items.items():
         ranks = pipeline_traces(settings, config.run.pp,
-                                lambda s: trace_at_planning_batch(spec, s, config.run.batch_size), traces)
+                                lambda s: trace_at_planning_batch(spec, s, config.run.batch_size), traces,
+                                fork=processes != 1)
         estimates += [estimate_pipeline(ranks, strategy, gpus, config, estimate_strategy) for _, strategy, gpus in family]
     return estimates, time.perf_counter() - start
 

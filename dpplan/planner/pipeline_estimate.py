@@ -11,21 +11,50 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from dpplan.config import PlanConfig
+from dpplan.planner import forked
 from dpplan.planner.plan import StageEstimate, StrategyEstimate
 from dpplan.planner.trace import StepTrace, TraceSettings
 
 
 def pipeline_traces(
-    settings: TraceSettings, pp: int, trace: Callable[[TraceSettings], StepTrace], cache: dict
+    settings: TraceSettings, pp: int, trace: Callable[[TraceSettings], StepTrace], cache: dict, *,
+    fork: bool = False,
 ) -> list[StepTrace]:
-    """The trace of every pipeline rank under ``settings`` (traced once per plan)."""
-    traces = []
-    for rank in range(pp):
-        ranked = replace(settings, pp_rank=rank)
-        if ranked not in cache:
-            cache[ranked] = trace(ranked)
-        traces.append(cache[ranked])
-    return traces
+    """The trace of every pipeline rank under ``settings`` (traced once per plan). With
+    ``fork`` the ranks not traced yet are shared with a forked child on another core, each
+    taken by whichever process is free first (planner/forked.py); the traces are the same."""
+    ranked = [replace(settings, pp_rank=rank) for rank in range(pp)]
+    missing = [s for s in ranked if s not in cache]
+    if fork and len(missing) >= 2 and forked.can_fork():
+        cache.update(_trace_in_two_processes(missing, trace))
+    for s in ranked:
+        if s not in cache:
+            cache[s] = trace(s)
+    return [cache[s] for s in ranked]
+
+
+def _trace_in_two_processes(
+    missing: list[TraceSettings], trace: Callable[[TraceSettings], StepTrace]
+) -> dict[TraceSettings, StepTrace]:
+    queue = forked.WorkQueue(len(missing))
+
+    def work() -> dict[TraceSettings, StepTrace]:
+        done = {}
+        while (index := queue.take()) is not None:
+            done[missing[index]] = trace(missing[index])
+        return done
+
+    try:
+        child = forked.start(work)
+    except OSError:  # no process to be had: everything here
+        queue.close()
+        return {}
+    try:
+        mine = work()
+        return {**mine, **child.result()}
+    finally:
+        child.cancel()
+        queue.close()
 
 
 def estimate_pipeline(
