@@ -1,7 +1,8 @@
 """One pipeline rank, traced (planner/trace/pipeline_rank.py) and planned
 (planner/pipeline_estimate.py): each rank holds its own stages' parameters, the schedule's
 in-flight micro-batches, and what its forward and backward allocate is what a real 2-rank gloo
-run of torch's schedule allocates, to the byte."""
+run of torch's schedule allocates, to the byte, for every schedule (the zero-bubble ones split
+each backward into an input step and a weight step)."""
 
 import contextlib
 import os
@@ -93,7 +94,7 @@ def _measure(rank, world, init, results, schedule):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv"])
 def test_the_step_allocates_what_a_real_gloo_run_allocates(schedule):
     spec = load_model_file(None)
     planned = [_step_growth(trace_step(spec, _settings(schedule, r), batch_size=MICRO)) for r in range(2)]

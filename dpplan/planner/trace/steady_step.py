@@ -224,7 +224,7 @@ def _trace_steady_step(
     # -- markers ----------------------------------------------------------------------------
     root_unit = len(units)
     unit_names = [_qualified(module_names, module_index, u) for u in units] + ["(root)"]
-    handles = mark_units(recorder, model, units, module_index, leaf_inputs=pipeline is None)
+    handles = mark_units(recorder, model, units, module_index, pipeline=pipeline is not None)
 
     param_index = {id(p): i for i, p in enumerate(params)}
     grad_storage = [-1] * len(params)

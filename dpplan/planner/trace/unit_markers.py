@@ -14,13 +14,16 @@ from dpplan.planner.trace.step_trace import TEMPORARY
 
 def mark_units(
     recorder: Recorder, model: nn.Module, units: list[nn.Module], module_index: dict[int, int], *,
-    leaf_inputs: bool = True,
+    pipeline: bool = False,
 ) -> list:
     """Register the hooks on ``model`` and its ``units`` (the root is unit ``len(units)``) and
-    track the running module; returns their handles. ``leaf_inputs=False``: a unit's backward
-    end is marked by its non-leaf inputs only (a pipeline stage's input is a leaf, the receive
-    buffer, and the zero-bubble schedules take its gradient with ``torch.autograd.grad``, where
-    torch refuses a multi-grad hook on a leaf: autograd/graph.py ``_will_engine_execute_node``)."""
+    track the running module; returns their handles. ``pipeline``: a pipeline stage's, whose
+    backward may be split (the zero-bubble schedules take input gradients with
+    ``torch.autograd.grad`` first, weight gradients later): a unit's backward end is marked by
+    its non-leaf inputs only (torch refuses a multi-grad hook on a leaf there: autograd/graph.py
+    ``_will_engine_execute_node``) and by the first of their gradients ("any"): an "all" hook
+    holds every gradient that arrived until the last does, which under a split backward keeps
+    them past the weight step (measured: 1 MiB per micro-batch on the bundled GPT's stage)."""
     unit_of_module = {id(u): i for i, u in enumerate(units)}
     root_unit = len(units)
     handles = []
@@ -37,7 +40,7 @@ def mark_units(
 
     for unit in units:
         u = unit_of_module[id(unit)]
-        handles.append(unit.register_forward_pre_hook(_unit_pre_hook(recorder, u, leaf_inputs), with_kwargs=True))
+        handles.append(unit.register_forward_pre_hook(_unit_pre_hook(recorder, u, pipeline), with_kwargs=True))
         handles.append(unit.register_forward_hook(_unit_post_hook(recorder, u), with_kwargs=True))
     handles.append(model.register_forward_hook(_root_post_hook(recorder, root_unit), with_kwargs=True))
     return handles
@@ -64,15 +67,15 @@ def observe_recompute(recorder: Recorder, unit: int, forward):
     return observed
 
 
-def _unit_pre_hook(recorder: Recorder, unit: int, leaf_inputs: bool = True):
+def _unit_pre_hook(recorder: Recorder, unit: int, pipeline: bool = False):
     def hook(module, args, kwargs):
         if fake_device.current_graph_task_id() != -1:
             return None  # a module's own recomputation (e.g. Hugging Face checkpointing)
         recorder.mark("fwd_start", unit)
-        inputs = [t for t in tensors_in((args, kwargs)) if t.requires_grad and (leaf_inputs or t.grad_fn is not None)]
+        inputs = [t for t in tensors_in((args, kwargs)) if t.requires_grad and (not pipeline or t.grad_fn is not None)]
         if inputs:
             torch.autograd.graph.register_multi_grad_hook(
-                inputs, lambda grads: recorder.mark("bwd_end", unit), mode="all"
+                inputs, lambda grads: recorder.mark("bwd_end", unit), mode="any" if pipeline else "all"
             )
         return None
 
