@@ -126,7 +126,7 @@ parallelize.py), and torch 2.13's DDP-over-TP hooks (torch/distributed/tensor/pa
 (measured: ``named_parameters()`` empty on 4 gloo ranks), which breaks gradient
 accumulation's memory and every tool that walks the parameters."""
 
-PIPELINE_PARALLEL_STRATEGIES = ("single", "ddp")
+PIPELINE_PARALLEL_STRATEGIES = ("single", "ddp", "fsdp2")
 """The data-parallel strategies planned over the dp ranks of a pipeline: none (``single``: each
 rank one stage of the one pipeline) or DDP, which torch's ``PipelineStage`` drives itself
 (``no_sync`` on all but the last backward of a step, torch/distributed/pipelining/stage.py
