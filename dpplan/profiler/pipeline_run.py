@@ -195,7 +195,8 @@ def _fully_shard_stage(module: nn.Module, units: list[nn.Module], dp_mesh: Devic
                  else MixedPrecisionPolicy())
     for unit in units:
         fully_shard(unit, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
-    return fully_shard(module, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    fully_shard(module, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    return module  # the same module, its class now also an FSDPModule
 
 
 def _meta_shapes(spec: ModelSpec, config: RunConfig, layout: PipelineLayout) -> list:

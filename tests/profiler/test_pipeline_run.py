@@ -185,3 +185,22 @@ def test_fsdp2_over_two_pipelines_gives_the_unsplit_models_gradients(precision, 
 
     errors = run_on_gloo_ranks(_fsdp2_gradients, 4, precision)
     assert all(errors[r] < rtol for r in range(4)), errors
+
+
+def test_fsdp2_over_two_pipelines_is_planned_to_the_byte_per_rank():
+    """4 gloo ranks (pp 2 x dp 2, bf16-mixed, 1F1B), ~40 s: each pipeline rank's measured peak
+    (the stage's reduce-scatter after the schedule's last backward) against its estimate.
+    Measured on torch 2.13: within 32 bytes on both ranks, fp32 and bf16-mixed, 1F1B and GPipe,
+    with and without checkpointing (README, "Pipeline parallelism")."""
+    from dpplan.config import PlanConfig
+    from dpplan.planner.estimate import estimate
+
+    run = RunSpec(pp=2, grad_accum=2, seq_len=32, precision="bf16-mixed")
+    results = run_cpu(RunConfig(run=run, strategy="fsdp2", steps=1), 4, timeout_s=240)
+    measured: dict[int, int] = {}
+    for r in results:
+        pp_rank = r["pipeline"]["pp_rank"]
+        measured[pp_rank] = max(measured.get(pp_rank, 0), r["peak_allocated_bytes"])
+    (planned,) = estimate(PlanConfig(run=run, strategies=("fsdp2",), gpus=(4,), device="cpu"), processes=1).estimates
+    for stage in planned.stages:
+        assert abs(stage.peak_bytes - measured[stage.pp_rank]) <= 64, (stage.pp_rank, stage.peak_bytes, measured)
