@@ -302,9 +302,10 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
             # --tp without --strategy or --gpus: what combines with it, on multiples of it
             strategies = _tensor_parallel_default("strategies", strategies, TENSOR_PARALLEL_STRATEGIES)
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * g for g in DEFAULT_GPU_COUNTS))
-        if run.pp > 1:  # likewise for --pp: one pipeline, and DDP over pipelines, on multiples of it
+        if run.pp > 1:  # likewise for --pp: one pipeline, DDP or FSDP2 over pipelines, on multiples of it
             strategies = _tensor_parallel_default(
-                "strategies", strategies, ("single",) if run.tp > 1 else PIPELINE_PARALLEL_STRATEGIES)
+                "strategies", strategies,
+                tuple(s for s in PIPELINE_PARALLEL_STRATEGIES if run.tp == 1 or s in TENSOR_PARALLEL_STRATEGIES))
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * run.pp * g for g in DEFAULT_GPU_COUNTS))
         if run.cp > 1:  # likewise for --cp: fsdp2 on multiples of cp x tp
             strategies = _tensor_parallel_default("strategies", strategies, CONTEXT_PARALLEL_STRATEGIES)

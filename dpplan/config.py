@@ -176,8 +176,8 @@ class RunSpec:
                        "the cp ranks hold the same model and FSDP2 shards it over dp x cp, as torchtitan does")
         if self.pp > 1:
             _only_with(strategies, PIPELINE_PARALLEL_STRATEGIES, "--pp combines with",
-                       "torch's PipelineStage drives DDP itself; FSDP and DeepSpeed under a pipeline are not "
-                       "planned yet")
+                       "torch's PipelineStage drives DDP and FSDP2 itself; FSDP1 and DeepSpeed under a pipeline "
+                       "are not planned yet")
         if self.ep > 1:
             _only_with(strategies, EXPERT_PARALLEL_STRATEGIES, "--ep runs beside",
                        "each experts module is an FSDP2 unit of its own over the ranks that hold the same experts, "

@@ -10,10 +10,17 @@ A rank builds the whole model (the same on every rank of a pipeline: one seed pe
 coordinate), cuts every stage with the model's hooks (training/pipeline_parallel.py), keeps
 the stages its schedule gives it and drops the rest before anything is measured. Each kept
 stage is split over "tp" first when tp > 1 (training/tensor_parallel.py, the plan computed for
-the stage module), then checkpointed per unit, then wrapped in DDP over "dp" for ``ddp``
-(torch's ``PipelineStage`` runs DDP's ``no_sync`` itself, torch/distributed/pipelining/stage.py
-``backward_maybe_with_nosync``), torchtitan's order (torchtitan/models/llama3/infra/
-parallelize.py). The optimizer holds this rank's parameters only.
+the stage module), then checkpointed per unit, then wrapped over "dp", torchtitan's order
+(torchtitan/models/llama3/infra/parallelize.py): in DDP for ``ddp``, or for ``fsdp2`` with
+``fully_shard`` on each unit and then on the stage module (each stage its own FSDP root),
+``reshard_after_forward=False`` as torchtitan's default under a pipeline (``apply_fsdp``:
+"do not reshard after forward to avoid per-microbatch all-gathers"). torch's ``PipelineStage``
+drives either itself (torch/distributed/pipelining/stage.py): DDP's ``no_sync`` on all but the
+last backward (``backward_maybe_with_nosync``); FSDP2 with gradient sync and resharding off for
+every backward, then ``perform_reduce_grad`` after the step's last: each group's
+post_backward reduce-scatters the accumulated unsharded gradients and reshards. Under
+bf16-mixed FSDP2 computes in bf16 through its MixedPrecisionPolicy (no autocast), so the
+stage boundaries are bf16 too. The optimizer holds this rank's parameters only.
 
 The step: torch's schedule runs every micro-batch's forward and backward
 (``run_pipeline_step``), then the optimizer step (training/training_step.py). The recorder's
@@ -87,7 +94,9 @@ class PipelineRank:
     num_params: int
     """Parameters of the kept stages, whole (before any tensor-parallel split)."""
     param_bytes: int
-    """This rank's parameter bytes (local shards after a tensor-parallel split)."""
+    """This rank's parameter bytes (local shards after a tensor-parallel or FSDP2 split)."""
+    uses_autocast: bool = True
+    """False where FSDP2's MixedPrecisionPolicy casts instead (bf16-mixed fsdp2)."""
 
 
 def check_pipeline_run(config: RunConfig) -> None:
@@ -111,8 +120,8 @@ def pipeline_meshes(config: RunConfig, world: int, device_type: str) -> Pipeline
     if config.strategy == "single" and dp > 1:
         raise UsageError(f"--strategy single with --pp {pp} runs on {pp * tp} ranks (pp x tp), not {world}: "
                          "the other ranks need --strategy ddp")
-    # ddp keeps its dimension at size 1 too: DDP over no group would span the whole world
-    kept = {"pp", "dp"} if config.strategy == "ddp" else {"pp"}
+    # ddp and fsdp2 keep their dimension at size 1 too: over no group they would span the world
+    kept = {"pp", "dp"} if config.strategy in ("ddp", "fsdp2") else {"pp"}
     dims = [(name, size) for name, size in (("pp", pp), ("dp", dp), ("tp", tp)) if size > 1 or name in kept]
     mesh = init_device_mesh(device_type, tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
     return PipelineMeshes(mesh=mesh, pp=pp, dp=dp, tp=tp)
@@ -169,6 +178,27 @@ def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
+def _casts_parameters(config: RunConfig) -> bool:
+    """Whether the stages compute in bf16 through FSDP2's MixedPrecisionPolicy (no autocast)."""
+    return config.strategy == "fsdp2" and config.run.precision == "bf16-mixed"
+
+
+def _fully_shard_stage(module: nn.Module, units: list[nn.Module], dp_mesh: DeviceMesh, precision: str) -> nn.Module:
+    """``fully_shard`` each unit, then the stage (module docstring), as profiler/parallelize.py
+    shards a whole model but kept unsharded between a step's forwards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from dpplan.training.training_step import LOW_PRECISION_DTYPE
+
+    low = LOW_PRECISION_DTYPE.get(precision)
+    mp_policy = (MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if precision == "bf16-mixed"
+                 else MixedPrecisionPolicy())
+    for unit in units:
+        fully_shard(unit, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    fully_shard(module, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    return module  # the same module, its class now also an FSDPModule
+
+
 def _meta_shapes(spec: ModelSpec, config: RunConfig, layout: PipelineLayout) -> list:
     """The stages' boundary tensors for one micro-batch, traced on a meta copy of the model
     and a meta batch: no memory, no random numbers drawn (every rank's generator stays where
@@ -177,7 +207,7 @@ def _meta_shapes(spec: ModelSpec, config: RunConfig, layout: PipelineLayout) -> 
     with torch.device("meta"):
         model = build_module(spec)
         micro_input, _ = pipeline_batch(example_batch_for(spec, config.run.batch_size, config.run.seq_len))
-    if config.run.precision == "bf16":
+    if config.run.precision == "bf16" or _casts_parameters(config):
         model.to(torch.bfloat16)
     stages = [stage_module(spec, model, i, layout.num_stages) for i in range(layout.num_stages)]
     return boundary_shapes(stages, micro_input)
@@ -221,6 +251,9 @@ def build_pipeline_rank(spec: ModelSpec, config: RunConfig, meshes: PipelineMesh
         device_ids = [device.index] if device.type == "cuda" else None
         modules = [DistributedDataParallel(m, device_ids=device_ids, process_group=meshes.group("dp"))
                    for m in modules]
+    elif config.strategy == "fsdp2":
+        modules = [_fully_shard_stage(m, stage_units(m, config.run.wrap), meshes.mesh["dp"], config.run.precision)
+                   for m in modules]
     params = _unique_parameters(modules)
     param_bytes = sum(_local(p).numel() * _local(p).element_size() for p in params)
     from dpplan.training.optimizers import build_optimizer
@@ -228,7 +261,8 @@ def build_pipeline_rank(spec: ModelSpec, config: RunConfig, meshes: PipelineMesh
     optimizer = build_optimizer(config.run.optimizer, params, device_type=device.type)
     schedule = build_schedule(modules, indices, layout, shapes, loss_fn, device, group=meshes.group("pp"))
     return PipelineRank(layout=layout, stage_indices=indices, modules=modules, optimizer=optimizer, schedule=schedule,
-                        contents=contents, num_params=num_params, param_bytes=param_bytes)
+                        contents=contents, num_params=num_params, param_bytes=param_bytes,
+                        uses_autocast=not _casts_parameters(config))
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -264,7 +298,7 @@ def run_step(rank: PipelineRank, batch: Any, *, precision: str, device_type: str
     try:
         with on_phase("micro_batch"):
             run_pipeline_step(rank.schedule, rank.layout, rank.stage_indices, inputs, target,
-                              autocast=autocast_context(precision, device_type, True))
+                              autocast=autocast_context(precision, device_type, rank.uses_autocast))
     finally:
         for stage, original in zip(stages, originals):
             stage.backward_one_chunk = original

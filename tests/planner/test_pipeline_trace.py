@@ -124,8 +124,11 @@ def test_estimate_plans_every_rank_and_reports_the_heaviest():
 
 
 def test_refusals_are_one_line():
-    with pytest.raises(UsageError, match="--pp combines with single, ddp"):
-        RunSpec(pp=2, grad_accum=2).check_strategies(("fsdp2",))
+    with pytest.raises(UsageError, match="--pp combines with single, ddp, fsdp2 .* not zero2"):
+        RunSpec(pp=2, grad_accum=2).check_strategies(("zero2",))
+    with pytest.raises(UsageError, match="--tp combines with"):
+        RunSpec(pp=2, tp=2, grad_accum=2).check_strategies(("ddp",))
+    RunSpec(pp=2, tp=2, grad_accum=2).check_strategies(("fsdp2",))  # torchtitan's 3-D layout
     with pytest.raises(UsageError, match="needs at least --pp"):
         RunSpec(pp=4, grad_accum=2)
     with pytest.raises(UsageError, match="does not divide gpus=6"):

@@ -25,11 +25,11 @@ from dpplan.planner.trace import GRADIENT, PARAMETER, TEMPORARY, StepTrace, trac
 def replay_step(run: Replay) -> None:
     """Every micro-batch's hooks, then the sharded gradients' release at zero_grad."""
     _replay_micro_batches(run)
-    _free_sharded_grads_at_zero_grad(run)
+    free_sharded_grads_at_zero_grad(run)
     run.sched.apply()
 
 
-def _pre_forward(run: Replay, unit: int, pos: int) -> None:
+def pre_forward(run: Replay, unit: int, pos: int) -> None:
     """FSDPParamGroup.pre_forward: unshard + wait_for_unshard. In forward the previous
     all-gather output is released only when wait_for_unshard returns (its local reference
     ``prev_all_gather_state`` lives until then), i.e. after this unit's copy-out; this
@@ -95,7 +95,7 @@ def _post_backward(run: Replay, unit: int, pos: int, *, sync: bool, new_grads: d
     # grad (the add upcasts it into a temporary), then the grad is dropped.
     for p in g.with_grad:
         if p.index in run.accumulated and p.index in new_grads:
-            upcast = _in_reduce_dtype(run, p, [new_grads[p.index]])
+            upcast = in_reduce_dtype(run, p, [new_grads[p.index]])
             sched.alloc(pos, POST, upcast, TEMPORARY)
             sched.free(pos, POST, upcast, TEMPORARY)
             run.kill(pos, POST, new_grads[p.index])
@@ -106,7 +106,7 @@ def _post_backward(run: Replay, unit: int, pos: int, *, sync: bool, new_grads: d
         for p in g.with_grad:
             if p.reduce_size != p.compute_size and p.index not in run.accumulated:
                 alive = run.alive_grads(p, pos)
-                accumulated = _in_reduce_dtype(run, p, alive) if alive else p.numel * p.reduce_size
+                accumulated = in_reduce_dtype(run, p, alive) if alive else p.numel * p.reduce_size
                 sched.alloc(pos, POST, accumulated, GRADIENT)
                 run.accumulated[p.index] = accumulated
                 for s in alive:
@@ -115,7 +115,7 @@ def _post_backward(run: Replay, unit: int, pos: int, *, sync: bool, new_grads: d
     foreach_reduce(run, g, pos)
 
 
-def _in_reduce_dtype(run: Replay, p, grads: list[int]) -> int:
+def in_reduce_dtype(run: Replay, p, grads: list[int]) -> int:
     """Bytes of the unsharded gradient ``grads`` (storages) cast to the reduce dtype. Their
     size, not the parameter's: under tensor parallelism a vocabulary-parallel embedding's
     gradient arrives replicated, the whole table on every rank (measured: FSDP2's
@@ -125,7 +125,7 @@ def _in_reduce_dtype(run: Replay, p, grads: list[int]) -> int:
     return traced * p.reduce_size // p.compute_size
 
 
-def _final_callback(run: Replay, pos: int) -> None:
+def final_callback(run: Replay, pos: int) -> None:
     """FSDPState._root_post_backward_final_callback: reduce_scatter_states.clear()."""
     run.sched.free(pos, POST, run.reduce_scatter_pending, GRADIENT)
     run.reduce_scatter_pending = 0
@@ -188,7 +188,7 @@ def _replay_micro_batches(run: Replay) -> None:
         for pos, _, _, kind, unit in _hooks(markers, root):
             is_root = unit == root
             if kind == "fwd_start":
-                _pre_forward(run, unit, pos)
+                pre_forward(run, unit, pos)
             elif kind == "fwd_end" and not is_root:
                 _post_forward(run, unit, pos, root=False)
             elif kind == "root_fwd_end":
@@ -205,10 +205,10 @@ def _replay_micro_batches(run: Replay) -> None:
                 for other in sorted(run.groups):
                     if other != root and other not in finished:
                         _post_backward(run, other, pos, sync=sync, new_grads=new_grads)
-                _final_callback(run, pos)
+                final_callback(run, pos)
 
 
-def _free_sharded_grads_at_zero_grad(run: Replay) -> None:
+def free_sharded_grads_at_zero_grad(run: Replay) -> None:
     """zero_grad(set_to_none=True) drops the gradient views one parameter at a time; a
     unit's flat buffer dies with the view of its last parameter, where the trace frees that
     parameter's gradient."""

@@ -131,12 +131,14 @@ CONTEXT_PARALLEL_STRATEGIES = ("fsdp2",)
 (torchtitan's ``dp_shard_cp`` mesh: the cp ranks hold the same model and shard it too,
 torchtitan/distributed/parallel_dims.py)."""
 
-PIPELINE_PARALLEL_STRATEGIES = ("single", "ddp")
+PIPELINE_PARALLEL_STRATEGIES = ("single", "ddp", "fsdp2")
 """The data-parallel strategies planned over the dp ranks of a pipeline: none (``single``: each
-rank one stage of the one pipeline) or DDP, which torch's ``PipelineStage`` drives itself
-(``no_sync`` on all but the last backward of a step, torch/distributed/pipelining/stage.py
-``backward_maybe_with_nosync``). FSDP2 under a pipeline (its unshard/reshard around each
-micro-batch, the gradient reduction after the last) is not planned yet."""
+rank one stage of the one pipeline), DDP or FSDP2, which torch's ``PipelineStage`` drives
+itself (torch/distributed/pipelining/stage.py ``backward_maybe_with_nosync``): DDP's
+``no_sync`` on all but the last backward of a step; FSDP2 with gradient sync and resharding
+off for every backward and the reduce-scatter in ``perform_reduce_grad`` after the last
+(strategies/fsdp2_pipeline.py). FSDP2 is what combines with ``--tp`` too (torchtitan's 3-D
+layout: FSDP2 over dp, TP, PP)."""
 
 EXPERT_PARALLEL_STRATEGIES = ("fsdp2",)
 """The data-parallel strategies that run beside expert parallelism: FSDP2, with each experts

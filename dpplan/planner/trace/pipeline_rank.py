@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dpplan.planner.trace.errors import TraceError
-from dpplan.planner.trace.step_trace import StepTrace, TraceSettings
+from dpplan.planner.trace.step_trace import PARAM_CAST, StepTrace, TraceSettings
 from dpplan.training.model_file import ModelSpec, example_batch_for
 from dpplan.training.pipeline_layout import PipelineLayout
 from dpplan.training.units import find_units
@@ -64,10 +64,11 @@ class PipelineStep:
         self.schedule._warmup_p2p = _static_vote
 
     def run(self, batch: Any, autocast: contextlib.AbstractContextManager,
-            on_forward: Callable[[], None] | None = None, on_backward: Callable[[], None] | None = None) -> None:
+            on_forward: Callable[[], None] | None = None, on_backward: Callable[[], None] | None = None,
+            on_reduce_grad: Callable[[], None] | None = None) -> None:
         from dpplan.training.pipeline_parallel import pipeline_batch, run_pipeline_step
 
-        handles = _phase_hooks(self.schedule, on_forward, on_backward) + [_works_hold_tensors()]
+        handles = _phase_hooks(self.schedule, on_forward, on_backward, on_reduce_grad) + [_works_hold_tensors()]
         try:
             inputs, target = pipeline_batch(batch)
             run_pipeline_step(self.schedule, self.layout, self.stage_indices, inputs, target, autocast=autocast)
@@ -135,14 +136,16 @@ def _static_vote(stages, has_backward, p2p_done) -> None:
         stage._inference_mode = InferenceMode.STATIC
 
 
-def _phase_hooks(schedule, on_forward, on_backward) -> list[Callable[[], None]]:
+def _phase_hooks(schedule, on_forward, on_backward, on_reduce_grad=None) -> list[Callable[[], None]]:
     """Call ``on_forward`` / ``on_backward`` as each stage starts a micro-batch's forward or
-    backward (the plan's peak phase), by wrapping the stages' methods for the step."""
+    backward (the plan's peak phase), and ``on_reduce_grad`` where the schedule calls the
+    stage's ``perform_reduce_grad`` after its last backward (FSDP2's gradient reduction,
+    strategies/fsdp2_pipeline.py), by wrapping the stages' methods for the step."""
     restores: list[Callable[[], None]] = []
     stages = list(getattr(schedule, "_stages", None) or [schedule._stage])
     for stage in stages:
         for name, hook in (("forward_one_chunk", on_forward), ("backward_one_chunk", on_backward),
-                           ("backward_weight_one_chunk", on_backward)):
+                           ("backward_weight_one_chunk", on_backward), ("perform_reduce_grad", on_reduce_grad)):
             if hook is None or not hasattr(stage, name):
                 continue
             original = getattr(stage, name)
@@ -172,6 +175,22 @@ def fake_pipeline_mesh(pp: int, tp: int, pp_rank: int) -> Iterator[dict]:
         if tp > 1:
             meshes["tp"] = DeviceMesh("cpu", torch.arange(tp) + rank, mesh_dim_names=("tp",))
         yield meshes
+
+
+def _compute_dtype_boundaries(shapes: list, settings: TraceSettings) -> list:
+    """Under FSDP2 mixed precision the stages compute in the low dtype (MixedPrecisionPolicy, no
+    autocast), so their floating boundaries are low-precision, as the real run's static
+    metadata (profiler/pipeline_run.py builds it from a bf16 meta model)."""
+    from dpplan.training.training_step import LOW_PRECISION_DTYPE
+
+    low = LOW_PRECISION_DTYPE.get(settings.precision)
+    if settings.family != PARAM_CAST or low is None:
+        return shapes
+
+    def cast(meta: torch.Tensor) -> torch.Tensor:
+        return meta.to(low) if meta.is_floating_point() else meta
+
+    return [(cast(x), cast(out)) for x, out in shapes]
 
 
 def stage_description(stage_index: int, num_stages: int, layers: range) -> list[str]:
@@ -206,6 +225,7 @@ def trace_pipeline_rank(
         raise
     except Exception as exc:  # the model's own stage forward failed on meta
         raise TraceError(f"--pp: running the pipeline stages in order failed: {type(exc).__name__}: {exc}") from None
+    shapes = _compute_dtype_boundaries(shapes, settings)
     container = nn.ModuleDict({f"stage{i}": all_stages[i] for i in indices})
     with fake_pipeline_mesh(settings.pp, settings.tp, settings.pp_rank) as mesh:
         if settings.tp > 1:

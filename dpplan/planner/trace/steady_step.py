@@ -252,7 +252,8 @@ def _trace_steady_step(
                 recorder.mark("pipeline_forward")
                 recorder.phase = ACTIVATION
 
-            pipeline.run(batch, _pipeline_autocast(settings), on_forward, lambda: enter_backward(recorder))
+            pipeline.run(batch, _pipeline_autocast(settings), on_forward, lambda: enter_backward(recorder),
+                         lambda: recorder.mark("reduce_grad"))
             recorder.mark("bwd_end", root_unit)
         for micro in range(settings.num_micro_batches if pipeline is None else 0):
             recorder.mark("micro_batch", micro)
