@@ -50,9 +50,9 @@ def test_impossible_meshes_are_refused(kwargs, message):
         Mesh(**kwargs)
 
 
-def test_axes_without_their_program_transform_are_not_planned_yet():
-    with pytest.raises(ValueError, match="cp parallelism is not planned yet"):
-        Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, cp=2))
+def test_every_axis_is_planned_and_cp_ranks_shard_with_dp():
+    layout = Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, cp=2), rank=3)
+    assert (layout.dp_shard_size, layout.dp_shard_rank) == (4, 3)  # torchtitan's dp_shard_cp
     assert Layout(strategy="fsdp2", mesh=Mesh(dp_shard=2, tp=2)).dp_shard_size == 2  # tp is traced
     assert Layout(strategy="ddp", mesh=Mesh(dp_replicate=2, pp=2)).world_size == 4  # pp: one trace per stage rank
     with pytest.raises(ValueError, match="rank 4 is outside a mesh of 4 ranks"):
