@@ -388,9 +388,10 @@ def pipeline_suite() -> list[Case]:
         pipeline_case(qwen2, 2, "zbv", "ddp2"),
         pipeline_case(qwen2, 4, "zbv", "alone", precision="bf16-mixed"),
     ]
-    # activation checkpointing, one case per schedule family: one stage per rank, looped, zero bubble
+    # activation checkpointing, one case per schedule family: one stage per rank, looped, zero
+    # bubble (not the GPT under 1F1B: at 64 tokens its peak is the optimizer step's, checkpointed or not)
     cases += [
-        pipeline_case(DEFAULT_GPT, 2, "1f1b", "alone", activation_checkpointing=True),
+        pipeline_case(llama, 2, "1f1b", "tp2", activation_checkpointing=True),
         pipeline_case(llama, 2, "gpipe", "ddp2", activation_checkpointing=True, precision="bf16-mixed"),
         pipeline_case(DEFAULT_GPT, 2, "interleaved-1f1b", "tp2", activation_checkpointing=True),
         pipeline_case(qwen2, 4, "interleaved-1f1b", "alone", activation_checkpointing=True),
