@@ -574,12 +574,12 @@ def markdown(results: list[Result], command: str) -> str:
         chosen = [r for r in results if suite_of(r.case) == suite]
         if not chosen:
             continue
-        lines += ["", f"## {title}", "", _summary_line(summarize(chosen)), "",
-                  "| case | estimate (bytes) | measured max rank (bytes) | error | every rank's error |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", f"## {title}", "", _summary_line(summarize(chosen)), ""]
         if suite == "pipeline":
-            lines += [f"- {schedule}: {_summary_line(summarize(of))}"
-                      for schedule, of in _by_schedule(chosen).items()] + [""]
+            lines += [PIPELINE_NOTE, ""] + [f"- {schedule}: {_summary_line(summarize(of))}"
+                                            for schedule, of in _by_schedule(chosen).items()] + [""]
+        lines += ["| case | estimate (bytes) | measured max rank (bytes) | error | every rank's error |",
+                  "|---|---:|---:|---:|---:|"]
         for r in chosen:
             if r.error_pct is not None:
                 err = f"{r.error_pct:+.3f}%"
@@ -593,6 +593,12 @@ def markdown(results: list[Result], command: str) -> str:
                 spread = " / ".join(f"{e:+.3f}%" for e in ranks)
             lines.append(f"| {r.case.label} | {r.estimate_bytes or ''} | {r.measured_bytes or ''} | {err} | {spread} |")
     return "\n".join(lines) + "\n"
+
+
+PIPELINE_NOTE = (
+    "Here *estimate* is the plan's heaviest pipeline rank and *every rank's error* lists each real rank, "
+    "in rank order, against its own pipeline rank's plan (`estimates[0].stages[g // (ranks / pp)]`: pp is "
+    "the outermost mesh axis). `gaM` is the M micro-batches of each step, `sN` the tokens per sample.")
 
 
 def _by_schedule(results: list[Result]) -> dict[str, list[Result]]:
