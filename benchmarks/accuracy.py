@@ -11,6 +11,7 @@ the estimate's ``peak_bytes``.
     python benchmarks/accuracy.py --suite deepspeed     # zero1/2/3 through DeepSpeed (needs deepspeed)
     python benchmarks/accuracy.py --suite tensor-parallel   # --tp / --sp (DTensor) with single and fsdp2
     python benchmarks/accuracy.py --suite expert-parallel   # --ep with fsdp2 on Hugging Face MoE decoders
+    python benchmarks/accuracy.py --suite pipeline  # --pp: every schedule, alone, with --tp and ddp; every rank
     python benchmarks/accuracy.py --quick         # a few cases
     python benchmarks/accuracy.py --filter fsdp2  # cases whose label contains "fsdp2"
     python benchmarks/accuracy.py --case benchmarks/models/gpt.py fsdp2 2 --precision bf16-mixed
@@ -61,6 +62,10 @@ class Case:
     tp: int = 1
     sequence_parallel: bool = False
     ep: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    seq_len: int | None = None
+    """Tokens per sample (``--seq-len``); None: the model file's own."""
 
     @property
     def label(self) -> str:
@@ -69,6 +74,8 @@ class Case:
         if Path(self.model).resolve().parent == THIRD_PARTY:
             name = f"hf/{name}"
         parts = [name, self.strategy, f"{self.ranks}r", f"b{self.batch_size}", self.precision, self.optimizer]
+        if self.seq_len is not None:
+            parts.append(f"s{self.seq_len}")
         if self.activation_checkpointing:
             parts.append("ac")
         if self.grad_accum > 1:
@@ -79,6 +86,8 @@ class Case:
             parts.append(f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""))
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
+        if self.pp > 1:
+            parts.append(f"pp{self.pp} {self.pp_schedule}")
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
         if self.deepspeed_config:
@@ -99,6 +108,9 @@ class Case:
 class Result:
     case: Case
     estimate_bytes: int | None = None
+    estimate_per_rank: list[int] = field(default_factory=list)
+    """With pipeline parallelism: the plan of each real rank's pipeline rank (``stages[]``),
+    in rank order; empty: every rank is planned at ``estimate_bytes``."""
     measured_bytes: int | None = None
     measured_per_rank: list[int] = field(default_factory=list)
     estimate_seconds: float = 0.0
@@ -115,10 +127,12 @@ class Result:
 
     @property
     def rank_errors_pct(self) -> list[float]:
-        """The estimate against every rank's own peak (ranks of a plan need not be alike)."""
+        """The estimate against every rank's own peak (ranks of a plan need not be alike); a
+        pipeline's ranks each against their own pipeline rank's plan."""
         if self.estimate_bytes is None:
             return []
-        return [100.0 * (self.estimate_bytes - m) / m for m in self.measured_per_rank if m]
+        planned = self.estimate_per_rank or [self.estimate_bytes] * len(self.measured_per_rank)
+        return [100.0 * (e - m) / m for e, m in zip(planned, self.measured_per_rank) if m]
 
 
 def _m(name: str) -> str:
@@ -326,6 +340,67 @@ def expert_parallel_suite() -> list[Case]:
     return cases
 
 
+DEFAULT_GPT = str(ROOT / "dpplan" / "models" / "default_gpt.py")
+"""The bundled GPT (6 layers, 8 heads), with its own pipeline_stage and pipeline_loss hooks."""
+PIPELINE_DECODERS = MODELS / "pipeline_decoders.py"
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+"""The schedules planned exactly (README "Pipeline parallelism"); the zero-bubble ones are not yet."""
+PIPELINE_SEQ_LEN = 64
+"""The bundled GPT's tokens per sample here (its own 256 would make each case several times slower)."""
+
+
+def pipeline_case(model: str, pp: int, schedule: str, mode: str, **options) -> Case:
+    """``pp`` pipeline ranks running ``schedule`` with 2 micro-batches per pipeline rank (so
+    1F1B has a steady state), ``mode``: "alone" (single on pp ranks), "tp2" (single on tp x pp
+    ranks) or "ddp2" (DDP over 2 pipelines)."""
+    tp, dp = {"alone": (1, 1), "tp2": (2, 1), "ddp2": (1, 2)}[mode]
+    strategy = "ddp" if dp > 1 else "single"
+    seq_len = PIPELINE_SEQ_LEN if model == DEFAULT_GPT else None
+    return Case(model=model, strategy=strategy, ranks=pp * tp * dp, tp=tp, pp=pp, pp_schedule=schedule,
+                grad_accum=2 * pp, seq_len=seq_len, **options)
+
+
+def pipeline_suite() -> list[Case]:
+    """Pipeline parallelism (--pp), every pipeline rank against its own plan: pp 2 and 4 under
+    GPipe, 1F1B and interleaved 1F1B, alone, with tp 2 and with DDP over 2 pipelines (pp 4
+    alone only: 4 ranks at most on this machine), fp32 and bf16-mixed, on the bundled GPT (its
+    own pipeline_stage hook) and Hugging Face Llama and Qwen2 cut by dpplan; the zero-bubble
+    schedules (interleaved zero bubble, ZBV) on a few of them; checkpointing under each."""
+    llama, qwen2 = f"{PIPELINE_DECODERS}:llama", f"{PIPELINE_DECODERS}:qwen2"
+    grid = [(pp, schedule, mode) for pp in (2, 4) for schedule in PIPELINE_SCHEDULES
+            for mode in (("alone", "tp2", "ddp2") if pp == 2 else ("alone",))]
+    # the GPT's 6 layers cannot make interleaved 1F1B's 8 stages over 4 ranks: the decoders (8 layers) do
+    cases = [pipeline_case(DEFAULT_GPT, pp, schedule, mode, precision=precision)
+             for pp, schedule, mode in grid for precision in ("fp32", "bf16-mixed")
+             if not (pp == 4 and schedule == "interleaved-1f1b")]
+    # the Hugging Face decoders: the same grid, each setting at one precision (they alternate)
+    for index, (pp, schedule, mode) in enumerate(grid):
+        first, second = ("fp32", "bf16-mixed") if index % 2 == 0 else ("bf16-mixed", "fp32")
+        cases += [pipeline_case(llama, pp, schedule, mode, precision=first),
+                  pipeline_case(qwen2, pp, schedule, mode, precision=second)]
+    cases += [
+        pipeline_case(DEFAULT_GPT, 2, "zero-bubble", "alone"),
+        pipeline_case(DEFAULT_GPT, 2, "zero-bubble", "ddp2", precision="bf16-mixed"),
+        pipeline_case(llama, 2, "zero-bubble", "tp2"),
+        pipeline_case(llama, 4, "zero-bubble", "alone", precision="bf16-mixed"),
+        pipeline_case(DEFAULT_GPT, 2, "zbv", "alone"),
+        pipeline_case(DEFAULT_GPT, 2, "zbv", "tp2", precision="bf16-mixed"),
+        pipeline_case(qwen2, 2, "zbv", "ddp2"),
+        pipeline_case(qwen2, 4, "zbv", "alone", precision="bf16-mixed"),
+    ]
+    # activation checkpointing, one case per schedule family: one stage per rank, looped, zero
+    # bubble (not the GPT under 1F1B: at 64 tokens its peak is the optimizer step's, checkpointed or not)
+    cases += [
+        pipeline_case(llama, 2, "1f1b", "tp2", activation_checkpointing=True),
+        pipeline_case(llama, 2, "gpipe", "ddp2", activation_checkpointing=True, precision="bf16-mixed"),
+        pipeline_case(DEFAULT_GPT, 2, "interleaved-1f1b", "tp2", activation_checkpointing=True),
+        pipeline_case(qwen2, 4, "interleaved-1f1b", "alone", activation_checkpointing=True),
+        pipeline_case(DEFAULT_GPT, 2, "zero-bubble", "alone", activation_checkpointing=True),
+        pipeline_case(llama, 2, "zbv", "alone", activation_checkpointing=True, precision="bf16-mixed"),
+    ]
+    return cases
+
+
 def quick_suite() -> list[Case]:
     return [
         Case(model=_m("gpt.py"), strategy="single", ranks=1),
@@ -342,14 +417,27 @@ def case_run(case: Case) -> tuple[RunSpec, str]:
     settings = case.settings()
     strategy = settings.pop("strategies")[0]
     run = RunSpec(model=case.model, activation_checkpointing=case.activation_checkpointing, wrap=case.wrap,
-                  tp=case.tp, sequence_parallel=case.sequence_parallel, ep=case.ep, **settings)
+                  tp=case.tp, sequence_parallel=case.sequence_parallel, ep=case.ep, pp=case.pp,
+                  pp_schedule=case.pp_schedule, seq_len=case.seq_len, **settings)
     return run, strategy
 
 
-def estimate_case(case: Case) -> int:
+def pipeline_rank_of(rank: int, num_ranks: int, pp: int) -> int:
+    """The pipeline rank of global rank ``rank``: pp is the outermost mesh axis
+    (profiler/pipeline_run.py), so each pipeline rank is ``num_ranks // pp`` neighbouring ranks."""
+    return rank // (num_ranks // pp)
+
+
+def estimate_case(case: Case) -> tuple[int, list[int]]:
+    """The plan's peak (its heaviest rank's) and, with pipeline parallelism, the plan of every
+    real rank's pipeline rank (``stages[]``), in rank order."""
     run, strategy = case_run(case)
     config = PlanConfig(run=run, strategies=(strategy,), gpus=(case.ranks,), nodes=case.nodes, device="cpu")
-    return estimate(config).estimates[0].peak_bytes
+    planned = estimate(config).estimates[0]
+    if case.pp == 1:
+        return planned.peak_bytes, []
+    by_pp_rank = {stage.pp_rank: stage.peak_bytes for stage in planned.stages}
+    return planned.peak_bytes, [by_pp_rank[pipeline_rank_of(r, case.ranks, case.pp)] for r in range(case.ranks)]
 
 
 def measure_case(case: Case) -> list[int]:
@@ -363,7 +451,7 @@ def run_case(case: Case) -> Result:
     refusal = None
     try:
         start = time.perf_counter()
-        result.estimate_bytes = estimate_case(case)
+        result.estimate_bytes, result.estimate_per_rank = estimate_case(case)
         result.estimate_seconds = time.perf_counter() - start
     except ValueError as exc:
         if not any(marker in str(exc) for marker in REFUSALS):
@@ -415,10 +503,13 @@ SUITES = {
     "tensor-parallel": "tensor and sequence parallelism (DTensor, --tp / --sp)",
     "expert-parallel": "expert parallelism beside FSDP2 (--ep), routers balanced by construction",
     "expert-parallel-routed": "expert parallelism beside FSDP2 (--ep), the models' own routers at random init",
+    "pipeline": "pipeline parallelism (--pp), every pipeline rank against its own plan",
 }
 
 
 def suite_of(case: Case) -> str:
+    if case.pp > 1:
+        return "pipeline"
     if case.ep > 1:
         return "expert-parallel" if case.model.startswith(str(BALANCED_ROUTER)) else "expert-parallel-routed"
     if case.tp > 1:
@@ -483,8 +574,11 @@ def markdown(results: list[Result], command: str) -> str:
         chosen = [r for r in results if suite_of(r.case) == suite]
         if not chosen:
             continue
-        lines += ["", f"## {title}", "", _summary_line(summarize(chosen)), "",
-                  "| case | estimate (bytes) | measured max rank (bytes) | error | every rank's error |",
+        lines += ["", f"## {title}", "", _summary_line(summarize(chosen)), ""]
+        if suite == "pipeline":
+            lines += [PIPELINE_NOTE, ""] + [f"- {schedule}: {_summary_line(summarize(of))}"
+                                            for schedule, of in _by_schedule(chosen).items()] + [""]
+        lines += ["| case | estimate (bytes) | measured max rank (bytes) | error | every rank's error |",
                   "|---|---:|---:|---:|---:|"]
         for r in chosen:
             if r.error_pct is not None:
@@ -495,8 +589,24 @@ def markdown(results: list[Result], command: str) -> str:
                 err = r.error or ""
             ranks = r.rank_errors_pct
             spread = f"{min(ranks):+.3f}% .. {max(ranks):+.3f}%" if len(ranks) > 1 else ""
+            if r.estimate_per_rank and ranks:  # a pipeline's ranks differ by design: each one, in rank order
+                spread = " / ".join(f"{e:+.3f}%" for e in ranks)
             lines.append(f"| {r.case.label} | {r.estimate_bytes or ''} | {r.measured_bytes or ''} | {err} | {spread} |")
     return "\n".join(lines) + "\n"
+
+
+PIPELINE_NOTE = (
+    "Here *estimate* is the plan's heaviest pipeline rank and *every rank's error* lists each real rank, "
+    "in rank order, against its own pipeline rank's plan (`estimates[0].stages[g // (ranks / pp)]`: pp is "
+    "the outermost mesh axis). `gaM` is the M micro-batches of each step, `sN` the tokens per sample.")
+
+
+def _by_schedule(results: list[Result]) -> dict[str, list[Result]]:
+    """A pipeline suite's results by schedule, in ``--pp-schedule``'s order."""
+    from dpplan.training.pipeline_layout import SCHEDULES
+
+    return {s: [r for r in results if r.case.pp_schedule == s] for s in SCHEDULES
+            if any(r.case.pp_schedule == s for r in results)}
 
 
 def _write(results: list[Result], command: str, json_path: Path | None, markdown_path: Path | None) -> None:
@@ -504,8 +614,11 @@ def _write(results: list[Result], command: str, json_path: Path | None, markdown
         json_path.write_text(json.dumps(
             {"command": command, "summary": summarize(results),
              "summary_by_suite": {s: summarize([r for r in results if suite_of(r.case) == s]) for s in SUITES},
+             "pipeline_summary_by_schedule": {
+                 s: summarize(of) for s, of in _by_schedule([r for r in results if r.case.pp > 1]).items()},
              "results": [{**asdict(r.case), "label": r.case.label, "suite": suite_of(r.case),
-                          "estimate_bytes": r.estimate_bytes, "measured_bytes": r.measured_bytes,
+                          "estimate_bytes": r.estimate_bytes, "estimate_per_rank": r.estimate_per_rank,
+                          "measured_bytes": r.measured_bytes,
                           "measured_per_rank": r.measured_per_rank, "error_pct": r.error_pct,
                           "rank_errors_pct": r.rank_errors_pct,
                           "error": r.error, "refused": r.refused} for r in results]},
@@ -529,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--pp-schedule", default="1f1b")
+    parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--json", type=Path, help="written after every case, so an interrupted run keeps its results")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
@@ -539,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.case[0], strategy=args.case[1], ranks=int(args.case[2]),
                 batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
                 activation_checkpointing=args.activation_checkpointing, grad_accum=args.grad_accum,
-                nodes=args.nodes, tp=args.tp, sequence_parallel=args.sp, ep=args.ep,
+                nodes=args.nodes, tp=args.tp, sequence_parallel=args.sp, ep=args.ep, pp=args.pp,
+                pp_schedule=args.pp_schedule, seq_len=args.seq_len,
             )
         ]
     elif args.quick:
@@ -550,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
             deepspeed_suite() if args.suite in ("all", "deepspeed") else []) + (
             tensor_parallel_suite() if args.suite in ("all", "tensor-parallel") else []) + (
             # (--suite expert-parallel runs both halves: balanced routers and the models' own)
-            [c for c in expert_parallel_suite() if args.suite == "all" or suite_of(c).startswith(args.suite)])
+            [c for c in expert_parallel_suite() if args.suite == "all" or suite_of(c).startswith(args.suite)]) + (
+            pipeline_suite() if args.suite in ("all", "pipeline") else [])
     if args.filter:
         cases = [c for c in cases if args.filter in c.label]
 
