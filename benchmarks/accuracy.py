@@ -344,7 +344,8 @@ DEFAULT_GPT = str(ROOT / "dpplan" / "models" / "default_gpt.py")
 """The bundled GPT (6 layers, 8 heads), with its own pipeline_stage and pipeline_loss hooks."""
 PIPELINE_DECODERS = MODELS / "pipeline_decoders.py"
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
-"""The schedules planned exactly (README "Pipeline parallelism"); the zero-bubble ones are not yet."""
+"""The schedules of the full grid; the zero-bubble ones (input and weight gradients in separate
+steps) on a few cases."""
 PIPELINE_SEQ_LEN = 64
 """The bundled GPT's tokens per sample here (its own 256 would make each case several times slower)."""
 
@@ -352,9 +353,9 @@ PIPELINE_SEQ_LEN = 64
 def pipeline_case(model: str, pp: int, schedule: str, mode: str, **options) -> Case:
     """``pp`` pipeline ranks running ``schedule`` with 2 micro-batches per pipeline rank (so
     1F1B has a steady state), ``mode``: "alone" (single on pp ranks), "tp2" (single on tp x pp
-    ranks) or "ddp2" (DDP over 2 pipelines)."""
-    tp, dp = {"alone": (1, 1), "tp2": (2, 1), "ddp2": (1, 2)}[mode]
-    strategy = "ddp" if dp > 1 else "single"
+    ranks), "ddp2" (DDP over 2 pipelines) or "fsdp2" (FSDP2 over 2 pipelines)."""
+    tp, dp = {"alone": (1, 1), "tp2": (2, 1), "ddp2": (1, 2), "fsdp2": (1, 2)}[mode]
+    strategy = "fsdp2" if mode == "fsdp2" else "ddp" if dp > 1 else "single"
     seq_len = PIPELINE_SEQ_LEN if model == DEFAULT_GPT else None
     return Case(model=model, strategy=strategy, ranks=pp * tp * dp, tp=tp, pp=pp, pp_schedule=schedule,
                 grad_accum=2 * pp, seq_len=seq_len, **options)
@@ -387,6 +388,13 @@ def pipeline_suite() -> list[Case]:
         pipeline_case(DEFAULT_GPT, 2, "zbv", "tp2", precision="bf16-mixed"),
         pipeline_case(qwen2, 2, "zbv", "ddp2"),
         pipeline_case(qwen2, 4, "zbv", "alone", precision="bf16-mixed"),
+    ]
+    # FSDP2 over 2 pipelines (strategies/fsdp2_pipeline.py): both precisions, both one-stage schedules
+    cases += [
+        pipeline_case(DEFAULT_GPT, 2, "1f1b", "fsdp2", precision="bf16-mixed"),
+        pipeline_case(DEFAULT_GPT, 2, "gpipe", "fsdp2"),
+        pipeline_case(llama, 2, "1f1b", "fsdp2", activation_checkpointing=True, precision="bf16-mixed"),
+        pipeline_case(qwen2, 2, "gpipe", "fsdp2"),
     ]
     # activation checkpointing, one case per schedule family: one stage per rank, looped, zero
     # bubble (not the GPT under 1F1B: at 64 tokens its peak is the optimizer step's, checkpointed or not)

@@ -37,7 +37,7 @@ def test_every_case_is_a_pipeline_torch_can_run_on_at_most_4_ranks(accuracy):
         assert isinstance(run, RunSpec) and accuracy.suite_of(case) == "pipeline"
         dp = case.ranks // (case.pp * case.tp)
         assert case.ranks <= 4 and case.ranks == dp * case.tp * case.pp, case.label
-        assert strategy == ("ddp" if dp > 1 else "single"), case.label
+        assert strategy in (("ddp", "fsdp2") if dp > 1 else ("single",)), case.label
         layout = PipelineLayout(pp=case.pp, schedule=case.pp_schedule, num_micro_batches=case.grad_accum)
         assert layout.num_stages <= _layers(accuracy, case.model), case.label
 
@@ -51,6 +51,8 @@ def test_the_grid_covers_every_exact_schedule_alone_with_tp_and_with_ddp(accurac
                 assert (pp, schedule, tp, strategy, precision) in settings
     schedules = {c.pp_schedule for c in cases}
     assert {"zero-bubble", "zbv"} <= schedules
+    assert {(c.pp_schedule, c.precision) for c in cases if c.strategy == "fsdp2"} >= {("1f1b", "bf16-mixed"),
+                                                                                      ("gpipe", "fp32")}
     assert {c.pp_schedule for c in cases if c.activation_checkpointing} >= {"1f1b", "interleaved-1f1b", "zero-bubble"}
     assert len({c.label for c in cases}) == len(cases)
 
