@@ -55,6 +55,7 @@ from dpplan.planner.strategies.registry import (
 )
 from dpplan.reports.html_settings import PLOTLYJS_MODES
 from dpplan.training.optimizers import OPTIMIZERS
+from dpplan.training.pipeline_layout import SPLIT_BACKWARD_SCHEDULES
 
 
 def _fail(message: str, code: int) -> None:
@@ -305,6 +306,7 @@ def estimate(model, gpus, nodes, gpus_per_node, deepspeed_config, gpu, device, c
         if run.pp > 1:  # likewise for --pp: one pipeline, DDP or FSDP2 over pipelines, on multiples of it
             strategies = _tensor_parallel_default(
                 "strategies", strategies,
+                ("single",) if run.pp_schedule in SPLIT_BACKWARD_SCHEDULES else
                 tuple(s for s in PIPELINE_PARALLEL_STRATEGIES if run.tp == 1 or s in TENSOR_PARALLEL_STRATEGIES))
             plan_gpus = _tensor_parallel_default("gpus", gpus, tuple(run.tp * run.pp * g for g in DEFAULT_GPU_COUNTS))
         if run.cp > 1:  # likewise for --cp: fsdp2 on multiples of cp x tp

@@ -11,6 +11,9 @@ from dpplan.errors import UsageError
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv")
 """``--pp-schedule`` values, in torch's names: ScheduleGPipe, Schedule1F1B,
 ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble."""
+SPLIT_BACKWARD_SCHEDULES = ("zero-bubble", "zbv")
+"""Schedules whose backward is two steps: input gradients, later weight gradients (Qi et al.,
+"Zero Bubble Pipeline Parallelism", ICLR 2024)."""
 VIRTUAL_STAGES = 2
 """Stages per rank of the multi-stage schedules (torchtitan's default for them)."""
 
