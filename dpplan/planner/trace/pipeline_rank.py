@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -159,21 +160,27 @@ def _phase_hooks(schedule, on_forward, on_backward, on_reduce_grad=None) -> list
     return restores
 
 
+_MESH_NUMBERS = itertools.count()
+
+
 @contextlib.contextmanager
 def fake_pipeline_mesh(pp: int, tp: int, pp_rank: int) -> Iterator[dict]:
     """The pp and tp meshes of the first tp rank of pipeline rank ``pp_rank`` on a (pp, tp)
     grid of fake ranks (tp innermost, torchtitan's order). Each is made from its ranks, not
-    sliced from a 2-D mesh: torch caches a 2-D mesh's slices across process groups, so the
-    second pipeline rank traced in one process would get the first one's (destroyed) groups."""
+    sliced from a 2-D mesh (torch caches a 2-D mesh's slices across process groups), and named
+    uniquely: DTensor's caches keep meshes past their process groups, and a later mesh equal to
+    a cached one (same ranks, same name) would be handed a destroyed group (measured: "Could not
+    resolve the process group registered under the name 2" in the next plan's tp trace)."""
     from torch.distributed.device_mesh import DeviceMesh
 
     from dpplan.planner.trace.fake_mesh import fake_process_group
 
     rank = pp_rank * tp
+    number = next(_MESH_NUMBERS)
     with fake_process_group(pp * tp, rank):
-        meshes = {"pp": DeviceMesh("cpu", torch.arange(pp) * tp + rank % tp, mesh_dim_names=("pp",))}
+        meshes = {"pp": DeviceMesh("cpu", torch.arange(pp) * tp + rank % tp, mesh_dim_names=(f"pp_{number}",))}
         if tp > 1:
-            meshes["tp"] = DeviceMesh("cpu", torch.arange(tp) + rank, mesh_dim_names=("tp",))
+            meshes["tp"] = DeviceMesh("cpu", torch.arange(tp) + rank, mesh_dim_names=(f"tp_{number}",))
         yield meshes
 
 
@@ -210,6 +217,13 @@ def trace_pipeline_rank(
 ) -> StepTrace:
     """Trace pipeline rank ``settings.pp_rank`` of ``model`` (built on meta, untraced);
     ``trace_stages(container, units, pipeline, batch)`` is steady_step's tracer."""
+    return _trace_pipeline_rank(spec, model, settings, batch_size, trace_stages)
+
+
+def _trace_pipeline_rank(
+    spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int,
+    trace_stages: Callable[..., StepTrace],
+) -> StepTrace:
     from dpplan.training import pipeline_parallel as pipe
 
     layout = pipeline_layout_of(settings)
