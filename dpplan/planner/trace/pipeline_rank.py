@@ -217,13 +217,6 @@ def trace_pipeline_rank(
 ) -> StepTrace:
     """Trace pipeline rank ``settings.pp_rank`` of ``model`` (built on meta, untraced);
     ``trace_stages(container, units, pipeline, batch)`` is steady_step's tracer."""
-    return _trace_pipeline_rank(spec, model, settings, batch_size, trace_stages)
-
-
-def _trace_pipeline_rank(
-    spec: ModelSpec, model: nn.Module, settings: TraceSettings, batch_size: int,
-    trace_stages: Callable[..., StepTrace],
-) -> StepTrace:
     from dpplan.training import pipeline_parallel as pipe
 
     layout = pipeline_layout_of(settings)
